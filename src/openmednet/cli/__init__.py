@@ -1,0 +1,1 @@
+"""Command-line interface (Typer). Nothing in the library imports this package."""

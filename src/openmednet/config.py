@@ -1,0 +1,122 @@
+"""Frozen configuration dataclasses and ``load_config``: defaults < YAML file < ``--set`` overrides.
+
+A config object stops at the composition root (the CLI command or ``run_*`` function), which builds
+the parts and passes them plain arguments; nothing deeper reads a config.
+
+Example:
+    >>> cfg = load_config(MyConfig, "run.yaml", ["optim.lr=0.1", "epochs=3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from openmednet._errors import did_you_mean
+
+T = TypeVar("T")
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value with YAML rules (``1e-3`` -> float, ``true`` -> bool, ``[1,2]`` -> list)."""
+    value = yaml.safe_load(text)
+    # YAML reads "1e-3" as a string; users mean a float.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override '{dotted}': '{key}' is a value, not a section")
+    node[keys[-1]] = value
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys with a suggestion."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise KeyError(
+                f"unknown config key '{prefix}{key}'{did_you_mean(key, fields)} "
+                f"(valid keys of {cls.__name__}: {', '.join(fields)})"
+            )
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+            value = from_dict(hint, value, prefix=f"{prefix}{key}.")
+        kwargs[key] = _coerce(value, hint)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-types dict of a config dataclass (Paths become strings, tuples lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Resolve a config: dataclass defaults < YAML file at ``path`` < ``key.sub=value`` overrides.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        KeyError: a key is not a field (the message suggests the closest one).
+        ValueError: an override is not of the form ``key=value``.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+        tree = loaded
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' must look like key=value, e.g. optim.lr=0.1")
+        key, text = item.split("=", 1)
+        _set_dotted(tree, key.strip(), _parse_scalar(text))
+    return from_dict(cls, tree)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write ``cfg`` as YAML atomically (temporary file, then rename)."""
+    from openmednet.utils import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Data: readers for medical image formats, the corpus builder, shards, transforms and datasets."""

@@ -1,0 +1,141 @@
+"""Building blocks of MedNet: conv-BN-ReLU, the four-branch block, inter-block connections, head.
+
+Shapes are written ``(B, C, H, W)``. All convolutions are bias-free because a BatchNorm follows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class ConvBnAct(nn.Sequential):
+    """``Conv2d(k, stride, padding=k//2, bias=False) -> BatchNorm2d -> ReLU``.
+
+    Output spatial size is ``ceil(H / stride)`` for odd ``k`` (the "same" padding of the paper).
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, act: bool = True):
+        layers: dict[str, nn.Module] = {
+            "conv": nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=kernel_size // 2, bias=False),
+            "bn": nn.BatchNorm2d(out_chs),
+        }
+        if act:
+            layers["act"] = nn.ReLU(inplace=True)
+        super().__init__()
+        for name, layer in layers.items():
+            self.add_module(name, layer)
+
+
+class MultiBranchBlock(nn.Module):
+    """The MedNet block: four parallel conv-BN-ReLU branches with kernels 1, 3, 5 and 7.
+
+    The branch outputs are concatenated together with the block's incoming connections and the
+    result is batch-normalised (as in the authors' predecessor model). A down-sampling block uses
+    ``stride=2`` in all four branches.
+
+    Args:
+        in_chs: channels of the main input.
+        width: total channels of the four branches (``width // 4`` each).
+        stride: 1, or 2 for a down-sampling block.
+        connection_chs: channels of each incoming connection, in the order passed to ``forward``.
+
+    Shapes:
+        ``x``: ``(B, in_chs, H, W)``; each connection: ``(B, c_i, ceil(H/stride), ceil(W/stride))``;
+        output: ``(B, width + sum(c_i), ceil(H/stride), ceil(W/stride))``.
+    """
+
+    kernel_sizes = (1, 3, 5, 7)
+
+    def __init__(self, in_chs: int, width: int, stride: int = 1, connection_chs: tuple[int, ...] = ()):
+        super().__init__()
+        if width % len(self.kernel_sizes):
+            raise ValueError(f"block width must be a multiple of 4, got {width}")
+        branch_chs = width // len(self.kernel_sizes)
+        self.branches = nn.ModuleList(
+            ConvBnAct(in_chs, branch_chs, k, stride) for k in self.kernel_sizes
+        )
+        self.connection_chs = tuple(connection_chs)
+        self.out_chs = width + sum(self.connection_chs)
+        self.bn = nn.BatchNorm2d(self.out_chs)
+
+    def forward(self, x: Tensor, connections: list[Tensor] | tuple[Tensor, ...] = ()) -> Tensor:
+        """Run the branches on ``x`` and join them with ``connections`` (see class docstring)."""
+        out = torch.cat([branch(x) for branch in self.branches] + list(connections), dim=1)
+        return self.bn(out)
+
+
+class SkipConnector(nn.Module):
+    """An inter-block connection: identity, or one 1x1 convolution (after average pooling when the
+    destination is at a lower resolution) followed by BatchNorm.
+
+    Average pooling before the 1x1 (rather than a strided 1x1) keeps every input pixel's
+    contribution, as in ResNet-D. ``ceil_mode`` matches the ``ceil(H/stride)`` of the blocks.
+
+    Args:
+        in_chs: channels at the source.
+        out_chs: channels delivered to the destination (ignored for identity).
+        stride: resolution ratio source/destination (1, 2, 4, 8...).
+        identity: pass the source through unchanged (requires ``stride == 1``).
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, identity: bool = False):
+        super().__init__()
+        self.identity = identity
+        self.stride = stride
+        if identity:
+            if stride != 1:
+                raise ValueError("an identity connection cannot change resolution")
+            self.out_chs = in_chs
+            self.pool = self.conv = self.bn = None
+        else:
+            self.out_chs = out_chs
+            self.pool = (
+                nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else None
+            )
+            self.conv = nn.Conv2d(in_chs, out_chs, 1, bias=False)
+            self.bn = nn.BatchNorm2d(out_chs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, in_chs, H, W) -> (B, out_chs, ceil(H/stride), ceil(W/stride))``."""
+        if self.identity:
+            return x
+        if self.pool is not None:
+            x = self.pool(x)
+        return self.bn(self.conv(x))
+
+
+class ClassifierHead(nn.Module):
+    """Global average pooling, then ``FC(hidden) -> ReLU -> Dropout -> FC(num_classes)``.
+
+    The paper specifies two fully connected layers with one dropout between them; the predecessor
+    used 200 hidden units and dropout 0.5. ``num_classes=0`` makes the head return pooled features.
+    Softmax is not applied here: losses take logits, and ``predict`` applies softmax.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, hidden_size: int = 200, drop_rate: float = 0.5):
+        super().__init__()
+        self.in_features = in_features
+        self.hidden_size = hidden_size
+        self.drop_rate = drop_rate
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.reset(num_classes)
+
+    def reset(self, num_classes: int) -> None:
+        """Re-create both FC layers for ``num_classes`` outputs (0 = features only)."""
+        self.num_classes = num_classes
+        if num_classes > 0:
+            self.fc1 = nn.Linear(self.in_features, self.hidden_size)
+            self.act = nn.ReLU(inplace=True)
+            self.drop = nn.Dropout(self.drop_rate)
+            self.fc = nn.Linear(self.hidden_size, num_classes)
+        else:
+            self.fc1 = self.act = self.drop = self.fc = nn.Identity()
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """``(B, C, H, W) -> (B, num_classes)``, or ``(B, C)`` pooled features if ``pre_logits``."""
+        x = self.flatten(self.pool(x))
+        if pre_logits:
+            return x
+        return self.fc(self.drop(self.act(self.fc1(x))))

@@ -1,0 +1,324 @@
+"""MedNet: a CNN for medical image pre-training (Alzubaidi et al., 2021).
+
+Paper: L. Alzubaidi et al., "MedNet: Pre-trained Convolutional Neural Network Model for the Medical
+Imaging Tasks", arXiv:2110.06512 (2021). Where the paper is silent, the authors' predecessor model
+(the hybrid parallel-convolution networks of their 2020-2021 case studies) fills in.
+
+Layout (``width_mult=1``; ``s`` = output stride, widths are output channels)::
+
+    stem     3x3 conv s1 (16) -> 5x5 conv s2 (32)                               s2,  32 ch
+    stage 1  block 1 (32 + stem identity)  block 2 (32 + stem identity)         s2,  64 ch
+    stage 2  block 3 (64, stride 2)        block 4 (64)                         s4,  80 / 96 ch
+    stage 3  block 5 (128, stride 2)       block 6 (128)                        s8,  160 / 192 ch
+    stage 4  block 7 (256, stride 2)       block 8 (256)                        s16, 320 / 448 ch
+    head     global average pool -> FC 200 -> ReLU -> dropout 0.5 -> FC num_classes
+
+Each block runs four parallel conv-BN-ReLU branches (1x1, 3x3, 5x5, 7x7) of ``width/4`` channels
+and concatenates them with its incoming connections, followed by BN (``MultiBranchBlock``).
+
+Connections (12, see ``CONNECTIONS``): every block receives the output of the block two before it
+(the stem counting as "block 0" for blocks 1 and 2) -- eight short connections -- plus four long
+ones (stem -> 4, 2 -> 6, 4 -> 8, stem -> 8). The two connections from the stem into stage 1 are
+identity links, as in the predecessor where the stem output joins block 1's concatenation
+unchanged; the other ten carry one 1x1 convolution each (after average pooling when the resolution
+drops). Convolutions: 2 (stem) + 8 x 4 (branches) + 10 (connections) = 44, the paper's count.
+
+Choices the paper leaves open, and why:
+- Widths 32-64-128-256 (doubling at each down-sampling block, starting at the predecessor's 32).
+  With four branches of ``w/4`` channels a block costs about ``21 * C_in * w`` MACs per output
+  pixel, close to a ResNet basic block's ``18 * C^2``: eight blocks cost about what ResNet-18 does.
+- Down-sampling in the stem and in the first block of stages 2-4: output stride 16, so a 64 px
+  input still has a 4x4 last map (Grad-CAM needs some resolution) and 224 px gives 14x14.
+  The smallest input is 32 px (2x2 last map).
+- Connection widths ``w_dst/4`` (one branch's worth), so joining features stays cheap.
+- ``width_mult`` scales every width (rounded to a multiple of 8, so branches stay whole): the same
+  design runs on a CPU at 64 px (``mednet_test`` uses 0.25) and on GPUs at 224 px.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from openmednet.models._pretrained import PretrainedCfg
+from openmednet.models._registry import register_model, register_pretrained_cfgs
+from openmednet.models.layers import ClassifierHead, ConvBnAct, MultiBranchBlock, SkipConnector
+
+__all__ = ["MedNet", "Connection", "CONNECTIONS", "mednet_gray", "mednet_color", "mednet_test"]
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One inter-block connection: output of ``src`` (0 = stem) joins block ``dst``'s concatenation."""
+
+    src: int
+    dst: int
+    kind: str  # "short" (skips one block) or "long"
+    identity: bool = False
+
+
+CONNECTIONS: tuple[Connection, ...] = (
+    Connection(0, 1, "short", identity=True),
+    Connection(0, 2, "short", identity=True),
+    Connection(1, 3, "short"),
+    Connection(2, 4, "short"),
+    Connection(3, 5, "short"),
+    Connection(4, 6, "short"),
+    Connection(5, 7, "short"),
+    Connection(6, 8, "short"),
+    Connection(0, 4, "long"),
+    Connection(2, 6, "long"),
+    Connection(4, 8, "long"),
+    Connection(0, 8, "long"),
+)
+
+STAGE_WIDTHS = (32, 64, 128, 256)
+STEM_WIDTHS = (16, 32)
+BLOCKS_PER_STAGE = 2
+MIN_INPUT_SIZE = 32
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor`` (at least ``divisor``), as in timm."""
+    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if new < 0.9 * value:  # never round down by more than 10%
+        new += divisor
+    return new
+
+
+class MedNet(nn.Module):
+    """MedNet classifier / feature extractor (see the module docstring for the layout).
+
+    Args:
+        in_chans: input channels: 1 for Gray-MedNet, 3 for Color-MedNet.
+        num_classes: classifier outputs; 0 returns pooled features ``(B, num_features)``.
+        width_mult: multiplier on every width (1.0 = 32-64-128-256).
+        drop_rate: dropout between the two FC layers (paper's predecessor: 0.5).
+        head_hidden_size: units of the first FC layer (predecessor: 200).
+        global_pool: only ``"avg"`` (the paper's global average pooling).
+
+    Input contract: ``(B, in_chans, H, W)`` float with ``H, W >= 32``, finite values, normalised as
+    the weights' ``pretrained_cfg`` says. ``forward`` raises ``ValueError`` otherwise, instead of
+    silently resizing or converting (transforms do the preprocessing).
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 1,
+        num_classes: int = 1000,
+        width_mult: float = 1.0,
+        drop_rate: float = 0.5,
+        head_hidden_size: int = 200,
+        global_pool: str = "avg",
+    ):
+        super().__init__()
+        if global_pool != "avg":
+            raise ValueError(f"global_pool must be 'avg' (the paper's GAP), got '{global_pool}'")
+        if in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.width_mult = width_mult
+        self.drop_rate = drop_rate
+        self.global_pool = global_pool
+        self.connections_spec = CONNECTIONS
+        self.min_input_size = MIN_INPUT_SIZE
+
+        stem1, stem2 = (make_divisible(w * width_mult) for w in STEM_WIDTHS)
+        self.stem = nn.Sequential()
+        self.stem.add_module("conv1", ConvBnAct(in_chans, stem1, 3, stride=1))
+        self.stem.add_module("conv2", ConvBnAct(stem1, stem2, 5, stride=2))
+
+        widths = [make_divisible(w * width_mult) for w in STAGE_WIDTHS for _ in range(BLOCKS_PER_STAGE)]
+        strides = [2 if i > 0 and i % BLOCKS_PER_STAGE == 0 else 1 for i in range(len(widths))]
+
+        # Walk the blocks in order, recording each output's channels and stride so connections
+        # can be sized: index 0 is the stem output.
+        out_chs = {0: stem2}
+        reductions = {0: 2}
+        self.blocks = nn.ModuleList()
+        self.connections = nn.ModuleDict()
+        self._incoming: list[list[str]] = []
+        for b, (width, stride) in enumerate(zip(widths, strides), start=1):
+            reduction = reductions[b - 1] * stride
+            conn_chs, keys = [], []
+            for c in (c for c in CONNECTIONS if c.dst == b):
+                key = f"c{c.src}_{c.dst}"
+                conn = SkipConnector(
+                    out_chs[c.src], width // 4, stride=reduction // reductions[c.src], identity=c.identity
+                )
+                self.connections[key] = conn
+                conn_chs.append(conn.out_chs)
+                keys.append(key)
+            block = MultiBranchBlock(out_chs[b - 1], width, stride, tuple(conn_chs))
+            self.blocks.append(block)
+            self._incoming.append(keys)
+            out_chs[b], reductions[b] = block.out_chs, reduction
+
+        self.num_features = out_chs[len(widths)]
+        self.head_hidden_size = head_hidden_size
+        self.head = ClassifierHead(self.num_features, num_classes, head_hidden_size, drop_rate)
+        # Per-stage outputs, for Grad-CAM and dense tasks (timm's feature_info convention).
+        self.feature_info = [dict(num_chs=stem2, reduction=2, module="stem")] + [
+            dict(num_chs=out_chs[b], reduction=reductions[b], module=f"blocks.{b - 1}")
+            for b in range(BLOCKS_PER_STAGE, len(widths) + 1, BLOCKS_PER_STAGE)
+        ]
+        self.pretrained_cfg: PretrainedCfg | None = None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ----------------------------------------------------------------------------- input contract
+    def check_input(self, x: Tensor) -> None:
+        """Raise ``ValueError`` if ``x`` breaks the input contract (see class docstring).
+
+        Shape checks are static; the finiteness check is skipped while tracing/exporting.
+        """
+        if x.ndim != 4:
+            raise ValueError(f"MedNet expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            hint = (
+                "repeat the gray channel (x.expand(-1, 3, -1, -1)) or create the model with in_chans=1"
+                if x.shape[1] == 1
+                else "convert to gray or create the model with in_chans=%d" % x.shape[1]
+            )
+            raise ValueError(
+                f"MedNet built for {self.in_chans} input channel(s) got {x.shape[1]} "
+                f"(shape {tuple(x.shape)}): {hint}"
+            )
+        h, w = x.shape[-2:]
+        if h < self.min_input_size or w < self.min_input_size:
+            raise ValueError(
+                f"input {h}x{w} is smaller than MedNet's minimum {self.min_input_size}x{self.min_input_size}: "
+                f"resize it first (openmednet.data.build_transform does this)"
+            )
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()):
+            if not torch.isfinite(x).all():
+                raise ValueError("input contains NaN or infinite values: check the image decoding/normalisation")
+
+    # ----------------------------------------------------------------------------- forward
+    def _run(self, x: Tensor, collect: bool = False) -> tuple[Tensor, list[Tensor]]:
+        self.check_input(x)
+        outs = [self.stem(x)]
+        stages = [outs[0]] if collect else []
+        for b, (block, keys) in enumerate(zip(self.blocks, self._incoming), start=1):
+            conns = [self.connections[k](outs[self.connections_spec_src(k)]) for k in keys]
+            outs.append(block(outs[-1], conns))
+            if collect and b % BLOCKS_PER_STAGE == 0:
+                stages.append(outs[-1])
+        return outs[-1], stages
+
+    @staticmethod
+    def connections_spec_src(key: str) -> int:
+        """Source index of connection ``key`` (``"c4_8"`` -> 4)."""
+        return int(key[1:].split("_")[0])
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, in_chans, H, W) -> (B, num_features, ceil(H/16), ceil(W/16))``."""
+        return self._run(x)[0]
+
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
+        """Feature maps of the stem and of each stage, as described by ``feature_info``.
+
+        Returns:
+            Five tensors with reductions 2, 2, 4, 8, 16.
+        """
+        return self._run(x, collect=True)[1]
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """``(B, num_features, h, w) -> (B, num_classes)`` logits, or pooled ``(B, num_features)``."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes)`` (softmax is left to the loss / ``predict``)."""
+        return self.forward_head(self.forward_features(x))
+
+    # ----------------------------------------------------------------------------- timm contract
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        """Replace the two FC layers for ``num_classes`` outputs (0 = pooled features)."""
+        if global_pool != "avg":
+            raise ValueError(f"global_pool must be 'avg', got '{global_pool}'")
+        self.num_classes = num_classes
+        self.head.reset(num_classes)
+
+    def model_args(self) -> dict[str, Any]:
+        """Constructor arguments, to rebuild this model (stored in checkpoints and model cards)."""
+        return dict(
+            in_chans=self.in_chans,
+            num_classes=self.num_classes,
+            width_mult=self.width_mult,
+            drop_rate=self.drop_rate,
+            head_hidden_size=self.head_hidden_size,
+            global_pool=self.global_pool,
+        )
+
+
+def count_convs(model: nn.Module) -> int:
+    """Number of ``nn.Conv2d`` layers in ``model``."""
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def output_size(size: int, stride: int = 16) -> int:
+    """Spatial size of MedNet's last feature map for an input of ``size`` pixels."""
+    for _ in range(int(math.log2(stride))):
+        size = math.ceil(size / 2)
+    return size
+
+
+# --------------------------------------------------------------------------------- registry
+def _gray_cfg(**kw: Any) -> PretrainedCfg:
+    return PretrainedCfg(input_size=(1, 64, 64), mean=(0.5,), std=(0.25,), **kw)
+
+
+def _color_cfg(**kw: Any) -> PretrainedCfg:
+    return PretrainedCfg(input_size=(3, 64, 64), min_input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5),
+                         std=(0.25, 0.25, 0.25), **kw)
+
+
+def _create_mednet(variant: str, default_cfg: PretrainedCfg, **kwargs: Any) -> MedNet:
+    model = MedNet(**kwargs)
+    model.pretrained_cfg = default_cfg.replace(
+        input_size=(model.in_chans, *default_cfg.input_size[1:]),
+        min_input_size=(model.in_chans, MIN_INPUT_SIZE, MIN_INPUT_SIZE),
+        mean=default_cfg.mean[:1] * model.in_chans if len(default_cfg.mean) != model.in_chans else default_cfg.mean,
+        std=default_cfg.std[:1] * model.in_chans if len(default_cfg.std) != model.in_chans else default_cfg.std,
+        meta={**default_cfg.meta, "architecture": variant},
+    )
+    return model
+
+
+@register_model
+def mednet_gray(**kwargs: Any) -> MedNet:
+    """Gray-MedNet: 1 input channel (X-ray, CT, MRI, ultrasound, mammography)."""
+    return _create_mednet("mednet_gray", _gray_cfg(), **{"in_chans": 1, **kwargs})
+
+
+@register_model
+def mednet_color(**kwargs: Any) -> MedNet:
+    """Color-MedNet: 3 input channels (histology, dermoscopy, blood smears, fundus)."""
+    return _create_mednet("mednet_color", _color_cfg(), **{"in_chans": 3, **kwargs})
+
+
+@register_model
+def mednet_test(**kwargs: Any) -> MedNet:
+    """Tiny MedNet (``width_mult=0.25``) for fast tests; same topology (44 convs, 12 connections)."""
+    return _create_mednet("mednet_test", _gray_cfg(), **{"in_chans": 1, "width_mult": 0.25, **kwargs})
+
+
+# Weight sets are registered by openmednet.models._shipped (generated when weights are released).
+register_pretrained_cfgs("mednet_gray", {})
+register_pretrained_cfgs("mednet_color", {})

@@ -1,0 +1,40 @@
+"""Shared fixtures: the real data tree (../shared/data), slow-test opt-in, CPU determinism."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("OPENMEDNET_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# Two cores: keep each test process at one intra-op thread so parallel helpers/tests don't thrash.
+torch.set_num_threads(int(os.environ.get("OPENMEDNET_TEST_THREADS", "1")))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_slow = pytest.mark.skip(reason="slow: pass --runslow to run")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_net = pytest.mark.skip(reason="needs internet access (opt-in)")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "network" in item.keywords:
+            item.add_marker(skip_net)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of ../shared/data; tests that need it skip with a reason when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data tree not found at {SHARED_DATA} (set OPENMEDNET_SHARED_DATA)")
+    return SHARED_DATA
