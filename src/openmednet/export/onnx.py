@@ -1,0 +1,155 @@
+"""Export a model to ONNX (dynamic batch) and check it against PyTorch with onnxruntime.
+
+The ONNX graph takes ``input`` ``(batch, C, H, W)`` float32, already normalised as the model card
+says, and returns ``logits`` ``(batch, num_classes)`` (no softmax, as in PyTorch). Only the batch
+axis is dynamic: the image size is fixed to the card's ``input_size`` so tools that need static
+spatial shapes (MATLAB's ``importNetworkFromONNX``, TensorRT) import it as is.
+
+Two exporters (``torch.onnx.export``):
+- ``"dynamo"`` (default when ``onnxscript`` is installed): PyTorch's ``torch.export``-based
+  exporter, the default since PyTorch 2.9.
+- ``"torchscript"``: the legacy tracer, faster to run and still shipped, but deprecated upstream.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from openmednet.utils import atomic_write_bytes
+
+__all__ = ["DEFAULT_OPSET", "export_onnx", "check_onnx"]
+
+logger = logging.getLogger(__name__)
+
+#: Opset 18: supported by onnxruntime >= 1.14 and by MATLAB's ONNX importer in recent releases;
+#: pass ``opset=13`` for older runtimes.
+DEFAULT_OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def _resolve_input_size(model: nn.Module, input_size: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None)
+        if cfg is None:
+            raise ValueError("model has no pretrained_cfg: pass input_size=(C, H, W)")
+        input_size = tuple(cfg.input_size)
+    if len(input_size) != 3 or min(input_size) < 1:
+        raise ValueError(f"input_size must be (C, H, W) with positive sizes, got {input_size}")
+    return tuple(int(v) for v in input_size)  # type: ignore[return-value]
+
+
+def _export_bytes(model: nn.Module, example: torch.Tensor, opset: int, exporter: str) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="openmednet-onnx-") as tmp:
+        out = Path(tmp) / "model.onnx"
+        with warnings.catch_warnings():
+            # The tracers' advice targets exporter developers, not users of a finished model.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", message=".*will be removed.*", category=DeprecationWarning)
+            if exporter == "dynamo":
+                program = torch.onnx.export(
+                    model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                    external_data=False, verbose=False,
+                )
+                program.save(str(out))
+            else:
+                torch.onnx.export(
+                    model, (example,), str(out), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                )
+        return out.read_bytes()
+
+
+def check_onnx(model: nn.Module, onnx_model: str | Path | bytes, input_size: tuple[int, int, int] | None = None,
+               batch_sizes: tuple[int, ...] = (1, 3), atol: float = 1e-4, seed: int = 0) -> float:
+    """Compare onnxruntime's outputs with PyTorch's on random inputs of several batch sizes.
+
+    Args:
+        model: the PyTorch model (eval mode is set).
+        onnx_model: the ``.onnx`` file, or its bytes.
+        input_size: ``(C, H, W)``; default the model card's.
+        batch_sizes: batch sizes to run (two different ones prove the batch axis is dynamic).
+        atol: largest allowed absolute difference of logits.
+        seed: seed of the random inputs (standard normal, i.e. the normalised input range).
+
+    Returns:
+        The largest absolute difference seen.
+
+    Raises:
+        ValueError: outputs differ by more than ``atol`` (the message gives the difference).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
+    onnx.checker.check_model(data)
+    c, h, w = _resolve_input_size(model, input_size)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    model.eval()
+    for b in batch_sizes:
+        x = torch.randn(b, c, h, w, generator=generator)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+        worst = max(worst, float(np.abs(got - expected).max()))
+    if worst > atol:
+        raise ValueError(f"onnxruntime differs from PyTorch by {worst:.3g} > atol {atol:g}: "
+                         "try the other exporter (exporter='torchscript'/'dynamo') or another opset")
+    return worst
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    input_size: tuple[int, int, int] | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    exporter: str | None = None,
+    check: bool = True,
+    atol: float = 1e-4,
+) -> Path:
+    """Export ``model`` to an ONNX file with a dynamic batch axis.
+
+    Args:
+        model: a classifier; exported in eval mode (its mode is restored afterwards).
+        path: output ``.onnx`` file, written atomically.
+        input_size: ``(C, H, W)``; default ``model.pretrained_cfg.input_size``.
+        opset: ONNX opset version.
+        exporter: ``"dynamo"`` or ``"torchscript"``; default dynamo when ``onnxscript`` is installed.
+        check: run :func:`check_onnx` (onnxruntime vs PyTorch within ``atol``) before writing.
+        atol: tolerance of the check.
+
+    Returns:
+        ``path``.
+    """
+    if exporter is None:
+        exporter = "dynamo" if importlib.util.find_spec("onnxscript") else "torchscript"
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got '{exporter}'")
+    if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        raise ValueError("the dynamo exporter needs onnxscript: pip install onnxscript, or use exporter='torchscript'")
+    path = Path(path)
+    c, h, w = _resolve_input_size(model, input_size)
+    was_training = model.training
+    model.eval()
+    try:
+        # Batch 2 as the example: a batch of 1 can be specialised away by the tracers.
+        data = _export_bytes(model, torch.zeros(2, c, h, w), opset, exporter)
+        if check:  # before writing, so a failed check leaves no file behind
+            worst = check_onnx(model, data, (c, h, w), atol=atol)
+            logger.info("ONNX check passed: max |onnxruntime - torch| = %.2e (atol %g)", worst, atol)
+        atomic_write_bytes(path, data)
+    finally:
+        model.train(was_training)
+    return path
