@@ -1,0 +1,142 @@
+"""Format readers and the entry points ``get_reader`` and ``read_images``.
+
+Every reader turns a file into a stream of 2D ``uint8`` images, ``(H, W)`` gray or ``(H, W, 3)``
+RGB, each with an ``ImageMeta``. Formats:
+
+====== ======================================== ==============================================
+name   files                                    library
+====== ======================================== ==============================================
+dicom  .dcm .dicom .dic, or ``DICM`` magic      pydicom (+ pylibjpeg plugins for compression)
+nifti  .nii .nii.gz                             nibabel
+npz    .npz (MedMNIST layout)                   numpy
+pil    .png .jpg .jpeg .tif .tiff .bmp ...      Pillow
+====== ======================================== ==============================================
+
+Example:
+    >>> skips = []
+    >>> for img, meta in read_images("scan.dcm", on_skip=skips.append):
+    ...     print(img.shape, meta.modality, meta.extra["voi"])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from openmednet._errors import look_up_option
+from openmednet.data.readers.base import SKIP_REASONS, ImageMeta, ImageReader, SkipImage, check_not_empty
+from openmednet.data.readers.dicom import DicomReader
+from openmednet.data.readers.nifti import NiftiReader
+from openmednet.data.readers.npz import NpzReader
+from openmednet.data.readers.pil import PILReader
+
+__all__ = [
+    "SKIP_REASONS",
+    "SUPPORTED_READERS",
+    "DicomReader",
+    "ImageMeta",
+    "ImageReader",
+    "NiftiReader",
+    "NpzReader",
+    "PILReader",
+    "SkipImage",
+    "get_reader",
+    "read_images",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Reader name -> class, in the order ``get_reader`` tries them (DICOM first: it sniffs content).
+SUPPORTED_READERS: dict[str, type[ImageReader]] = {
+    "dicom": DicomReader,
+    "nifti": NiftiReader,
+    "npz": NpzReader,
+    "pil": PILReader,
+}
+
+
+def get_reader(path: str | Path, reader: str | None = None, **options: Any) -> ImageReader:
+    """Choose and build the reader for ``path``.
+
+    Args:
+        path: the file to read.
+        reader: a name from ``SUPPORTED_READERS`` to force a reader; ``None`` picks by suffix
+            (and, for DICOM, by the ``DICM`` magic bytes).
+        **options: reader constructor arguments (e.g. ``axis=0, stride=2`` for NIfTI).
+
+    Raises:
+        KeyError: unknown reader name (with a suggestion).
+        ValueError: no reader handles ``path``; the message lists the readers, their suffixes
+            and how to install their libraries.
+    """
+    path = Path(path)
+    if reader is not None:
+        return SUPPORTED_READERS[look_up_option(reader, SUPPORTED_READERS, "reader")](**options)
+    for cls in SUPPORTED_READERS.values():
+        # Matching depends on the file only; options are for the chosen reader's constructor.
+        if cls().can_read(path):
+            return cls(**options)
+    table = "; ".join(f"{name} ({', '.join(cls.suffixes)}; {cls.install_hint})" for name, cls in SUPPORTED_READERS.items())
+    raise ValueError(f"no reader for '{path.name}' (suffix '{''.join(path.suffixes)}'). Readers: {table}. Pass reader=<name> to force one.")
+
+
+def read_images(
+    path: str | Path,
+    reader: str | ImageReader | None = None,
+    *,
+    on_skip: Callable[[SkipImage], None] | None = None,
+    **options: Any,
+) -> Iterator[tuple[np.ndarray, ImageMeta]]:
+    """Yield the 2D images of one file as ``(array, meta)``.
+
+    Args:
+        path: the file.
+        reader: reader name, reader instance, or ``None`` to choose by ``get_reader``.
+        on_skip: called with each ``SkipImage`` (file or frame). When given, nothing is raised
+            for bad input, which is what a corpus build wants (count, never abort). When
+            ``None``, an unusable *file* raises ``SkipImage`` and skipped *frames* are logged.
+        **options: reader constructor arguments (only when ``reader`` is not an instance).
+
+    Yields:
+        ``(array, meta)``: ``array`` is ``(H, W)`` or ``(H, W, 3)`` ``uint8``.
+
+    Raises:
+        SkipImage: unusable file, only when ``on_skip`` is ``None``.
+        ValueError, KeyError: no reader for the file / unknown reader name (not input errors of
+            the file itself but of the call).
+    """
+    path = Path(path)
+    impl = reader if isinstance(reader, ImageReader) else get_reader(path, reader, **options)
+    try:
+        check_not_empty(path)
+        stream = impl.read(path)
+        while True:
+            try:
+                result = next(stream)
+            except StopIteration:
+                return
+            except SkipImage:
+                raise
+            except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not stop a build
+                raise SkipImage("read_error", f"{impl.name} reader failed ({type(e).__name__}: {e})", path) from e
+            if isinstance(result, SkipImage):
+                _frame_skipped(result, on_skip)
+            else:
+                yield result
+    except SkipImage as skip:
+        if skip.path is None:
+            skip.path = path
+        if on_skip is None:
+            raise
+        on_skip(skip)
+
+
+def _frame_skipped(skip: SkipImage, on_skip: Callable[[SkipImage], None] | None) -> None:
+    if on_skip is None:
+        logger.info("skipped %s", skip)
+    else:
+        on_skip(skip)

@@ -1,8 +1,13 @@
 """The reader contract: every file format becomes ``(array, ImageMeta)`` pairs.
 
-Modelled on MONAI's ``ImageReader``: a reader says which files it can read (``verify_suffix``)
-and yields 2D images. One file may hold several images (multi-frame DICOM, NIfTI volumes), so
-``read`` is a generator.
+Modelled on MONAI's ``ImageReader``: a reader says which files it can read (``verify_suffix``,
+refined by ``can_read`` for formats with a magic number) and yields 2D images. One file may hold
+several images (multi-frame DICOM, NIfTI volumes, ``.npz`` arrays), so ``read`` is a generator.
+
+Skips. A reader *raises* ``SkipImage`` when the whole file is unusable (corrupt, unsupported
+transfer syntax...) and *yields* a ``SkipImage`` for one unusable frame or slice (an empty NIfTI
+slice) so the remaining frames still come through; ``openmednet.data.readers.read_images``
+separates the two for callers. ``reason`` is a short stable key that build reports count.
 """
 
 from __future__ import annotations
@@ -11,37 +16,65 @@ import abc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
+#: Stable skip reasons (keys of the build report). Readers may add format-specific ones.
+SKIP_REASONS = (
+    "empty_file",  # zero bytes
+    "missing_file",  # listed in a manifest but absent on disk
+    "not_an_image",  # the bytes are not the format the name claims (text named .png)
+    "corrupt",  # truncated or damaged data
+    "decompression_bomb",  # header claims more pixels than the reader's limit
+    "unsupported_transfer_syntax",  # DICOM compression without an installed decoder
+    "unsupported_format",  # no reader for this file
+    "unsupported_image",  # readable but not a 2D picture (e.g. 5D NIfTI, DICOM without pixels)
+    "empty_slice",  # constant or near-constant frame/slice
+    "read_error",  # any other failure inside a third-party decoder
+)
+
 
 class SkipImage(Exception):
-    """Raised by a reader for a file (or frame) that cannot or should not be used.
+    """A file (or one frame of it) that cannot or should not be used.
 
-    ``reason`` is a short stable key counted in build reports (e.g. ``"corrupt"``,
-    ``"unsupported_transfer_syntax"``, ``"empty_slice"``, ``"decompression_bomb"``); the message
-    says what was found and what to do.
+    Args:
+        reason: short stable key counted in build reports, one of ``SKIP_REASONS`` (e.g.
+            ``"corrupt"``, ``"unsupported_transfer_syntax"``, ``"empty_slice"``).
+        message: what was found and what to do about it.
+        path: the file concerned, when known.
+        frame: the frame/slice index inside the file, ``None`` for the whole file.
     """
 
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
+    def __init__(self, reason: str, message: str, path: Path | None = None, frame: int | None = None):
+        where = "" if path is None else f" [{path}{'' if frame is None else f' frame {frame}'}]"
+        super().__init__(f"{reason}: {message}{where}")
         self.reason = reason
         self.message = message
+        self.path = path
+        self.frame = frame
 
 
 @dataclass
 class ImageMeta:
-    """What a reader knows about one 2D image.
+    """What is known about one 2D image.
+
+    Readers fill the pixel facts; ``read_item`` adds the source facts (source name, label, split,
+    group) taken from the ``SourceItem`` so every image carries its provenance.
 
     Attributes:
-        path: the file it came from.
-        frame: index inside the file (slice, frame, array row), 0 for single images.
+        path: the file it came from (original path).
+        frame: index inside the file (DICOM frame, NIfTI slice along the axis, ``.npz`` row), 0 for
+            single images.
         modality: e.g. ``"CT"``, ``"MR"``, ``"CR"``, ``"XR"``, ``"US"``; ``""`` when unknown.
         photometric: ``"MONOCHROME2"`` for gray (after any MONOCHROME1 inversion), ``"RGB"``.
-        original_shape: shape before any conversion.
-        original_dtype: dtype as stored (``"uint16"``...).
-        extra: format-specific facts (window used, rescale slope, affine axis...).
+        original_shape: shape before any conversion (e.g. ``(rows, cols)``, ``(X, Y, Z, T)``).
+        original_dtype: dtype or mode as stored (``"uint16"``, ``"I;16"``, ``"CMYK"``...).
+        source: name of the ``SourceSpec`` the image was enumerated from (``""`` if read directly).
+        label: class name, ``None`` when unlabelled.
+        split: ``"train"``/``"val"``/``"test"`` when the source defines one, else ``None``.
+        group: patient/lesion id for group-aware splits, else ``None``.
+        extra: format-specific facts (window used, rescale slope, slice axis, scaling rule...).
     """
 
     path: Path
@@ -50,7 +83,15 @@ class ImageMeta:
     photometric: str = ""
     original_shape: tuple[int, ...] = ()
     original_dtype: str = ""
+    source: str = ""
+    label: str | None = None
+    split: str | None = None
+    group: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: What ``ImageReader.read`` yields: an image, or a per-frame skip.
+ReadResult = Union[tuple[np.ndarray, ImageMeta], SkipImage]
 
 
 class ImageReader(abc.ABC):
@@ -58,17 +99,65 @@ class ImageReader(abc.ABC):
 
     ``read`` yields ``(array, meta)`` where ``array`` is ``(H, W)`` for gray or ``(H, W, 3)`` for
     colour, ``uint8`` in [0, 255] (intensity mapping to 8 bits is the reader's job: DICOM
-    windowing, NIfTI percentile scaling, 16-bit PNG scaling).
+    windowing, NIfTI percentile scaling, 16-bit PNG scaling). It raises ``SkipImage`` for an
+    unusable file and yields a ``SkipImage`` for an unusable frame.
+
+    Attributes:
+        name: key in ``SUPPORTED_READERS``.
+        suffixes: lower-case file-name endings the reader claims (``".nii.gz"``).
+        install_hint: pip command that provides the reader's decoder library.
     """
 
     name: str = ""
     suffixes: tuple[str, ...] = ()
+    install_hint: str = ""
 
     def verify_suffix(self, path: Path) -> bool:
         """Whether this reader handles ``path`` judging by its name."""
-        name = path.name.lower()
+        name = Path(path).name.lower()
         return any(name.endswith(s) for s in self.suffixes)
 
+    def can_read(self, path: Path) -> bool:
+        """Whether this reader handles ``path``; by default the name decides (see ``verify_suffix``).
+
+        Readers of formats with a magic number (DICOM) override this to also look at the bytes.
+        """
+        return self.verify_suffix(path)
+
     @abc.abstractmethod
-    def read(self, path: Path) -> Iterator[tuple[np.ndarray, ImageMeta]]:
-        """Yield the 2D images of ``path``; raise ``SkipImage`` for unusable content."""
+    def read(self, path: Path) -> Iterator[ReadResult]:
+        """Yield the 2D images of ``path``; raise ``SkipImage`` for an unusable file."""
+
+
+def check_not_empty(path: Path) -> None:
+    """Raise ``SkipImage`` ``"missing_file"`` or ``"empty_file"`` before handing ``path`` to a decoder.
+
+    Decoders report these two cases with unrelated messages (or, for zero-byte DICOM, with a
+    parse error), so readers check them first to get stable reasons.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SkipImage("missing_file", "file not found; check the path or the manifest row", path)
+    if path.stat().st_size == 0:
+        raise SkipImage("empty_file", "file has 0 bytes; re-download or remove it", path)
+
+
+def scale_to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """Linearly map ``[lo, hi]`` onto ``[0, 255]``, clip, and round to ``uint8``.
+
+    Args:
+        arr: any real array (any shape).
+        lo, hi: input values that become 0 and 255; default to the array's min and max (the
+            "min-max" rule used for 16-bit PNG/TIFF).
+
+    Returns:
+        ``uint8`` array of the same shape: ``round((v - lo) * 255 / (hi - lo))`` clipped to
+        [0, 255]; all zeros when ``hi <= lo`` (a constant image carries no contrast).
+    """
+    a = np.asarray(arr, dtype=np.float64)
+    lo = float(np.min(a)) if lo is None else float(lo)
+    hi = float(np.max(a)) if hi is None else float(hi)
+    if not hi > lo:
+        return np.zeros(a.shape, dtype=np.uint8)
+    out = (a - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

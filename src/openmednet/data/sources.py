@@ -1,0 +1,334 @@
+"""Image sources: what a source is (``SourceSpec``), the items it holds (``iter_source``), and
+reading one item (``read_item``).
+
+A source is one folder, manifest or archive with one licence and modality. Enumeration is cheap
+(no pixels are decoded) so a corpus builder can plan, split by group and count before reading.
+Problems of individual files (missing, corrupt...) surface as ``SkipImage`` when the item is read,
+so they are counted per reason instead of aborting the build.
+
+Formats:
+
+================ =======================================================================
+``labels_csv``   ``root/labels.csv`` with columns ``path,label,split,group`` (path relative to
+                 ``root``; empty cells mean unknown). The layout of ``../shared/data``.
+``csv``          any CSV (``csv_file``) whose columns are named by ``columns``, e.g.
+                 ``{"path": "image_id", "label": "dx", "group": "lesion_id"}``.
+``class_folders`` ``root/<class>/**/image``: the first-level folder name is the label.
+``flat``         every image under ``root``, unlabelled.
+``npz``          MedMNIST-style ``.npz`` (``root`` is the file or a folder of them); one item
+                 per array row, ``frame=(split, row)``.
+``dicom``        every DICOM file under ``root`` (by suffix or ``DICM`` magic); group = PatientID.
+``nifti``        every ``.nii``/``.nii.gz`` under ``root``; slices are read by ``read_item``.
+``auto``         ``labels.csv`` present -> labels_csv; ``.npz`` at the top -> npz; images at
+                 the top -> flat; images only in sub-folders -> class_folders.
+================ =======================================================================
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from openmednet._errors import look_up_option
+from openmednet.data.readers import ImageMeta, SkipImage, read_images
+from openmednet.data.readers.dicom import DicomReader
+from openmednet.data.readers.nifti import NiftiReader
+from openmednet.data.readers.npz import label_str, list_splits, load_split, read_row
+from openmednet.data.readers.pil import PILReader
+
+logger = logging.getLogger(__name__)
+
+SOURCE_FORMATS = ("labels_csv", "class_folders", "flat", "csv", "npz", "dicom", "nifti", "auto")
+MANIFEST_COLUMNS = ("path", "label", "split", "group")
+
+#: File endings enumerated in folders (``.npz`` is its own format, not a folder image).
+IMAGE_SUFFIXES = PILReader.suffixes + DicomReader.suffixes + NiftiReader.suffixes
+
+#: Addresses one image inside a file: a frame/slice index, an ``.npz`` ``(split, row)``, or
+#: ``None`` for every image of the file.
+FrameSelector = Union[int, tuple[str, int], None]
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a source's images are and what they are.
+
+    Attributes:
+        name: short unique id (used in reports and ``ImageMeta.source``).
+        root: folder (or ``.npz`` file) of the source.
+        format: one of ``SOURCE_FORMATS``; ``"auto"`` detects it (see the module docstring).
+        columns: for ``format="csv"``: our column name (``path``, ``label``, ``split``,
+            ``group``) -> the CSV's column name. ``path`` is required.
+        csv_file: for ``format="csv"``: the CSV, relative to ``root`` (or absolute).
+        label_map: optional renaming of raw labels (``{"0": "normal", "1": "pneumonia"}``);
+            labels not in the map are kept as they are.
+        modality: e.g. ``"CT"``, ``"MR"``, ``"XR"``, ``"US"``, ``"dermoscopy"``; used when the file
+            does not say (a DICOM's own Modality wins).
+        license: licence of the source's images (carried into corpus reports).
+        channels: hint: 1 for gray sources, 3 for colour, ``None`` to route by content.
+        reader_options: passed to the reader (e.g. ``{"axis": 0, "stride": 2}`` for NIfTI).
+    """
+
+    name: str
+    root: Path
+    format: str = "auto"
+    columns: Mapping[str, str] = field(default_factory=dict)
+    csv_file: Path | None = None
+    label_map: Mapping[str, str] = field(default_factory=dict)
+    modality: str = ""
+    license: str = ""
+    channels: int | None = None
+    reader_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+        look_up_option(self.format, SOURCE_FORMATS, "source format")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"source '{self.name}': channels must be 1, 3 or None, got {self.channels!r}")
+        if self.format == "csv" and "path" not in self.columns:
+            raise ValueError(
+                f"source '{self.name}': format 'csv' needs columns={{'path': <csv column>, ...}}; got {dict(self.columns)}"
+            )
+        unknown = set(self.columns) - set(MANIFEST_COLUMNS)
+        if unknown:
+            raise ValueError(f"source '{self.name}': unknown column keys {sorted(unknown)}; valid: {MANIFEST_COLUMNS}")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One enumerated entry of a source: a file (or one image inside it) with its annotations.
+
+    Attributes:
+        path: the file.
+        frame: ``None`` (every image in the file), a frame/slice index, or ``(split, row)`` for
+            an ``.npz`` row.
+        label, split, group: annotations from the source (``None`` = unknown).
+        source: the ``SourceSpec.name``.
+        modality: the ``SourceSpec.modality``.
+        reader_options: the ``SourceSpec.reader_options``.
+    """
+
+    path: Path
+    frame: FrameSelector = None
+    label: str | None = None
+    split: str | None = None
+    group: str | None = None
+    source: str = ""
+    modality: str = ""
+    reader_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def detect_format(root: Path) -> str:
+    """Detect the format of a source root (the ``"auto"`` rule of the module docstring).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        ValueError: nothing readable found (the message says what was looked for).
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"source root not found: {root}")
+    if root.is_file():
+        if root.name.lower().endswith(".npz"):
+            return "npz"
+        raise ValueError(f"source root {root} is a file; expected a folder or a .npz (for a CSV use format='csv')")
+    if (root / "labels.csv").is_file():
+        return "labels_csv"
+    top = [p for p in root.iterdir() if not p.name.startswith(".")]
+    if any(p.is_file() and p.name.lower().endswith(".npz") for p in top):
+        return "npz"
+    if any(p.is_file() and _is_image_name(p) for p in top):
+        return "flat"
+    if any(p.is_dir() and next(_image_files(p), None) is not None for p in top):
+        return "class_folders"
+    raise ValueError(
+        f"no images found under {root}: expected labels.csv, .npz files, or images ({', '.join(IMAGE_SUFFIXES)}) "
+        "at the top or in class sub-folders"
+    )
+
+
+def iter_source(spec: SourceSpec) -> Iterator[SourceItem]:
+    """Enumerate a source's items without decoding pixels, in a deterministic (sorted) order.
+
+    Raises:
+        FileNotFoundError: the root (or the CSV) does not exist.
+        ValueError: a manifest lacks required columns, or ``auto`` finds nothing.
+    """
+    fmt = detect_format(spec.root) if spec.format == "auto" else spec.format
+    if not spec.root.exists():
+        raise FileNotFoundError(f"source '{spec.name}': root not found: {spec.root}")
+    enumerate_items = _ENUMERATORS[fmt]
+    for item in enumerate_items(spec):
+        yield item
+
+
+def read_item(item: SourceItem, *, on_skip: Callable[[SkipImage], None] | None = None) -> Iterator[tuple[np.ndarray, ImageMeta]]:
+    """Read the image(s) an item refers to, with the item's source facts in each ``ImageMeta``.
+
+    The meta gets ``source``, ``label``, ``split``, ``group`` from the item and ``modality`` from
+    the item when the file did not state one.
+
+    Args:
+        item: from ``iter_source``.
+        on_skip: as in ``read_images``: receives every ``SkipImage`` (then nothing raises);
+            ``None`` raises for an unusable file (e.g. ``"missing_file"``).
+
+    Yields:
+        ``(array, meta)`` with ``array`` ``(H, W)`` or ``(H, W, 3)`` uint8.
+    """
+    try:
+        for arr, meta in _read_raw(item, on_skip):
+            meta.source = item.source
+            meta.label, meta.split, meta.group = item.label, item.split, item.group
+            meta.modality = meta.modality or item.modality
+            yield arr, meta
+    except SkipImage as skip:
+        if on_skip is None:
+            raise
+        on_skip(skip)
+
+
+def _read_raw(item: SourceItem, on_skip: Callable[[SkipImage], None] | None) -> Iterator[tuple[np.ndarray, ImageMeta]]:
+    if isinstance(item.frame, tuple):
+        split, row = item.frame
+        try:
+            yield read_row(item.path, split, row)
+        except (KeyError, IndexError) as e:
+            raise SkipImage("missing_file", f"npz row not found ({e})", item.path, row) from e
+        return
+    try:
+        stream = read_images(item.path, on_skip=on_skip, **dict(item.reader_options))
+    except ValueError as e:  # no reader for this file name
+        raise SkipImage("unsupported_format", str(e), item.path) from e
+    for arr, meta in stream:
+        if item.frame is None or meta.frame == item.frame:
+            yield arr, meta
+
+
+# --- enumerators -------------------------------------------------------------------------------
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
+
+
+def _image_files(folder: Path) -> Iterator[Path]:
+    """Image files under ``folder`` (recursive, sorted, hidden files and folders excluded)."""
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and _is_image_name(path) and not any(part.startswith(".") for part in rel.parts):
+            yield path
+
+
+def _item(spec: SourceSpec, path: Path, frame: FrameSelector = None, label: str | None = None, split=None, group=None) -> SourceItem:
+    if label is not None:
+        label = spec.label_map.get(label, label)
+    return SourceItem(
+        path=path,
+        frame=frame,
+        label=label,
+        split=split,
+        group=group,
+        source=spec.name,
+        modality=spec.modality,
+        reader_options=spec.reader_options,
+    )
+
+
+def _iter_manifest(spec: SourceSpec, csv_path: Path, columns: Mapping[str, str]) -> Iterator[SourceItem]:
+    """Rows of a CSV manifest; ``columns`` maps our names to the CSV's header names."""
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"source '{spec.name}': manifest not found: {csv_path}")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in columns.values() if c not in header]
+        if missing:
+            raise ValueError(f"source '{spec.name}': {csv_path} lacks columns {missing}; it has {header}")
+        for row in reader:
+            values = {ours: (row.get(theirs) or "").strip() or None for ours, theirs in columns.items()}
+            if values["path"] is None:
+                logger.warning("source '%s': row without a path in %s: %s", spec.name, csv_path, row)
+                continue
+            yield _item(spec, spec.root / values["path"], None, values.get("label"), values.get("split"), values.get("group"))
+
+
+def _iter_labels_csv(spec: SourceSpec) -> Iterator[SourceItem]:
+    csv_path = spec.root / "labels.csv"
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    if "path" not in header:
+        raise ValueError(f"source '{spec.name}': {csv_path} must have a 'path' column (and optionally label,split,group); got {header}")
+    yield from _iter_manifest(spec, csv_path, {c: c for c in MANIFEST_COLUMNS if c in header})
+
+
+def _iter_csv(spec: SourceSpec) -> Iterator[SourceItem]:
+    if spec.csv_file is None:
+        raise ValueError(f"source '{spec.name}': format 'csv' needs csv_file=<path of the CSV>")
+    csv_path = spec.csv_file if Path(spec.csv_file).is_absolute() else spec.root / spec.csv_file
+    yield from _iter_manifest(spec, Path(csv_path), spec.columns)
+
+
+def _iter_class_folders(spec: SourceSpec) -> Iterator[SourceItem]:
+    for folder in sorted(p for p in spec.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in _image_files(folder):
+            yield _item(spec, path, label=folder.name)
+
+
+def _iter_flat(spec: SourceSpec) -> Iterator[SourceItem]:
+    for path in _image_files(spec.root):
+        yield _item(spec, path)
+
+
+def _iter_npz(spec: SourceSpec) -> Iterator[SourceItem]:
+    files = [spec.root] if spec.root.is_file() else sorted(spec.root.glob("*.npz"))
+    for path in files:
+        for split in list_splits(path):
+            images, labels = load_split(path, split)
+            for row in range(len(images)):
+                label = None if labels is None else label_str(labels[row])
+                yield _item(spec, path, (split, row), label, split)
+
+
+def _iter_dicom(spec: SourceSpec) -> Iterator[SourceItem]:
+    dicom = DicomReader()
+    paths = [spec.root] if spec.root.is_file() else sorted(p for p in spec.root.rglob("*") if p.is_file())
+    for path in paths:
+        if dicom.can_read(path):
+            yield _item(spec, path, group=_patient_id(path))
+
+
+def _patient_id(path: Path) -> str | None:
+    """PatientID from the header only (no pixels), for group-aware splits; ``None`` if unreadable."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        return str(ds.get("PatientID", "")).strip() or None
+    except Exception:  # noqa: BLE001 - unreadable files are reported when read, not here
+        return None
+
+
+def _iter_nifti(spec: SourceSpec) -> Iterator[SourceItem]:
+    nifti = NiftiReader()
+    paths = [spec.root] if spec.root.is_file() else sorted(p for p in spec.root.rglob("*") if p.is_file())
+    for path in paths:
+        if nifti.verify_suffix(path):
+            yield _item(spec, path)
+
+
+_ENUMERATORS: dict[str, Callable[[SourceSpec], Iterator[SourceItem]]] = {
+    "labels_csv": _iter_labels_csv,
+    "csv": _iter_csv,
+    "class_folders": _iter_class_folders,
+    "flat": _iter_flat,
+    "npz": _iter_npz,
+    "dicom": _iter_dicom,
+    "nifti": _iter_nifti,
+}
