@@ -7,6 +7,21 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """``conv`` with the eval-mode BatchNorm ``bn`` folded into its weight and bias.
+
+    ``BN(conv(x)) = gamma * (W*x - mu) / sqrt(var + eps) + beta`` is itself a convolution, so at
+    inference the BN pass over the feature map can be skipped (the classic conv-BN fusion).
+
+    Raises:
+        ValueError: ``conv`` or ``bn`` is in training mode (batch statistics cannot be folded).
+    """
+    if conv.training or bn.training:
+        raise ValueError("BatchNorm folding needs eval mode (batch statistics change per batch): call .eval() first")
+    return fuse_conv_bn_eval(conv, bn)
 
 
 class ConvBnAct(nn.Sequential):
@@ -25,6 +40,16 @@ class ConvBnAct(nn.Sequential):
         super().__init__()
         for name, layer in layers.items():
             self.add_module(name, layer)
+
+    def fold_bn_(self) -> None:
+        """Fold the BatchNorm into the conv in place (eval only; see ``MedNet.fuse_for_inference``).
+
+        The ``bn`` slot becomes ``nn.Identity`` and ``conv`` gains a bias, so the module computes
+        the same function with one pass fewer over its output.
+        """
+        if isinstance(self.bn, nn.BatchNorm2d):
+            self.conv = _fold_bn(self.conv, self.bn)
+            self.bn = nn.Identity()
 
 
 class MultiBranchBlock(nn.Module):
@@ -95,6 +120,15 @@ class SkipConnector(nn.Module):
             )
             self.conv = nn.Conv2d(in_chs, out_chs, 1, bias=False)
             self.bn = nn.BatchNorm2d(out_chs)
+
+    def fold_bn_(self) -> None:
+        """Fold the BatchNorm into the 1x1 conv in place (eval only); identity links are unchanged.
+
+        Average pooling before the conv is linear, so folding after it stays exact.
+        """
+        if isinstance(self.bn, nn.BatchNorm2d):
+            self.conv = _fold_bn(self.conv, self.bn)
+            self.bn = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_chs, H, W) -> (B, out_chs, ceil(H/stride), ceil(W/stride))``."""

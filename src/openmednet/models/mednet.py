@@ -37,6 +37,7 @@ Choices the paper leaves open, and why:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -168,6 +169,7 @@ class MedNet(nn.Module):
             for b in range(BLOCKS_PER_STAGE, len(widths) + 1, BLOCKS_PER_STAGE)
         ]
         self.pretrained_cfg: PretrainedCfg | None = None
+        self.is_fused = False  # set on the copies made by fuse_for_inference
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -254,6 +256,42 @@ class MedNet(nn.Module):
             raise ValueError(f"global_pool must be 'avg', got '{global_pool}'")
         self.num_classes = num_classes
         self.head.reset(num_classes)
+
+    # ----------------------------------------------------------------------------- inference path
+    def fuse_for_inference(self) -> MedNet:
+        """An eval-only copy with every conv-BN pair folded into one conv (same outputs, faster).
+
+        The 34 ``ConvBnAct`` (stem and branches) and the 10 convolutional connections get their
+        BatchNorm folded into the convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``); the
+        block's post-concatenation BN stays (a ReLU separates it from the branch convs). This model
+        is left untouched, so its ``state_dict`` layout (what checkpoints and weight files hold)
+        does not change; the copy has conv biases and no branch BN keys, so save the original.
+        Outputs match the original in eval mode to float rounding (``tests/models``), and
+        ``benchmarks/bench_model.py`` measures the speed-up.
+
+        Returns:
+            A new ``MedNet`` in eval mode with gradients disabled; calling ``.train()`` on it raises.
+        """
+        fused = copy.deepcopy(self).eval()
+        for m in fused.modules():
+            if isinstance(m, (ConvBnAct, SkipConnector)):
+                m.fold_bn_()
+        fused.requires_grad_(False)
+        fused.is_fused = True
+        return fused
+
+    def train(self, mode: bool = True) -> MedNet:
+        """As ``nn.Module.train``; refuses ``mode=True`` on a ``fuse_for_inference`` copy.
+
+        A folded model has no BatchNorm left in its branches, so training it would silently train
+        a different network.
+        """
+        if mode and getattr(self, "is_fused", False):
+            raise ValueError(
+                "this MedNet was fused for inference (BatchNorm folded) and cannot be trained: "
+                "train the original model and call fuse_for_inference() again afterwards"
+            )
+        return super().train(mode)
 
     def model_args(self) -> dict[str, Any]:
         """Constructor arguments, to rebuild this model (stored in checkpoints and model cards)."""
