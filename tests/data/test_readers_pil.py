@@ -1,0 +1,179 @@
+"""PILReader: conversion rules on exact pixel values, and every kind of bad file as a counted skip."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from openmednet.data.readers import PILReader, SkipImage, get_reader, read_images
+
+
+def _read_one(path: Path, **options) -> tuple[np.ndarray, object]:
+    results = list(read_images(path, **options))
+    assert len(results) == 1
+    return results[0]
+
+
+def _skip_reason(path: Path, reader: PILReader | None = None) -> str:
+    with pytest.raises(SkipImage) as info:
+        list(read_images(path, reader or PILReader()))
+    return info.value.reason
+
+
+def test_gray_png_is_read_exactly(tmp_path: Path) -> None:
+    pixels = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    Image.fromarray(pixels).save(tmp_path / "g.png")
+    img, meta = _read_one(tmp_path / "g.png")
+    np.testing.assert_array_equal(img, pixels)
+    assert meta.photometric == "MONOCHROME2" and meta.original_shape == (3, 4)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_is_min_max_scaled(tmp_path: Path, suffix: str) -> None:
+    # 12-bit detector values in a 16-bit container: min-max keeps the full contrast.
+    raw = np.array([[100, 1100], [2100, 4195]], dtype=np.uint16)
+    Image.fromarray(raw).save(tmp_path / f"x16{suffix}")
+    img, meta = _read_one(tmp_path / f"x16{suffix}")
+    # round((v - 100) * 255 / 4095): 0, 62.27 -> 62, 124.54 -> 125, 255
+    np.testing.assert_array_equal(img, np.array([[0, 62], [125, 255]], dtype=np.uint8))
+    assert meta.original_dtype == "I;16"
+    assert meta.extra["min"] == 100 and meta.extra["max"] == 4195
+
+
+def test_constant_16bit_image_is_black(tmp_path: Path) -> None:
+    Image.fromarray(np.full((4, 4), 777, dtype=np.uint16)).save(tmp_path / "c.png")
+    img, _ = _read_one(tmp_path / "c.png")
+    assert img.dtype == np.uint8 and not img.any()
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path: Path) -> None:
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=95)
+    img, meta = _read_one(tmp_path / "cmyk.jpg")
+    assert img.shape == (16, 16, 3) and meta.original_dtype == "CMYK"
+    # Pure red after JPEG: within a few levels of (255, 0, 0).
+    np.testing.assert_allclose(img.reshape(-1, 3).mean(0), [255, 0, 0], atol=3)
+
+
+def test_palette_png_gray_palette_gives_gray(tmp_path: Path) -> None:
+    pixels = np.array([[0, 1], [2, 3]], dtype=np.uint8)
+    im = Image.fromarray(pixels, mode="L").convert("P")
+    im.putpalette([0, 0, 0, 50, 50, 50, 100, 100, 100, 250, 250, 250])
+    im.save(tmp_path / "pal.png")
+    img, _ = _read_one(tmp_path / "pal.png")
+    np.testing.assert_array_equal(img, [[0, 50], [100, 250]])
+
+
+def test_palette_png_colour_palette_gives_rgb(tmp_path: Path) -> None:
+    im = Image.fromarray(np.array([[0, 1]], dtype=np.uint8)).convert("P")
+    im.putpalette([255, 0, 0, 0, 0, 255])
+    im.save(tmp_path / "palc.png")
+    img, _ = _read_one(tmp_path / "palc.png")
+    np.testing.assert_array_equal(img, [[[255, 0, 0], [0, 0, 255]]])
+
+
+def test_rgba_is_composited_on_black(tmp_path: Path) -> None:
+    rgba = np.array([[[200, 100, 50, 255], [200, 100, 50, 0], [200, 100, 50, 128]]], dtype=np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    img, meta = _read_one(tmp_path / "a.png")
+    # c * a / 255 rounded: opaque unchanged, transparent black, half: 200*128/255 = 100.4 -> 100.
+    np.testing.assert_array_equal(img, [[[200, 100, 50], [0, 0, 0], [100, 50, 25]]])
+    assert meta.extra["alpha"] == "composited_on_black"
+
+
+def test_gray_alpha_stays_gray(tmp_path: Path) -> None:
+    la = np.array([[[255, 255], [255, 0]]], dtype=np.uint8)
+    Image.fromarray(la, mode="LA").save(tmp_path / "la.png")
+    img, _ = _read_one(tmp_path / "la.png")
+    np.testing.assert_array_equal(img, [[255, 0]])
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    pixels = np.zeros((2, 4), dtype=np.uint8)
+    pixels[0, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(pixels).save(tmp_path / "o.png", exif=exif)
+    img, _ = _read_one(tmp_path / "o.png")
+    assert img.shape == (4, 2)
+    np.testing.assert_array_equal(img, np.rot90(pixels, k=-1))
+
+
+def test_multipage_tiff_yields_every_page(tmp_path: Path) -> None:
+    pages = [Image.fromarray(np.full((3, 3), v, dtype=np.uint8)) for v in (10, 20, 30)]
+    pages[0].save(tmp_path / "m.tif", save_all=True, append_images=pages[1:])
+    out = list(read_images(tmp_path / "m.tif"))
+    assert [int(img[0, 0]) for img, _ in out] == [10, 20, 30]
+    assert [m.frame for _, m in out] == [0, 1, 2]
+
+
+def test_real_busi_jpeg(shared_data: Path) -> None:
+    path = shared_data / "gray/targets/busi/Dataset_BUSI_with_GT/benign/benign (1).jpg"
+    img, meta = _read_one(path)
+    with Image.open(path) as im:
+        expected = np.asarray(im.convert("RGB") if im.mode != "L" else im)
+    np.testing.assert_array_equal(img, expected)
+    assert get_reader(path).name == "pil"
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_zero_byte_file(tmp_path: Path) -> None:
+    (tmp_path / "z.png").write_bytes(b"")
+    assert _skip_reason(tmp_path / "z.png") == "empty_file"
+
+
+def test_text_named_png(tmp_path: Path) -> None:
+    (tmp_path / "t.png").write_text("patient list\nid,name\n1,anon\n")
+    assert _skip_reason(tmp_path / "t.png") == "not_an_image"
+
+
+def test_truncated_jpeg(tmp_path: Path, shared_data: Path) -> None:
+    real = (shared_data / "gray/targets/busi/Dataset_BUSI_with_GT/benign/benign (1).jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(real[: len(real) // 2])
+    assert _skip_reason(tmp_path / "cut.jpg") == "corrupt"
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose IHDR is rewritten to claim ``width x height`` (CRC fixed)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("side", [20_000, 100_000])  # above our limit; above Pillow's hard limit too
+def test_decompression_bomb_header(tmp_path: Path, side: int) -> None:
+    (tmp_path / "bomb.png").write_bytes(_png_claiming(side, side))
+    assert _skip_reason(tmp_path / "bomb.png") == "decompression_bomb"
+
+
+def test_bomb_limit_is_configurable(tmp_path: Path) -> None:
+    Image.new("L", (10, 10)).save(tmp_path / "s.png")
+    assert _skip_reason(tmp_path / "s.png", PILReader(max_pixels=99)) == "decompression_bomb"
+    assert len(list(read_images(tmp_path / "s.png", PILReader(max_pixels=100)))) == 1
+
+
+def test_on_skip_collects_instead_of_raising(tmp_path: Path) -> None:
+    (tmp_path / "z.png").write_bytes(b"")
+    skips: list[SkipImage] = []
+    assert list(read_images(tmp_path / "z.png", on_skip=skips.append)) == []
+    assert [(s.reason, s.path) for s in skips] == [("empty_file", tmp_path / "z.png")]
+
+
+def test_unknown_suffix_error_lists_readers(tmp_path: Path) -> None:
+    (tmp_path / "x.xyz").write_bytes(b"abc")
+    with pytest.raises(ValueError, match=r"no reader for 'x.xyz'.*dicom.*nifti.*npz.*pil.*pip install"):
+        get_reader(tmp_path / "x.xyz")
+    with pytest.raises(KeyError, match="did you mean 'pil'"):
+        get_reader(tmp_path / "x.xyz", reader="pill")
