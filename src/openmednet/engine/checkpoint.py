@@ -79,8 +79,8 @@ def _versions() -> dict[str, str]:
 
     return {
         "openmednet": openmednet.__version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
+        "torch": str(torch.__version__),
+        "numpy": str(np.__version__),
         "python": platform.python_version(),
     }
 

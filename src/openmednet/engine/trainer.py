@@ -415,7 +415,7 @@ def fit(
     monitor: Callable[[nn.Module], dict[str, float]] | None = None,
     monitor_every_epochs: int = 1,
     checkpoint_meta: Mapping[str, Any] | None = None,
-    callbacks: Sequence[Callable[[TrainState], None]] = (),
+    callbacks: Sequence[Callable[[TrainState, nn.Module], None]] = (),
     progress: bool = False,
     tensorboard: bool = False,
     plot: bool = True,
@@ -450,7 +450,8 @@ def fit(
         monitor_every_epochs: run the monitor every N epochs (and after the last).
         checkpoint_meta: plain-typed entries stored in every checkpoint (``model_name``,
             ``model_args``, ``config``, ``extra``).
-        callbacks: called after every optimizer step with the ``TrainState``.
+        callbacks: called after every optimizer step (after any step checkpoint) with the
+            ``TrainState`` and the model (DDP-wrapped when distributed).
         progress: progress bars on rank 0.
         tensorboard: also log to ``run_dir/tensorboard`` (needs the ``tensorboard`` package).
         plot: redraw ``loss.png`` after each epoch.
@@ -501,7 +502,7 @@ def fit(
         if checkpoint_every_steps and st.step % checkpoint_every_steps == 0:
             save(st, mid_epoch=True)
         for cb in callbacks:
-            cb(st)
+            cb(st, model)
 
     history = []
     try:

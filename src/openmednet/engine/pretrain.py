@@ -1,0 +1,464 @@
+"""Pre-training MedNet on a built corpus: the composition root of ``openmednet pretrain``.
+
+``run_pretraining(cfg)`` is the only place that reads a ``PretrainConfig``: it builds the backbone,
+the objective, the loaders, the optimizer and schedule, the k-NN monitor, and hands plain arguments
+to ``engine.trainer.fit``. The same call runs in one process or under torchrun::
+
+    openmednet pretrain --corpus corpora/gray64 --out runs/gray-sup --objective supervised
+    torchrun --nproc_per_node 8 -m openmednet pretrain --corpus ... --out ... --config configs/x.yaml
+
+Objectives (``objective.kind``), the two credible readings of the paper's unspecified one:
+
+- ``supervised``: multi-source supervised training on every source's labels (RadImageNet's recipe),
+  either one softmax over the union of all ``"<source>/<label>"`` classes (``objective.heads=union``)
+  or one head per source (``per_source``: a softmax over a source's own classes, so classes of
+  different sources never compete). Unlabelled images (label -1) contribute no loss.
+- ``simclr``: self-supervised SimCLR on two augmented views; labels are ignored.
+- ``combined``: ``sup_weight * supervised + ssl_weight * simclr`` on the same two views; unlabelled
+  images contribute to the SSL part only.
+
+Outputs in ``out``: ``config.yaml`` (resolved config), ``metrics.jsonl``, ``loss.png``,
+``checkpoint-last.pt`` and, at the end, the backbone (``num_classes=0``) as ``backbone/model.safetensors``
+plus its model card, loadable with ``openmednet.create_model``-compatible loaders.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from openmednet._errors import look_up_option
+from openmednet.config import save_config, to_dict
+from openmednet.engine.distributed import DistEnv, unwrap_model
+from openmednet.engine.trainer import CHECKPOINT_LAST, LossOutput, fit
+
+__all__ = [
+    "OBJECTIVES",
+    "DataSection",
+    "ModelSection",
+    "MonitorSection",
+    "ObjectiveSection",
+    "OptimSection",
+    "PretrainConfig",
+    "PretrainModule",
+    "TrainSection",
+    "run_pretraining",
+]
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("supervised", "simclr", "combined")
+HEAD_KINDS = ("union", "per_source")
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class ModelSection:
+    """Backbone: a registered architecture and its width (``num_classes=0``: pooled features)."""
+
+    name: str = "mednet_gray"
+    width_mult: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Loader settings. ``balance`` is passed to ``build_loader`` (e.g. ``"source"`` to sample sources
+    evenly; ``None`` for the corpus' natural mix)."""
+
+    image_size: int = 64
+    batch_size: int = 128
+    num_workers: int = 2
+    balance: str | None = None
+    split: str = "train"
+    hflip: bool = True
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    ssl_crop_scale: tuple[float, float] = (0.2, 1.0)
+
+
+@dataclass(frozen=True)
+class ObjectiveSection:
+    """What is minimised (see the module docstring)."""
+
+    kind: str = "supervised"
+    heads: str = "union"
+    ssl_method: str = "simclr"
+    temperature: float = 0.2
+    proj_hidden_dim: int = 512
+    proj_dim: int = 128
+    sup_weight: float = 1.0
+    ssl_weight: float = 1.0
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """Optimizer and schedule (``lr`` is for the global batch ``batch_size x grad_accum x world``)."""
+
+    name: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    clip_grad_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """Loop settings. ``deterministic`` turns on ``torch.use_deterministic_algorithms`` (bitwise
+    reproducible resume with ``precision=fp32`` and ``num_workers=0``)."""
+
+    epochs: int = 10
+    precision: str = "bf16"
+    channels_last: bool = True
+    grad_accum: int = 1
+    seed: int = 0
+    deterministic: bool = False
+    max_steps_per_epoch: int | None = None
+    checkpoint_every_steps: int = 0
+    log_every_steps: int = 10
+    progress: bool = True
+    tensorboard: bool = False
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class MonitorSection:
+    """The k-NN transfer monitor on held-out labelled images (rank 0, after each epoch)."""
+
+    enabled: bool = True
+    bank_split: str = "train"
+    query_split: str = "val"
+    bank_size: int = 1000
+    query_size: int = 500
+    k: int = 20
+    every_epochs: int = 1
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything a pre-training run needs; load with ``openmednet.config.load_config``.
+
+    ``corpus`` is a directory built by ``openmednet corpus build``; ``out`` the run directory.
+    """
+
+    corpus: str = ""
+    out: str = ""
+    resume: bool = False
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
+
+
+# ---------------------------------------------------------------------------------------- objective
+class SupervisedHeads(nn.Module):
+    """Linear classifier(s) on pooled features for multi-source labels, masking unlabelled images.
+
+    Args:
+        in_dim: feature size.
+        label_names: the corpus' global label space, ``"<source>/<label>"``.
+        kind: ``"union"`` (one softmax over all labels) or ``"per_source"`` (one per source).
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    def __init__(self, in_dim: int, label_names: list[str], kind: str = "union", label_smoothing: float = 0.0):
+        super().__init__()
+        self.kind = look_up_option(kind, HEAD_KINDS, "objective.heads")
+        self.label_smoothing = label_smoothing
+        if not label_names:
+            raise ValueError("the supervised objective needs labels, but the corpus has none: use objective=simclr")
+        sources = sorted({name.split("/", 1)[0] for name in label_names})
+        if self.kind == "union":
+            self.heads = nn.ModuleDict({"union": nn.Linear(in_dim, len(label_names))})
+            head_of = [0] * len(label_names)
+            local_of = list(range(len(label_names)))
+        else:
+            members = {s: [i for i, n in enumerate(label_names) if n.split("/", 1)[0] == s] for s in sources}
+            self.heads = nn.ModuleDict({s: nn.Linear(in_dim, len(members[s])) for s in sources})
+            head_of, local_of = [0] * len(label_names), [0] * len(label_names)
+            for h, s in enumerate(sources):
+                for j, i in enumerate(members[s]):
+                    head_of[i], local_of[i] = h, j
+        # Lookup tables global label -> (head, index inside the head); rebuilt from the manifest,
+        # so not persistent (the state dict holds only learned weights).
+        self.register_buffer("head_of", torch.tensor(head_of, dtype=torch.long), persistent=False)
+        self.register_buffer("local_of", torch.tensor(local_of, dtype=torch.long), persistent=False)
+
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy over labelled images.
+
+        Args:
+            features: ``(B, in_dim)``.
+            labels: ``(B,)`` global label ids, ``-1`` = unlabelled.
+
+        Returns:
+            Scalar; an exact zero that still touches every head when no image is labelled (DDP
+            expects every parameter in every backward).
+        """
+        labelled = labels >= 0
+        safe = labels.clamp(min=0)
+        total = features.new_zeros(())
+        for h, head in enumerate(self.heads.values()):
+            # Every head sees every image, its loss is masked: each parameter joins every backward.
+            logits = head(features).float()
+            mask = labelled & (self.head_of[safe] == h)
+            ce = nn.functional.cross_entropy(
+                logits, self.local_of[safe] * mask, reduction="none", label_smoothing=self.label_smoothing
+            )
+            total = total + (ce * mask).sum()
+        return total / labelled.sum().clamp(min=1)
+
+
+class PretrainModule(nn.Module):
+    """Backbone plus objective heads; ``forward`` returns the losses (one DDP forward per step).
+
+    Args:
+        backbone: model returning pooled features ``(B, D)`` (``create_model(..., num_classes=0)``).
+        supervised: ``SupervisedHeads`` or ``None``.
+        ssl: SSL objective (``openmednet.ssl``) or ``None``.
+        sup_weight, ssl_weight: weights of the two losses when both are present.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        supervised: SupervisedHeads | None = None,
+        ssl: nn.Module | None = None,
+        sup_weight: float = 1.0,
+        ssl_weight: float = 1.0,
+    ):
+        super().__init__()
+        if supervised is None and ssl is None:
+            raise ValueError("PretrainModule needs a supervised head, an SSL objective, or both")
+        self.backbone, self.supervised, self.ssl = backbone, supervised, ssl
+        self.sup_weight, self.ssl_weight = sup_weight, ssl_weight
+
+    def forward(self, images: Tensor | list[Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """Losses of one batch.
+
+        Args:
+            images: ``(B, C, H, W)`` or a list of views, each ``(B, C, H, W)``.
+            labels: ``(B,)`` global label ids (-1 = unlabelled).
+
+        Returns:
+            ``{"loss": total, "sup_loss": ..., "ssl_loss": ...}`` (the parts present).
+        """
+        views = list(images) if isinstance(images, (list, tuple)) else [images]
+        # All views in one backbone call: one forward per step (DDP) and larger BN batches.
+        features = self.backbone(torch.cat(views))
+        out: dict[str, Tensor] = {}
+        total = features.new_zeros((), dtype=torch.float32)
+        if self.supervised is not None:
+            out["sup_loss"] = self.supervised(features, labels.repeat(len(views)))
+            total = total + self.sup_weight * out["sup_loss"]
+        if self.ssl is not None:
+            out["ssl_loss"] = self.ssl(features, n_views=len(views))
+            total = total + self.ssl_weight * out["ssl_loss"]
+        out["loss"] = total
+        return out
+
+
+def pretrain_loss(model: nn.Module, batch: Any) -> LossOutput:
+    """``compute_loss`` for ``fit``: a ``(images, label, source)`` batch through ``PretrainModule``."""
+    images, labels = batch[0], batch[1]
+    out = model(images, labels)
+    n = labels.shape[0]
+    return LossOutput(out["loss"], n, {k: v.detach() for k, v in out.items() if k != "loss"})
+
+
+# ------------------------------------------------------------------------------------------ builders
+def _check_paths(cfg: PretrainConfig) -> tuple[Path, Path]:
+    if not cfg.corpus:
+        raise ValueError("no corpus given: pass --corpus DIR (a directory built by `openmednet corpus build`)")
+    if not cfg.out:
+        raise ValueError("no run directory given: pass --out DIR")
+    corpus, out = Path(cfg.corpus), Path(cfg.out)
+    if not (corpus / "manifest.json").is_file():
+        raise FileNotFoundError(f"no corpus at {corpus} (manifest.json missing): build it with `openmednet corpus build`")
+    if (out / CHECKPOINT_LAST).is_file() and not cfg.resume:
+        raise ValueError(f"{out} already holds a run ({CHECKPOINT_LAST}): pass --resume to continue it or choose a new --out")
+    return corpus, out
+
+
+def build_backbone(cfg: PretrainConfig, channels: int) -> nn.Module:
+    """The backbone with pooled-feature output, checked against the corpus' channel count."""
+    from openmednet.models import create_model
+
+    backbone = create_model(cfg.model.name, num_classes=0, width_mult=cfg.model.width_mult)
+    in_chans = getattr(backbone, "in_chans", channels)
+    if in_chans != channels:
+        raise ValueError(
+            f"model '{cfg.model.name}' takes {in_chans}-channel input but the corpus stores {channels}-channel "
+            f"images: use {'mednet_gray' if channels == 1 else 'mednet_color'} (model.name) for this corpus"
+        )
+    return backbone
+
+
+def build_objective(cfg: PretrainConfig, num_features: int, label_names: list[str], distributed: bool) -> tuple:
+    """``(SupervisedHeads | None, SSL objective | None)`` for ``cfg.objective.kind``."""
+    o = cfg.objective
+    kind = look_up_option(o.kind, OBJECTIVES, "objective")
+    sup = ssl = None
+    if kind in ("supervised", "combined"):
+        sup = SupervisedHeads(num_features, label_names, o.heads, o.label_smoothing)
+    if kind in ("simclr", "combined"):
+        from openmednet.ssl import build_ssl_objective
+
+        ssl = build_ssl_objective(
+            o.ssl_method, num_features, hidden_dim=o.proj_hidden_dim, out_dim=o.proj_dim,
+            temperature=o.temperature, gather_distributed=distributed,
+        )
+    return sup, ssl
+
+
+def build_train_transform(cfg: PretrainConfig, contract: Any) -> Any:
+    """One augmented view (supervised) or two (SimCLR, combined)."""
+    from openmednet.data.transforms import build_multiview_transform, build_transform
+
+    d = cfg.data
+    kw = dict(image_size=d.image_size, hflip=d.hflip)
+    if cfg.objective.kind == "supervised":
+        return build_transform(contract, True, crop_scale=tuple(d.crop_scale), **kw)
+    return build_multiview_transform(contract, views=2, crop_scale=tuple(d.ssl_crop_scale), **kw)
+
+
+def build_monitor(cfg: PretrainConfig, corpus: Path, contract: Any) -> Any:
+    """A ``KnnMonitor`` over labelled images of two splits, or ``None`` (disabled or no labels)."""
+    from openmednet.data.shards import SPLITS, CorpusArrays
+    from openmednet.data.transforms import build_transform
+    from openmednet.engine.monitor import KnnMonitor
+
+    m = cfg.monitor
+    if not m.enabled:
+        return None
+    arrays = CorpusArrays(corpus)
+    transform = build_transform(contract, False, image_size=cfg.data.image_size)
+    # A private generator: the monitor must not draw from the global RNGs (exact resume).
+    rng = np.random.default_rng(cfg.train.seed)
+    picked = []
+    for split, size in ((m.bank_split, m.bank_size), (m.query_split, m.query_size)):
+        split_id = SPLITS.index(look_up_option(split, SPLITS, "monitor split"))
+        idx = np.flatnonzero((arrays.split == split_id) & (arrays.label >= 0))
+        picked.append(np.sort(rng.choice(idx, size=min(size, len(idx)), replace=False)) if len(idx) else idx)
+    if any(len(p) == 0 for p in picked):
+        warnings.warn(
+            f"k-NN monitor disabled: the corpus has {len(picked[0])} labelled '{m.bank_split}' and "
+            f"{len(picked[1])} labelled '{m.query_split}' images (needs both)", stacklevel=2,
+        )
+        return None
+
+    def load(idx: np.ndarray) -> tuple[Tensor, Tensor]:
+        images = torch.stack([transform(torch.from_numpy(arrays.image(int(i)))) for i in idx])
+        return images, torch.from_numpy(arrays.label[idx].astype(np.int64))
+
+    (bank, bank_labels), (query, query_labels) = load(picked[0]), load(picked[1])
+    return KnnMonitor(bank, bank_labels, query, query_labels, k=m.k)
+
+
+def _export_backbone(backbone: nn.Module, out: Path, cfg: PretrainConfig, corpus: Path, metrics: dict) -> None:
+    contract_size = (getattr(backbone, "in_chans", 1), cfg.data.image_size, cfg.data.image_size)
+    try:
+        from openmednet.models._weights import save_pretrained
+    except ImportError:  # weights module not available: plain safetensors, no model card
+        from safetensors.torch import save
+
+        from openmednet.utils import atomic_write_bytes
+
+        state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+        atomic_write_bytes(out / "backbone" / "model.safetensors", save(state))
+        return
+    save_pretrained(
+        backbone, out / "backbone", architecture=cfg.model.name, data=(corpus.name,),
+        objective=f"{cfg.objective.kind}" + (f"/{cfg.objective.heads}" if cfg.objective.kind != "simclr" else ""),
+        epochs=cfg.train.epochs, metrics=metrics, input_size=contract_size,
+    )
+
+
+# --------------------------------------------------------------------------------------------- run
+def run_pretraining(cfg: PretrainConfig, *, callbacks: tuple = ()) -> list[dict[str, float]]:
+    """Pre-train a backbone on ``cfg.corpus`` and write the run to ``cfg.out``.
+
+    Runs as one process or as one rank of a torchrun job (``DistEnv.from_env``); only rank 0 writes.
+
+    Args:
+        cfg: resolved config.
+        callbacks: called after each optimizer step with the ``TrainState`` and the model (custom
+            hooks, tests).
+
+    Returns:
+        The epoch records of this invocation (as written to ``metrics.jsonl``).
+
+    Raises:
+        FileNotFoundError: corpus missing.
+        ValueError: bad settings (channels mismatch, existing run without ``resume``...).
+        NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    """
+    from openmednet.data.datasets import CorpusDataset
+    from openmednet.data.loader import build_loader
+    from openmednet.data.shards import CorpusManifest
+    from openmednet.engine.optim import build_optimizer, build_scheduler
+    from openmednet.utils import seed_everything
+
+    corpus, out = _check_paths(cfg)
+    t = cfg.train
+    dist = DistEnv.from_env(device=t.device)
+    try:
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        manifest = CorpusManifest.load(corpus)
+        seed_everything(t.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        backbone = build_backbone(cfg, manifest.channels)
+        sup, ssl = build_objective(cfg, backbone.num_features, manifest.label_names, dist.is_distributed)
+        module = PretrainModule(backbone, sup, ssl, cfg.objective.sup_weight, cfg.objective.ssl_weight)
+        if t.channels_last:  # before DDP wraps the parameters into its gradient buckets
+            module = module.to(memory_format=torch.channels_last)
+        model = dist.wrap_model(module)
+        contract = backbone.pretrained_cfg
+        dataset = CorpusDataset(corpus, cfg.data.split, build_train_transform(cfg, contract))
+        loader = build_loader(
+            dataset, batch_size=cfg.data.batch_size, world_size=dist.world_size, rank=dist.rank,
+            seed=t.seed, balance=cfg.data.balance, num_workers=cfg.data.num_workers,
+        )
+        steps_per_epoch = math.ceil(len(loader) / t.grad_accum)
+        if t.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
+        o = cfg.optim
+        optimizer = build_optimizer(module, o.name, o.lr, o.weight_decay, o.momentum)
+        scheduler = build_scheduler(
+            optimizer, t.epochs * steps_per_epoch, round(o.warmup_epochs * steps_per_epoch), o.min_lr_ratio
+        )
+        monitor = build_monitor(cfg, corpus, contract) if dist.is_main else None
+        if dist.is_main:
+            save_config(cfg, out / "config.yaml")
+        # Different augmentation streams per rank (the sampler already gives different images).
+        seed_everything(t.seed + dist.rank)
+        history = fit(
+            model, loader, optimizer, pretrain_loss, epochs=t.epochs, dist=dist, run_dir=out,
+            scheduler=scheduler, precision=t.precision, channels_last=t.channels_last, grad_accum=t.grad_accum,
+            max_steps_per_epoch=t.max_steps_per_epoch, clip_grad_norm=o.clip_grad_norm,
+            checkpoint_every_steps=t.checkpoint_every_steps, log_every_steps=t.log_every_steps,
+            resume=cfg.resume, monitor=monitor, monitor_every_epochs=cfg.monitor.every_epochs,
+            checkpoint_meta=dict(
+                model_name=cfg.model.name, model_args=backbone.model_args(), config=to_dict(cfg),
+                extra={"label_names": list(manifest.label_names)},
+            ),
+            callbacks=callbacks, progress=t.progress and dist.is_main, tensorboard=t.tensorboard,
+        )
+        if dist.is_main:
+            final = {k: v for k, v in (history[-1] if history else {}).items() if isinstance(v, float)}
+            _export_backbone(unwrap_model(model).backbone, out, cfg, corpus, final)
+        dist.barrier()
+        return history
+    finally:
+        dist.destroy()
