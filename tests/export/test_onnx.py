@@ -1,0 +1,78 @@
+"""ONNX export: onnxruntime equals PyTorch within 1e-4, batch axis dynamic, failures are clear."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from openmednet import create_model
+from openmednet.export.onnx import INPUT_NAME, OUTPUT_NAME, check_onnx, export_onnx
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = create_model("mednet_test", num_classes=3)
+    m.train()  # export must not depend on (nor change) the caller's mode
+    return m
+
+
+@pytest.fixture(scope="module")
+def dynamo_file(model, tmp_path_factory) -> Path:
+    """The default exporter (torch.export-based), run once for the module: it takes seconds."""
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def _real_batch(shared_data: Path, n: int) -> torch.Tensor:
+    from PIL import Image
+
+    root = shared_data / "gray" / "pretrain" / "knee_oa"
+    files = sorted(root.rglob("*.png"))[:n] or sorted(root.rglob("*.jp*g"))[:n]
+    if len(files) < n:
+        pytest.skip(f"need {n} images under {root}")
+    arrays = [np.asarray(Image.open(f).convert("L").resize((64, 64), Image.BILINEAR)) for f in files]
+    return (torch.from_numpy(np.stack(arrays)[:, None]).float() / 255 - 0.5) / 0.25
+
+
+def test_default_export_matches_torch_on_real_images(model, dynamo_file, shared_data):
+    assert model.training, "export_onnx must restore the model's mode"
+    graph = onnx.load(str(dynamo_file))
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 1, 64, 64]
+    session = ort.InferenceSession(str(dynamo_file), providers=["CPUExecutionProvider"])
+    model.eval()
+    try:
+        for n in (1, 5):  # two batch sizes: the batch axis really is dynamic
+            x = _real_batch(shared_data, n)
+            with torch.no_grad():
+                expected = model(x).numpy()
+            (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+            assert got.shape == (n, 3)
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    finally:
+        model.train()
+
+
+def test_torchscript_exporter_and_check(model, tmp_path):
+    path = export_onnx(model, tmp_path / "ts.onnx", exporter="torchscript", opset=17)
+    assert onnx.load(str(path)).opset_import[0].version == 17
+    assert check_onnx(model, path, batch_sizes=(2, 7)) <= 1e-4
+
+
+def test_check_detects_a_different_model(model, dynamo_file):
+    other = create_model("mednet_test", num_classes=3)  # fresh random weights
+    with pytest.raises(ValueError, match="differs from PyTorch"):
+        check_onnx(other, dynamo_file)
+
+
+def test_bad_arguments(model, tmp_path):
+    with pytest.raises(ValueError, match="exporter must be"):
+        export_onnx(model, tmp_path / "x.onnx", exporter="tensorrt")
+    with pytest.raises(ValueError, match="input_size must be"):
+        export_onnx(model, tmp_path / "x.onnx", input_size=(1, 64))
+    assert not (tmp_path / "x.onnx").exists()
