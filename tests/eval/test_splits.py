@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from openmednet.data.dedupe import phash64
 from openmednet.eval.splits import (
     check_group_leakage,
     find_label_conflicts,
     find_near_duplicates,
-    image_phash,
     make_splits,
     subsample_train,
 )
@@ -118,9 +118,9 @@ def test_near_duplicates_on_real_images(shared_data: Path) -> None:
     root = shared_data / "gray/targets/openi_abd_vs_cxr"
     rows = list(csv.DictReader(open(root / "labels.csv")))[:6]
     images = [np.asarray(Image.open(root / r["path"]).convert("L")) for r in rows]
-    hashes = [image_phash(a) for a in images]
-    copy = image_phash(_jpeg_roundtrip(images[3], quality=40, size=64))
-    pairs = find_near_duplicates([copy], hashes, max_distance=4)
+    hashes = [phash64(a) for a in images]
+    copy = phash64(_jpeg_roundtrip(images[3], quality=40, size=64))
+    pairs = find_near_duplicates([copy], hashes)
     assert [(i, j) for i, j, _ in pairs] == [(0, 3)]
     assert find_near_duplicates(hashes, hashes, 0) == [(i, i, 0) for i in range(6)]
 
@@ -128,6 +128,6 @@ def test_near_duplicates_on_real_images(shared_data: Path) -> None:
 def test_busi_double_label_is_found(shared_data: Path) -> None:
     root = shared_data / "gray/targets/busi/Dataset_BUSI_with_GT"
     files = ["benign/benign (433).jpg", "malignant/malignant (145).jpg", "benign/benign (1).jpg"]
-    hashes = [image_phash(np.asarray(Image.open(root / f))) for f in files]
+    hashes = [phash64(np.asarray(Image.open(root / f).convert("L"))) for f in files]
     assert find_label_conflicts(hashes, ["benign", "malignant", "benign"]) == [[0, 1]]
     assert find_label_conflicts(hashes, ["benign", "benign", "benign"]) == []

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from openmednet import create_model
-from openmednet.eval.strategies import apply_strategy, layer_groups, param_groups, set_train_mode
+from openmednet.engine.optim import build_optimizer
+from openmednet.eval.strategies import apply_strategy, head_prefix, layer_groups
 
 
 def _model() -> nn.Module:
@@ -31,13 +32,13 @@ def test_linear_probe_trains_only_the_head_and_freezes_bn_statistics() -> None:
     info = apply_strategy(model, "linear_probe")
     assert _trainable(model) == {"head.fc1.weight", "head.fc1.bias", "head.fc.weight", "head.fc.bias"}
     assert info["trainable"] == sum(p.numel() for p in model.head.parameters())
-    set_train_mode(model)
+    model.train()  # what any training loop calls
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in bns]
+    model(torch.rand(2, 1, 32, 32))
     assert bns and not any(m.training for m in bns)
     assert model.head.training
-    before = bns[0].running_mean.clone()
-    model(torch.rand(2, 1, 32, 32))
-    assert torch.equal(bns[0].running_mean, before)
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(bns, before))
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 7])
@@ -94,16 +95,14 @@ def test_meanvar_reproduces_per_layer_mean_and_std() -> None:
     assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
 
 
-def test_param_groups_head_lr_and_no_decay() -> None:
+def test_head_gets_the_higher_learning_rate() -> None:
     model = _model()
     apply_strategy(model, "freeze_k", k=7)
-    groups = {g["name"]: g for g in param_groups(model, lr=1e-3, head_lr_mult=10, weight_decay=0.05)}
-    assert groups["head"]["lr"] == pytest.approx(1e-2) and groups["head"]["weight_decay"] == 0.05
-    assert groups["backbone"]["lr"] == pytest.approx(1e-3)
-    assert groups["head_no_decay"]["weight_decay"] == 0.0
-    n_params = sum(p.numel() for g in groups.values() for p in g["params"])
+    opt = build_optimizer(model, "adamw", lr=1e-3, head_prefixes=(head_prefix(model),), head_lr_mult=10)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["head_decay"] == pytest.approx(1e-2) and lrs["body_decay"] == pytest.approx(1e-3)
+    n_params = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    torch.optim.AdamW(list(groups.values()))
 
 
 def test_unknown_strategy() -> None:

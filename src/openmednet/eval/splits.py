@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from openmednet.data.dedupe import DEFAULT_NEAR_THRESHOLD, components, hamming, near_pairs
+
 __all__ = [
     "SPLITS",
     "check_group_leakage",
     "find_label_conflicts",
     "find_near_duplicates",
-    "hamming_distances",
-    "image_phash",
     "make_splits",
     "subsample_train",
 ]
@@ -236,63 +236,33 @@ def subsample_train(
 
 
 # ------------------------------------------------------------------------------ near duplicates
-def image_phash(image: np.ndarray, hash_size: int = 8) -> int:
-    """Perceptual hash (``imagehash.phash``) of a ``(H, W)`` or ``(H, W, 3)`` uint8 image as an int.
-
-    pHash compares the low frequencies of the gray image, so re-encoding, resizing and small
-    intensity changes keep the hash within a few bits.
+def find_near_duplicates(
+    query: Sequence[int], reference: Sequence[int], max_distance: int = DEFAULT_NEAR_THRESHOLD
+) -> list[tuple[int, int, int]]:
+    """Pairs ``(i, j, distance)`` where the 64-bit perceptual hashes ``query[i]`` and
+    ``reference[j]`` (``openmednet.data.dedupe.phash64``) differ by at most ``max_distance`` bits
+    (0 = identical hash). The default threshold is the corpus builder's (``dedupe``'s docstring
+    gives the distances measured on our data: copies 0-2 bits, unrelated images 14 or more).
     """
-    import imagehash
-    from PIL import Image
-
-    arr = np.asarray(image)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[..., 0]
-    pil = Image.fromarray(arr.astype(np.uint8)).convert("L")
-    bits = imagehash.phash(pil, hash_size=hash_size).hash.flatten()
-    return int("".join("1" if b else "0" for b in bits), 2)
-
-
-def hamming_distances(a: Sequence[int], b: Sequence[int]) -> np.ndarray:
-    """``(len(a), len(b))`` Hamming distances between 64-bit hashes."""
-    ha = np.asarray(a, dtype=np.uint64)[:, None]
-    hb = np.asarray(b, dtype=np.uint64)[None, :]
-    return np.bitwise_count(ha ^ hb).astype(np.int64)
-
-
-def find_near_duplicates(query: Sequence[int], reference: Sequence[int], max_distance: int = 4) -> list[tuple[int, int, int]]:
-    """Pairs ``(i, j, distance)`` where ``query[i]`` and ``reference[j]`` differ by at most
-    ``max_distance`` bits (0 = identical hash). Four bits of 64 is a conservative near-copy
-    threshold for pHash: re-encodings and resizes stay below it, different patients rarely reach it.
-    """
-    if len(query) == 0 or len(reference) == 0:
-        return []
-    d = hamming_distances(query, reference)
-    ii, jj = np.nonzero(d <= max_distance)
-    return [(int(i), int(j), int(d[i, j])) for i, j in zip(ii, jj)]
+    pairs = near_pairs(np.asarray(query, np.uint64), max_distance, others=np.asarray(reference, np.uint64))
+    q = np.asarray(query, np.uint64)[pairs[:, 0]]
+    r = np.asarray(reference, np.uint64)[pairs[:, 1]]
+    return [(int(i), int(j), int(d)) for (i, j), d in zip(pairs, hamming(q, r))]
 
 
 def find_label_conflicts(hashes: Sequence[int], labels: Sequence[Any], max_distance: int = 0) -> list[list[int]]:
     """Clusters of (near-)identical images carrying different labels (e.g. BUSI's
     ``malignant (145)`` = ``benign (433)``): each cluster is a sorted list of indices.
 
-    Their true label is unknown, so callers drop every member (with a warning).
+    Clusters are connected components of the pairs within ``max_distance`` bits (0: the same
+    perceptual hash). Their true label is unknown, so callers drop every member (with a warning).
     """
-    y = [str(v) for v in labels]
-    pairs = find_near_duplicates(hashes, hashes, max_distance)
-    # Union-find over duplicate pairs, then keep clusters with more than one label.
-    parent = list(range(len(y)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j, _ in pairs:
-        if i < j:
-            parent[root(i)] = root(j)
-    clusters: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(y)):
-        clusters[root(i)].append(i)
-    return [sorted(c) for c in clusters.values() if len(c) > 1 and len({y[i] for i in c}) > 1]
+    y = np.asarray([str(v) for v in labels], dtype=object)
+    pairs = near_pairs(np.asarray(hashes, np.uint64), max_distance)
+    comp = components(len(y), pairs)
+    clusters = []
+    for c in np.unique(comp):
+        members = np.flatnonzero(comp == c)
+        if members.size > 1 and len(set(y[members])) > 1:
+            clusters.append(members.tolist())
+    return clusters

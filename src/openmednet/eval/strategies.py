@@ -2,7 +2,7 @@
 
 - ``full``: every weight trains (the usual fine-tuning).
 - ``linear_probe``: only the new classifier head trains; the backbone is a fixed feature extractor
-  (its BatchNorm statistics are frozen too, see ``set_train_mode``).
+  (its BatchNorm statistics are frozen too, see ``freeze_batchnorm_stats``).
 - ``freeze_k``: the stem and the first ``k`` blocks are frozen, the rest trains ("freezing the lower
   blocks"). For MedNet a block is one ``MultiBranchBlock`` with the connections entering it; for
   timm models it is one coarse group of ``model.group_matcher(coarse=True)`` (a ResNet stage, a
@@ -13,8 +13,8 @@
   weights; then everything trains. BatchNorm running statistics are reset, since they described
   the activations of the pretrained weights.
 
-``param_groups`` gives the new head a higher learning rate (the MedNet authors used 10x) and
-exempts biases and normalisation weights from weight decay.
+The higher learning rate of the new head (the MedNet authors used 10x) is
+``openmednet.engine.optim.build_optimizer(..., head_prefixes=(head_prefix(model),), head_lr_mult=10)``.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ __all__ = [
     "apply_strategy",
     "head_prefix",
     "layer_groups",
-    "param_groups",
-    "set_train_mode",
+    "freeze_batchnorm_stats",
 ]
 
 logger = logging.getLogger(__name__)
@@ -125,7 +124,8 @@ def apply_strategy(model: nn.Module, strategy: str, k: int = 0, seed: int = 0) -
     """Set ``requires_grad`` (and for ``meanvar`` the weights) of ``model`` for a strategy, in place.
 
     Args:
-        model: a model whose head was already reset for the target classes.
+        model: a freshly built model whose head was already reset for the target classes (call
+            once per model: BatchNorm layers frozen here stay pinned to eval mode).
         strategy: one of ``STRATEGIES``.
         k: blocks to freeze after the stem (``freeze_k`` only); 0 freezes the stem alone.
         seed: seed of the ``meanvar`` draws.
@@ -153,6 +153,7 @@ def apply_strategy(model: nn.Module, strategy: str, k: int = 0, seed: int = 0) -
     for n, p in model.named_parameters():
         if n in frozen:
             p.requires_grad_(False)
+    freeze_batchnorm_stats(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("strategy %s: %d of %d parameters train", strategy, trainable, total)
@@ -160,49 +161,26 @@ def apply_strategy(model: nn.Module, strategy: str, k: int = 0, seed: int = 0) -
             "total": total, "frozen_groups": (k + 1) if strategy == "freeze_k" else None}
 
 
-def set_train_mode(model: nn.Module) -> nn.Module:
-    """``model.train()``, but BatchNorm layers whose weights are all frozen stay in eval mode.
+def _pin_eval(module: nn.Module, args: tuple) -> None:
+    module.training = False
 
-    A frozen layer must not keep updating its running statistics from the target batches: that
-    would change the "fixed" features of a linear probe from one epoch to the next.
+
+def freeze_batchnorm_stats(model: nn.Module) -> int:
+    """Pin every BatchNorm whose weights are all frozen to inference behaviour; returns their count.
+
+    A frozen layer must not normalise with batch statistics or update its running statistics from
+    the target batches: that would change the "fixed" features of a linear probe from one batch to
+    the next. A forward pre-hook sets the layer to eval mode before each call, so it holds whatever
+    ``model.train()`` a training loop calls (timm's ``FrozenBatchNorm2d`` would do the same but turns
+    the weights into buffers and drops ``num_batches_tracked``, so the fine-tuned model could no
+    longer be loaded into a plain architecture).
     """
-    model.train()
+    pinned = 0
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                m.eval()
-    return model
-
-
-def param_groups(
-    model: nn.Module, lr: float, head_lr_mult: float = 10.0, weight_decay: float = 1e-4
-) -> list[dict[str, Any]]:
-    """Optimizer parameter groups of the trainable parameters.
-
-    Four groups at most: backbone / head times decayed / not decayed. Biases and normalisation
-    weights (1-D tensors) get no weight decay (the usual practice, e.g. timm's
-    ``param_groups_weight_decay``); the head's learning rate is ``lr * head_lr_mult``.
-
-    Returns:
-        A list for ``torch.optim`` constructors; each dict has ``params``, ``lr``,
-        ``weight_decay`` and a ``name``.
-    """
-    if lr <= 0 or head_lr_mult <= 0:
-        raise ValueError(f"lr and head_lr_mult must be positive, got {lr} and {head_lr_mult}")
-    prefix = head_prefix(model)
-    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            buckets.setdefault((_is_head(n, prefix), p.ndim > 1), []).append(p)
-    groups = []
-    for (is_head, decay), params in sorted(buckets.items()):
-        groups.append({
-            "name": f"{'head' if is_head else 'backbone'}{'' if decay else '_no_decay'}",
-            "params": params,
-            "lr": lr * (head_lr_mult if is_head else 1.0),
-            "weight_decay": weight_decay if decay else 0.0,
-        })
-    if not groups:
-        raise ValueError("the model has no trainable parameters: check the strategy")
-    return groups
+            if params and not any(p.requires_grad for p in params) and not getattr(m, "_openmednet_pinned", False):
+                m.register_forward_pre_hook(_pin_eval)
+                m._openmednet_pinned = True
+                pinned += 1
+    return pinned

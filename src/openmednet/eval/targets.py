@@ -1,0 +1,225 @@
+"""Target data sets for fine-tuning: labelled images decoded once into memory, checked for the
+problems that silently spoil a transfer study.
+
+Small targets (tens to a few thousand images) fit in memory after decoding, so every epoch reuses
+the decoded pixels; images are stored with their shorter side at most ``max_side`` pixels (the
+evaluation transform resizes the shorter side and centre-crops, so nothing it uses is lost).
+
+Checks, each a clear error:
+
+- manifest paths that do not exist (``FileNotFoundError`` with the count and examples);
+- labels outside the expected classes (``ValueError``, "did you mean");
+- a class with a single image (it cannot be both trained on and tested);
+- files no reader can decode are skipped with a warning that counts them per reason.
+
+Unlabelled rows (e.g. ISIC 2017's test part) are left out, with a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from openmednet._errors import did_you_mean
+from openmednet.data.dedupe import phash64
+from openmednet.data.images import is_gray_content, to_channels
+from openmednet.data.sources import SourceItem, SourceSpec, iter_source, read_item
+
+__all__ = ["TargetSet", "load_target"]
+
+logger = logging.getLogger(__name__)
+
+# JPEG chroma noise makes "gray saved as RGB" differ by a level or two between channels.
+GRAY_TOLERANCE = 3
+
+
+@dataclass
+class TargetSet:
+    """Decoded labelled images of one target.
+
+    Attributes:
+        images: ``N`` uint8 arrays, ``(H, W)`` for gray content, ``(H, W, 3)`` for colour.
+        labels: ``(N,)`` class names (str).
+        groups: ``N`` patient/lesion ids, ``None`` when unknown (the file path for multi-image files).
+        given_splits: ``N`` split names from the source, ``None`` when not given.
+        ids: ``N`` stable ids: path relative to the data root, ``#frame`` or ``#split/row`` suffixed.
+        label_names: sorted class names; class ``k`` is ``label_names[k]``.
+        channels: 1 if every image has gray content, else 3.
+        hashes: ``(N,)`` uint64 perceptual hashes of the decoded images (``data.dedupe.phash64``).
+        root: where the data came from.
+        skipped: count of undecodable files per reason.
+    """
+
+    images: list[np.ndarray]
+    labels: np.ndarray
+    groups: list[str | None]
+    given_splits: list[str | None]
+    ids: list[str]
+    label_names: tuple[str, ...]
+    channels: int
+    hashes: np.ndarray
+    root: Path
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def y(self) -> np.ndarray:
+        """``(N,)`` int64 class indices into ``label_names``."""
+        index = {name: k for k, name in enumerate(self.label_names)}
+        return np.asarray([index[v] for v in self.labels], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, keep: Sequence[int] | np.ndarray) -> TargetSet:
+        """A copy holding only the items ``keep`` (indices or a boolean mask); classes are kept."""
+        idx = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep, dtype=np.int64)
+        return TargetSet(
+            images=[self.images[i] for i in idx],
+            labels=self.labels[idx],
+            groups=[self.groups[i] for i in idx],
+            given_splits=[self.given_splits[i] for i in idx],
+            ids=[self.ids[i] for i in idx],
+            label_names=self.label_names,
+            channels=self.channels,
+            hashes=self.hashes[idx],
+            root=self.root,
+            skipped=dict(self.skipped),
+        )
+
+
+def _check_paths_exist(items: list[SourceItem], root: Path) -> None:
+    missing = sorted({str(it.path) for it in items if not it.path.exists()})
+    if missing:
+        examples = ", ".join(str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else p for p in missing[:3])
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(items)} image paths listed for {root} do not exist (e.g. {examples}): "
+            f"paths in labels.csv are relative to its folder; fix or remove those rows"
+        )
+
+
+def _check_classes(labels: list[str], classes: Sequence[str] | None) -> tuple[str, ...]:
+    counts = Counter(labels)
+    if classes is not None:
+        unknown = sorted(set(counts) - set(classes))
+        if unknown:
+            hint = did_you_mean(unknown[0], classes)
+            raise ValueError(
+                f"labels {unknown} are not among the expected classes {list(classes)}{hint}: fix the "
+                f"labels, map them with label_map, or add the classes"
+            )
+    single = sorted(c for c, n in counts.items() if n < 2)
+    if single:
+        raise ValueError(
+            f"class(es) {single} have a single image: a class needs images in both the training and the "
+            f"test split; add images or remove the class"
+        )
+    if len(counts) < 2:
+        raise ValueError(f"a classification target needs at least 2 classes, found {sorted(counts)}")
+    return tuple(sorted(classes if classes is not None else counts))
+
+
+def _shrink(img: np.ndarray, max_side: int | None) -> np.ndarray:
+    """Resize so the shorter side is at most ``max_side`` (aspect kept), to bound memory."""
+    if max_side is None or min(img.shape[:2]) <= max_side:
+        return img
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    scale = max_side / min(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR))
+
+
+def _item_id(item: SourceItem, frame: int, n_frames: int, root: Path) -> str:
+    base = str(item.path.relative_to(root)) if item.path.is_relative_to(root) else str(item.path)
+    if isinstance(item.frame, tuple):
+        return f"{base}#{item.frame[0]}/{item.frame[1]}"
+    return f"{base}#{frame}" if n_frames > 1 else base
+
+
+def load_target(
+    data: str | Path,
+    *,
+    format: str = "auto",
+    csv_file: str | Path | None = None,
+    columns: Mapping[str, str] | None = None,
+    label_map: Mapping[str, str] | None = None,
+    classes: Sequence[str] | None = None,
+    max_side: int | None = 256,
+) -> TargetSet:
+    """Enumerate, check and decode a labelled target.
+
+    Args:
+        data: a folder (``labels.csv`` with ``path,label,split,group``, or one sub-folder per class),
+            a MedMNIST-style ``.npz``, or the folder of another CSV (with ``csv_file`` and
+            ``columns``); see ``openmednet.data.sources``.
+        format: a ``SourceSpec`` format, ``"auto"`` to detect.
+        csv_file: the CSV for ``format="csv"`` (relative to ``data`` or absolute).
+        columns: for ``format="csv"``: ``{"path": ..., "label": ..., "split": ..., "group": ...}``
+            mapping our names to the CSV's columns.
+        label_map: renaming of raw labels (``{"0": "normal", "1": "pneumonia"}``).
+        classes: expected class names; other labels are an error.
+        max_side: shorter-side cap of the stored images (``None`` keeps the originals).
+
+    Returns:
+        The decoded ``TargetSet``.
+
+    Raises:
+        FileNotFoundError: ``data`` or listed image files do not exist.
+        ValueError: no labelled image, unknown labels, a single-image class, fewer than 2 classes.
+    """
+    root = Path(data)
+    if not root.exists():
+        raise FileNotFoundError(f"target data not found: {root} (expected a folder, labels.csv folder or .npz)")
+    spec = SourceSpec(
+        name=root.stem, root=root, format=format, csv_file=Path(csv_file) if csv_file else None,
+        columns=dict(columns or {}), label_map=dict(label_map or {}),
+    )
+    items = list(iter_source(spec))
+    labelled = [it for it in items if it.label]
+    if len(labelled) < len(items):
+        logger.info("%s: %d of %d items have no label and are left out", root, len(items) - len(labelled), len(items))
+    if not labelled:
+        raise ValueError(
+            f"no labelled images in {root}: give labels in labels.csv (path,label,split,group), one "
+            f"sub-folder per class, or a labelled .npz"
+        )
+    _check_paths_exist(labelled, root.parent if root.is_file() else root)
+    label_names = _check_classes([it.label for it in labelled], classes)
+
+    skipped: Counter[str] = Counter()
+    images, labels, groups, splits, ids = [], [], [], [], []
+    for item in labelled:
+        decoded = list(read_item(item, on_skip=lambda s: skipped.update([s.reason])))
+        for arr, meta in decoded:
+            images.append(arr)
+            labels.append(item.label)
+            # Images of one multi-image file (DICOM frames, volume slices) share a patient.
+            groups.append(item.group or (str(item.path) if len(decoded) > 1 else None))
+            splits.append(item.split)
+            ids.append(_item_id(item, meta.frame, len(decoded), root.parent if root.is_file() else root))
+    if skipped:
+        warnings.warn(f"{root}: skipped {sum(skipped.values())} undecodable images {dict(skipped)}", stacklevel=2)
+    if not images:
+        raise ValueError(f"no image of {root} could be decoded ({dict(skipped)})")
+
+    gray = all(is_gray_content(a, tol=GRAY_TOLERANCE) for a in images)
+    channels = 1 if gray else 3
+    # Store gray content as (H, W) and colour as (H, W, 3); the transform adapts to the model.
+    images = [_shrink(to_channels(a, channels)[0], max_side) for a in images]
+    hashes = np.asarray([phash64(a) for a in images], dtype=np.uint64)
+    target = TargetSet(
+        images=images, labels=np.asarray(labels, dtype=object), groups=groups, given_splits=splits, ids=ids,
+        label_names=label_names, channels=channels, hashes=hashes, root=root, skipped=dict(skipped),
+    )
+    _check_classes(list(target.labels), label_names)  # undecodable files may have emptied a class
+    logger.info("%s: %d images, %d classes %s, %d channel(s)", root, len(target), len(label_names),
+                dict(Counter(target.labels.tolist())), channels)
+    return target
+
