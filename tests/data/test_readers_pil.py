@@ -120,6 +120,17 @@ def test_real_busi_jpeg(shared_data: Path) -> None:
     assert get_reader(path).name == "pil"
 
 
+@pytest.mark.parametrize("name,mode", [("no 98.jpg", "P"), ("no 96.jpg", "RGBA")])
+def test_real_palette_and_rgba_files(shared_data: Path, name: str, mode: str) -> None:
+    # Real upstream files named .jpg that are palette / RGBA images (brain_mri_yes_no).
+    path = shared_data / "gray/targets/brain_mri_yes_no/no" / name
+    img, meta = _read_one(path)
+    with Image.open(path) as im:
+        assert im.mode == mode
+        size = im.size
+    assert meta.original_dtype == mode and img.dtype == np.uint8 and img.shape[:2] == (size[1], size[0])
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 
