@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -48,4 +50,31 @@ def register(app: typer.Typer) -> None:
         cfg = getattr(model, "pretrained_cfg", None)
         if cfg is not None:
             table.add_row("input", f"{cfg.input_size}, mean {cfg.mean}, std {cfg.std}, {cfg.intensity}")
+        Console().print(table)
+
+    @group.command("card")
+    def card_cmd(
+        path: Path = typer.Argument(..., help="Directory written by save_pretrained, or a model card .json."),
+        verify: bool = typer.Option(True, help="Check the weights file against the card's sha256."),
+    ) -> None:
+        """Show a saved model's card: architecture, input contract, provenance, metrics, checksum."""
+        from openmednet.models import read_model_card
+        from openmednet.models._weights import resolve_card_path, verify_sha256
+
+        card = read_model_card(path)
+        weights = resolve_card_path(path).parent / card.weights_file
+        if verify:
+            verify_sha256(weights, card.sha256)  # ValueError -> one red line from the CLI
+        table = Table(title=f"{card.architecture}" + (f".{card.tag}" if card.tag else ""), show_header=False)
+        table.add_row("model_args", ", ".join(f"{k}={v}" for k, v in card.model_args.items()))
+        table.add_row("weights", f"{weights} ({card.num_params:,} parameters)")
+        table.add_row("sha256", card.sha256 + ("  [green]verified[/]" if verify else ""))
+        table.add_row("input", f"{card.input_size}, mean {card.mean}, std {card.std}, {card.intensity}")
+        table.add_row("head", f"{card.num_classes} classes {list(card.label_names) or ''}")
+        table.add_row("data", ", ".join(card.data) or "-")
+        table.add_row("objective", f"{card.objective or '-'}, {card.epochs} epochs")
+        for name, value in card.metrics.items():
+            table.add_row(f"metric {name}", f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row("license", card.license)
+        table.add_row("created", f"{card.created} ({', '.join(f'{k} {v}' for k, v in card.software.items())})")
         Console().print(table)
