@@ -1,0 +1,1078 @@
+"""The corpus builder: many image sources -> one de-duplicated, leakage-free, sharded corpus.
+
+``build_corpus`` runs in four resumable stages, all under ``out_dir/.build/``:
+
+1. **Plan.** Enumerate every source (no pixels decoded) into ``plan.jsonl`` with the build
+   parameters in ``params.json``, both written atomically. The plan fixes the item order; a
+   restarted build reuses it and refuses to continue with different parameters.
+2. **Decode.** The plan is cut into chunks of ``CHUNK_ITEMS`` items; a pool of ``workers``
+   processes decodes, routes by channel content, normalises and hashes each chunk
+   (``_process_chunk``) and the parent stores the result as ``chunks/chunk-XXXXX.npz``
+   (atomically). Chunks already on disk are not decoded again. Exclusion targets are hashed the
+   same way into ``targets.npz``.
+3. **Decide.** From the small per-image hash table only (never the pixels): drop images matching
+   an excluded target, collapse exact duplicates, assign the corpus split, drop evaluation-side
+   near copies of training images (``decide``). Order-independent and deterministic.
+4. **Write.** Stream the chunks in plan order and write the kept images into shards of
+   ``shard_size`` (``openmednet.data.shards.write_shard``: temporary directory, then rename).
+   Complete shards of an interrupted run are skipped. The manifest is written last, then
+   ``report.md`` and its plots, then the ``.build`` work files are removed.
+
+Memory stays flat in the corpus size: the parent holds one chunk of pixels and one shard buffer,
+plus about 60 bytes of hashes and ids per image.
+
+Splitting across machines: ``num_parts=K, part=i`` builds the items whose
+``(source, group or path)`` hashes to ``i`` modulo ``K`` (so a patient's images stay in one
+part); ``merge_parts`` then joins the part corpora and repeats exact and cross-split near
+de-duplication across parts. See docs/corpus.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from openmednet.data import dedupe
+from openmednet.data.images import is_gray_content, resize_to_square, to_channels
+from openmednet.data.readers import SkipImage
+from openmednet.data.shards import (
+    FORMAT_VERSION,
+    NO_SPLIT,
+    SPLITS,
+    UNLABELLED,
+    CorpusArrays,
+    CorpusManifest,
+    ShardInfo,
+    complete_shards,
+    write_shard,
+)
+from openmednet.data.sources import SourceItem, SourceSpec, iter_source, read_item
+from openmednet.utils import atomic_write, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+#: Items per decode task: small enough to balance 2-64 workers and to lose little work on a kill.
+CHUNK_ITEMS = 64
+#: Largest per-pixel channel spread (max - min over R, G, B) still routed as gray: JPEG chroma
+#: noise on gray content saved as RGB reaches a few levels (brain_mri_yes_no: up to 5), while
+#: the palest colour source here (chula_rbc12 smears) spreads at least 15.
+GRAY_TOLERANCE = 8
+#: Fractions of split-less groups assigned to val and test (by a seeded hash of the group).
+VAL_FRACTION = 0.05
+TEST_FRACTION = 0.05
+
+ProgressFn = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``: called as stages advance (stage names: plan, targets, decode,
+write)."""
+
+_SPLIT_RANK = {"train": 0, "val": 1, "test": 2}
+_BUILD_DIR = ".build"
+
+
+# --- plan --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildParams:
+    """Everything that determines a build's output (compared on resume)."""
+
+    channels: int
+    image_size: int
+    resize_mode: str
+    near_threshold: int
+    seed: int
+    shard_size: int
+    num_parts: int
+    part: int
+    gray_tolerance: int
+    sources: list[dict[str, Any]]
+    exclude: list[dict[str, Any]]
+    format_version: int = FORMAT_VERSION
+
+
+def _spec_dict(spec: SourceSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "root": str(Path(spec.root).resolve()),
+        "format": spec.format,
+        "modality": spec.modality,
+        "license": spec.license,
+        "channels": spec.channels,
+        "reader_options": dict(spec.reader_options),
+    }
+
+
+def normalise_split(split: str | None) -> str | None:
+    """Map a source's split name to ``train``/``val``/``test`` (``None`` when unknown).
+
+    Sources spell splits many ways (``TRAIN``, ``validation``, ``HAM10000_train``,
+    ``ISIC2018_task3_test``); a substring rule covers them. ``test`` wins over ``train`` because
+    names like ``trainval`` do not occur while ``..._test`` does.
+    """
+    if not split:
+        return None
+    s = split.lower()
+    for key, name in (("test", "test"), ("val", "val"), ("train", "train")):
+        if key in s:
+            return name
+    return None
+
+
+def _stable_u64(text: str) -> int:
+    """A stable (process- and machine-independent) 64-bit hash of a string; never 0."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") or 1
+
+
+def _item_part(item: SourceItem, num_parts: int) -> int:
+    unit = f"{item.source}/{item.group}" if item.group else f"{item.source}/{item.path}"
+    return zlib.crc32(unit.encode()) % num_parts
+
+
+def _item_to_json(item: SourceItem) -> dict[str, Any]:
+    return {
+        "path": str(item.path),
+        "frame": list(item.frame) if isinstance(item.frame, tuple) else item.frame,
+        "label": item.label,
+        "split": item.split,
+        "group": item.group,
+        "source": item.source,
+        "modality": item.modality,
+    }
+
+
+def _item_from_json(d: dict[str, Any], reader_options: dict[str, Any]) -> SourceItem:
+    frame = tuple(d["frame"]) if isinstance(d["frame"], list) else d["frame"]
+    return SourceItem(
+        path=Path(d["path"]),
+        frame=frame,
+        label=d["label"],
+        split=d["split"],
+        group=d["group"],
+        source=d["source"],
+        modality=d["modality"],
+        reader_options=reader_options,
+    )
+
+
+def _write_plan(path: Path, specs: Sequence[SourceSpec], num_parts: int, part: int, progress: ProgressFn | None) -> int:
+    """Enumerate ``specs`` into a JSON-lines plan (atomically); returns the number of items."""
+    count = 0
+
+    def write(f: Any) -> None:
+        nonlocal count
+        for spec in specs:
+            for item in iter_source(spec):
+                if num_parts > 1 and _item_part(item, num_parts) != part:
+                    continue
+                f.write((json.dumps(_item_to_json(item)) + "\n").encode())
+                count += 1
+                if progress and count % 1000 == 0:
+                    progress("plan", count, 0)
+
+    atomic_write(path, write)
+    return count
+
+
+def _read_plan(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+# --- decode (runs in worker processes) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _DecodeOptions:
+    channels: int | None  # None: no routing (exclusion targets): convert to ``convert_to``
+    convert_to: int
+    image_size: int
+    resize_mode: str
+    gray_tolerance: int
+
+
+@lru_cache(maxsize=8)
+def _file_sha1_cached(path: str, mtime_ns: int, size: int) -> str:
+    # Multi-frame files (NIfTI volumes, .npz arrays) are hashed once per worker, not per frame.
+    return dedupe.sha1_file(path)
+
+
+def _file_key(path: Path, frame_tag: str) -> str:
+    st = path.stat()
+    base = _file_sha1_cached(str(path), st.st_mtime_ns, st.st_size)
+    return base if frame_tag in ("", "0") else hashlib.sha1(f"{base}#{frame_tag}".encode()).hexdigest()
+
+
+def _route(arr: np.ndarray, hint: int | None, opts: _DecodeOptions) -> np.ndarray:
+    """Apply the corpus channel rule; raises ``SkipImage("wrong_channels")`` for the other family."""
+    if opts.channels is None:
+        return to_channels(arr, opts.convert_to)[0]
+    gray = hint == 1 if hint is not None else is_gray_content(arr, tol=opts.gray_tolerance)
+    if gray != (opts.channels == 1):
+        kind = "gray" if gray else "colour"
+        raise SkipImage("wrong_channels", f"{kind} image in a {opts.channels}-channel corpus")
+    return to_channels(arr, opts.channels)[0]
+
+
+def _process_chunk(items: list[dict[str, Any]], reader_options: dict[str, dict[str, Any]], hints: dict[str, int | None], opts: _DecodeOptions) -> dict[str, Any]:
+    """Decode, route, normalise and hash a chunk of plan items (worker side).
+
+    Returns:
+        ``images`` ``(n, C, S, S)`` uint8, ``phash`` ``(n,)`` uint64 and ``records``: one dict per
+        image (provenance and hashes) or per skip (``{"skip": reason, ...}``), in plan order.
+    """
+    images, phashes, records = [], [], []
+    for d in items:
+        item = _item_from_json(d, reader_options.get(d["source"], {}))
+        skips: list[SkipImage] = []
+        try:
+            for arr, meta in read_item(item, on_skip=skips.append):
+                try:
+                    routed = _route(arr, hints.get(item.source), opts)
+                except SkipImage as s:
+                    skips.append(SkipImage(s.reason, s.message, item.path, meta.frame))
+                    continue
+                square = resize_to_square(routed, opts.image_size, opts.resize_mode)
+                chw = square[None] if square.ndim == 2 else square.transpose(2, 0, 1)
+                frame_tag = f"{list(item.frame) if isinstance(item.frame, tuple) else ''}{meta.frame}"
+                images.append(chw)
+                phashes.append(dedupe.phash64(arr))
+                records.append(
+                    {
+                        **d,
+                        "frame": d["frame"] if d["frame"] is not None else meta.frame,
+                        "modality": meta.modality or d["modality"],
+                        "orig_shape": list(arr.shape),
+                        "sha1": dedupe.sha1_pixels(square),
+                        "sha1_file": _file_key(item.path, frame_tag.replace("None", "")),
+                        "phash": f"{phashes[-1]:016x}",
+                    }
+                )
+        except Exception as e:  # noqa: BLE001 - one bad file must never abort a build
+            skips.append(SkipImage("read_error", f"{type(e).__name__}: {e}", item.path))
+        for s in skips:
+            records.append({"skip": s.reason, "message": s.message, "source": d["source"], "path": d["path"], "frame": s.frame})
+    c = opts.channels or opts.convert_to
+    arr = np.stack(images) if images else np.zeros((0, c, opts.image_size, opts.image_size), np.uint8)
+    return {"images": arr, "phash": np.array(phashes, dtype=np.uint64), "records": records}
+
+
+def _save_chunk(path: Path, result: dict[str, Any]) -> None:
+    def write(f: Any) -> None:
+        np.savez(f, images=result["images"], phash=result["phash"], records=np.array(json.dumps(result["records"])))
+
+    atomic_write(path, write)
+
+
+def _load_chunk(path: Path, with_images: bool = True) -> dict[str, Any]:
+    with np.load(path) as z:
+        return {
+            "images": z["images"] if with_images else None,
+            "phash": z["phash"],
+            "records": json.loads(str(z["records"])),
+        }
+
+
+def _run_chunks(
+    tasks: list[tuple[Path, list[dict[str, Any]]]],
+    reader_options: dict[str, dict[str, Any]],
+    hints: dict[str, int | None],
+    opts: _DecodeOptions,
+    workers: int,
+    stage: str,
+    progress: ProgressFn | None,
+) -> None:
+    """Decode every ``(chunk file, items)`` task whose file is missing, in a process pool."""
+    todo = [(p, items) for p, items in tasks if not p.is_file()]
+    done = len(tasks) - len(todo)
+    if progress:
+        progress(stage, done, len(tasks))
+    if workers <= 1:
+        for p, items in todo:
+            _save_chunk(p, _process_chunk(items, reader_options, hints, opts))
+            done += 1
+            if progress:
+                progress(stage, done, len(tasks))
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        pending: dict[Future, Path] = {}
+        queue = iter(todo)
+        while True:
+            # keep at most 2 tasks per worker in flight so finished chunks never pile up in RAM
+            while len(pending) < 2 * workers:
+                nxt = next(queue, None)
+                if nxt is None:
+                    break
+                pending[pool.submit(_process_chunk, nxt[1], reader_options, hints, opts)] = nxt[0]
+            if not pending:
+                break
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                _save_chunk(pending.pop(fut), fut.result())
+                done += 1
+                if progress:
+                    progress(stage, done, len(tasks))
+
+
+# --- the hash table and the decisions -----------------------------------------------------------
+
+
+@dataclass
+class ImageTable:
+    """Compact per-image facts the decisions need (about 60 bytes per image).
+
+    Attributes:
+        source: ``(N,)`` int16 index into ``source_names``.
+        split: ``(N,)`` int8 index into ``SPLITS`` as given by the source, -1 = none.
+        label: ``(N,)`` int32 index into ``label_names``, -1 = unlabelled.
+        group: ``(N,)`` uint64 stable hash of ``(source, group id)``, 0 = none.
+        key: ``(N,)`` uint64 stable hash of ``(source, path, frame)`` (split assignment unit).
+        phash, sha1, sha1_file: ``(N,)`` uint64 hashes (SHA-1s as 64-bit prefixes).
+    """
+
+    source_names: list[str]
+    label_names: list[str]
+    source: np.ndarray
+    split: np.ndarray
+    label: np.ndarray
+    group: np.ndarray
+    key: np.ndarray
+    phash: np.ndarray
+    sha1: np.ndarray
+    sha1_file: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+class _TableBuilder:
+    """Accumulates ``ImageTable`` columns from image records without keeping the records."""
+
+    def __init__(self, source_names: Sequence[str] = (), label_names: Sequence[str] = ()):
+        self.source_names = list(source_names)
+        self.label_names = list(label_names)
+        self._sources = {n: i for i, n in enumerate(self.source_names)}
+        self._labels = {n: i for i, n in enumerate(self.label_names)}
+        self.cols: dict[str, list[np.ndarray]] = defaultdict(list)
+
+    def _index(self, table: dict[str, int], names: list[str], name: str) -> int:
+        if name not in table:
+            table[name] = len(names)
+            names.append(name)
+        return table[name]
+
+    def add(self, records: list[dict[str, Any]], phash: np.ndarray) -> None:
+        """Add image records (skip records excluded) with their ``(n,)`` phashes."""
+        rows = [
+            (
+                self._index(self._sources, self.source_names, r["source"]),
+                _SPLIT_RANK.get(normalise_split(r.get("split")) or "", NO_SPLIT),
+                self._index(self._labels, self.label_names, f"{r['source']}/{r['label']}") if r.get("label") else UNLABELLED,
+                _stable_u64(f"{r['source']}/{r['group']}") if r.get("group") else 0,
+                _stable_u64(f"{r['source']}/{r['path']}#{r.get('frame')}"),
+                dedupe.hex_to_u64(r["sha1"]),
+                dedupe.hex_to_u64(r["sha1_file"]),
+            )
+            for r in records
+        ]
+        arr = np.array(rows, dtype=object).reshape(-1, 7)
+        for j, (name, dtype) in enumerate(
+            [("source", np.int16), ("split", np.int8), ("label", np.int32), ("group", np.uint64), ("key", np.uint64), ("sha1", np.uint64), ("sha1_file", np.uint64)]
+        ):
+            self.cols[name].append(arr[:, j].astype(dtype))
+        self.cols["phash"].append(np.asarray(phash, np.uint64))
+
+    def build(self) -> ImageTable:
+        dtypes = {"source": np.int16, "split": np.int8, "label": np.int32, "group": np.uint64, "key": np.uint64, "phash": np.uint64, "sha1": np.uint64, "sha1_file": np.uint64}
+        cols = {k: (np.concatenate(self.cols[k]) if self.cols[k] else np.zeros(0, t)) for k, t in dtypes.items()}
+        return ImageTable(self.source_names, self.label_names, **cols)
+
+
+@dataclass
+class Decision:
+    """What happens to each image of an ``ImageTable``.
+
+    Attributes:
+        keep: ``(N,)`` bool.
+        reason: ``(N,)`` drop reason per image (``""`` when kept): ``excluded_target``,
+            ``duplicate_exact``, ``near_duplicate_cross_split``.
+        split: ``(N,)`` int8 final corpus split (index into ``SPLITS``).
+        label: ``(N,)`` int32 final label (-1 for a kept copy whose copies disagree).
+        label_conflict: ``(N,)`` bool, kept images whose exact copies carry other labels.
+        stats: duplicate and leakage counts for the report.
+    """
+
+    keep: np.ndarray
+    reason: np.ndarray
+    split: np.ndarray
+    label: np.ndarray
+    label_conflict: np.ndarray
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _exact_pairs(t: ImageTable) -> np.ndarray:
+    return np.concatenate([dedupe.equal_pairs(t.sha1), dedupe.equal_pairs(t.sha1_file)])
+
+
+def _cluster_summary(t: ImageTable, comp: np.ndarray, split: np.ndarray) -> dict[str, Any]:
+    """Count clusters (components of size >= 2) within one source, across sources, across splits."""
+    n = len(comp)
+    sizes = np.bincount(comp, minlength=n)
+    members = np.flatnonzero(sizes[comp] >= 2)
+    if len(members) == 0:
+        return {"clusters": 0, "images": 0, "within_source": 0, "across_sources": 0, "across_splits": 0, "source_pairs": {}}
+    c = comp[members]
+    order = np.argsort(c, kind="stable")
+    c, members = c[order], members[order]
+    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+    groups = np.split(members, starts[1:])
+    within = across_src = across_split = 0
+    pairs: Counter[str] = Counter()
+    for g in groups:
+        srcs = sorted(set(t.source[g].tolist()))
+        if len(srcs) == 1:
+            within += 1
+        else:
+            across_src += 1
+            for a in range(len(srcs)):
+                for b in range(a + 1, len(srcs)):
+                    pairs[f"{t.source_names[srcs[a]]} / {t.source_names[srcs[b]]}"] += 1
+        sp = set(split[g].tolist()) - {NO_SPLIT}
+        across_split += len(sp) > 1
+    return {
+        "clusters": len(groups),
+        "images": int(len(members)),
+        "within_source": within,
+        "across_sources": across_src,
+        "across_splits": int(across_split),
+        "source_pairs": dict(pairs.most_common()),
+    }
+
+
+def _label_conflicts(t: ImageTable, comp: np.ndarray) -> list[list[int]]:
+    """Exact-duplicate clusters whose copies in one source carry different labels (member lists)."""
+    labelled = np.flatnonzero(t.label >= 0)
+    seen: dict[tuple[int, int], set[int]] = defaultdict(set)
+    members: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i in labelled:
+        k = (int(comp[i]), int(t.source[i]))
+        seen[k].add(int(t.label[i]))
+        members[k].append(int(i))
+    return [members[k] for k, labels in seen.items() if len(labels) > 1]
+
+
+def _assign_splits(t: ImageTable, alive: np.ndarray, near: np.ndarray, seed: int) -> np.ndarray:
+    """Final split per image: the source's split where given, else one per connected unit.
+
+    A unit is a connected component of "same group" and near-duplicate links, so a patient and
+    the near copies of an image land in one split. A unit holding an image with a given split
+    follows it (the lowest rank: train before val before test); other units get val/test with
+    probability ``VAL_FRACTION``/``TEST_FRACTION`` from a seeded hash of their smallest key, so
+    the assignment does not depend on item order, worker count or part.
+    """
+    n = len(t)
+    links = [near, dedupe.equal_pairs(np.where(alive, t.group, 0))]
+    comp = dedupe.components(n, np.concatenate(links))
+    big = np.iinfo(np.int8).max
+    rank = np.where((t.split >= 0) & alive, t.split, big).astype(np.int16)
+    unit_rank = np.full(n, big, np.int16)
+    np.minimum.at(unit_rank, comp, rank)
+    unit_key = np.full(n, np.iinfo(np.uint64).max, np.uint64)
+    np.minimum.at(unit_key, comp, np.where(alive, t.key, np.iinfo(np.uint64).max))
+    u = np.array([_stable_u64(f"{seed}:{k}") for k in unit_key[comp]], dtype=np.float64) / 2.0**64 if n else np.zeros(0)
+    drawn = np.where(u < TEST_FRACTION, 2, np.where(u < TEST_FRACTION + VAL_FRACTION, 1, 0))
+    inherited = np.where(unit_rank[comp] < big, unit_rank[comp], drawn)
+    return np.where(t.split >= 0, t.split, inherited).astype(np.int8)
+
+
+def decide(table: ImageTable, *, near_threshold: int, seed: int, excluded: np.ndarray | None = None) -> Decision:
+    """Choose which images enter the corpus, their split and label.
+
+    Rules (see docs/corpus.md):
+
+    1. ``excluded`` images (matches of ``--exclude`` targets) are dropped first.
+    2. Exact duplicates (equal pixel SHA-1 after normalisation, or equal file bytes): one copy
+       is kept, preferring the source's train copy, then val, test, no split, then plan order.
+       When the copies inside one source carry different labels, the kept copy becomes
+       unlabelled and is flagged (``label_conflict``).
+    3. Splits are assigned (``_assign_splits``).
+    4. A near duplicate (phash within ``near_threshold`` bits) of a kept image in an earlier
+       split (train < val < test) is dropped: evaluation images must have no near copy in
+       training. Near copies inside one split are kept and only reported.
+
+    Args:
+        table: per-image hashes and ids.
+        near_threshold: Hamming threshold in bits.
+        seed: split assignment seed.
+        excluded: ``(N,)`` bool, images matching an exclusion target.
+
+    Returns:
+        The ``Decision``.
+    """
+    n = len(table)
+    reason = np.full(n, "", dtype=object)
+    excluded = np.zeros(n, bool) if excluded is None else excluded
+    reason[excluded] = "excluded_target"
+    exact_comp = dedupe.components(n, _exact_pairs(table))
+    near = dedupe.near_pairs(table.phash, near_threshold)
+    split = _assign_splits(table, ~excluded, near, seed)
+    stats: dict[str, Any] = {"near_threshold": near_threshold}
+    stats["exact"] = _cluster_summary(table, exact_comp, table.split)
+    near_comp = dedupe.components(n, near)
+    stats["near"] = _cluster_summary(table, near_comp, table.split)
+
+    # rule 2: one representative per exact cluster among the non-excluded images
+    rank = np.where(split >= 0, split, 3).astype(np.int64)
+    order = np.lexsort((np.arange(n), rank, excluded, exact_comp))
+    first = np.r_[True, exact_comp[order][1:] != exact_comp[order][:-1]]
+    rep = np.zeros(n, bool)
+    rep[order[first]] = True
+    dup = ~rep & ~excluded
+    reason[dup] = "duplicate_exact"
+    label = table.label.copy()
+    conflict = np.zeros(n, bool)
+    conflicts = _label_conflicts(table, exact_comp)
+    for members in conflicts:
+        kept = [i for i in members if rep[i]] or [int(np.flatnonzero(rep & (exact_comp == exact_comp[members[0]]))[0])]
+        label[kept] = UNLABELLED
+        conflict[kept] = True
+    stats["label_conflicts"] = [{"labels": sorted({table.label_names[table.label[i]] for i in m}), "members": m} for m in conflicts]
+
+    # rule 4: evaluation-side near copies of kept images in an earlier split
+    alive = rep & ~excluded
+    a, b = near[:, 0], near[:, 1]
+    live = alive[a] & alive[b] & (split[a] != split[b])
+    later = np.where(split[a[live]] > split[b[live]], a[live], b[live])
+    leak = np.zeros(n, bool)
+    leak[later] = True
+    reason[leak & alive] = "near_duplicate_cross_split"
+    keep = alive & ~leak
+    stats["dropped"] = dict(Counter(r for r in reason.tolist() if r))
+    return Decision(keep, reason, split, label, conflict, stats)
+
+
+# --- exclusion targets --------------------------------------------------------------------------
+
+
+@dataclass
+class TargetHashes:
+    """Hashes of the images of ``--exclude`` targets: per image the target index and hashes."""
+
+    names: list[str]
+    target: np.ndarray  # (M,) int16
+    phash: np.ndarray  # (M,) uint64
+    sha1: np.ndarray  # (M,) uint64
+    sha1_file: np.ndarray  # (M,) uint64
+    table: ImageTable | None = None  # the targets' own table (for their internal duplicates)
+    skipped: dict[str, int] = field(default_factory=dict)
+    image_names: list[str] = field(default_factory=list)  # "source:path[#frame]" per image
+
+
+def match_targets(table: ImageTable, targets: TargetHashes, near_threshold: int) -> tuple[np.ndarray, dict[str, dict[str, int]]]:
+    """Corpus images equal to, or within ``near_threshold`` bits of, a target image.
+
+    Returns:
+        ``(matched, counts)``: ``(N,)`` bool and ``{target: {corpus source: images}}``.
+    """
+    n = len(table)
+    hit_target = np.full(n, -1, np.int64)
+    for col in ("sha1", "sha1_file"):
+        ours, theirs = getattr(table, col), getattr(targets, col)
+        pos = {int(h): int(targets.target[j]) for j, h in enumerate(theirs.tolist())}
+        for i, h in enumerate(ours.tolist()):
+            if hit_target[i] < 0 and h in pos:
+                hit_target[i] = pos[h]
+    pairs = dedupe.near_pairs(table.phash, near_threshold, others=targets.phash)
+    for i, j in pairs:
+        if hit_target[i] < 0:
+            hit_target[i] = targets.target[j]
+    counts: dict[str, dict[str, int]] = {name: {} for name in targets.names}
+    for i in np.flatnonzero(hit_target >= 0):
+        per = counts[targets.names[hit_target[i]]]
+        src = table.source_names[table.source[i]]
+        per[src] = per.get(src, 0) + 1
+    return hit_target >= 0, counts
+
+
+def target_spec(path: str | Path) -> SourceSpec:
+    """A ``SourceSpec`` for an ``--exclude`` argument: a source folder (any layout ``auto``
+    detects, e.g. with ``labels.csv``), or a MedMNIST ``.npz``; named after the folder/file."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"exclusion target not found: {p} (expected a source folder or a .npz file)")
+    name = p.stem if p.is_file() else p.name
+    return SourceSpec(name=name, root=p)
+
+
+def _hash_targets(specs: Sequence[SourceSpec], work: Path, opts: _DecodeOptions, workers: int, progress: ProgressFn | None) -> TargetHashes:
+    names = [s.name for s in specs]
+    if not specs:
+        z = np.zeros(0, np.uint64)
+        return TargetHashes(names, np.zeros(0, np.int16), z, z, z)
+    tdir = work / "targets"
+    tdir.mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for ti, spec in enumerate(specs):
+        plan = tdir / f"plan-{ti:03d}.jsonl"
+        if not plan.is_file():
+            _write_plan(plan, [spec], 1, 0, None)
+        items = _read_plan(plan)
+        tasks += [(tdir / f"t{ti:03d}-chunk-{k:05d}.npz", items[s : s + CHUNK_ITEMS]) for k, s in enumerate(range(0, len(items), CHUNK_ITEMS))]
+    options = {s.name: dict(s.reader_options) for s in specs}
+    _run_chunks(tasks, options, {s.name: None for s in specs}, opts, workers, "targets", progress)
+    builder = _TableBuilder()
+    image_names: list[str] = []
+    target_idx: list[np.ndarray] = []
+    skipped: Counter[str] = Counter()
+    for path, _ in tasks:
+        ch = _load_chunk(path, with_images=False)
+        recs = [r for r in ch["records"] if "skip" not in r]
+        skipped.update(f"{r['source']}: {r['skip']}" for r in ch["records"] if "skip" in r)
+        builder.add(recs, ch["phash"])
+        image_names += [_image_name(r) for r in recs]
+        target_idx.append(np.array([names.index(r["source"]) for r in recs], np.int16))
+    table = builder.build()
+    tgt = np.concatenate(target_idx) if target_idx else np.zeros(0, np.int16)
+    return TargetHashes(names, tgt, table.phash, table.sha1, table.sha1_file, table, dict(skipped), image_names)
+
+
+# --- write --------------------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    """Buffers kept images and writes a shard every ``shard_size`` images, skipping shards that a
+    previous run completed (their content is identical: same plan, same decisions)."""
+
+    def __init__(self, root: Path, shard_size: int, channels: int, size: int, done: set[int], progress: ProgressFn | None, total: int):
+        self.root, self.shard_size, self.done = root, shard_size, done
+        self.shape = (channels, size, size)
+        self.images: list[np.ndarray] = []
+        self.meta: dict[str, list] = defaultdict(list)
+        self.records: list[dict[str, Any]] = []
+        self.shards: list[ShardInfo] = []
+        self.progress, self.total, self.count = progress, total, 0
+
+    def add(self, image: np.ndarray, meta: dict[str, Any], record: dict[str, Any]) -> None:
+        index = len(self.shards)
+        if index not in self.done:  # a complete shard's pixels are not needed again
+            self.images.append(image)
+            self.records.append(record)
+        for k, v in meta.items():
+            self.meta[k].append(v)
+        self.count += 1
+        if len(self.meta["label"]) == self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        n = len(self.meta["label"])
+        if n == 0:
+            return
+        index = len(self.shards)
+        if index in self.done:
+            self.shards.append(ShardInfo(f"shard-{index:05d}", n))
+        else:
+            images = np.stack(self.images) if self.images else np.zeros((0, *self.shape), np.uint8)
+            self.shards.append(write_shard(self.root, index, images, {k: np.array(v) for k, v in self.meta.items()}, self.records))
+        self.images, self.records, self.meta = [], [], defaultdict(list)
+        if self.progress:
+            self.progress("write", self.count, self.total)
+
+
+def _meta_of(table: ImageTable, d: Decision, i: int) -> dict[str, Any]:
+    return {
+        "label": int(d.label[i]),
+        "source": int(table.source[i]),
+        "split": int(d.split[i]),
+        "group": int(table.group[i] & np.uint64(0x7FFFFFFFFFFFFFFF)) if table.group[i] else -1,
+        "phash": table.phash[i],
+    }
+
+
+def _final_record(r: dict[str, Any], table: ImageTable, d: Decision, i: int) -> dict[str, Any]:
+    out = dict(r)
+    out["source_split"] = r["source_split"] if "source_split" in r else r.get("split")
+    out["split"] = SPLITS[d.split[i]]
+    out["label"] = table.label_names[d.label[i]].split("/", 1)[1] if d.label[i] >= 0 else None
+    if d.label_conflict[i]:
+        out["label_conflict"] = True
+        out["source_label"] = r.get("label")
+    return out
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+_SIZE_BINS = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 1 << 30]
+
+
+class _Stats:
+    """Streaming counts for the report (per source, modality, label, split, sizes, skips)."""
+
+    def __init__(self) -> None:
+        self.per_source: Counter[str] = Counter()
+        self.per_modality: Counter[str] = Counter()
+        self.per_label: Counter[str] = Counter()
+        self.per_split: Counter[str] = Counter()
+        self.sizes: dict[str, list[int]] = defaultdict(lambda: [0] * (len(_SIZE_BINS) - 1))
+        self.skipped: Counter[str] = Counter()
+        self.skipped_by_source: dict[str, Counter[str]] = defaultdict(Counter)
+        self.skip_examples: dict[str, list[str]] = defaultdict(list)
+        self.dropped_by_source: dict[str, Counter[str]] = defaultdict(Counter)
+
+    def kept(self, rec: dict[str, Any]) -> None:
+        self.per_source[rec["source"]] += 1
+        self.per_modality[rec.get("modality") or "unknown"] += 1
+        self.per_label[f"{rec['source']}/{rec['label']}" if rec.get("label") else f"{rec['source']}/(unlabelled)"] += 1
+        self.per_split[rec["split"]] += 1
+        side = max(rec["orig_shape"][:2])
+        self.sizes[rec["source"]][int(np.searchsorted(_SIZE_BINS, side, side="right")) - 1] += 1
+
+    def skip(self, rec: dict[str, Any]) -> None:
+        self.skipped[rec["skip"]] += 1
+        self.skipped_by_source[rec["source"]][rec["skip"]] += 1
+        if len(self.skip_examples[rec["skip"]]) < 5:
+            self.skip_examples[rec["skip"]].append(f"{rec['path']}: {rec.get('message', '')}"[:300])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "per_source": dict(self.per_source),
+            "per_modality": dict(self.per_modality),
+            "per_label": dict(sorted(self.per_label.items())),
+            "per_split": dict(self.per_split),
+            "size_bins": _SIZE_BINS[:-1],
+            "size_hist": {k: v for k, v in self.sizes.items()},
+            "skipped": dict(self.skipped),
+            "skipped_by_source": {k: dict(v) for k, v in self.skipped_by_source.items()},
+            "skip_examples": dict(self.skip_examples),
+            "dropped_by_source": {k: dict(v) for k, v in self.dropped_by_source.items()},
+        }
+
+
+# --- the build ----------------------------------------------------------------------------------
+
+
+def _check_params(work: Path, params: BuildParams) -> None:
+    """Store the parameters of a new build, or check that a resumed build uses the same ones."""
+    path = work / "params.json"
+    text = json.dumps(asdict(params), indent=1, sort_keys=True)
+    if path.is_file():
+        if path.read_text() != text:
+            raise ValueError(
+                f"{work.parent} holds an unfinished build with different parameters ({path}); "
+                "resume it with the same arguments, or delete the directory / choose a new --out"
+            )
+        logger.info("resuming the unfinished build in %s", work.parent)
+        return
+    atomic_write_text(path, text)
+
+
+def _validate(channels: int, image_size: int, resize_mode: str, shard_size: int, num_parts: int, part: int, sources: Sequence[SourceSpec]) -> None:
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (gray corpus) or 3 (colour corpus), got {channels}")
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
+    if resize_mode not in ("pad", "crop"):
+        raise ValueError(f"resize_mode must be 'pad' or 'crop', got {resize_mode!r}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    if num_parts < 1 or not 0 <= part < num_parts:
+        raise ValueError(f"part must be in [0, num_parts), got part={part} with num_parts={num_parts}")
+    names = [s.name for s in sources]
+    if not names:
+        raise ValueError("no sources given: pass at least one source folder")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"source names must be unique, got duplicates {dup}: give them distinct names")
+
+
+def build_corpus(
+    sources: Sequence[SourceSpec],
+    out_dir: str | Path,
+    *,
+    channels: Literal[1, 3],
+    image_size: int = 256,
+    resize_mode: Literal["pad", "crop"] = "pad",
+    exclude: Sequence[SourceSpec] = (),
+    workers: int = 1,
+    shard_size: int = 2048,
+    num_parts: int = 1,
+    part: int = 0,
+    seed: int = 0,
+    near_threshold: int = dedupe.DEFAULT_NEAR_THRESHOLD,
+    gray_tolerance: int = GRAY_TOLERANCE,
+    keep_work_files: bool = False,
+    progress: ProgressFn | None = None,
+) -> CorpusManifest:
+    """Build (or resume) a corpus from image sources.
+
+    Args:
+        sources: the sources to include (``SourceSpec``; names must be unique).
+        out_dir: corpus directory (created; an unfinished build there is resumed).
+        channels: 1 for a gray corpus, 3 for a colour corpus. Images are routed by content: an
+            RGB file with equal channels (within ``gray_tolerance``) is gray; images of the other
+            family are skipped with reason ``"wrong_channels"``. A source's ``channels`` hint,
+            when set, overrides the content test.
+        image_size: side ``S`` of the stored ``(C, S, S)`` uint8 images.
+        resize_mode: ``"pad"`` (whole image, longer side to ``S``, black borders) or ``"crop"``
+            (shorter side to ``S``, centred crop); see ``openmednet.data.images.resize_to_square``.
+        exclude: target sets whose images and near copies must never enter the corpus.
+        workers: decoding processes (1 = in this process).
+        shard_size: images per shard.
+        num_parts, part: build only part ``part`` of ``num_parts`` (merge with ``merge_parts``).
+        seed: seed of the split assignment for sources without splits.
+        near_threshold: phash Hamming threshold (bits of 64) for near duplicates.
+        gray_tolerance: channel spread still counted as gray content.
+        keep_work_files: keep ``out_dir/.build`` (decoded chunks) after success.
+        progress: optional ``progress(stage, done, total)`` callback.
+
+    Returns:
+        The manifest of the finished corpus (also in ``out_dir/manifest.json``; the report is in
+        ``out_dir/report.md``).
+
+    Raises:
+        ValueError: bad arguments, or an unfinished build in ``out_dir`` with other parameters.
+        FileNotFoundError: a source or target root does not exist.
+    """
+    _validate(channels, image_size, resize_mode, shard_size, num_parts, part, sources)
+    out = Path(out_dir)
+    work = out / _BUILD_DIR
+    work.mkdir(parents=True, exist_ok=True)
+    if (out / "manifest.json").is_file() and not (work / "params.json").is_file():
+        raise ValueError(f"{out} already holds a finished corpus; choose a new --out or delete it")
+    params = BuildParams(
+        channels, image_size, resize_mode, near_threshold, seed, shard_size, num_parts, part, gray_tolerance,
+        [_spec_dict(s) for s in sources], [_spec_dict(s) for s in exclude],
+    )  # fmt: skip
+    _check_params(work, params)
+    for tmp in out.glob("shard-?????.tmp"):  # half-written shards of a killed run
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    plan_path = work / "plan.jsonl"
+    if not plan_path.is_file():
+        _write_plan(plan_path, sources, num_parts, part, progress)
+    plan = _read_plan(plan_path)
+    opts = _DecodeOptions(channels, channels, image_size, resize_mode, gray_tolerance)
+    targets = _hash_targets(exclude, work, _DecodeOptions(None, channels, image_size, resize_mode, gray_tolerance), workers, progress)
+
+    chunk_dir = work / "chunks"
+    chunk_dir.mkdir(exist_ok=True)
+    tasks = [(chunk_dir / f"chunk-{k:05d}.npz", plan[s : s + CHUNK_ITEMS]) for k, s in enumerate(range(0, len(plan), CHUNK_ITEMS))]
+    del plan
+    reader_options = {s.name: dict(s.reader_options) for s in sources}
+    _run_chunks(tasks, reader_options, {s.name: s.channels for s in sources}, opts, workers, "decode", progress)
+
+    builder = _TableBuilder(source_names=[s.name for s in sources])
+    for path, _ in tasks:
+        ch = _load_chunk(path, with_images=False)
+        builder.add([r for r in ch["records"] if "skip" not in r], ch["phash"])
+    table = builder.build()
+    matched, exclusion_counts = match_targets(table, targets, near_threshold)
+    decision = decide(table, near_threshold=near_threshold, seed=seed, excluded=matched)
+
+    stats, shards = _write_corpus(out, tasks, table, decision, channels, image_size, shard_size, progress)
+    stats["exclusion"] = {"targets": exclusion_counts, "target_images": {n: int((targets.target == i).sum()) for i, n in enumerate(targets.names)}, "target_skipped": targets.skipped}
+    if targets.table is not None:
+        tdec = decide(targets.table, near_threshold=near_threshold, seed=seed)
+        stats["exclusion"]["target_duplicates"] = {
+            "exact": tdec.stats["exact"],
+            "near": tdec.stats["near"],
+            "label_conflicts": _describe_conflicts(tdec.stats["label_conflicts"], targets.image_names.__getitem__),
+        }
+    manifest = CorpusManifest(
+        version=FORMAT_VERSION,
+        channels=channels,
+        image_size=image_size,
+        shards=shards,
+        sources=[_source_entry(s) for s in sources],
+        label_names=table.label_names,
+        build={k: v for k, v in asdict(params).items() if k not in ("sources",)} | {"planned_items": sum(len(t[1]) for t in tasks)},
+        stats=stats,
+    )
+    _finish(out, manifest, work, keep_work_files)
+    return manifest
+
+
+def _source_entry(spec: SourceSpec) -> dict[str, Any]:
+    d = _spec_dict(spec)
+    return {"name": d["name"], "modality": d["modality"], "license": d["license"], "root": d["root"], "format": d["format"]}
+
+
+def _image_name(r: dict[str, Any]) -> str:
+    frame = r.get("frame")
+    return f"{r['source']}:{r['path']}" + ("" if frame in (None, 0) else f"#{frame}")
+
+
+def _describe_conflicts(conflicts: list[dict[str, Any]], name: Callable[[int], str]) -> list[dict[str, Any]]:
+    """Label conflicts for the report: ``{"labels": [...], "images": ["source:path", ...]}``."""
+    return [{"labels": c["labels"], "images": [name(i) for i in c["members"]]} for c in conflicts]
+
+
+def _write_corpus(
+    out: Path,
+    tasks: list[tuple[Path, list[dict[str, Any]]]],
+    table: ImageTable,
+    decision: Decision,
+    channels: int,
+    image_size: int,
+    shard_size: int,
+    progress: ProgressFn | None,
+) -> tuple[dict[str, Any], list[ShardInfo]]:
+    """Stream the decoded chunks into shards; returns the statistics and the shard list."""
+    fingerprint = hashlib.sha1(np.flatnonzero(decision.keep).tobytes() + decision.split.tobytes() + decision.label.tobytes()).hexdigest()
+    fp_path = out / _BUILD_DIR / "decision.sha1"
+    done = set(complete_shards(out))
+    if done and (not fp_path.is_file() or fp_path.read_text() != fingerprint):
+        logger.warning("complete shards in %s come from other decisions; rewriting them", out)
+        done = set()
+    atomic_write_text(fp_path, fingerprint)
+    writer = _ShardWriter(out, shard_size, channels, image_size, done, progress, int(decision.keep.sum()))
+    stats = _Stats()
+    in_conflict = {i for c in decision.stats.get("label_conflicts", []) for i in c["members"]}
+    names: dict[int, str] = {}
+    i = 0
+    for path, _ in tasks:
+        ch = _load_chunk(path)
+        j = 0
+        for r in ch["records"]:
+            if "skip" in r:
+                stats.skip(r)
+                continue
+            if table.key[i] != _stable_u64(f"{r['source']}/{r['path']}#{r.get('frame')}"):
+                raise RuntimeError(f"chunk {path} does not match the decision table; delete {out / _BUILD_DIR} and rebuild")
+            if decision.keep[i]:
+                rec = _final_record(r, table, decision, i)
+                stats.kept(rec)
+                writer.add(ch["images"][j], _meta_of(table, decision, i), rec)
+            else:
+                stats.dropped_by_source[r["source"]][decision.reason[i]] += 1
+            if i in in_conflict:
+                names[i] = _image_name(r)
+            i += 1
+            j += 1
+    writer.flush()
+    out_stats = stats.to_dict() | {k: v for k, v in decision.stats.items() if k != "label_conflicts"}
+    out_stats["label_conflicts"] = _describe_conflicts(decision.stats.get("label_conflicts", []), names.__getitem__)
+    return out_stats, writer.shards
+
+
+def _finish(out: Path, manifest: CorpusManifest, work: Path, keep_work_files: bool) -> None:
+    """Manifest last (a corpus is complete iff it has one), then the report, then clean up."""
+    from openmednet.data.report import write_report
+
+    manifest.save(out)
+    write_report(manifest, out)
+    if not keep_work_files:
+        shutil.rmtree(work, ignore_errors=True)
+    logger.info("corpus %s: %d images in %d shards", out, manifest.num_images, len(manifest.shards))
+
+
+# --- merge --------------------------------------------------------------------------------------
+
+
+def merge_parts(
+    parts: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    shard_size: int | None = None,
+    near_threshold: int | None = None,
+    progress: ProgressFn | None = None,
+) -> CorpusManifest:
+    """Join part corpora (``build_corpus(..., num_parts=K, part=i)``) into one corpus.
+
+    Exact duplicates and cross-split near copies are removed again *across* parts with the rules
+    of ``decide`` (each part only saw its own images); splits assigned by the parts are kept.
+    Images are streamed shard by shard (flat memory); an interrupted merge resumes like a build.
+
+    Args:
+        parts: part corpus directories, in the order their images should appear.
+        out_dir: the merged corpus directory.
+        shard_size: images per merged shard (default: the first part's).
+        near_threshold: phash threshold (default: the first part's).
+        progress: optional ``progress(stage, done, total)`` callback.
+
+    Raises:
+        ValueError: parts with different channels, image size or format version, or none given.
+    """
+    if not parts:
+        raise ValueError("merge needs at least one part corpus directory")
+    arrays = [CorpusArrays(p) for p in parts]
+    first = arrays[0].manifest
+    for a in arrays[1:]:
+        m = a.manifest
+        if (m.channels, m.image_size) != (first.channels, first.image_size):
+            raise ValueError(
+                f"cannot merge {a.root} ({m.channels} ch, {m.image_size} px) with {arrays[0].root} "
+                f"({first.channels} ch, {first.image_size} px): build all parts with the same --channels/--size"
+            )
+    shard_size = shard_size or first.build.get("shard_size", 2048)
+    near_threshold = first.build.get("near_threshold", dedupe.DEFAULT_NEAR_THRESHOLD) if near_threshold is None else near_threshold
+    out = Path(out_dir)
+    work = out / _BUILD_DIR
+    work.mkdir(parents=True, exist_ok=True)
+    _check_params(work, BuildParams(first.channels, first.image_size, "merge", near_threshold, 0, shard_size, 1, 0, 0, [{"parts": [str(Path(p).resolve()) for p in parts]}], []))
+    for tmp in out.glob("shard-?????.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    builder = _TableBuilder()
+    for a in arrays:
+        for recs, ph in _part_batches(a):
+            builder.add(recs, ph)
+    table = builder.build()
+    # every record carries the split its part gave it, so decide() keeps the parts' splits
+    decision = decide(table, near_threshold=near_threshold, seed=0)
+
+    writer = _ShardWriter(out, shard_size, first.channels, first.image_size, set(complete_shards(out)), progress, int(decision.keep.sum()))
+    stats = _Stats()
+    i = 0
+    for a in arrays:
+        for s in range(len(a.manifest.shards)):
+            images = a._images(s)
+            for j, r in enumerate(a.records(s)):
+                if decision.keep[i]:
+                    rec = _final_record(r, table, decision, i)
+                    stats.kept(rec)
+                    writer.add(np.array(images[j]), _meta_of(table, decision, i), rec)
+                else:
+                    stats.dropped_by_source[r["source"]][decision.reason[i]] += 1
+                i += 1
+    writer.flush()
+    merged = stats.to_dict() | {k: v for k, v in decision.stats.items() if k != "label_conflicts"}
+    merged["parts"] = [{"dir": str(a.root), "images": len(a), "skipped": a.manifest.stats.get("skipped", {})} for a in arrays]
+    merged["skipped"] = dict(sum((Counter(a.manifest.stats.get("skipped", {})) for a in arrays), Counter()))
+    sources: dict[str, dict[str, Any]] = {}
+    for a in arrays:
+        for s in a.manifest.sources:
+            sources.setdefault(s["name"], s)
+    manifest = CorpusManifest(
+        version=FORMAT_VERSION,
+        channels=first.channels,
+        image_size=first.image_size,
+        shards=writer.shards,
+        sources=[sources[n] for n in table.source_names if n in sources],
+        label_names=table.label_names,
+        build=dict(first.build) | {"merged_from": [str(a.root) for a in arrays], "shard_size": shard_size, "num_parts": 1, "part": 0},
+        stats=merged,
+    )
+    _finish(out, manifest, work, keep_work_files=False)
+    return manifest
+
+
+def _part_batches(a: CorpusArrays) -> Iterator[tuple[list[dict[str, Any]], np.ndarray]]:
+    """A part's records per shard, with the split the part assigned as the given split."""
+    offset = 0
+    for s, info in enumerate(a.manifest.shards):
+        recs = a.records(s)
+        yield recs, a.phash[offset : offset + info.count]
+        offset += info.count

@@ -1,0 +1,178 @@
+"""The corpus build report: ``report.md`` plus PNG plots, from a manifest's statistics alone.
+
+Everything shown comes from ``CorpusManifest.stats`` (written by ``build_corpus`` /
+``merge_parts``), so ``openmednet corpus inspect DIR --report`` can regenerate the report of any
+corpus without touching its pixels. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from openmednet.data.shards import CorpusManifest
+from openmednet.utils import atomic_write_bytes, atomic_write_text
+
+REPORT = "report.md"
+PLOT_DIR = "report"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _counts(title: str, counts: Mapping[str, int], key: str) -> str:
+    if not counts:
+        return f"### {title}\n\nnone\n"
+    total = sum(counts.values())
+    rows = [(k, v, f"{100 * v / total:.1f}%") for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return f"### {title}\n\n" + _table((key, "images", "share"), rows)
+
+
+def _save_plot(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _bar_plot(counts: Mapping[str, int], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    items = sorted(counts.items(), key=lambda kv: -kv[1])
+    fig, ax = plt.subplots(figsize=(7, 0.35 * max(len(items), 3) + 1))
+    ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#4c72b0")
+    ax.set_xlabel("images")
+    ax.set_title(title)
+    _save_plot(fig, path)
+    plt.close(fig)
+
+
+def _size_plot(bins: Sequence[int], hist: Mapping[str, Sequence[int]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [f">={b}" for b in bins]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bottom = np.zeros(len(bins))
+    for name, counts in sorted(hist.items()):
+        ax.bar(labels, counts, bottom=bottom, label=name)
+        bottom += np.asarray(counts)
+    ax.set_xlabel("original longer side (px)")
+    ax.set_ylabel("images")
+    ax.set_title("Original image sizes (kept images)")
+    ax.legend(fontsize=7, ncol=2)
+    _save_plot(fig, path)
+    plt.close(fig)
+
+
+def _duplicates(stats: Mapping[str, Any]) -> str:
+    out = [f"## Duplicates (phash threshold {stats.get('near_threshold')} bits)\n"]
+    rows = []
+    for kind in ("exact", "near"):
+        d = stats.get(kind) or {}
+        rows.append((kind, d.get("clusters", 0), d.get("images", 0), d.get("within_source", 0), d.get("across_sources", 0), d.get("across_splits", 0)))
+    out.append(_table(("kind", "clusters", "images in clusters", "within one source", "across sources", "across source splits"), rows))
+    for kind in ("exact", "near"):
+        pairs = (stats.get(kind) or {}).get("source_pairs") or {}
+        if pairs:
+            out.append(f"\n{kind.capitalize()} clusters shared by sources:\n\n" + _table(("sources", "clusters"), list(pairs.items())))
+    dropped = stats.get("dropped") or {}
+    out.append("\nDropped by the de-duplication and exclusion rules:\n\n" + (_table(("reason", "images"), sorted(dropped.items())) if dropped else "none\n"))
+    by_source = stats.get("dropped_by_source") or {}
+    if by_source:
+        reasons = sorted({r for v in by_source.values() for r in v})
+        rows = [(s, *(v.get(r, 0) for r in reasons)) for s, v in sorted(by_source.items())]
+        out.append("\n" + _table(("source", *reasons), rows))
+    conflicts = stats.get("label_conflicts") or []
+    out.append(f"\n### Label conflicts (same image, different labels in one source): {len(conflicts)}\n\n")
+    out += [f"- {', '.join(c['labels'])}: {'; '.join(c['images'])}\n" for c in conflicts[:50]]
+    return "".join(out)
+
+
+def _exclusion(ex: Mapping[str, Any]) -> str:
+    if not ex or not ex.get("targets"):
+        return "## Exclusion targets\n\nnone given\n"
+    rows = []
+    for name, per in ex["targets"].items():
+        detail = ", ".join(f"{s}: {n}" for s, n in sorted(per.items())) or "-"
+        rows.append((name, ex.get("target_images", {}).get(name, "?"), sum(per.values()), detail))
+    out = "## Exclusion targets\n\nCorpus images equal to, or near copies of, a target image were dropped.\n\n"
+    out += _table(("target", "target images", "corpus images dropped", "per corpus source"), rows)
+    td = ex.get("target_duplicates") or {}
+    if td:
+        e, n = td.get("exact", {}), td.get("near", {})
+        out += (
+            f"\nInside the targets: {e.get('clusters', 0)} exact-duplicate clusters ({e.get('across_splits', 0)} across the "
+            f"targets' own splits), {n.get('clusters', 0)} near-duplicate clusters ({n.get('across_splits', 0)} across splits).\n"
+        )
+        for c in td.get("label_conflicts", [])[:20]:
+            out += f"- label conflict {', '.join(c['labels'])}: {'; '.join(c['images'])}\n"
+    if ex.get("target_skipped"):
+        out += "\nTarget files that could not be hashed: " + ", ".join(f"{k} ({v})" for k, v in ex["target_skipped"].items()) + "\n"
+    return out
+
+
+def _skips(stats: Mapping[str, Any]) -> str:
+    skipped = stats.get("skipped") or {}
+    out = f"## Files skipped: {sum(skipped.values())}\n\n"
+    if not skipped:
+        return out + "none\n"
+    out += _table(("reason", "images/files"), sorted(skipped.items(), key=lambda kv: -kv[1]))
+    by_source = stats.get("skipped_by_source") or {}
+    reasons = sorted(skipped)
+    out += "\n" + _table(("source", *reasons), [(s, *(v.get(r, 0) for r in reasons)) for s, v in sorted(by_source.items())])
+    for reason, examples in sorted((stats.get("skip_examples") or {}).items()):
+        out += f"\nExamples of `{reason}`:\n" + "".join(f"- `{e}`\n" for e in examples)
+    return out
+
+
+def render_markdown(manifest: CorpusManifest, plots: Mapping[str, str]) -> str:
+    """The report text for ``manifest`` (``plots`` maps plot names to relative PNG paths)."""
+    st, b = manifest.stats, manifest.build
+    kind = "gray" if manifest.channels == 1 else "colour"
+    parts = [
+        f"# Corpus report\n\n{manifest.num_images} images, {kind} ({manifest.channels} channel), "
+        f"{manifest.image_size} px ({b.get('resize_mode', '?')}), {len(manifest.shards)} shards, "
+        f"format version {manifest.version}.\n\nBuild: {', '.join(f'{k}={v}' for k, v in b.items() if k not in ('exclude',))}\n",
+        "## Contents\n",
+        _counts("Per source", st.get("per_source", {}), "source"),
+        _counts("Per modality", st.get("per_modality", {}), "modality"),
+        _counts("Per split", st.get("per_split", {}), "split"),
+        _counts("Per label", st.get("per_label", {}), "source/label"),
+    ]
+    parts += [f"![{name}]({rel})\n" for name, rel in plots.items()]
+    parts += [_duplicates(st), _exclusion(st.get("exclusion", {})), _skips(st)]
+    return "\n".join(parts)
+
+
+def write_report(manifest: CorpusManifest, out_dir: str | Path) -> Path:
+    """Write ``out_dir/report.md`` and its plots under ``out_dir/report/``.
+
+    Returns:
+        The path of ``report.md``.
+    """
+    out = Path(out_dir)
+    st = manifest.stats
+    plots: dict[str, str] = {}
+    if st.get("per_source"):
+        _bar_plot(st["per_source"], "Images per source", out / PLOT_DIR / "per_source.png")
+        plots["images per source"] = f"{PLOT_DIR}/per_source.png"
+    if st.get("per_label"):
+        _bar_plot(st["per_label"], "Images per label", out / PLOT_DIR / "per_label.png")
+        plots["images per label"] = f"{PLOT_DIR}/per_label.png"
+    if st.get("size_hist"):
+        _size_plot(st["size_bins"], st["size_hist"], out / PLOT_DIR / "sizes.png")
+        plots["original sizes"] = f"{PLOT_DIR}/sizes.png"
+    path = out / REPORT
+    atomic_write_text(path, render_markdown(manifest, plots))
+    return path
