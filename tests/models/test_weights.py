@@ -212,8 +212,10 @@ def test_adapt_input_conv_follows_timm_rules():
     # timm scales by multiplying with 1/3, so the last bit may differ from dividing by 3.
     torch.testing.assert_close(adapt_input_conv(3, w1), w1.repeat(1, 3, 1, 1) / 3, rtol=2e-7, atol=0)
     assert adapt_input_conv(3, w3) is w3
-    with pytest.raises(ValueError, match="cannot adapt a first conv with 2 input channels to 3"):
-        adapt_input_conv(3, w3[:, :2])
+    w2 = w3[:, :2]
+    torch.testing.assert_close(adapt_input_conv(3, w2), torch.cat([w2, w2[:, :1]], 1) * 2 / 3, rtol=2e-7, atol=0)
+    with pytest.raises(ValueError, match=r"shape \(2, 3\) .* expected a 4-D"):
+        adapt_input_conv(1, torch.ones(2, 3))
 
 
 def _gray_equals_repeated(name, tmp_path, x_gray, **kwargs):

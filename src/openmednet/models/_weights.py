@@ -493,14 +493,14 @@ def adapt_input_conv(in_chans: int, conv_weight: Tensor) -> Tensor:
 
     - to 1 channel: sum the kernels over input channels. For a gray image ``g`` the adapted conv
       gives exactly what the original gives on ``g`` repeated to ``I`` channels.
-    - from ``I`` to ``C > I`` channels: tile the kernels and scale by ``I / C`` (1 -> 3: repeat and
-      divide by 3), exact when all ``C`` channels carry the same image.
+    - from ``I`` to ``C`` channels otherwise: tile the kernels to ``C`` and scale by ``I / C``
+      (1 -> 3: repeat and divide by 3), exact when all ``C`` channels carry the same image.
 
     Returns:
         ``(O, in_chans, kH, kW)`` tensor (the input itself when nothing changes).
 
     Raises:
-        ValueError: ``in_chans < 1``, or a conversion timm does not define (e.g. 2 -> 3 channels).
+        ValueError: ``in_chans < 1``, or ``conv_weight`` is not a 4-D conv kernel.
     """
     from timm.models import adapt_input_conv as timm_adapt
 
@@ -510,8 +510,8 @@ def adapt_input_conv(in_chans: int, conv_weight: Tensor) -> Tensor:
         return timm_adapt(in_chans, conv_weight, base_chans=conv_weight.shape[1])
     except NotImplementedError as e:
         raise ValueError(
-            f"cannot adapt a first conv with {conv_weight.shape[1]} input channels to {in_chans} ({e}); "
-            f"supported: to 1 channel, or from I to a multiple-friendly C > I (1 -> 3, 3 -> 4...)"
+            f"cannot adapt first-conv weights of shape {tuple(conv_weight.shape)} to {in_chans} input "
+            f"channels ({e}); expected a 4-D (out, in, kH, kW) Conv2d kernel: check PretrainedCfg.first_conv"
         ) from None
 
 
