@@ -1,0 +1,412 @@
+"""``Predictor``: a model plus its input contract, from files to class probabilities and Grad-CAMs.
+
+The same object backs ``openmednet predict``, the web service and the Python API::
+
+    predictor = Predictor.from_spec("runs/busi/finetune")     # or "mednet_test", "mednet_gray.<tag>"
+    for pred in predictor.predict_path("scans/", cam=True):
+        print(pred.source, pred.label, pred.probabilities)
+
+Input contract. The model's ``PretrainedCfg`` (its model card) says how training images were
+prepared: channels and size, ``mean``/``std`` after scaling to [0, 1], and the intensity pipeline.
+Prediction applies exactly that: readers turn each file into 8-bit gray or RGB (DICOM windowing,
+MONOCHROME1 inversion, NIfTI slices), then the images are converted to the model's channels,
+resized to ``input_size`` and normalised. A channel conversion is never silent: it raises a
+:class:`ChannelConversionWarning` and is recorded in ``Prediction.notes`` (and so in the CSV).
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import logging
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from openmednet.data.images import to_channels
+from openmednet.data.readers import SkipImage, get_reader, read_images
+from openmednet.data.transforms import build_transform
+from openmednet.explain.gradcam import GradCAM, overlay_png
+from openmednet.models import PretrainedCfg, create_model, is_model, load_pretrained
+from openmednet.utils import atomic_write_text
+
+__all__ = [
+    "ChannelConversionWarning", "Prediction", "Predictor", "TooManyImagesError", "load_model", "save_predictions_csv",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class TooManyImagesError(ValueError):
+    """A file holds more images (frames, slices) than the caller accepts."""
+
+
+class ChannelConversionWarning(UserWarning):
+    """An image's channels were converted to match the model (colour -> gray or gray -> colour)."""
+
+
+@dataclass
+class Prediction:
+    """The result for one 2D image.
+
+    Attributes:
+        source: the file it came from (upload name for the web service).
+        frame: slice / frame index inside the file (0 for single images).
+        probabilities: ``{label: probability}``, softmax over the model's classes, summing to 1.
+        label: the most probable label.
+        notes: what was done to fit the input contract (e.g. ``"rgb->gray"``).
+        image: with ``cam``: the 8-bit image the model saw (after resize/crop), ``(h, w)`` or ``(h, w, 3)``.
+        cam: Grad-CAM of ``label`` at model input size ``(h, w)`` in [0, 1], when requested.
+    """
+
+    source: str
+    frame: int
+    probabilities: dict[str, float]
+    label: str
+    notes: list[str] = field(default_factory=list)
+    image: np.ndarray | None = field(default=None, repr=False)
+    cam: np.ndarray | None = field(default=None, repr=False)
+
+    def overlay_png(self, alpha: float = 0.45, min_side: int = 256) -> bytes:
+        """The Grad-CAM over the model's view of the image, as PNG bytes.
+
+        Args:
+            alpha: heat-map weight.
+            min_side: the view is enlarged (bilinear) to at least this side for display.
+
+        Raises:
+            ValueError: no CAM was computed (predict with ``cam=True``).
+        """
+        if self.cam is None or self.image is None:
+            raise ValueError(f"no Grad-CAM for {self.source}: predict with cam=True")
+        image = self.image
+        h, w = image.shape[:2]
+        scale = max(1.0, min_side / min(h, w))
+        if scale > 1.0:
+            from PIL import Image
+
+            image = np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
+        return overlay_png(image, self.cam, alpha=alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no pixel arrays)."""
+        return dict(source=self.source, frame=self.frame, label=self.label,
+                    probabilities=self.probabilities, notes=list(self.notes))
+
+
+# ----------------------------------------------------------------------------------- loading
+def load_model(spec: str | Path) -> nn.Module:
+    """Load a model for inference from a registry name or a saved model directory/file.
+
+    Args:
+        spec: ``"mednet_test"`` / ``"mednet_gray.<tag>"`` (registry; a tag loads its weights), or a
+            directory holding ``model.safetensors`` and its model card (written by
+            ``save_pretrained`` / ``openmednet finetune``), or the ``.safetensors`` file itself.
+
+    Returns:
+        The model in eval mode with ``model.pretrained_cfg`` set.
+
+    Raises:
+        FileNotFoundError: ``spec`` is neither a registered name nor an existing path.
+    """
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".safetensors":
+        path = path.parent  # the card sits next to its weights (save_pretrained's layout)
+    if path.exists():
+        return load_pretrained(path).eval()  # verifies the checksum the card records
+    if is_model(str(spec)):
+        return create_model(str(spec)).eval()
+    raise FileNotFoundError(
+        f"model '{spec}' is neither a registered model (see `openmednet models list`) nor an existing "
+        "directory/file with model.safetensors and its model card"
+    )
+
+
+def _read_images(path: Path, max_pixels: int | None = None) -> Iterator[tuple[np.ndarray, int]]:
+    """``(uint8 (H, W) or (H, W, 3), frame)`` for every usable 2D image in ``path``.
+
+    ``max_pixels`` goes to readers that check it on the header before decoding (Pillow, DICOM),
+    and is checked again on every decoded image (NIfTI bounds voxels per volume itself).
+    """
+    reader = get_reader(path)
+    if max_pixels is not None and "max_pixels" in inspect.signature(type(reader)).parameters:
+        reader = type(reader)(max_pixels=max_pixels)
+    for array, meta in read_images(path, reader):
+        if max_pixels is not None and array.shape[0] * array.shape[1] > max_pixels:
+            raise SkipImage("decompression_bomb", f"{array.shape[1]}x{array.shape[0]} image exceeds "
+                            f"{max_pixels} pixels", path, meta.frame)
+        yield array, meta.frame
+
+
+def _has_reader(path: Path) -> bool:
+    try:
+        get_reader(path)
+    except ValueError:
+        return False
+    return True
+
+
+def _list_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files to predict: given files as is, folder contents that some reader handles (sorted)."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files.extend(p for p in found if _has_reader(p))
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"input not found: {item} (expected an image file, DICOM, NIfTI or folder)")
+    return files
+
+
+# ----------------------------------------------------------------------------------- predictor
+class Predictor:
+    """Class probabilities (and optional Grad-CAMs) for images, under a model's input contract.
+
+    Args:
+        model: a classifier with ``num_classes > 0``; put in eval mode here.
+        cfg: its input contract; default ``model.pretrained_cfg``.
+        label_names: one name per class; default ``cfg.label_names`` or ``class_0, class_1...``.
+        cam_layer: Grad-CAM target layer (default: the model's last feature stage).
+        device: where the model runs.
+
+    Thread-safe: the web service calls one instance from several worker threads.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: PretrainedCfg | None = None,
+        label_names: Sequence[str] | None = None,
+        cam_layer: str | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        cfg = cfg if cfg is not None else getattr(model, "pretrained_cfg", None)
+        if cfg is None:
+            raise ValueError("model has no pretrained_cfg (input contract): pass cfg=PretrainedCfg(...)")
+        num_classes = getattr(model, "num_classes", 0)
+        if num_classes < 1:
+            raise ValueError(
+                "the model has no classifier (num_classes=0): prediction needs a fine-tuned model, "
+                "e.g. the directory written by `openmednet finetune`"
+            )
+        names = tuple(label_names or cfg.label_names or (f"class_{i}" for i in range(num_classes)))
+        if len(names) != num_classes:
+            raise ValueError(f"{len(names)} label names for a model with {num_classes} classes: {names}")
+        self.model = model.to(device).eval()
+        self.cfg = cfg
+        self.label_names = names
+        self.device = torch.device(device)
+        self.cam = GradCAM(self.model, cam_layer)
+        if cfg.intensity != "uint8/255":
+            # Readers map every modality to 8 bits (DICOM windows, NIfTI percentiles); a model trained
+            # on another mapping would get inputs it never saw, so refuse rather than guess.
+            raise ValueError(
+                f"model card asks for intensity '{cfg.intensity}', but prediction feeds reader output "
+                "scaled as 'uint8/255': re-export the card with the mapping the readers apply"
+            )
+        self._transform = build_transform(cfg, train=False)
+        self._mean = torch.tensor(cfg.mean, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(cfg.std, dtype=torch.float32).view(-1, 1, 1)
+
+    @classmethod
+    def from_spec(cls, spec: str | Path, **kwargs: Any) -> Predictor:
+        """:func:`load_model` then ``Predictor(model, **kwargs)``."""
+        return cls(load_model(spec), **kwargs)
+
+    @property
+    def in_chans(self) -> int:
+        """Channels the model expects."""
+        return self.cfg.input_size[0]
+
+    def card(self) -> dict[str, Any]:
+        """The model card as plain types (architecture, classes, input contract)."""
+        return dict(
+            architecture=self.cfg.meta.get("architecture", type(self.model).__name__),
+            label_names=list(self.label_names),
+            input_contract=dict(
+                channels=self.in_chans, size=list(self.cfg.input_size[1:]), mean=list(self.cfg.mean),
+                std=list(self.cfg.std), intensity=self.cfg.intensity, interpolation=self.cfg.interpolation,
+            ),
+            license=self.cfg.license,
+        )
+
+    # ------------------------------------------------------------------------------- contract
+    def _fit_channels(self, image: np.ndarray, source: str) -> tuple[np.ndarray, list[str]]:
+        """Convert ``image`` to the model's channels; warn and note any conversion."""
+        converted, changed = to_channels(image, self.in_chans)
+        if not changed:
+            return converted, []
+        if image.ndim == 3:
+            lossless = bool((image == image[..., :1]).all())  # gray content saved as RGB
+            note = "rgb->gray" + ("" if lossless else " (colour discarded)")
+        else:
+            note = "gray->rgb"
+        warnings.warn(
+            f"{source}: model expects {self.in_chans} channel(s), image has {3 if image.ndim == 3 else 1}: "
+            f"converted {note}", ChannelConversionWarning, stacklevel=4,
+        )
+        return converted, [note]
+
+    def preprocess(self, image: np.ndarray, source: str = "<array>") -> tuple[Tensor, list[str]]:
+        """Apply the input contract to one 8-bit image: the evaluation transform of training.
+
+        Args:
+            image: ``uint8`` ``(H, W)`` gray or ``(H, W, 3)`` RGB, as readers produce.
+            source: name used in warnings.
+
+        Returns:
+            ``(in_chans, H', W')`` float tensor, ``(H', W') = input_size[1:]`` (resize of the short
+            side, then centre crop, as ``build_transform(cfg, train=False)``), normalised with the
+            card's mean/std; and the list of conversion notes.
+        """
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+            raise ValueError(f"{source}: expected uint8 (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
+        image, notes = self._fit_channels(image, source)
+        chw = torch.from_numpy(np.ascontiguousarray(image))
+        chw = chw[None] if chw.ndim == 2 else chw.permute(2, 0, 1)
+        return self._transform(chw), notes
+
+    def model_view(self, x: Tensor) -> np.ndarray:
+        """Undo the normalisation of a preprocessed ``(C, H, W)`` input: the uint8 image the model saw.
+
+        Returns:
+            ``(H, W)`` or ``(H, W, 3)`` uint8, for overlays aligned pixel for pixel with the CAM.
+        """
+        view = (x.cpu() * self._std + self._mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+        return view[0].numpy() if view.shape[0] == 1 else view.permute(1, 2, 0).numpy()
+
+    # ------------------------------------------------------------------------------- predict
+    def predict_arrays(
+        self, images: Sequence[np.ndarray], sources: Sequence[str] | None = None,
+        frames: Sequence[int] | None = None, cam: bool = False,
+    ) -> list[Prediction]:
+        """Predict a batch of 8-bit images (see :meth:`preprocess`)."""
+        sources = list(sources or (f"<array {i}>" for i in range(len(images))))
+        frames = list(frames or [0] * len(images))
+        prepared = [self.preprocess(img, src) for img, src in zip(images, sources)]
+        x = torch.stack([t for t, _ in prepared]).to(self.device)
+        if cam:
+            maps = self.cam(x).cpu().numpy()  # CAM of the predicted class
+            with torch.no_grad():
+                probs = torch.softmax(self.model(x), dim=1).cpu()
+        else:
+            with torch.no_grad():
+                probs = torch.softmax(self.model(x), dim=1).cpu()
+            maps = [None] * len(images)
+        out = []
+        for i, (tensor, notes) in enumerate(prepared):
+            p = probs[i].tolist()
+            out.append(Prediction(
+                source=sources[i], frame=frames[i], probabilities=dict(zip(self.label_names, p)),
+                label=self.label_names[int(np.argmax(p))], notes=notes,
+                image=self.model_view(tensor) if cam else None, cam=maps[i],
+            ))
+        return out
+
+    def predict_path(
+        self, inputs: str | Path | Iterable[str | Path], cam: bool = False, batch_size: int = 16,
+    ) -> Iterator[Prediction]:
+        """Predict every 2D image in files and folders (PNG/JPEG/DICOM/NIfTI; volumes give slices).
+
+        Folders are walked recursively and files no reader handles (``labels.csv``...) are passed
+        over. A file that fails to read is skipped with a warning, so one bad file does not stop
+        a folder.
+        """
+        if isinstance(inputs, (str, Path)):
+            inputs = [inputs]
+        batch: list[tuple[np.ndarray, str, int]] = []
+        for path in _list_files(inputs):
+            try:
+                for array, frame in _read_images(path):
+                    batch.append((array, str(path), frame))
+                    if len(batch) == batch_size:
+                        yield from self._flush(batch, cam)
+            except (SkipImage, ValueError, OSError) as e:
+                warnings.warn(f"skipped {path}: {e}", stacklevel=2)
+        yield from self._flush(batch, cam)
+
+    def _flush(self, batch: list[tuple[np.ndarray, str, int]], cam: bool) -> list[Prediction]:
+        if not batch:
+            return []
+        images, sources, frames = zip(*batch)
+        batch.clear()
+        return self.predict_arrays(list(images), list(sources), list(frames), cam=cam)
+
+    def predict_bytes(self, data: bytes, filename: str, cam: bool = True,
+                      max_pixels: int | None = None, max_frames: int | None = None) -> list[Prediction]:
+        """Predict the images of an uploaded file (all frames/slices).
+
+        Args:
+            data: the file's bytes.
+            filename: its name; a known suffix picks the reader, else readers sniff the content
+                (DICOM files from PACS exports often have no suffix).
+            cam: compute Grad-CAMs.
+            max_pixels: refuse images with more pixels (checked on headers where possible).
+            max_frames: refuse files with more images than this, before any inference.
+
+        Raises:
+            SkipImage: the file is not a usable image (``reason`` says why).
+            TooManyImagesError: more than ``max_frames`` images.
+            ValueError: no reader handles the file.
+        """
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="openmednet-upload-") as tmp:
+            path = Path(tmp) / f"upload{_upload_suffix(filename)}"  # never trust the name as a path
+            path.write_bytes(data)
+            images = list(_read_images(path, max_pixels))
+        if not images:
+            raise SkipImage("unsupported_image", f"{filename}: no usable 2D image in the file")
+        if max_frames is not None and len(images) > max_frames:
+            raise TooManyImagesError(f"{filename} holds {len(images)} images, more than the limit of {max_frames}")
+        arrays, frames = zip(*images)
+        return self.predict_arrays(list(arrays), [filename] * len(arrays), list(frames), cam=cam)
+
+
+_KNOWN_SUFFIXES = (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp",
+                   ".gif", ".webp", ".npz")
+
+
+def _upload_suffix(filename: str) -> str:
+    """The upload's suffix if it is a known image suffix, else ``""`` (readers then sniff content)."""
+    name = filename.lower()
+    return next((s for s in _KNOWN_SUFFIXES if name.endswith(s)), "")
+
+
+# ----------------------------------------------------------------------------------- output
+def save_predictions_csv(predictions: Iterable[Prediction], path: str | Path, label_names: Sequence[str]) -> int:
+    """Write predictions as CSV (``source,frame,label,p_<name>...,notes``) atomically.
+
+    Returns:
+        The number of rows written.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["source", "frame", "label", *(f"p_{n}" for n in label_names), "notes"])
+    rows = 0
+    for p in predictions:
+        writer.writerow([p.source, p.frame, p.label, *(f"{p.probabilities[n]:.6f}" for n in label_names),
+                         ";".join(p.notes)])
+        rows += 1
+    atomic_write_text(Path(path), buf.getvalue())
+    return rows
+
+
+def cam_file_name(pred: Prediction) -> str:
+    """``<stem>[_f<frame>]_cam.png``: one overlay file name per predicted image."""
+    stem = Path(pred.source).name
+    for suffix in (".nii.gz", *Path(stem).suffixes[-1:]):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return f"{stem}{'' if pred.frame == 0 else f'_f{pred.frame}'}_cam.png"
