@@ -186,3 +186,30 @@ def test_dicom_without_pixels(tmp_path: Path, fmt: Path) -> None:
     del ds.PixelData
     ds.save_as(tmp_path / "sr.dcm")
     assert _skip_reason(tmp_path / "sr.dcm") == "unsupported_image"
+
+
+def test_enhanced_multiframe_window_from_functional_groups(fmt: Path) -> None:
+    # Enhanced CT keeps rescale (-1024) and window (49/102) in SharedFunctionalGroupsSequence.
+    path = fmt / "pydicom-data-1.0.0/eCT_Supplemental.dcm"
+    frames = _frames(path)
+    assert len(frames) == 2
+    raw = pydicom.dcmread(path).pixel_array.astype(np.float64)
+    for (img, meta), stored in zip(frames, raw):
+        assert (meta.extra["window_center"], meta.extra["window_width"]) == (49.0, 102.0)
+        np.testing.assert_array_equal(img, apply_window(stored - 1024, 49, 102))
+
+
+def test_voi_lut_sequence_is_applied(tmp_path: Path, fmt: Path) -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(fmt / "pydicom-3.0.2/MR_small.dcm")
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]  # 4096 entries, first input value 0, 16-bit output
+    item.add_new("LUTData", "US", [(4095 - i) * 16 for i in range(4096)])  # an inverting LUT
+    ds.VOILUTSequence = Sequence([item])
+    ds.save_as(tmp_path / "lut.dcm")
+    (img, meta), = _frames(tmp_path / "lut.dcm")
+    raw = np.clip(pydicom.dcmread(tmp_path / "lut.dcm").pixel_array.astype(np.float64), 0, 4095)
+    assert meta.extra["voi"] == "lut"  # the LUT wins over the file's window
+    np.testing.assert_array_equal(img, np.rint((4095 - raw) * 16 * 255 / 65535))

@@ -111,7 +111,7 @@ class DicomReader(ImageReader):
             "n_frames": len(frames),
         }
         for index, frame in enumerate(frames):
-            arr, extra = self._to_uint8(ds, frame, photometric)
+            arr, extra = self._to_uint8(frame_view(ds, index), frame, photometric)
             meta = ImageMeta(
                 path=path,
                 frame=index,
@@ -137,6 +137,8 @@ class DicomReader(ImageReader):
                 path,
             )
         uid = ds.file_meta.get("TransferSyntaxUID")
+        if uid is None:
+            raise SkipImage("corrupt", "no TransferSyntaxUID in the file meta; the file was not written as DICOM Part 10", path)
         try:
             decoder = get_decoder(uid)
             available = decoder.is_available
@@ -159,7 +161,9 @@ class DicomReader(ImageReader):
             from pydicom.pixels import apply_color_lut
 
             rgb = apply_color_lut(frame, ds)
-            return scale_to_uint8(rgb, 0, 65535 if rgb.dtype == np.uint16 else 255), {"color": "palette"}
+            # The LUT descriptor's third value is the bit depth of the entries (8 or 16).
+            bits = int(ds.get("RedPaletteColorLookupTableDescriptor", [0, 0, 16])[2])
+            return scale_to_uint8(rgb, 0, 2**bits - 1), {"color": "palette"}
         if frame.ndim == 3:
             # RGB or YBR (pydicom has converted YBR to RGB). Scale by the declared bit depth.
             bits = int(ds.get("BitsStored", 8))
@@ -176,7 +180,9 @@ class DicomReader(ImageReader):
         }
         if "VOILUTSequence" in ds:
             lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-            out = scale_to_uint8(apply_voi_lut(values, ds, index=0, prefer_lut=True), 0, 2**lut_bits - 1)
+            # A LUT is indexed by integer input values (pydicom mis-indexes float arrays).
+            indices = np.rint(values).astype(np.int64)
+            out = scale_to_uint8(apply_voi_lut(indices, ds, index=0, prefer_lut=True), 0, 2**lut_bits - 1)
             extra["voi"] = "lut"
         elif _first(ds.get("WindowWidth")) is not None and _first(ds.get("WindowWidth")) > 0:
             center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
@@ -192,6 +198,46 @@ class DicomReader(ImageReader):
             out = 255 - out
         extra["inverted"] = inverted
         return out, extra
+
+
+#: Attributes copied into a frame view; functional groups may override the pixel-value ones.
+_VIEW_KEYWORDS = (
+    "PixelRepresentation", "BitsStored", "BitsAllocated", "PhotometricInterpretation",
+    "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence",
+    "WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence",
+    "RedPaletteColorLookupTableDescriptor", "RedPaletteColorLookupTableData",
+    "GreenPaletteColorLookupTableDescriptor", "GreenPaletteColorLookupTableData",
+    "BluePaletteColorLookupTableDescriptor", "BluePaletteColorLookupTableData",
+)  # fmt: skip
+_FRAME_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+
+
+def frame_view(ds: Any, index: int) -> Any:
+    """The dataset as seen by frame ``index``: enhanced multi-frame files (Enhanced CT/MR...) keep
+    rescale and window in functional groups (PS3.3 C.7.6.16) where pydicom's LUT functions do not
+    look; this lifts them to the top level (per-frame values override shared ones).
+
+    Returns ``ds`` itself for classic files without functional groups.
+    """
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not shared and not per_frame:
+        return ds
+    from pydicom.dataset import Dataset
+
+    view = Dataset()
+    for keyword in _VIEW_KEYWORDS:
+        if keyword in ds:
+            view[keyword] = ds[keyword]
+    for groups, i in ((shared, 0), (per_frame, index)):
+        if not groups or len(groups) <= i:
+            continue
+        for sequence in _FRAME_GROUPS:
+            items = groups[i].get(sequence)
+            if items:
+                for element in items[0]:
+                    view[element.tag] = element
+    return view
 
 
 def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:

@@ -104,7 +104,8 @@ def _load_arrays(path: Path, mtime: float) -> dict[str, np.ndarray]:
     """Load all arrays of the archive (cached per path and modification time)."""
     del mtime  # part of the cache key only: a rewritten file is re-read
     try:
-        with np.load(path, allow_pickle=False) as z:
+        # Open the file ourselves: np.load leaks the handle when the zip is damaged.
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise SkipImage("corrupt", f"cannot read the .npz archive ({type(e).__name__}: {e})", path) from e
