@@ -272,7 +272,7 @@ class Predictor:
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
             raise ValueError(f"{source}: expected uint8 (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
         image, notes = self._fit_channels(image, source)
-        chw = torch.from_numpy(np.ascontiguousarray(image))
+        chw = torch.from_numpy(np.require(image, requirements=["C", "W"]))  # readers may hand out read-only views
         chw = chw[None] if chw.ndim == 2 else chw.permute(2, 0, 1)
         return self._transform(chw), notes
 
