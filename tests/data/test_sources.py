@@ -138,3 +138,24 @@ def test_bad_specs() -> None:
         SourceSpec("x", Path("."), format="csv")
     with pytest.raises(FileNotFoundError, match="source root not found"):
         list(iter_source(SourceSpec("x", Path("/nonexistent/openmednet"))))
+
+
+def test_single_slice_item_reports_only_its_own_skips(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    data = np.zeros((8, 8, 3), dtype=np.int16)
+    data[2:6, 2:6, 1] = np.arange(16, dtype=np.int16).reshape(4, 4) + 1
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "v.nii")
+    skips: list[SkipImage] = []
+    good = list(read_item(SourceItem(tmp_path / "v.nii", frame=1), on_skip=skips.append))
+    assert len(good) == 1 and skips == []  # slices 0 and 2 are empty but not this item's concern
+    assert list(read_item(SourceItem(tmp_path / "v.nii", frame=2), on_skip=skips.append)) == []
+    assert [(s.reason, s.frame) for s in skips] == [("empty_slice", 2)]
+
+
+def test_npz_selector_survives_json(shared_data: Path) -> None:
+    path = shared_data / "gray/targets/pneumoniamnist/pneumoniamnist.npz"
+    ((img, meta),) = read_item(SourceItem(path, frame=["test", 3]))  # type: ignore[arg-type]
+    assert (meta.split, meta.frame) == ("test", 3)
+    with pytest.raises(ValueError, match="frame selector must be"):
+        list(read_item(SourceItem(path, frame="test/3")))  # type: ignore[arg-type]

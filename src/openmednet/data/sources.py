@@ -171,8 +171,9 @@ def iter_source(spec: SourceSpec) -> Iterator[SourceItem]:
 def read_item(item: SourceItem, *, on_skip: Callable[[SkipImage], None] | None = None) -> Iterator[tuple[np.ndarray, ImageMeta]]:
     """Read the image(s) an item refers to, with the item's source facts in each ``ImageMeta``.
 
-    The meta gets ``source``, ``label``, ``split``, ``group`` from the item and ``modality`` from
-    the item when the file did not state one.
+    The meta gets ``source`` from the item, and ``label``, ``split``, ``group`` from the item when
+    it has them (else what the reader found, e.g. an ``.npz`` row's label); ``modality`` comes from
+    the file when it states one (DICOM), else from the item.
 
     Args:
         item: from ``iter_source``.
@@ -185,7 +186,10 @@ def read_item(item: SourceItem, *, on_skip: Callable[[SkipImage], None] | None =
     try:
         for arr, meta in _read_raw(item, on_skip):
             meta.source = item.source
-            meta.label, meta.split, meta.group = item.label, item.split, item.group
+            # The item's annotations win; the reader's (an npz row's label and split) fill gaps.
+            meta.label = item.label if item.label is not None else meta.label
+            meta.split = item.split if item.split is not None else meta.split
+            meta.group = item.group if item.group is not None else meta.group
             meta.modality = meta.modality or item.modality
             yield arr, meta
     except SkipImage as skip:
@@ -195,19 +199,30 @@ def read_item(item: SourceItem, *, on_skip: Callable[[SkipImage], None] | None =
 
 
 def _read_raw(item: SourceItem, on_skip: Callable[[SkipImage], None] | None) -> Iterator[tuple[np.ndarray, ImageMeta]]:
-    if isinstance(item.frame, tuple):
-        split, row = item.frame
+    frame = item.frame
+    if isinstance(frame, list):  # a (split, row) selector that went through JSON
+        frame = tuple(frame)
+    if isinstance(frame, tuple):
+        if len(frame) != 2:
+            raise ValueError(f"npz frame selector must be (split, row), got {item.frame!r}")
+        split, row = frame
         try:
             yield read_row(item.path, split, row)
         except (KeyError, IndexError) as e:
             raise SkipImage("missing_file", f"npz row not found ({e})", item.path, row) from e
         return
+    if frame is not None and not isinstance(frame, int):
+        raise ValueError(f"frame selector must be None, an int or (split, row), got {item.frame!r}")
+    if frame is not None and on_skip is not None:
+        # Only the requested frame's skips concern this item (the others belong to other items).
+        outer = on_skip
+        on_skip = lambda skip: outer(skip) if skip.frame in (None, frame) else None  # noqa: E731
     try:
         stream = read_images(item.path, on_skip=on_skip, **dict(item.reader_options))
     except ValueError as e:  # no reader for this file name
         raise SkipImage("unsupported_format", str(e), item.path) from e
     for arr, meta in stream:
-        if item.frame is None or meta.frame == item.frame:
+        if frame is None or meta.frame == frame:
             yield arr, meta
 
 
