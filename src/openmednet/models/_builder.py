@@ -139,11 +139,14 @@ def build_model(
     else:
         model.pretrained_cfg = base_cfg.replace(source="file", file=str(pretrained_file))
     if reset:
-        _logger.info("%s: %d head tensors newly initialised for num_classes=%s", arch, len(reset), kwargs.get("num_classes"))
+        _logger.info("%s: %d head tensors newly initialised for num_classes=%s",
+                     arch, len(reset), kwargs.get("num_classes"))
     return model
 
 
-def load_pretrained(path: str | Path, *, num_classes: int | None = None, in_chans: int | None = None, **kwargs: Any) -> nn.Module:
+def load_pretrained(
+    path: str | Path, *, num_classes: int | None = None, in_chans: int | None = None, **kwargs: Any
+) -> nn.Module:
     """Rebuild a model saved with ``save_pretrained`` from its directory or model card.
 
     Args:
@@ -201,8 +204,21 @@ def _fit_cfg(cfg: PretrainedCfg, model: nn.Module, base: PretrainedCfg) -> Pretr
         std=std,
         num_classes=num_classes,
         label_names=cfg.label_names if num_classes == cfg.num_classes else (),
-        meta={**base.meta, **cfg.meta, "architecture": base.meta.get("architecture", cfg.meta.get("architecture"))},
+        meta=_fit_meta(cfg.meta, base.meta),
     )
+
+
+def _fit_meta(weights_meta: dict[str, Any], built_meta: dict[str, Any]) -> dict[str, Any]:
+    """Provenance of the weights, with the architecture and kwargs of the model as built.
+
+    The weights' ``model_args`` describe the saved model; after adapting channels or head only
+    the kwargs recorded at construction (timm baselines) are true, else ``model.model_args()``.
+    """
+    meta = {**weights_meta, "architecture": built_meta.get("architecture", weights_meta.get("architecture"))}
+    meta.pop("model_args", None)
+    if "model_args" in built_meta:
+        meta["model_args"] = built_meta["model_args"]
+    return meta
 
 
 def _load_pypi(arch: str, cfg: PretrainedCfg) -> dict[str, Tensor]:
@@ -236,7 +252,7 @@ def _map_in_order(source: dict[str, Tensor], reference: dict[str, Tensor], what:
     if len(source) != len(reference):
         raise ValueError(f"{what} holds {len(source)} tensors, the architecture {len(reference)}: they do not map")
     mapped = {}
-    for (src_key, tensor), (ref_key, ref) in zip(source.items(), reference.items()):
+    for (src_key, tensor), (ref_key, ref) in zip(source.items(), reference.items(), strict=True):
         if tensor.shape != ref.shape:
             raise ValueError(
                 f"{what}: tensor '{src_key}' {tuple(tensor.shape)} does not map onto '{ref_key}' "
@@ -255,8 +271,9 @@ def _download_blocker(cfg: PretrainedCfg) -> str | None:
     if cfg.hf_hub_id:
         from huggingface_hub import try_to_load_from_cache
 
+        cache_dir = os.environ.get("HF_HUB_CACHE")  # read now, not at huggingface_hub's import
         for filename in ("model.safetensors", "pytorch_model.bin"):
-            if isinstance(try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=os.environ.get("HF_HUB_CACHE")), str):
+            if isinstance(try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=cache_dir), str):
                 return None
         host = _HUB_HOST
         if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
@@ -281,8 +298,8 @@ def _build_timm_hub(
     where = f"https://{_HUB_HOST}/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
     advice = (
         f"Download the weights on a connected machine ({where}), then pass "
-        f"pretrained_file=PATH (add allow_pickle=True for a .pth/.bin you trust); or use 'efficientnet_lite0', whose ImageNet weights "
-        f"ship offline in a pip package"
+        f"pretrained_file=PATH (add allow_pickle=True for a .pth/.bin you trust); or use "
+        f"'efficientnet_lite0', whose ImageNet weights ship offline in a pip package"
     )
     reason = _download_blocker(cfg)
     if reason is not None:

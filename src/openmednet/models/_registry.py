@@ -128,10 +128,18 @@ def create_model(
             weights' head, the head is re-initialised.
         in_chans: input channels; pretrained first convs are adapted between 1 and 3 channels.
         **kwargs: architecture arguments (``width_mult``, ``drop_rate``...); ``None`` values are
-            dropped so callers can pass optional CLI values straight through.
+            dropped so callers can pass optional CLI values straight through. Two more are
+            handled by the builder: ``pretrained_file`` (local weights: a safetensors file, or a
+            ``save_pretrained`` directory / card, checksum verified) and ``allow_pickle`` (accept
+            a trusted ``torch.save`` file, read with ``weights_only=True``).
 
     Returns:
         The model in train mode, with ``model.pretrained_cfg`` set.
+
+    Raises:
+        KeyError: unknown name or weight set (with a suggestion).
+        ValueError: weights corrupt, tampered, pickled without consent, or not fitting.
+        openmednet.models.WeightsUnavailableError: weights need a download that cannot be made.
     """
     from openmednet.models._builder import build_model
 

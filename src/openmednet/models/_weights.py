@@ -17,7 +17,6 @@ Nothing here knows the registry: building a model from a card is ``openmednet.lo
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -286,6 +285,16 @@ def _model_args(model: nn.Module) -> dict[str, Any]:
     return args
 
 
+def _package_version() -> str:
+    """Installed openmednet version (read from metadata: models must not import the top package)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("openmednet")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def save_pretrained(
     model: nn.Module,
     out_dir: str | Path,
@@ -348,8 +357,6 @@ def save_pretrained(
     blob = safetensors_save(state, metadata={"format": "pt", "architecture": architecture})
     atomic_write_bytes(out_dir / weights_name, blob)
 
-    import openmednet
-
     card = ModelCard(
         architecture=architecture,
         model_args=_model_args(model),
@@ -374,7 +381,7 @@ def save_pretrained(
         metrics=dict(metrics or {}),
         license=license or cfg.license,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        software={"openmednet": openmednet.__version__, "torch": torch.__version__},
+        software={"openmednet": _package_version(), "torch": torch.__version__},
     )
     atomic_write_text(out_dir / card_name, json.dumps(card.to_dict(), indent=2) + "\n")
     _logger.info("saved %s (%d tensors, sha256 %s) and %s", weights_name, len(state), card.sha256[:12], card_name)
@@ -549,7 +556,8 @@ def load_state_dict_adapted(
     sd = dict(state_dict)
     conv_key = f"{first_conv}.weight"
     if conv_key in sd and conv_key in target and sd[conv_key].shape[1] != target[conv_key].shape[1]:
-        _logger.info("adapting %s from %d to %d input channels", conv_key, sd[conv_key].shape[1], target[conv_key].shape[1])
+        _logger.info("adapting %s from %d to %d input channels",
+                     conv_key, sd[conv_key].shape[1], target[conv_key].shape[1])
         sd[conv_key] = adapt_input_conv(target[conv_key].shape[1], sd[conv_key])
 
     head = _tensor_prefix(classifier)
