@@ -212,7 +212,8 @@ def load_target(
     gray = all(is_gray_content(a, tol=GRAY_TOLERANCE) for a in images)
     channels = 1 if gray else 3
     # Store gray content as (H, W) and colour as (H, W, 3); the transform adapts to the model.
-    images = [_shrink(to_channels(a, channels)[0], max_side) for a in images]
+    # np.require: writable, contiguous arrays (Pillow's are read-only; torch.from_numpy wants writable).
+    images = [np.require(_shrink(to_channels(a, channels)[0], max_side), requirements=["C", "W"]) for a in images]
     hashes = np.asarray([phash64(a) for a in images], dtype=np.uint64)
     target = TargetSet(
         images=images, labels=np.asarray(labels, dtype=object), groups=groups, given_splits=splits, ids=ids,

@@ -1,0 +1,62 @@
+"""``openmednet finetune``: fine-tune a model on a labelled target and evaluate it on its test split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+# CLI flag -> FinetuneConfig field, for the flags that are just config values.
+_FLAGS = ("data", "out", "init", "arch", "strategy", "freeze_k", "epochs", "lr", "batch_size", "image_size",
+          "label_fraction", "per_class", "seed")
+
+
+def _overrides(values: dict, set_: list[str]) -> list[str]:
+    """Explicit flags as ``key=value`` overrides (strings JSON-quoted so paths stay strings), then ``--set``."""
+    out = []
+    for key in _FLAGS:
+        value = values[key]
+        if value is not None:
+            out.append(f"{key}={json.dumps(str(value)) if isinstance(value, (str, Path)) else value}")
+    return out + list(set_)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``finetune`` command to ``app``."""
+
+    @app.command("finetune")
+    def finetune_cmd(
+        data: Path = typer.Option(None, help="Target: folder with labels.csv (path,label,split,group) or class sub-folders, or a .npz."),
+        init: str = typer.Option(None, help="auto | <model>[.<tag>] (pre-trained) | scratch:<model> | path to saved weights."),
+        out: Path = typer.Option(None, help="Run directory for metrics.json, plots and the model."),
+        arch: str = typer.Option(None, help="Architecture of a bare weights file given as --init."),
+        strategy: str = typer.Option(None, help="full | linear_probe | freeze_k | meanvar."),
+        freeze_k: int = typer.Option(None, "--freeze-k", help="Blocks frozen after the stem (strategy freeze_k)."),
+        epochs: int = typer.Option(None, help="Maximum epochs (early stopping on validation AUROC)."),
+        lr: float = typer.Option(None, help="Backbone learning rate (the new head gets head_lr_mult x)."),
+        batch_size: int = typer.Option(None, "--batch-size"),
+        image_size: int = typer.Option(None, "--image-size", help="Input side; default: the init's contract."),
+        label_fraction: float = typer.Option(None, "--label-fraction", help="Train on this fraction of each class."),
+        per_class: int = typer.Option(None, "--per-class", help="Train on N images per class (few-shot)."),
+        seed: int = typer.Option(None),
+        config: Path = typer.Option(None, exists=True, dir_okay=False, help="YAML with FinetuneConfig fields."),
+        set_: list[str] = typer.Option([], "--set", help="Override any config field: --set leakage=error."),
+    ) -> None:
+        """Fine-tune, choose the best epoch on validation, evaluate once on test."""
+        from openmednet.config import load_config
+        from openmednet.eval.finetune import FinetuneConfig, run_finetune
+        from openmednet.eval.report import metrics_table_md
+
+        values = dict(data=data, out=out, init=init, arch=arch, strategy=strategy, freeze_k=freeze_k, epochs=epochs,
+                      lr=lr, batch_size=batch_size, image_size=image_size, label_fraction=label_fraction,
+                      per_class=per_class, seed=seed)
+        try:
+            cfg = load_config(FinetuneConfig, config, _overrides(values, set_))
+        except TypeError as e:  # a required field (data, out) is missing
+            raise ValueError(f"{e}: give --data and --out (or set them in --config)") from None
+        result = run_finetune(cfg)
+        test = result.metrics["test"]
+        typer.echo(f"test set: {test['n']} images, best epoch {result.metrics['best_epoch']}")
+        typer.echo(metrics_table_md(test), nl=False)
+        typer.echo(f"outputs: {result.out}")

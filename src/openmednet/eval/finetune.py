@@ -1,0 +1,494 @@
+"""Fine-tune a model on a small labelled target and evaluate it once on an untouched test split.
+
+``run_finetune(FinetuneConfig)`` is the composition root of a transfer run::
+
+    data -> checks -> splits (given, else group-aware stratified, fixed split seed)
+         -> leakage checks (groups; label conflicts; near-copies of test images in train/val)
+         -> few-shot subset of train (run seed) -> model init -> strategy
+         -> train, early stopping and model choice on validation macro AUROC
+         -> best weights -> ONE evaluation on test -> metrics.json, predictions.csv, plots, model/
+
+Outputs in ``cfg.out``:
+
+================== ==========================================================================
+config.yaml        the resolved ``FinetuneConfig``
+splits.csv         every item: id, label, group, split, used in training, perceptual hash
+history.json       per epoch: train loss, validation loss and AUROC, learning rate
+predictions.csv    test ids, labels and class probabilities (metrics.json is recomputable from it)
+metrics.json       test metrics with bootstrap 95% intervals, best epoch, data counts, dropped items
+plots/             learning_curves.png, confusion_matrix.png, roc.png, reliability.png
+model/             ``save_pretrained`` output: weights + model card with label names and the
+                   input contract, loadable with ``openmednet.load_pretrained``
+================== ==========================================================================
+
+Init (``cfg.init``):
+
+- ``"auto"``: pre-trained ``mednet_gray`` or ``mednet_color``, chosen by the data's channels;
+- a registered name (``"mednet_gray"``, ``"efficientnet_lite0"``, ``"resnet50"``, ``"arch.tag"``):
+  its pre-trained weights (offline where they ship; else a clear error);
+- ``"scratch:<arch>"``: random initialisation of a registered architecture;
+- a path: a directory written by ``save_pretrained`` or its model card (``.json``), or a bare
+  weights file together with ``cfg.arch``.
+
+Input contract: the model's ``pretrained_cfg`` decides channels, size and normalisation. Gray data
+fed to a 3-channel init is repeated to 3 channels; colour data fed to a 1-channel init is converted
+to luma. Both are warned, never silent.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from openmednet._errors import look_up_option
+from openmednet.config import save_config, to_dict
+from openmednet.data.transforms import build_transform
+from openmednet.engine.distributed import DistEnv
+from openmednet.engine.optim import build_optimizer, build_scheduler
+from openmednet.engine.trainer import LossOutput, train_one_epoch
+from openmednet.eval import report
+from openmednet.eval.metrics import BOOTSTRAP_METRICS, evaluate_predictions
+from openmednet.eval.splits import (
+    check_group_leakage,
+    find_label_conflicts,
+    find_near_duplicates,
+    make_splits,
+    subsample_train,
+)
+from openmednet.eval.strategies import STRATEGIES, apply_strategy, head_prefix
+from openmednet.eval.targets import TargetSet, load_target
+from openmednet.models import WeightsUnavailableError, create_model, load_pretrained, save_pretrained
+from openmednet.utils import atomic_write_text, seed_everything
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "build_init", "check_input_contract", "predict_proba", "prepare_splits", "run_finetune"]
+
+logger = logging.getLogger(__name__)
+
+LEAKAGE_POLICIES = ("drop", "error")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything a fine-tuning run needs; stops at ``run_finetune`` (the composition root).
+
+    Attributes:
+        data: target folder (labels.csv or class sub-folders), ``.npz``, or CSV folder.
+        out: run directory (created).
+        init: see the module docstring.
+        arch: architecture of a bare weights file given as ``init``.
+        strategy: ``full``, ``linear_probe``, ``freeze_k`` or ``meanvar``.
+        freeze_k: blocks frozen after the stem for ``freeze_k``.
+        epochs: maximum epochs.
+        patience: stop after this many epochs without a better validation score.
+        batch_size: images per step.
+        lr: learning rate of the backbone (the survey found 1e-4 -> 1e-5 steadier for big nets).
+        head_lr_mult: learning-rate multiplier of the new head (MedNet's authors: 10x).
+        weight_decay: decay of conv/linear weights.
+        optimizer: ``adamw``, ``sgd`` or ``lars``.
+        warmup_epochs: linear warm-up before the cosine decay.
+        image_size: input side; ``None`` uses the init's contract.
+        class_weighted: weight the loss by inverse class frequency (sklearn's "balanced").
+        label_fraction: train on this fraction of each class of the train split.
+        per_class: or on exactly this many images per class (few-shot).
+        seed: run seed (few-shot subset, init of the head, data order, augmentation).
+        given_splits: use the source's train/val/test column; ``False`` draws new splits (e.g. for
+            Open-i, whose given test split has 2 images).
+        split_seed: seed of drawn splits; keep it fixed across runs of one study.
+        val_fraction, test_fraction: sizes of drawn validation / test splits.
+        leakage: what to do with train/val images that are near-copies of test images:
+            ``drop`` them (test stays untouched) or raise (``error``).
+        near_threshold: pHash bits within which two images are near-copies.
+        hflip: random horizontal flips (turn off for laterality labels).
+        n_boot: bootstrap resamples for the test intervals (0 = none).
+        format, csv_file, columns, label_map, classes: how to read ``data`` (see ``load_target``).
+        max_side: shorter-side cap of images kept in memory.
+        precision: ``fp32``, ``bf16`` (CPU or GPU) or ``fp16`` (GPU).
+        num_workers: DataLoader worker processes.
+        device: ``cpu``, ``cuda`` or ``None`` (CUDA if available).
+    """
+
+    data: Path
+    out: Path
+    init: str = "auto"
+    arch: str | None = None
+    strategy: str = "full"
+    freeze_k: int = 0
+    epochs: int = 40
+    patience: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4
+    head_lr_mult: float = 10.0
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    warmup_epochs: int = 1
+    image_size: int | None = None
+    class_weighted: bool = True
+    label_fraction: float | None = None
+    per_class: int | None = None
+    seed: int = 0
+    given_splits: bool = True
+    split_seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    leakage: str = "drop"
+    near_threshold: int = 6
+    hflip: bool = True
+    n_boot: int = 1000
+    format: str = "auto"
+    csv_file: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    label_map: dict[str, str] = field(default_factory=dict)
+    classes: tuple[str, ...] | None = None
+    max_side: int | None = 256
+    precision: str = "fp32"
+    num_workers: int = 0
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", Path(self.data))
+        object.__setattr__(self, "out", Path(self.out))
+        look_up_option(self.strategy, STRATEGIES, "strategy")
+        look_up_option(self.leakage, LEAKAGE_POLICIES, "leakage policy")
+        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs, patience and batch_size must be >= 1, got {self.epochs}, {self.patience}, {self.batch_size}")
+        if self.label_fraction is not None and self.per_class is not None:
+            raise ValueError("give label_fraction or per_class, not both")
+
+
+@dataclass
+class FinetuneResult:
+    """What ``run_finetune`` produced: the run directory and the content of ``metrics.json``."""
+
+    out: Path
+    metrics: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------ data
+class _ImageDataset(Dataset):
+    """Decoded uint8 images -> ``(transform(image), label)``; image ``(H, W[, 3])`` -> ``(C, H, W)``."""
+
+    def __init__(self, images: list[np.ndarray], y: np.ndarray, transform: Any):
+        self.images, self.y, self.transform = images, torch.as_tensor(y, dtype=torch.long), transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        a = self.images[i]
+        t = torch.from_numpy(a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1)))
+        return self.transform(t), self.y[i]
+
+
+def prepare_splits(target: TargetSet, cfg: FinetuneConfig) -> tuple[TargetSet, np.ndarray, dict[str, list[str]]]:
+    """Clean the target and split it: returns ``(target, splits, dropped)``.
+
+    1. Images that are (perceptually) identical but carry different labels are dropped: their
+       true label is unknown (BUSI's ``malignant (145)`` = ``benign (433)``).
+    2. Splits: given, else drawn by group and class with ``cfg.split_seed``; no group in two splits.
+    3. Train/val images that are near-copies of a test image are dropped (or refused), so the test
+       split measures images the model has never seen in any form.
+
+    Returns:
+        The cleaned target, its ``(N,)`` split names, and ``{"label_conflicts": ids,
+        "near_copies_of_test": ids}`` of the dropped items.
+    """
+    dropped: dict[str, list[str]] = {"label_conflicts": [], "near_copies_of_test": []}
+    conflicts = [i for cluster in find_label_conflicts(target.hashes, target.labels) for i in cluster]
+    if conflicts:
+        dropped["label_conflicts"] = [target.ids[i] for i in conflicts]
+        warnings.warn(
+            f"{len(conflicts)} identical images carry different labels and are left out: "
+            f"{dropped['label_conflicts'][:4]}", stacklevel=2,
+        )
+        target = target.subset(np.setdiff1d(np.arange(len(target)), conflicts))
+    splits = make_splits(
+        target.labels, target.groups, target.given_splits if cfg.given_splits else None,
+        val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
+    )
+    check_group_leakage(target.groups, splits)
+    test = np.flatnonzero(splits == "test")
+    seen = np.flatnonzero(splits != "test")
+    pairs = find_near_duplicates(target.hashes[test], target.hashes[seen], cfg.near_threshold)
+    if pairs:
+        copies = sorted({int(seen[j]) for _, j, _ in pairs})
+        examples = [f"{target.ids[test[i]]} ~ {target.ids[seen[j]]} ({d} bits)" for i, j, d in pairs[:3]]
+        if cfg.leakage == "error":
+            raise ValueError(
+                f"{len(copies)} training/validation images are near-copies of test images (e.g. {examples}): "
+                f"the test score would be inflated. Fix the splits, or set leakage='drop' to leave them out"
+            )
+        warnings.warn(
+            f"left out {len(copies)} training/validation images that are near-copies of test images "
+            f"(within {cfg.near_threshold} pHash bits), e.g. {examples}", stacklevel=2,
+        )
+        dropped["near_copies_of_test"] = [target.ids[i] for i in copies]
+        keep = np.setdiff1d(np.arange(len(target)), copies)
+        target, splits = target.subset(keep), splits[keep]
+    for name in ("train", "val"):
+        missing = sorted(set(target.label_names) - set(target.labels[splits == name].tolist()))
+        if missing:
+            raise ValueError(f"classes {missing} have no {name} image after the leakage checks; add images")
+    return target, splits, dropped
+
+
+# ------------------------------------------------------------------------------------ model
+def build_init(init: str, num_classes: int, data_channels: int, arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model a run starts from (see the module docstring for ``init``).
+
+    Returns:
+        ``(model, info)`` where ``info`` records ``init``, ``architecture`` and ``pretrained``.
+
+    Raises:
+        KeyError: unknown architecture or weight set. FileNotFoundError: missing weights path.
+        ValueError: weights that cannot be obtained offline, or a bare file without ``arch``.
+    """
+    name, pretrained = init, True
+    if init == "auto":
+        name = "mednet_gray" if data_channels == 1 else "mednet_color"
+    elif init.startswith("scratch:"):
+        name, pretrained = init.split(":", 1)[1], False
+    path = Path(init)
+    if not init.startswith("scratch:") and ("/" in init or path.suffix) and path.exists():
+        if path.is_dir() or path.suffix == ".json":
+            model = load_pretrained(path, num_classes=num_classes)
+        elif arch is None:
+            raise ValueError(f"init {path} is a bare weights file: also give its architecture (arch='mednet_gray', --arch)")
+        else:
+            model = create_model(arch, pretrained_file=path, num_classes=num_classes)
+        return model, {"init": init, "architecture": model.pretrained_cfg.meta.get("architecture", arch), "pretrained": True}
+    if "/" in init or path.suffix in (".safetensors", ".pt", ".pth", ".json"):
+        raise FileNotFoundError(f"init weights not found: {init}")
+    try:
+        model = create_model(name, pretrained=pretrained, num_classes=num_classes)
+    except WeightsUnavailableError as e:
+        raise ValueError(f"{e}. To train this architecture without its weights use init='scratch:{name}'") from e
+    return model, {"init": init, "architecture": name.split(".")[0], "pretrained": pretrained}
+
+
+def check_input_contract(model: nn.Module, data_channels: int, image_size: int | None) -> tuple[int, int]:
+    """The model's input channels and the run's image size, from the model's ``pretrained_cfg``.
+
+    Gray data for a 3-channel model (the gray plane is repeated) and colour data for a 1-channel
+    model (converted to luma) are warned conversions.
+
+    Raises:
+        ValueError: ``image_size`` below the model's minimum input size.
+    """
+    cfg = model.pretrained_cfg
+    channels = int(cfg.input_size[0])
+    size = int(image_size or cfg.input_size[-1])
+    if size < cfg.min_input_size[-1]:
+        raise ValueError(f"image_size {size} is below the model's minimum {cfg.min_input_size[-1]}: use a larger image_size")
+    if data_channels == 1 and channels == 3:
+        warnings.warn("gray data, 3-channel init: the gray plane is repeated to 3 channels", stacklevel=2)
+    elif data_channels == 3 and channels == 1:
+        warnings.warn(
+            "colour data, 1-channel init: images are converted to gray (ITU-R 601 luma) and colour is lost; "
+            "use a colour init (mednet_color) to keep it", stacklevel=2,
+        )
+    return channels, size
+
+
+# ------------------------------------------------------------------------------------ training
+@torch.no_grad()
+def predict_proba(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities ``(N, K)`` (float64) and labels ``(N,)`` over ``loader``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    probs, ys = [], []
+    for x, y in loader:
+        logits = model(x.to(device)).float()
+        probs.append(torch.softmax(logits.double(), dim=1).cpu())
+        ys.append(y)
+    model.train(was_training)
+    return torch.cat(probs).numpy(), torch.cat(ys).numpy()
+
+
+def _val_score(y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """``(macro AUROC, cross-entropy)`` on validation; AUROC is NaN when val has one class."""
+    auroc = BOOTSTRAP_METRICS["auroc_macro"](y, probs)
+    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
+    return auroc, loss
+
+
+def _better(score: tuple[float, float], best: tuple[float, float] | None) -> bool:
+    # Higher AUROC wins; ties (tiny validation sets often reach 1.0) go to the lower loss.
+    if best is None:
+        return True
+    auc, loss = (-math.inf if math.isnan(score[0]) else score[0]), score[1]
+    best_auc, best_loss = (-math.inf if math.isnan(best[0]) else best[0]), best[1]
+    return auc > best_auc or (auc == best_auc and loss < best_loss)
+
+
+def _class_weights(y_train: np.ndarray, k: int) -> Tensor:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    return torch.as_tensor(compute_class_weight("balanced", classes=np.arange(k), y=y_train), dtype=torch.float32)
+
+
+def _train(model, loaders, cfg: FinetuneConfig, weights: Tensor | None, dist: DistEnv) -> tuple[list[dict], int]:
+    """Epoch loop with early stopping; leaves the best weights in ``model``. Returns (history, best epoch)."""
+    optimizer = build_optimizer(
+        model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        head_prefixes=(head_prefix(model),), head_lr_mult=cfg.head_lr_mult,
+    )
+    steps = len(loaders["train"])
+    scheduler = build_scheduler(optimizer, total_steps=cfg.epochs * steps, warmup_steps=cfg.warmup_epochs * steps)
+    weights = None if weights is None else weights.to(dist.device)
+
+    def compute_loss(m: nn.Module, batch: tuple[Tensor, Tensor]) -> LossOutput:
+        x, y = batch
+        return LossOutput(F.cross_entropy(m(x), y, weight=weights), n=len(y))
+
+    history, best, best_state, best_epoch, stale = [], None, None, 0, 0
+    for epoch in range(1, cfg.epochs + 1):
+        train_metrics = train_one_epoch(
+            model, loaders["train"], optimizer, compute_loss, epoch=epoch, dist=dist,
+            scheduler=scheduler, precision=cfg.precision,
+        )
+        probs, y = predict_proba(model, loaders["val"], dist.device)
+        auroc, loss = _val_score(y, probs)
+        history.append({"epoch": epoch, "train_loss": train_metrics["loss"], "val_loss": loss,
+                        "val_auroc": auroc, "lr": train_metrics["lr"]})
+        logger.info("epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f", epoch, train_metrics["loss"], loss, auroc)
+        if _better((auroc, loss), best):
+            best, best_epoch, stale = (auroc, loss), epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                logger.info("early stop: no better validation score for %d epochs", stale)
+                break
+    model.load_state_dict(best_state)
+    return history, best_epoch
+
+
+# ------------------------------------------------------------------------------------ outputs
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _write_splits(out: Path, target: TargetSet, splits: np.ndarray, used: np.ndarray) -> None:
+    rows = [[target.ids[i], target.labels[i], target.groups[i] or "", splits[i], int(i in used),
+             f"{int(target.hashes[i]):016x}"] for i in range(len(target))]
+    _write_csv(out / "splits.csv", ["id", "label", "group", "split", "used_for_training", "phash"], rows)
+
+
+def _write_predictions(out: Path, ids: list[str], target: TargetSet, y: np.ndarray, probs: np.ndarray) -> None:
+    # repr() of a float is its shortest round-trip form: the CSV reproduces the probabilities exactly.
+    rows = [[ids[i], target.label_names[y[i]], int(y[i])] + [repr(float(p)) for p in probs[i]] for i in range(len(y))]
+    _write_csv(out / "predictions.csv", ["id", "label", "y"] + [f"prob_{n}" for n in target.label_names], rows)
+
+
+def _plots(out: Path, history: list[dict], best_epoch: int, test: dict, y: np.ndarray, probs: np.ndarray, names) -> None:
+    plots = out / "plots"
+    report.plot_learning_curves(history, plots / "learning_curves.png", best_epoch)
+    report.plot_confusion_matrix(test["confusion_matrix"], names, plots / "confusion_matrix.png")
+    report.plot_roc(y, probs, names, plots / "roc.png")
+    report.plot_reliability(test["calibration"], plots / "reliability.png", test["ece"])
+
+
+def _counts(target: TargetSet, splits: np.ndarray, used: np.ndarray) -> dict[str, dict[str, int]]:
+    out = {s: dict(Counter(target.labels[splits == s].tolist())) for s in ("train", "val", "test")}
+    out["train_used"] = dict(Counter(target.labels[used].tolist()))
+    return out
+
+
+# ------------------------------------------------------------------------------------ run
+def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune and evaluate (see the module docstring); returns the run's metrics.
+
+    Raises:
+        FileNotFoundError, KeyError, ValueError: bad data, init, or configuration (clear messages).
+    """
+    seed_everything(cfg.seed)
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    target = load_target(cfg.data, format=cfg.format, csv_file=cfg.csv_file, columns=cfg.columns,
+                         label_map=cfg.label_map, classes=cfg.classes, max_side=cfg.max_side)
+    target, splits, dropped = prepare_splits(target, cfg)
+    train_idx = np.flatnonzero(splits == "train")
+    if cfg.label_fraction is not None or cfg.per_class is not None:
+        train_idx = subsample_train(target.labels, train_idx, fraction=cfg.label_fraction,
+                                    per_class=cfg.per_class, seed=cfg.seed)
+    _write_splits(out, target, splits, train_idx)
+
+    k = len(target.label_names)
+    torch.manual_seed(cfg.seed)  # the new head's initialisation
+    model, init_info = build_init(cfg.init, k, target.channels, cfg.arch)
+    channels, size = check_input_contract(model, target.channels, cfg.image_size)
+    strategy_info = apply_strategy(model, cfg.strategy, k=cfg.freeze_k, seed=cfg.seed)
+    dist = DistEnv(device=torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    model.to(dist.device)
+
+    y = target.y
+    augment = "gray" if target.channels == 1 else "auto"
+    train_tf = build_transform(model.pretrained_cfg, train=True, channels=channels, image_size=size,
+                               augment=augment, hflip=cfg.hflip)
+    eval_tf = build_transform(model.pretrained_cfg, train=False, channels=channels, image_size=size)
+    idx = {"train": train_idx, "val": np.flatnonzero(splits == "val"), "test": np.flatnonzero(splits == "test")}
+
+    def loader(name: str, train: bool) -> DataLoader:
+        ds = _ImageDataset([target.images[i] for i in idx[name]], y[idx[name]], train_tf if train else eval_tf)
+        return DataLoader(
+            ds, batch_size=cfg.batch_size, shuffle=train, num_workers=cfg.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed) if train else None,
+            # A last batch of one image breaks BatchNorm in train mode.
+            drop_last=train and len(ds) % cfg.batch_size == 1 and len(ds) > 1,
+        )
+
+    weights = _class_weights(y[train_idx], k) if cfg.class_weighted else None
+    history, best_epoch = _train(model, {"train": loader("train", True), "val": loader("val", False)}, cfg, weights, dist)
+    atomic_write_text(out / "history.json", json.dumps(history, indent=1) + "\n")
+
+    # The only time the test split is looked at.
+    probs, y_test = predict_proba(model, loader("test", False), dist.device)
+    test_ids = [target.ids[i] for i in idx["test"]]
+    _write_predictions(out, test_ids, target, y_test, probs)
+    test = evaluate_predictions(y_test, probs, target.label_names, n_boot=cfg.n_boot, seed=cfg.seed)
+    _plots(out, history, best_epoch, test, y_test, probs, target.label_names)
+
+    best = next(h for h in history if h["epoch"] == best_epoch)
+    metrics = {
+        "test": test,
+        "val": {"auroc_macro": best["val_auroc"], "loss": best["val_loss"]},
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "data": {
+            "root": str(cfg.data), "n_images": len(target), "channels": target.channels,
+            "label_names": list(target.label_names), "counts": _counts(target, splits, train_idx),
+            "dropped": dropped, "skipped": target.skipped,
+        },
+        "model": {**init_info, **strategy_info, "input_size": [channels, size, size],
+                  "mean": list(model.pretrained_cfg.mean), "std": list(model.pretrained_cfg.std)},
+        "config": to_dict(cfg),
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=True) + "\n")
+    save_pretrained(
+        model.cpu(), out / "model", data=(str(cfg.data),), objective=f"finetune:{cfg.strategy}",
+        epochs=best_epoch, metrics={m: test[m] for m in ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro")},
+        input_size=(channels, size, size), label_names=target.label_names,
+    )
+    logger.info("test macro AUROC %.4f (best epoch %d); outputs in %s", test["auroc_macro"], best_epoch, out)
+    return FinetuneResult(out=out, metrics=metrics)

@@ -1,0 +1,170 @@
+"""End-to-end fine-tuning of mednet_test on real X-rays, and the bad-input cases of a target."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from openmednet import create_model
+from openmednet.eval.finetune import FinetuneConfig, build_init, check_input_contract, prepare_splits, run_finetune
+from openmednet.eval.metrics import bootstrap_ci, classification_metrics
+from openmednet.eval.splits import check_group_leakage
+from openmednet.eval.targets import load_target
+from openmednet.models import load_pretrained, save_pretrained
+
+OPENI = "gray/targets/openi_abd_vs_cxr"
+
+
+def _rows(shared_data: Path, folder: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(open(shared_data / folder / "labels.csv")))
+
+
+def _write_labels(tmp: Path, rows: list[dict[str, str]], root: Path) -> Path:
+    """A labels.csv in ``tmp`` pointing (absolute paths) at real images; no data is copied."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    with open(tmp / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "split", "group"])
+        writer.writeheader()
+        for r in rows:
+            path = r["path"] if Path(r["path"]).is_absolute() else str(root / r["path"])
+            writer.writerow({"path": path, "label": r["label"], "split": r.get("split", ""), "group": r.get("group", "")})
+    return tmp
+
+
+def _openi_subset(shared_data: Path, tmp: Path, per_class: int = 20) -> Path:
+    rows = [r for r in _rows(shared_data, OPENI) if r["split"] == "train"]
+    chosen = [r for r in rows if r["label"] == "chest"][:per_class] + [r for r in rows if r["label"] == "abdomen"][:per_class]
+    for r in chosen:
+        r["split"] = ""  # let the run draw group-aware stratified splits
+    return _write_labels(tmp / "openi40", chosen, shared_data / OPENI)
+
+
+@pytest.fixture(scope="module")
+def finetuned(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("finetune")
+    cfg = FinetuneConfig(
+        data=_openi_subset(shared_data, tmp), out=tmp / "run", init="scratch:mednet_test", epochs=2,
+        patience=2, image_size=32, batch_size=8, lr=1e-3, n_boot=50, max_side=64,
+    )
+    result = run_finetune(cfg)
+    return result.out, result.metrics
+
+
+def test_finetune_writes_all_outputs(finetuned: tuple[Path, dict]) -> None:
+    out, metrics = finetuned
+    for name in ("config.yaml", "splits.csv", "history.json", "predictions.csv", "metrics.json",
+                 "plots/learning_curves.png", "plots/confusion_matrix.png", "plots/roc.png",
+                 "plots/reliability.png", "model/model.safetensors", "model/model_card.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text())["best_epoch"] == metrics["best_epoch"]
+    assert metrics["epochs_run"] == len(json.loads((out / "history.json").read_text())) == 2
+    assert metrics["data"]["counts"]["train_used"] == metrics["data"]["counts"]["train"]
+    assert sum(sum(c.values()) for s, c in metrics["data"]["counts"].items() if s != "train_used") == 40
+
+
+def test_metrics_are_recomputable_from_predictions(finetuned: tuple[Path, dict]) -> None:
+    out, metrics = finetuned
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    names = metrics["data"]["label_names"]
+    y = np.array([int(r["y"]) for r in rows])
+    probs = np.array([[float(r[f"prob_{n}"]) for n in names] for r in rows])
+    saved = json.loads((out / "metrics.json").read_text())["test"]
+    again = classification_metrics(y, probs, names)
+    for key in ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "ece", "confusion_matrix", "per_class"):
+        assert again[key] == saved[key], key
+    assert bootstrap_ci(y, probs, n_boot=50, seed=0) == saved["ci"]
+
+
+def test_test_split_is_untouched_and_group_disjoint(finetuned: tuple[Path, dict]) -> None:
+    out, _ = finetuned
+    rows = list(csv.DictReader(open(out / "splits.csv")))
+    splits = [r["split"] for r in rows]
+    check_group_leakage([r["group"] for r in rows], splits)
+    assert all(r["used_for_training"] == "0" for r in rows if r["split"] != "train")
+    test_ids = {r["id"] for r in rows if r["split"] == "test"}
+    assert test_ids == {r["id"] for r in csv.DictReader(open(out / "predictions.csv"))}
+    assert {r["label"] for r in rows if r["split"] == "test"} == {"chest", "abdomen"}
+
+
+def test_saved_model_carries_labels_and_contract(finetuned: tuple[Path, dict]) -> None:
+    out, metrics = finetuned
+    model = load_pretrained(out / "model")
+    assert model.pretrained_cfg.label_names == ("abdomen", "chest")
+    assert model.pretrained_cfg.input_size == (1, 32, 32)
+    assert model.num_classes == 2
+    card = json.loads((out / "model/model_card.json").read_text())
+    assert card["metrics"]["auroc_macro"] == metrics["test"]["auroc_macro"]
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_missing_paths_are_listed(shared_data: Path, tmp_path: Path) -> None:
+    rows = _rows(shared_data, OPENI)[:6] + [{"path": "nowhere/ghost.jpg", "label": "chest"}]
+    data = _write_labels(tmp_path, rows, shared_data / OPENI)
+    with pytest.raises(FileNotFoundError, match=r"1 of 7 image paths .* do not exist \(e.g. .*ghost.jpg"):
+        load_target(data)
+
+
+def test_unknown_labels_and_single_image_class(shared_data: Path, tmp_path: Path) -> None:
+    rows = _rows(shared_data, OPENI)[:8]
+    data = _write_labels(tmp_path, rows, shared_data / OPENI)
+    with pytest.raises(ValueError, match=r"labels \['chest'\] are not among the expected classes .*did you mean 'chests'"):
+        load_target(data, classes=("abdomen", "chests"))
+    rows[0] = {**rows[0], "label": "pelvis"}
+    _write_labels(tmp_path, rows, shared_data / OPENI)
+    with pytest.raises(ValueError, match=r"\['pelvis'\] have a single image"):
+        load_target(data)
+
+
+def test_near_copy_of_a_test_image_is_dropped_or_refused(shared_data: Path, tmp_path: Path) -> None:
+    rows = [r for r in _rows(shared_data, OPENI) if r["split"] in ("train", "val")]
+    rows = [r for r in rows if r["label"] == "chest"][:15] + [r for r in rows if r["label"] == "abdomen"][:15]
+    rows += [{**rows[0], "split": "test"}, {**rows[-1], "split": "test"}]  # same files, now also in test
+    data = _write_labels(tmp_path, rows, shared_data / OPENI)
+    target = load_target(data, max_side=64)
+    cfg = FinetuneConfig(data=data, out=tmp_path / "run")
+    with pytest.warns(UserWarning, match="near-copies of test images"):
+        cleaned, splits, dropped = prepare_splits(target, cfg)
+    assert len(dropped["near_copies_of_test"]) >= 2
+    assert len(cleaned) == len(target) - len(dropped["near_copies_of_test"])
+    assert (splits == "test").sum() == 2
+    with pytest.raises(ValueError, match="near-copies of test images"):
+        prepare_splits(target, FinetuneConfig(data=data, out=tmp_path / "run", leakage="error"))
+
+
+def test_busi_double_label_is_dropped(shared_data: Path, tmp_path: Path) -> None:
+    busi = _rows(shared_data, "gray/targets/busi")
+    pick = [r for r in busi if r["label"] == "benign"][:12] + [r for r in busi if r["label"] == "malignant"][:12]
+    pick += [r for r in busi if r["path"].endswith(("benign (433).jpg", "malignant (145).jpg"))]
+    data = _write_labels(tmp_path, pick, shared_data / "gray/targets/busi")
+    target = load_target(data, max_side=64)
+    with pytest.warns(UserWarning, match="different labels"):
+        cleaned, _, dropped = prepare_splits(target, FinetuneConfig(data=data, out=tmp_path / "run"))
+    assert sorted(Path(p).name for p in dropped["label_conflicts"]) == ["benign (433).jpg", "malignant (145).jpg"]
+    assert len(cleaned) == len(target) - 2
+
+
+def test_init_from_saved_weights_and_contract_checks(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = create_model("mednet_test", num_classes=5)
+    save_pretrained(source, tmp_path / "w")
+    model, info = build_init(str(tmp_path / "w"), num_classes=2, data_channels=1)
+    assert torch.equal(model.stem.conv1.conv.weight, source.stem.conv1.conv.weight)
+    assert model.num_classes == 2 and info["architecture"] == "mednet_test"
+    with pytest.raises(ValueError, match="bare weights file"):
+        build_init(str(tmp_path / "w/model.safetensors"), 2, 1)
+    bare, _ = build_init(str(tmp_path / "w/model.safetensors"), 2, 1, arch="mednet_test")
+    assert torch.equal(bare.stem.conv1.conv.weight, source.stem.conv1.conv.weight)
+    with pytest.raises(FileNotFoundError, match="init weights not found"):
+        build_init(str(tmp_path / "nothing/here.safetensors"), 2, 1)
+    with pytest.raises(KeyError, match="did you mean 'mednet_test'"):
+        build_init("scratch:mednet_tset", 2, 1)
+    with pytest.warns(UserWarning, match="colour is lost"):
+        assert check_input_contract(model, data_channels=3, image_size=48) == (1, 48)
+    with pytest.raises(ValueError, match="below the model's minimum 32"):
+        check_input_contract(model, data_channels=1, image_size=16)
