@@ -101,6 +101,7 @@ class BuildParams:
     gray_tolerance: int
     sources: list[dict[str, Any]]
     exclude: list[dict[str, Any]]
+    confirm_threshold: int = dedupe.DEFAULT_CONFIRM_THRESHOLD
     format_version: int = FORMAT_VERSION
 
 
@@ -250,6 +251,7 @@ def _process_chunk(items: list[dict[str, Any]], reader_options: dict[str, dict[s
                 frame_tag = f"{list(item.frame) if isinstance(item.frame, tuple) else ''}{meta.frame}"
                 images.append(chw)
                 phashes.append(dedupe.phash64(arr))
+                fine = dedupe.phash256(arr)
                 records.append(
                     {
                         **d,
@@ -259,6 +261,7 @@ def _process_chunk(items: list[dict[str, Any]], reader_options: dict[str, dict[s
                         "sha1": dedupe.sha1_pixels(square),
                         "sha1_file": _file_key(item.path, frame_tag.replace("None", "")),
                         "phash": f"{phashes[-1]:016x}",
+                        "phash256": "".join(f"{int(v):016x}" for v in fine),
                     }
                 )
         except Exception as e:  # noqa: BLE001 - one bad file must never abort a build
@@ -341,6 +344,7 @@ class ImageTable:
         group: ``(N,)`` uint64 stable hash of ``(source, group id)``, 0 = none.
         key: ``(N,)`` uint64 stable hash of ``(source, path, frame)`` (split assignment unit).
         phash, sha1, sha1_file: ``(N,)`` uint64 hashes (SHA-1s as 64-bit prefixes).
+        phash256: ``(N, 4)`` uint64 fine perceptual hashes (confirm near candidates).
     """
 
     source_names: list[str]
@@ -353,6 +357,7 @@ class ImageTable:
     phash: np.ndarray
     sha1: np.ndarray
     sha1_file: np.ndarray
+    phash256: np.ndarray
 
     def __len__(self) -> int:
         return len(self.source)
@@ -394,10 +399,13 @@ class _TableBuilder:
         ):
             self.cols[name].append(arr[:, j].astype(dtype))
         self.cols["phash"].append(np.asarray(phash, np.uint64))
+        fine = [[int(r["phash256"][k : k + 16], 16) for k in range(0, 64, 16)] for r in records]
+        self.cols["phash256"].append(np.array(fine, dtype=np.uint64).reshape(-1, 4))
 
     def build(self) -> ImageTable:
         dtypes = {"source": np.int16, "split": np.int8, "label": np.int32, "group": np.uint64, "key": np.uint64, "phash": np.uint64, "sha1": np.uint64, "sha1_file": np.uint64}
         cols = {k: (np.concatenate(self.cols[k]) if self.cols[k] else np.zeros(0, t)) for k, t in dtypes.items()}
+        cols["phash256"] = np.concatenate(self.cols["phash256"]) if self.cols["phash256"] else np.zeros((0, 4), np.uint64)
         return ImageTable(self.source_names, self.label_names, **cols)
 
 
@@ -498,7 +506,14 @@ def _assign_splits(t: ImageTable, alive: np.ndarray, near: np.ndarray, seed: int
     return np.where(t.split >= 0, t.split, inherited).astype(np.int8)
 
 
-def decide(table: ImageTable, *, near_threshold: int, seed: int, excluded: np.ndarray | None = None) -> Decision:
+def decide(
+    table: ImageTable,
+    *,
+    near_threshold: int = dedupe.DEFAULT_NEAR_THRESHOLD,
+    confirm_threshold: int = dedupe.DEFAULT_CONFIRM_THRESHOLD,
+    seed: int = 0,
+    excluded: np.ndarray | None = None,
+) -> Decision:
     """Choose which images enter the corpus, their split and label.
 
     Rules (see docs/corpus.md):
@@ -509,13 +524,15 @@ def decide(table: ImageTable, *, near_threshold: int, seed: int, excluded: np.nd
        When the copies inside one source carry different labels, the kept copy becomes
        unlabelled and is flagged (``label_conflict``).
     3. Splits are assigned (``_assign_splits``).
-    4. A near duplicate (phash within ``near_threshold`` bits) of a kept image in an earlier
+    4. A near duplicate (64-bit phash within ``near_threshold`` bits, confirmed by the 256-bit
+       phash within ``confirm_threshold`` bits) of a kept image in an earlier
        split (train < val < test) is dropped: evaluation images must have no near copy in
        training. Near copies inside one split are kept and only reported.
 
     Args:
         table: per-image hashes and ids.
-        near_threshold: Hamming threshold in bits.
+        near_threshold: Hamming threshold in bits of the 64-bit phash (candidates).
+        confirm_threshold: Hamming threshold in bits of the 256-bit phash (confirmation).
         seed: split assignment seed.
         excluded: ``(N,)`` bool, images matching an exclusion target.
 
@@ -527,9 +544,9 @@ def decide(table: ImageTable, *, near_threshold: int, seed: int, excluded: np.nd
     excluded = np.zeros(n, bool) if excluded is None else excluded
     reason[excluded] = "excluded_target"
     exact_comp = dedupe.components(n, _exact_pairs(table))
-    near = dedupe.near_pairs(table.phash, near_threshold)
+    near = dedupe.confirm_pairs(dedupe.near_pairs(table.phash, near_threshold), table.phash256, confirm_threshold)
     split = _assign_splits(table, ~excluded, near, seed)
-    stats: dict[str, Any] = {"near_threshold": near_threshold}
+    stats: dict[str, Any] = {"near_threshold": near_threshold, "confirm_threshold": confirm_threshold}
     stats["exact"] = _cluster_summary(table, exact_comp, table.split)
     near_comp = dedupe.components(n, near)
     stats["near"] = _cluster_summary(table, near_comp, table.split)
@@ -576,13 +593,19 @@ class TargetHashes:
     phash: np.ndarray  # (M,) uint64
     sha1: np.ndarray  # (M,) uint64
     sha1_file: np.ndarray  # (M,) uint64
+    phash256: np.ndarray  # (M, 4) uint64
     table: ImageTable | None = None  # the targets' own table (for their internal duplicates)
     skipped: dict[str, int] = field(default_factory=dict)
     image_names: list[str] = field(default_factory=list)  # "source:path[#frame]" per image
 
 
-def match_targets(table: ImageTable, targets: TargetHashes, near_threshold: int) -> tuple[np.ndarray, dict[str, dict[str, int]]]:
-    """Corpus images equal to, or within ``near_threshold`` bits of, a target image.
+def match_targets(
+    table: ImageTable,
+    targets: TargetHashes,
+    near_threshold: int = dedupe.DEFAULT_NEAR_THRESHOLD,
+    confirm_threshold: int = dedupe.DEFAULT_CONFIRM_THRESHOLD,
+) -> tuple[np.ndarray, dict[str, dict[str, int]]]:
+    """Corpus images equal to, or near copies of, a target image (same rule as ``decide``).
 
     Returns:
         ``(matched, counts)``: ``(N,)`` bool and ``{target: {corpus source: images}}``.
@@ -596,6 +619,7 @@ def match_targets(table: ImageTable, targets: TargetHashes, near_threshold: int)
             if hit_target[i] < 0 and h in pos:
                 hit_target[i] = pos[h]
     pairs = dedupe.near_pairs(table.phash, near_threshold, others=targets.phash)
+    pairs = dedupe.confirm_pairs(pairs, table.phash256, confirm_threshold, fine_others=targets.phash256)
     for i, j in pairs:
         if hit_target[i] < 0:
             hit_target[i] = targets.target[j]
@@ -621,7 +645,7 @@ def _hash_targets(specs: Sequence[SourceSpec], work: Path, opts: _DecodeOptions,
     names = [s.name for s in specs]
     if not specs:
         z = np.zeros(0, np.uint64)
-        return TargetHashes(names, np.zeros(0, np.int16), z, z, z)
+        return TargetHashes(names, np.zeros(0, np.int16), z, z, z, np.zeros((0, 4), np.uint64))
     tdir = work / "targets"
     tdir.mkdir(parents=True, exist_ok=True)
     tasks = []
@@ -646,7 +670,7 @@ def _hash_targets(specs: Sequence[SourceSpec], work: Path, opts: _DecodeOptions,
         target_idx.append(np.array([names.index(r["source"]) for r in recs], np.int16))
     table = builder.build()
     tgt = np.concatenate(target_idx) if target_idx else np.zeros(0, np.int16)
-    return TargetHashes(names, tgt, table.phash, table.sha1, table.sha1_file, table, dict(skipped), image_names)
+    return TargetHashes(names, tgt, table.phash, table.sha1, table.sha1_file, table.phash256, table, dict(skipped), image_names)
 
 
 # --- write --------------------------------------------------------------------------------------
@@ -811,6 +835,7 @@ def build_corpus(
     part: int = 0,
     seed: int = 0,
     near_threshold: int = dedupe.DEFAULT_NEAR_THRESHOLD,
+    confirm_threshold: int = dedupe.DEFAULT_CONFIRM_THRESHOLD,
     gray_tolerance: int = GRAY_TOLERANCE,
     keep_work_files: bool = False,
     progress: ProgressFn | None = None,
@@ -832,7 +857,8 @@ def build_corpus(
         shard_size: images per shard.
         num_parts, part: build only part ``part`` of ``num_parts`` (merge with ``merge_parts``).
         seed: seed of the split assignment for sources without splits.
-        near_threshold: phash Hamming threshold (bits of 64) for near duplicates.
+        near_threshold: 64-bit phash Hamming threshold for near-duplicate candidates.
+        confirm_threshold: 256-bit phash Hamming threshold confirming a candidate.
         gray_tolerance: channel spread still counted as gray content.
         keep_work_files: keep ``out_dir/.build`` (decoded chunks) after success.
         progress: optional ``progress(stage, done, total)`` callback.
@@ -853,7 +879,7 @@ def build_corpus(
         raise ValueError(f"{out} already holds a finished corpus; choose a new --out or delete it")
     params = BuildParams(
         channels, image_size, resize_mode, near_threshold, seed, shard_size, num_parts, part, gray_tolerance,
-        [_spec_dict(s) for s in sources], [_spec_dict(s) for s in exclude],
+        [_spec_dict(s) for s in sources], [_spec_dict(s) for s in exclude], confirm_threshold,
     )  # fmt: skip
     _check_params(work, params)
     for tmp in out.glob("shard-?????.tmp"):  # half-written shards of a killed run
@@ -878,13 +904,13 @@ def build_corpus(
         ch = _load_chunk(path, with_images=False)
         builder.add([r for r in ch["records"] if "skip" not in r], ch["phash"])
     table = builder.build()
-    matched, exclusion_counts = match_targets(table, targets, near_threshold)
-    decision = decide(table, near_threshold=near_threshold, seed=seed, excluded=matched)
+    matched, exclusion_counts = match_targets(table, targets, near_threshold, confirm_threshold)
+    decision = decide(table, near_threshold=near_threshold, confirm_threshold=confirm_threshold, seed=seed, excluded=matched)
 
     stats, shards = _write_corpus(out, tasks, table, decision, channels, image_size, shard_size, progress)
     stats["exclusion"] = {"targets": exclusion_counts, "target_images": {n: int((targets.target == i).sum()) for i, n in enumerate(targets.names)}, "target_skipped": targets.skipped}
     if targets.table is not None:
-        tdec = decide(targets.table, near_threshold=near_threshold, seed=seed)
+        tdec = decide(targets.table, near_threshold=near_threshold, confirm_threshold=confirm_threshold, seed=seed)
         stats["exclusion"]["target_duplicates"] = {
             "exact": tdec.stats["exact"],
             "near": tdec.stats["near"],
@@ -1018,6 +1044,7 @@ def merge_parts(
             )
     shard_size = shard_size or first.build.get("shard_size", 2048)
     near_threshold = first.build.get("near_threshold", dedupe.DEFAULT_NEAR_THRESHOLD) if near_threshold is None else near_threshold
+    confirm_threshold = first.build.get("confirm_threshold", dedupe.DEFAULT_CONFIRM_THRESHOLD)
     out = Path(out_dir)
     work = out / _BUILD_DIR
     work.mkdir(parents=True, exist_ok=True)
@@ -1031,7 +1058,7 @@ def merge_parts(
             builder.add(recs, ph)
     table = builder.build()
     # every record carries the split its part gave it, so decide() keeps the parts' splits
-    decision = decide(table, near_threshold=near_threshold, seed=0)
+    decision = decide(table, near_threshold=near_threshold, confirm_threshold=confirm_threshold, seed=0)
 
     writer = _ShardWriter(out, shard_size, first.channels, first.image_size, set(complete_shards(out)), progress, int(decision.keep.sum()))
     stats = _Stats()
