@@ -36,10 +36,11 @@ from openmednet.data.readers import SkipImage, get_reader, read_images
 from openmednet.data.transforms import build_transform
 from openmednet.explain.gradcam import GradCAM, overlay_png
 from openmednet.models import PretrainedCfg, create_model, is_model, load_pretrained
-from openmednet.utils import atomic_write_text
+from openmednet.utils import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "ChannelConversionWarning", "Prediction", "Predictor", "TooManyImagesError", "load_model", "save_predictions_csv",
+    "write_cam_overlays",
 ]
 
 logger = logging.getLogger(__name__)
@@ -403,10 +404,29 @@ def save_predictions_csv(predictions: Iterable[Prediction], path: str | Path, la
 
 
 def cam_file_name(pred: Prediction) -> str:
-    """``<stem>[_f<frame>]_cam.png``: one overlay file name per predicted image."""
-    stem = Path(pred.source).name
-    for suffix in (".nii.gz", *Path(stem).suffixes[-1:]):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
+    """``<name>[_f<frame>]_cam.png``: one overlay name per image (``scan.nii.gz`` slice 3 -> ``scan_f3_cam.png``)."""
+    name = Path(pred.source).name
+    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
     return f"{stem}{'' if pred.frame == 0 else f'_f{pred.frame}'}_cam.png"
+
+
+def write_cam_overlays(predictions: Sequence[Prediction], out_dir: str | Path) -> list[Path]:
+    """Write each prediction's Grad-CAM overlay as PNG (atomically) into ``out_dir``.
+
+    Names come from :func:`cam_file_name`; a name already used in this call gets ``_2``, ``_3``...
+    (same file names in different folders).
+
+    Returns:
+        The written paths, in the order of ``predictions``.
+    """
+    out_dir = Path(out_dir)
+    used: dict[str, int] = {}
+    paths = []
+    for pred in predictions:
+        name = cam_file_name(pred)
+        used[name] = used.get(name, 0) + 1
+        if used[name] > 1:
+            name = name.replace("_cam.png", f"_{used[name]}_cam.png")
+        atomic_write_bytes(out_dir / name, pred.overlay_png())
+        paths.append(out_dir / name)
+    return paths

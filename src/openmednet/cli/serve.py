@@ -1,0 +1,35 @@
+"""``openmednet serve``: the local web page + JSON API for a model (uvicorn, 127.0.0.1 by default)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``serve`` command to ``app``."""
+
+    @app.command("serve")
+    def serve_cmd(
+        model: str = typer.Argument(..., help="Registry name (mednet_gray.<tag>) or a saved model directory."),
+        host: str = typer.Option("127.0.0.1", help="Interface to bind; anything but loopback exposes the service."),
+        port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+        max_upload_mb: float = typer.Option(32.0, min=0.001, help="Largest accepted upload, in MB."),
+        max_pixels: int = typer.Option(4096 * 4096, min=1, help="Largest accepted image (width x height)."),
+        max_frames: int = typer.Option(64, min=1, help="Most images (frames/slices) per uploaded file."),
+        workers: int = typer.Option(2, min=1, help="Predictions computed at the same time."),
+    ) -> None:
+        """Serve a drag-and-drop page with predictions and Grad-CAM overlays, plus /api/predict."""
+        import logging
+
+        import uvicorn
+
+        from openmednet.serve.app import create_app
+        from openmednet.serve.predictor import Predictor
+
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            logging.getLogger(__name__).warning(
+                "binding %s: anyone who can reach this machine can upload images; there is no authentication", host)
+        application = create_app(Predictor.from_spec(model), max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                                 max_pixels=max_pixels, max_frames=max_frames, max_concurrent=workers)
+        typer.echo(f"OpenMedNet serving {model} on http://{host}:{port}/ (Ctrl+C to stop)")
+        uvicorn.run(application, host=host, port=port, log_level="info")

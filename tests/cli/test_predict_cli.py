@@ -1,0 +1,88 @@
+"""CLI: ``openmednet predict`` / ``export`` on real files, round trip through the exported folder."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from openmednet import create_model
+from openmednet.cli.app import app
+from openmednet.export.safetensors import export_safetensors
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("model")
+    export_safetensors(create_model("mednet_test", num_classes=2), out, label_names=("normal", "pneumonia"))
+    return out
+
+
+@pytest.fixture()
+def scans(shared_data, tmp_path):
+    """A folder with a real chest X-ray JPEG, a real CT DICOM and a text file to pass over."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    xray = sorted((shared_data / "gray/pretrain/chest_xray_pneumonia/original_subset/NORMAL").glob("*.jp*g"))[:1]
+    if not xray:
+        pytest.skip("no chest X-ray JPEG in the shared data")
+    shutil.copy(xray[0], folder / "xray.jpeg")
+    shutil.copy(shared_data / "formats/pydicom-3.0.2/CT_small.dcm", folder / "ct.dcm")
+    (folder / "README.txt").write_text("not an image")
+    return folder
+
+
+def _read_csv(path):
+    return list(csv.DictReader(path.open()))
+
+
+def test_predict_folder_with_csv_and_cams(model_dir, scans, tmp_path):
+    result = runner.invoke(app, ["predict", str(model_dir), str(scans), "--out", str(tmp_path / "p.csv"),
+                                 "--cam", str(tmp_path / "cams")])
+    assert result.exit_code == 0, result.output
+    rows = _read_csv(tmp_path / "p.csv")
+    assert [r["source"] for r in rows] == [str(scans / "ct.dcm"), str(scans / "xray.jpeg")]
+    for r in rows:
+        assert float(r["p_normal"]) + float(r["p_pneumonia"]) == pytest.approx(1.0, abs=2e-6)
+        assert r["label"] == max(("normal", "pneumonia"), key=lambda n: float(r[f"p_{n}"]))
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == ["ct_cam.png", "xray_cam.png"]
+    assert Image.open(tmp_path / "cams" / "ct_cam.png").size == (256, 256)
+    assert "2 predictions written" in result.output
+
+
+def test_export_round_trip(model_dir, scans, tmp_path):
+    onnx_file, copy_dir = tmp_path / "m.onnx", tmp_path / "copy"
+    result = runner.invoke(app, ["export", str(model_dir), "--onnx", str(onnx_file), "--exporter", "torchscript",
+                                 "--safetensors", str(copy_dir)])
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime check passed" in result.output
+    # The exported folder predicts exactly what the original does.
+    outs = []
+    for source in (model_dir, copy_dir):
+        csv_path = tmp_path / f"{source.name}.csv"
+        assert runner.invoke(app, ["predict", str(source), str(scans), "--out", str(csv_path)]).exit_code == 0
+        outs.append([(r["p_normal"], r["p_pneumonia"]) for r in _read_csv(csv_path)])
+    assert outs[0] == outs[1]
+    # And the ONNX file takes any batch size.
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input": np.zeros((3, 1, 64, 64), np.float32)})
+    assert logits.shape == (3, 2)
+
+
+def test_user_errors(model_dir, tmp_path):
+    result = runner.invoke(app, ["export", str(model_dir)])
+    assert isinstance(result.exception, ValueError) and "nothing to export" in str(result.exception)
+    result = runner.invoke(app, ["predict", str(model_dir), str(tmp_path / "missing.png")])
+    assert isinstance(result.exception, FileNotFoundError)
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["predict", str(model_dir), str(tmp_path / "empty")])
+    assert isinstance(result.exception, ValueError) and "no readable image" in str(result.exception)
