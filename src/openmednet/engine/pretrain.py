@@ -70,14 +70,15 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    """Loader settings. ``balance`` is passed to ``build_loader`` (e.g. ``"source"`` to sample sources
-    evenly; ``None`` for the corpus' natural mix)."""
+    """Loader settings. ``balance`` is passed to ``build_loader`` (``"source"`` or ``"class"`` to
+    sample evenly; ``None`` for the corpus' natural mix); ``split=None`` trains on every image."""
 
     image_size: int = 64
     batch_size: int = 128
     num_workers: int = 2
     balance: str | None = None
-    split: str = "train"
+    split: str | None = "train"
+    drop_last: bool = True
     hflip: bool = True
     crop_scale: tuple[float, float] = (0.5, 1.0)
     ssl_crop_scale: tuple[float, float] = (0.2, 1.0)
@@ -413,6 +414,7 @@ def run_pretraining(cfg: PretrainConfig, *, callbacks: tuple = ()) -> list[dict[
     corpus, out = _check_paths(cfg)
     t = cfg.train
     dist = DistEnv.from_env(device=t.device)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -425,11 +427,20 @@ def run_pretraining(cfg: PretrainConfig, *, callbacks: tuple = ()) -> list[dict[
             module = module.to(memory_format=torch.channels_last)
         model = dist.wrap_model(module)
         contract = backbone.pretrained_cfg
-        dataset = CorpusDataset(corpus, cfg.data.split, build_train_transform(cfg, contract))
+        # A supervised-only run skips unlabelled images: they would cost compute for a zero loss.
+        dataset = CorpusDataset(
+            corpus, cfg.data.split, build_train_transform(cfg, contract),
+            labelled_only=cfg.objective.kind == "supervised",
+        )
         loader = build_loader(
             dataset, batch_size=cfg.data.batch_size, world_size=dist.world_size, rank=dist.rank,
-            seed=t.seed, balance=cfg.data.balance, num_workers=cfg.data.num_workers,
+            seed=t.seed, balance=cfg.data.balance, num_workers=cfg.data.num_workers, drop_last=cfg.data.drop_last,
         )
+        if len(loader) == 0:
+            raise ValueError(
+                f"{len(dataset)} training images cannot fill one batch of {cfg.data.batch_size} per rank on "
+                f"{dist.world_size} rank(s): lower data.batch_size or set data.drop_last=false"
+            )
         steps_per_epoch = math.ceil(len(loader) / t.grad_accum)
         if t.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
@@ -461,4 +472,5 @@ def run_pretraining(cfg: PretrainConfig, *, callbacks: tuple = ()) -> list[dict[
         dist.barrier()
         return history
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)  # do not leak global state to the caller
         dist.destroy()
