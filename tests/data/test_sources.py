@@ -117,7 +117,9 @@ def test_dicom_and_nifti_sources(tmp_path: Path, shared_data: Path) -> None:
     fmt = shared_data / "formats"
     shutil.copy(fmt / "pydicom-3.0.2/CT_small.dcm", tmp_path / "ct.dcm")
     shutil.copy(fmt / "pydicom-data-1.0.0/emri_small.dcm", tmp_path / "IM0002")  # no suffix
-    (item_mr, item_ct) = iter_source(SourceSpec("pacs", tmp_path, format="dicom"))  # sorted: "IM0002" < "ct.dcm"
+    # NIfTI options on a DICOM source are ignored by the DICOM reader (sources may mix formats).
+    pacs = SourceSpec("pacs", tmp_path, format="dicom", reader_options={"stride": 2})
+    (item_mr, item_ct) = iter_source(pacs)  # sorted: "IM0002" < "ct.dcm"
     assert item_ct.group == "1CT1"  # PatientID for group-aware splits
     assert item_mr.path.name == "IM0002" and len(list(read_item(item_mr))) == 10
     one = SourceItem(path=item_mr.path, frame=3, source="pacs")
@@ -136,6 +138,8 @@ def test_bad_specs() -> None:
         SourceSpec("x", Path("."), format="nifty")
     with pytest.raises(ValueError, match="needs columns"):
         SourceSpec("x", Path("."), format="csv")
+    with pytest.raises(KeyError, match="unknown reader option 'axes'; did you mean 'axis'"):
+        SourceSpec("x", Path("."), reader_options={"axes": 0})
     with pytest.raises(FileNotFoundError, match="source root not found"):
         list(iter_source(SourceSpec("x", Path("/nonexistent/openmednet"))))
 

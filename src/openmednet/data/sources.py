@@ -36,7 +36,7 @@ from typing import Any, Union
 import numpy as np
 
 from openmednet._errors import look_up_option
-from openmednet.data.readers import ImageMeta, SkipImage, read_images
+from openmednet.data.readers import ImageMeta, SkipImage, check_reader_options, read_images
 from openmednet.data.readers.dicom import DicomReader
 from openmednet.data.readers.nifti import NiftiReader
 from openmednet.data.readers.npz import label_str, list_splits, load_split, read_row
@@ -95,6 +95,7 @@ class SourceSpec:
             raise ValueError(
                 f"source '{self.name}': format 'csv' needs columns={{'path': <csv column>, ...}}; got {dict(self.columns)}"
             )
+        check_reader_options(self.reader_options)
         unknown = set(self.columns) - set(MANIFEST_COLUMNS)
         if unknown:
             raise ValueError(f"source '{self.name}': unknown column keys {sorted(unknown)}; valid: {MANIFEST_COLUMNS}")

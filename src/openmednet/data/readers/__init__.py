@@ -20,8 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,10 @@ __all__ = [
     "NpzReader",
     "PILReader",
     "SkipImage",
+    "check_reader_options",
     "get_reader",
     "read_images",
+    "reader_options",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,22 +69,47 @@ def get_reader(path: str | Path, reader: str | None = None, **options: Any) -> I
         path: the file to read.
         reader: a name from ``SUPPORTED_READERS`` to force a reader; ``None`` picks by suffix
             (and, for DICOM, by the ``DICM`` magic bytes).
-        **options: reader constructor arguments (e.g. ``axis=0, stride=2`` for NIfTI).
+        **options: reader constructor arguments (e.g. ``axis=0, stride=2`` for NIfTI). A source
+            may mix formats, so each reader takes the options it knows and ignores the others.
 
     Raises:
-        KeyError: unknown reader name (with a suggestion).
+        KeyError: unknown reader name, or an option no reader takes (with a suggestion).
         ValueError: no reader handles ``path``; the message lists the readers, their suffixes
             and how to install their libraries.
     """
     path = Path(path)
+    check_reader_options(options)
     if reader is not None:
-        return SUPPORTED_READERS[look_up_option(reader, SUPPORTED_READERS, "reader")](**options)
+        cls = SUPPORTED_READERS[look_up_option(reader, SUPPORTED_READERS, "reader")]
+        return cls(**_options_for(cls, options))
     for cls in SUPPORTED_READERS.values():
         # Matching depends on the file only; options are for the chosen reader's constructor.
         if cls().can_read(path):
-            return cls(**options)
+            return cls(**_options_for(cls, options))
     table = "; ".join(f"{name} ({', '.join(cls.suffixes)}; {cls.install_hint})" for name, cls in SUPPORTED_READERS.items())
     raise ValueError(f"no reader for '{path.name}' (suffix '{''.join(path.suffixes)}'). Readers: {table}. Pass reader=<name> to force one.")
+
+
+def reader_options() -> dict[str, list[str]]:
+    """Option name -> readers that accept it (the constructor arguments of every reader)."""
+    table: dict[str, list[str]] = {}
+    for name, cls in SUPPORTED_READERS.items():
+        for param in inspect.signature(cls.__init__).parameters.values():
+            if param.name != "self" and param.kind is param.POSITIONAL_OR_KEYWORD:
+                table.setdefault(param.name, []).append(name)
+    return table
+
+
+def check_reader_options(options: Mapping[str, Any]) -> None:
+    """Raise ``KeyError`` (with a suggestion) for an option that no reader accepts."""
+    known = reader_options()
+    for key in options:
+        look_up_option(key, known, "reader option")
+
+
+def _options_for(cls: type[ImageReader], options: dict[str, Any]) -> dict[str, Any]:
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in options.items() if k in accepted}
 
 
 def read_images(
