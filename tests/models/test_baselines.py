@@ -41,6 +41,7 @@ def test_builds_from_scratch_for_gray_two_class(name):
     assert y.shape == (2, 2) and torch.isfinite(y).all()
     cfg = model.pretrained_cfg
     assert cfg.source == "scratch" and cfg.input_size[0] == 1 and len(cfg.mean) == len(cfg.std) == 1
+    assert cfg.license == "unknown" and cfg.hf_hub_id is None and cfg.sha256 is None
     assert cfg.meta["architecture"] == name
     assert model.get_submodule(cfg.first_conv).in_channels == 1
     assert model.get_submodule(cfg.classifier).out_features == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -82,6 +83,15 @@ def test_round_trip_is_exact(saved, xray):
     assert loaded.pretrained_cfg.sha256 == card.sha256
 
 
+def test_relative_paths_load(saved, monkeypatch, xray):
+    model, _, path = saved
+    monkeypatch.chdir(path.parent)
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(path.name).eval()(xray), model(xray))
+        bare = create_model("mednet_test", pretrained_file=f"{path.name}/model.safetensors", num_classes=3)
+        assert torch.equal(bare.eval()(xray), model(xray))
+
+
 def test_model_card_records_contract_provenance_and_checksum(saved):
     model, card, path = saved
     data = json.loads((path / "model_card.json").read_text())
@@ -139,6 +149,17 @@ def test_corrupted_header_is_named(saved):
     weights.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="neither a safetensors file"):
         load_weights(weights)
+
+
+def test_safetensors_header_length_starting_with_0x80_is_not_a_pickle(tmp_path):
+    # The first byte of a safetensors file is the low byte of its header length; 0x80 is also the
+    # pickle protocol marker. 384 = 0x180 (safetensors pads headers with spaces to 8 bytes).
+    values = torch.tensor([1.5, -2.25])
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", 384) + header.ljust(384) + values.numpy().tobytes())
+    assert path.read_bytes()[0] == 0x80
+    assert torch.equal(load_weights(path)["w"], values)
 
 
 def test_pickle_refused_unless_allowed(saved, tmp_path, xray):

