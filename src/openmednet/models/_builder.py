@@ -137,7 +137,7 @@ def build_model(
     if cfg is not None:
         model.pretrained_cfg = _fit_cfg(cfg, model, base_cfg)
     else:
-        model.pretrained_cfg = base_cfg.replace(source="file", file=str(pretrained_file))
+        model.pretrained_cfg = base_cfg.replace(source="file", file=str(Path(pretrained_file).resolve()))
     if reset:
         _logger.info("%s: %d head tensors newly initialised for num_classes=%s",
                      arch, len(reset), kwargs.get("num_classes"))
