@@ -188,3 +188,16 @@ def test_unknown_suffix_error_lists_readers(tmp_path: Path) -> None:
         get_reader(tmp_path / "x.xyz")
     with pytest.raises(KeyError, match="did you mean 'pil'"):
         get_reader(tmp_path / "x.xyz", reader="pill")
+
+
+def test_jpeg_draft_decodes_at_reduced_scale(shared_data: Path) -> None:
+    path = shared_data / "gray/targets/brain_mri_yes_no/yes/Y108.jpg"
+    full, _ = _read_one(path)
+    small, meta = _read_one(path, draft_size=100)
+    h, w = full.shape[:2]
+    k = meta.extra["draft_reduction"]
+    assert (h, w) == (1200, 1059) and k == 8  # 1059 / 8 -> 133 >= 100, while / 16 is not offered
+    assert small.shape[:2] == (-(-h // k), -(-w // k))  # libjpeg rounds the sides up: (150, 133)
+    # Same picture: resized to the same 56 x 64 grid, draft and full decode agree within a few levels.
+    a, b = (np.asarray(Image.fromarray(x).convert("L").resize((56, 64), Image.Resampling.BILINEAR), dtype=int) for x in (full, small))
+    assert np.abs(a - b).mean() < 3

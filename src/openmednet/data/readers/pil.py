@@ -17,6 +17,10 @@ Conversion rules (what arrives in the file -> what the reader yields):
   keeps the full contrast of each image. The min and max are recorded in ``meta.extra``.
 - EXIF orientation is applied (phone photographs of wounds and skin lesions carry it).
 - Multi-page TIFFs yield every page (``meta.frame`` is the page index).
+- ``draft_size`` (off by default): JPEGs are decoded directly at 1/2, 1/4 or 1/8 scale by
+  libjpeg's DCT scaling (``Image.draft``), the smallest scale that keeps both sides at least
+  ``draft_size``. For a corpus resized to ``draft_size`` anyway this skips most decoding work
+  (``benchmarks/bench_readers.py``); pixels differ slightly from a full decode then resize.
 
 Bad input never escapes as a Pillow exception: zero bytes -> ``"empty_file"``, bytes that are
 not an image -> ``"not_an_image"``, truncated or damaged data -> ``"corrupt"``, a header
@@ -52,16 +56,22 @@ class PILReader(ImageReader):
         max_pixels: images whose header claims more pixels (width x height) are skipped with
             reason ``"decompression_bomb"``. Independent of the process-wide
             ``PIL.Image.MAX_IMAGE_PIXELS``, which this reader never changes.
+        draft_size: if set, decode JPEGs at a reduced DCT scale that keeps both sides
+            ``>= draft_size`` (see the module docstring); ``meta.extra["draft_reduction"]`` records the
+            factor (1, 2, 4 or 8).
     """
 
     name = "pil"
     suffixes = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".pgm", ".ppm")
     install_hint = "pip install pillow"
 
-    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None):
         if max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+        if draft_size is not None and draft_size < 1:
+            raise ValueError(f"draft_size must be None or >= 1, got {draft_size}")
         self.max_pixels = max_pixels
+        self.draft_size = draft_size
 
     def read(self, path: Path) -> Iterator[ReadResult]:
         """Yield ``(array, meta)`` for each page of ``path``: ``(H, W)`` or ``(H, W, 3)`` uint8.
@@ -104,16 +114,22 @@ class PILReader(ImageReader):
     def _convert_page(self, path: Path, page: Image.Image, index: int, n_frames: int) -> tuple[np.ndarray, ImageMeta]:
         mode = page.mode
         size = page.size
+        extra: dict = {}
+        if self.draft_size and page.format == "JPEG" and index == 0:
+            # Must precede load(): libjpeg then decodes at the reduced scale directly.
+            page.draft(mode if mode in ("L", "RGB") else None, (self.draft_size, self.draft_size))
+            # libjpeg reduces by 1, 2, 4 or 8 and rounds the sides up.
+            extra["draft_reduction"] = round(size[0] / page.size[0])
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 page.load()
             page = ImageOps.exif_transpose(page) if index == 0 else page
-            arr, extra = _to_uint8_array(page)
+            arr, facts = _to_uint8_array(page)
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             # Pillow reports truncation as OSError("image file is truncated ...").
             raise SkipImage("corrupt", f"pixel data cannot be decoded ({e}); re-export the file", path, index) from e
-        extra["n_frames"] = n_frames
+        extra.update(facts, n_frames=n_frames)
         meta = ImageMeta(
             path=path,
             frame=index,
