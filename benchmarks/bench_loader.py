@@ -116,6 +116,24 @@ def _loader_rate(root: Path, channels: int, workers: int, batch: int, epochs: in
     return count / elapsed
 
 
+def step_costs(root: Path, channels: int, calls: int = 200) -> list[tuple[str, float]]:
+    """Median microseconds of each step of the training pipeline on the corpus' first image."""
+    cfg = {"input_size": (channels, SIZE, SIZE), "mean": (0.5,) * channels, "std": (0.25,) * channels}
+    pipeline = build_transform(cfg, train=True)
+    x = CorpusDataset(root)[0][0]
+    costs = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in pipeline.transforms:
+            timing = time_fn(lambda step=step, x=x: step(x), warmup=5, iters=calls)
+            costs.append((type(step).__name__, timing.median * 1e6))
+            x = step(x)
+    finally:
+        torch.set_num_threads(threads)
+    return costs
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1024, help="images per corpus")
@@ -143,10 +161,16 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append([version, workers, rate])
                 print(f"  loader {version:5s} workers={workers}: {rate:.0f} img/s", flush=True)
         reference.append(training_rate(args.batch_size, args.train_steps))
+        costs = {version: step_costs(root, SOURCES[version][1]) for version, root in roots.items()}
     train = statistics.median(reference)
     print(f"MedNet training again: {reference[1]:.1f} img/s; reference = median {train:.1f} img/s\n")
     table = [[v, w, f"{r:.0f}", f"{r / train:.1f}x", "yes" if r / train >= 10 else "no"] for v, w, r in rows]
     print(markdown_table(["version", "workers", "loader img/s", "vs MedNet training", ">= 10x"], table))
+    print("\nPer-image cost of each training transform step (median us, 1 thread):\n")
+    names = [name for name, _ in costs["color"]]  # the colour pipeline's steps include the gray ones
+    step_rows = [[n, *(f"{dict(costs[v]).get(n, 0.0):.0f}" if n in dict(costs[v]) else "-" for v in costs)] for n in names]
+    step_rows.append(["total", *(f"{sum(c for _, c in costs[v]):.0f}" for v in costs)])
+    print(markdown_table(["step", *costs], step_rows))
 
 
 if __name__ == "__main__":
