@@ -55,9 +55,11 @@ _register_commands()
 
 def main() -> None:
     """Entry point of the ``openmednet`` script."""
+    from openmednet.models import WeightsUnavailableError
+
     try:
         app()
-    except (ValueError, FileNotFoundError, KeyError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, KeyError, WeightsUnavailableError) as e:
         if os.environ.get("OPENMEDNET_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
