@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -80,12 +81,16 @@ def get_reader(path: str | Path, reader: str | None = None, **options: Any) -> I
     path = Path(path)
     check_reader_options(options)
     if reader is not None:
-        cls = SUPPORTED_READERS[look_up_option(reader, SUPPORTED_READERS, "reader")]
-        return cls(**_options_for(cls, options))
-    for cls in SUPPORTED_READERS.values():
-        # Matching depends on the file only; options are for the chosen reader's constructor.
-        if cls().can_read(path):
-            return cls(**_options_for(cls, options))
+        return _build(look_up_option(reader, SUPPORTED_READERS, "reader"), options)
+    # Names first, for every reader; only then content sniffing (DICOM's magic bytes), so that a
+    # JPEG is never opened just to learn that it is not DICOM.
+    defaults = _default_readers()
+    for name, impl in defaults.items():
+        if impl.verify_suffix(path):
+            return _build(name, options)
+    for name, impl in defaults.items():
+        if impl.can_read(path):
+            return _build(name, options)
     table = "; ".join(f"{name} ({', '.join(cls.suffixes)}; {cls.install_hint})" for name, cls in SUPPORTED_READERS.items())
     raise ValueError(f"no reader for '{path.name}' (suffix '{''.join(path.suffixes)}'). Readers: {table}. Pass reader=<name> to force one.")
 
@@ -93,23 +98,36 @@ def get_reader(path: str | Path, reader: str | None = None, **options: Any) -> I
 def reader_options() -> dict[str, list[str]]:
     """Option name -> readers that accept it (the constructor arguments of every reader)."""
     table: dict[str, list[str]] = {}
-    for name, cls in SUPPORTED_READERS.items():
-        for param in inspect.signature(cls.__init__).parameters.values():
-            if param.name != "self" and param.kind is param.POSITIONAL_OR_KEYWORD:
-                table.setdefault(param.name, []).append(name)
+    for name in SUPPORTED_READERS:
+        for option in _accepted_options(name):
+            table.setdefault(option, []).append(name)
     return table
 
 
 def check_reader_options(options: Mapping[str, Any]) -> None:
     """Raise ``KeyError`` (with a suggestion) for an option that no reader accepts."""
-    known = reader_options()
-    for key in options:
-        look_up_option(key, known, "reader option")
+    if options:
+        known = reader_options()
+        for key in options:
+            look_up_option(key, known, "reader option")
 
 
-def _options_for(cls: type[ImageReader], options: dict[str, Any]) -> dict[str, Any]:
-    accepted = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in options.items() if k in accepted}
+@functools.lru_cache(maxsize=None)
+def _accepted_options(name: str) -> frozenset[str]:
+    params = inspect.signature(SUPPORTED_READERS[name].__init__).parameters.values()
+    return frozenset(p.name for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_readers() -> dict[str, ImageReader]:
+    """One default-configured instance per reader (readers hold only their settings)."""
+    return {name: cls() for name, cls in SUPPORTED_READERS.items()}
+
+
+def _build(name: str, options: Mapping[str, Any]) -> ImageReader:
+    """The reader ``name`` with the options it accepts (others belong to other formats)."""
+    mine = {k: v for k, v in options.items() if k in _accepted_options(name)}
+    return SUPPORTED_READERS[name](**mine) if mine else _default_readers()[name]
 
 
 def read_images(
