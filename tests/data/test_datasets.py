@@ -84,17 +84,29 @@ def test_source_balanced_loader(corpus):
         build_loader(ds, batch_size=4, balance="clas")
 
 
-def test_worker_augmentation_is_seeded(corpus):
+def test_augmentation_depends_only_on_seed_and_epoch(corpus):
     root, _ = corpus
     ds = CorpusDataset(root, transform=build_transform(GRAY_CFG, train=True))
 
-    def first_batch(seed: int) -> torch.Tensor:
-        loader = build_loader(ds, batch_size=8, seed=seed, num_workers=2)
-        return next(iter(loader))[0]
+    def epoch_batches(seed: int, workers: int, epochs: list[int]) -> list[torch.Tensor]:
+        loader = build_loader(ds, batch_size=8, seed=seed, num_workers=workers)
+        out = []
+        for epoch in epochs:
+            loader.sampler.set_epoch(epoch)
+            out.append(torch.cat([images for images, _, _ in loader]))
+        return out
 
-    a, b, c = first_batch(0), first_batch(0), first_batch(1)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    main_0, main_1 = epoch_batches(0, 0, [0, 1])
+    (workers_1,) = epoch_batches(0, 2, [1])  # fresh workers, started at epoch 1: a resumed run
+    assert torch.equal(main_1, workers_1)  # same with or without workers, persistent or not
+    assert not torch.equal(main_0, main_1)
+    assert not torch.equal(main_0, epoch_batches(1, 0, [0])[0])
+    # the caller's RNG stream is left as it was
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    ds[(0, 12345)]
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_labelled_dataset_from_source_items_converts_and_caches(shared_data):

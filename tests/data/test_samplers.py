@@ -77,6 +77,20 @@ def test_weighted_slices_partition_the_epoch_draws():
     assert not np.array_equal(first, order)
 
 
+def test_seeded_samplers_pair_the_same_indices_with_per_position_seeds():
+    plain = DistributedShardSampler(10, world_size=2, rank=1, seed=4)
+    seeded = [DistributedShardSampler(10, world_size=2, rank=r, seed=4, seeded=True) for r in range(2)]
+    pairs = list(seeded[1])
+    assert [i for i, _ in pairs] == list(plain)  # seeds never change the order
+    assert pairs == list(DistributedShardSampler(10, world_size=2, rank=1, seed=4, seeded=True))
+    all_seeds = [s for r in seeded for _, s in r]
+    assert len(set(all_seeds)) == 10  # one seed per position, across ranks
+    seeded[1].set_epoch(1)
+    assert {s for _, s in seeded[1]}.isdisjoint({s for _, s in pairs})
+    weighted = DistributedWeightedSampler(balanced_weights(IMBALANCED), seed=2, seeded=True)
+    assert [i for i, _ in weighted] == list(DistributedWeightedSampler(balanced_weights(IMBALANCED), seed=2))
+
+
 def test_invalid_arguments_raise():
     with pytest.raises(ValueError, match="rank must be in"):
         DistributedShardSampler(10, world_size=2, rank=2)

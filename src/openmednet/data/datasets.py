@@ -25,11 +25,40 @@ from openmednet.data.readers import SkipImage
 from openmednet.data.shards import SPLITS, UNLABELLED, CorpusArrays
 from openmednet.data.sources import SourceItem, read_item
 
-__all__ = ["CorpusDataset", "LabelledDataset"]
+__all__ = ["CorpusDataset", "LabelledDataset", "apply_transform"]
 
 logger = logging.getLogger(__name__)
 
 Transform = Callable[[Tensor], Any]
+#: A dataset key: an index, or ``(index, augmentation seed)`` as the samplers yield with ``seeded=True``.
+Key = int | tuple[int, int]
+
+
+def _split_key(key: Key) -> tuple[int, int | None]:
+    if isinstance(key, tuple):
+        index, seed = key
+        return int(index), int(seed)
+    return int(key), None
+
+
+def apply_transform(transform: Transform | None, image: Tensor, seed: int | None) -> Any:
+    """``transform(image)``, with its random draws seeded by ``seed`` when given.
+
+    Only torch's CPU generator is seeded (the transforms draw from it; CUDA generators, which drive
+    dropout on GPUs, are untouched) and its state is restored afterwards, so the caller's random
+    stream is the same as if the transform had not run.
+    """
+    if transform is None:
+        return image
+    if seed is None:
+        return transform(image)
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        return transform(image)
+    finally:
+        generator.set_state(state)
 
 
 class CorpusDataset(Dataset):
@@ -53,13 +82,17 @@ class CorpusDataset(Dataset):
 
     Items are ``(image, label, source)``: ``image`` what the transform returns (a float
     ``(C, H, W)`` tensor, or a list of views for a multi-view transform), ``label`` and ``source``
-    Python ints.
+    Python ints. Keys are indices or ``(index, seed)`` pairs (seeded augmentation, see
+    :func:`apply_transform`).
 
     Raises:
         FileNotFoundError: no corpus at ``root``.
         KeyError: unknown split or source name (the message lists the valid ones).
         ValueError: the filters leave no image.
     """
+
+    #: ``build_loader`` may pass ``(index, seed)`` keys.
+    supports_seeded_keys = True
 
     def __init__(
         self,
@@ -104,11 +137,10 @@ class CorpusDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[Any, int, int]:
+    def __getitem__(self, key: Key) -> tuple[Any, int, int]:
+        i, seed = _split_key(key)
         image = torch.from_numpy(self.arrays.image(int(self.indices[i])))
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[i]), int(self.sources[i])
+        return apply_transform(self.transform, image, seed), int(self.labels[i]), int(self.sources[i])
 
 
 class LabelledDataset(Dataset):
@@ -141,10 +173,16 @@ class LabelledDataset(Dataset):
         origins: ``(N,)`` provenance strings (``path`` or ``path#frame``; ``"array[i]"`` for pairs).
         skipped: ``(origin, reason)`` of every skipped image.
 
+    Items are ``(image, label index)``; keys are indices or ``(index, seed)`` pairs as for
+    :class:`CorpusDataset`.
+
     Raises:
         ValueError: an item has no label, a label is not in ``class_names``, bad ``channels`` or
             ``resize_mode``, or nothing could be read.
     """
+
+    #: ``build_loader`` may pass ``(index, seed)`` keys.
+    supports_seeded_keys = True
 
     def __init__(
         self,
@@ -225,8 +263,6 @@ class LabelledDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        image = torch.from_numpy(self.images[i])
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[i])
+    def __getitem__(self, key: Key) -> tuple[Any, int]:
+        i, seed = _split_key(key)
+        return apply_transform(self.transform, torch.from_numpy(self.images[i]), seed), int(self.labels[i])

@@ -1,12 +1,15 @@
 """``build_loader``: a DataLoader with the right sampler for one process or one DDP rank.
 
-Seeding: the sampler order depends only on ``(seed, epoch)`` (see ``samplers``). Augmentation
-randomness runs in the workers: torch seeds each worker's ``torch``, ``random`` and ``numpy``
-generators from a base seed drawn from the loader's ``generator``, which we seed from
-``(seed, rank)``, so runs are repeatable and ranks draw different augmentations. With
-``num_workers=0`` the transforms draw from the main process' global torch generator instead
-(seed it with ``openmednet.utils.seed_everything``). Workers also run with one intra-op thread
-each (torch sets it), so ``num_workers`` is the number of cores the loader uses.
+Seeding: the sampler order depends only on ``(seed, epoch)`` (see ``samplers``). For datasets
+that accept ``(index, seed)`` keys (``supports_seeded_keys``: ``CorpusDataset``,
+``LabelledDataset``) the sampler also hands every position of the epoch a seed for its
+augmentation, so the batches are a pure function of ``(seed, epoch)``: the same with 0, 1 or 8
+workers, with persistent workers (which torch seeds only once, at their start), on every resume,
+and different across ranks (they hold different positions). For other datasets, torch seeds each
+worker's ``torch``, ``random`` and ``numpy`` generators from the loader's ``generator``, seeded
+from ``(seed, rank)``; with ``num_workers=0`` their transforms draw from the global torch
+generator. Workers run with one intra-op thread each (torch sets it), so ``num_workers`` is the
+number of cores the loader uses.
 """
 
 from __future__ import annotations
@@ -54,14 +57,19 @@ def build_sampler(
         pad: pad epochs to equal rank lengths; default ``shuffle`` (pad training, never
             evaluation, so gathered metrics count every image once).
 
+    The sampler yields ``(index, seed)`` pairs when the dataset has ``supports_seeded_keys``.
+
     Raises:
         KeyError: unknown ``balance``.
         ValueError: ``balance`` without ``shuffle``, or a dataset without the needed attribute.
     """
     n = len(dataset)  # type: ignore[arg-type]
+    seeded = bool(getattr(dataset, "supports_seeded_keys", False))
     if balance is None:
         pad = shuffle if pad is None else pad
-        return DistributedShardSampler(n, world_size=world_size, rank=rank, shuffle=shuffle, seed=seed, pad=pad)
+        return DistributedShardSampler(
+            n, world_size=world_size, rank=rank, shuffle=shuffle, seed=seed, pad=pad, seeded=seeded
+        )
     look_up_option(balance, BALANCE_MODES, "balance mode")
     if not shuffle:
         raise ValueError("balance needs random sampling: use shuffle=True (or balance=None for evaluation)")
@@ -72,7 +80,8 @@ def build_sampler(
             f"balance='{balance}' needs dataset.{attr}, an array of {n} integers "
             f"({type(dataset).__name__} has {'none' if groups is None else len(groups)})"
         )
-    return DistributedWeightedSampler(balanced_weights(np.asarray(groups)), world_size=world_size, rank=rank, seed=seed)
+    weights = balanced_weights(np.asarray(groups))
+    return DistributedWeightedSampler(weights, world_size=world_size, rank=rank, seed=seed, seeded=seeded)
 
 
 def build_loader(

@@ -12,6 +12,12 @@ size). The ranks' slices are disjoint and their union is the whole epoch order. 
 must be called at the start of every epoch (the trainer does), or every epoch repeats the first
 one's order, as with ``torch.utils.data.DistributedSampler``.
 
+Augmentation seeds (``seeded=True``, what ``build_loader`` uses for this package's datasets): the
+samplers then yield ``(index, sample_seed)`` pairs, with one seed per position of the epoch order
+drawn from its own ``(seed, epoch)`` stream. The datasets seed the transform's random draws with
+it, so an image's augmentation is a pure function of ``(seed, epoch, position)``: identical for
+any number of loader workers, across persistent workers, and after a resume in another process.
+
 Padding: DDP needs the same number of batches on every rank (otherwise a collective waits
 forever), so training epochs are padded to a multiple of ``W``:
 
@@ -66,9 +72,19 @@ def _check_rank(world_size: int, rank: int) -> None:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
 
 
-def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+def _epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
     # One stream per (seed, epoch), identical on every rank; SeedSequence keeps nearby seeds apart.
-    return np.random.default_rng(np.random.SeedSequence([seed, epoch]))
+    # Stream 1 holds the augmentation seeds, so turning them on never changes the sample order.
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, stream]))
+
+
+def _rank_items(order: np.ndarray, sampler: DistributedShardSampler | DistributedWeightedSampler) -> Iterator:
+    """This rank's slice of ``order``, paired with per-position augmentation seeds when seeded."""
+    mine = order[sampler.rank :: sampler.world_size].tolist()
+    if not sampler.seeded:
+        return iter(mine)
+    seeds = _epoch_rng(sampler.seed, sampler.epoch, 1).integers(0, 2**62, size=len(order), dtype=np.int64)
+    return zip(mine, seeds[sampler.rank :: sampler.world_size].tolist())
 
 
 class DistributedShardSampler(Sampler[int]):
@@ -84,6 +100,7 @@ class DistributedShardSampler(Sampler[int]):
         seed: base seed, the same on every rank.
         pad: repeat the start of the order so every rank gets ``ceil(N / W)`` indices (training);
             ``False`` gives ranks ``floor`` or ``ceil`` of ``N / W`` with no repeats (evaluation).
+        seeded: yield ``(index, augmentation seed)`` pairs instead of indices (module docstring).
     """
 
     def __init__(
@@ -95,12 +112,13 @@ class DistributedShardSampler(Sampler[int]):
         shuffle: bool = True,
         seed: int = 0,
         pad: bool = True,
+        seeded: bool = False,
     ):
         _check_rank(world_size, rank)
         if num_samples < 1:
             raise ValueError(f"cannot sample from an empty dataset (num_samples={num_samples})")
         self.num_samples, self.world_size, self.rank = num_samples, world_size, rank
-        self.shuffle, self.seed, self.pad = shuffle, seed, pad
+        self.shuffle, self.seed, self.pad, self.seeded = shuffle, seed, pad, seeded
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -116,8 +134,8 @@ class DistributedShardSampler(Sampler[int]):
             order = np.resize(order, total)  # np.resize repeats from the start: the padding
         return order.astype(np.int64)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_order()[self.rank :: self.world_size].tolist())
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        return _rank_items(self.epoch_order(), self)
 
     def __len__(self) -> int:
         if self.pad:
@@ -138,6 +156,7 @@ class DistributedWeightedSampler(Sampler[int]):
         world_size: number of ranks.
         rank: this process's rank.
         seed: base seed, the same on every rank.
+        seeded: yield ``(index, augmentation seed)`` pairs instead of indices (module docstring).
     """
 
     def __init__(
@@ -148,6 +167,7 @@ class DistributedWeightedSampler(Sampler[int]):
         world_size: int = 1,
         rank: int = 0,
         seed: int = 0,
+        seeded: bool = False,
     ):
         _check_rank(world_size, rank)
         w = np.asarray(weights, dtype=np.float64)
@@ -157,7 +177,7 @@ class DistributedWeightedSampler(Sampler[int]):
         self.num_samples = len(w) if num_samples is None else int(num_samples)
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        self.world_size, self.rank, self.seed = world_size, rank, seed
+        self.world_size, self.rank, self.seed, self.seeded = world_size, rank, seed, seeded
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -170,8 +190,8 @@ class DistributedWeightedSampler(Sampler[int]):
         rng = _epoch_rng(self.seed, self.epoch)
         return rng.choice(len(self.probabilities), size=total, replace=True, p=self.probabilities).astype(np.int64)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_order()[self.rank :: self.world_size].tolist())
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        return _rank_items(self.epoch_order(), self)
 
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.world_size)
