@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "ToChannels": "transforms",
     "CorpusDataset": "datasets",
     "LabelledDataset": "datasets",
+    "apply_transform": "datasets",
     "DistributedShardSampler": "samplers",
     "DistributedWeightedSampler": "samplers",
     "balanced_weights": "samplers",
