@@ -132,3 +132,14 @@ def test_bad_options_are_rejected() -> None:
         NiftiReader(stride=0)
     with pytest.raises(ValueError, match="volumes must be"):
         NiftiReader(volumes="last")  # type: ignore[arg-type]
+
+
+def test_nan_voxels_do_not_poison_scaling(tmp_path: Path) -> None:
+    data = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
+    data[0, 0, :] = np.nan  # masked statistical maps store NaN outside the mask
+    images, _ = _read(_save(tmp_path, data), min_foreground=0.0)
+    finite = data[np.isfinite(data)]
+    lo, hi = np.percentile(finite, [0.5, 99.5])
+    expected = np.clip(np.rint((np.nan_to_num(data, nan=lo) - lo) * 255 / (hi - lo)), 0, 255)
+    np.testing.assert_array_equal(np.stack([i for i, _ in images], axis=2), expected)
+    assert images[0][0][0, 0] == 0

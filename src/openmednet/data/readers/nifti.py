@@ -93,9 +93,12 @@ class NiftiReader(ImageReader):
             yield from self._slices(path, volume, v, shape, str(img.get_data_dtype()))
 
     def _slices(self, path: Path, volume: np.ndarray, v: int, shape: tuple[int, ...], dtype: str) -> Iterator[ReadResult]:
-        finite = volume[np.isfinite(volume)]
+        finite_mask = np.isfinite(volume)
+        all_finite = bool(finite_mask.all())
+        # NaN voxels (masked maps) are left out of the percentiles and shown as the low end.
+        finite = volume.ravel() if all_finite else volume[finite_mask]
         lo, hi = np.percentile(finite, PERCENTILES) if finite.size else (0.0, 0.0)
-        scaled = scale_to_uint8(np.nan_to_num(volume, nan=lo), lo, hi)
+        scaled = scale_to_uint8(volume if all_finite else np.where(finite_mask, volume, lo), lo, hi)
         axis = self.axis if volume.ndim == 3 else 2
         # Slice-first view: basic indexing is a view, where np.take along an axis copies slowly.
         stack = np.moveaxis(scaled, axis, 0) if scaled.ndim == 3 else scaled[None]
