@@ -102,6 +102,7 @@ class BuildParams:
     sources: list[dict[str, Any]]
     exclude: list[dict[str, Any]]
     confirm_threshold: int = dedupe.DEFAULT_CONFIRM_THRESHOLD
+    chunk_items: int = CHUNK_ITEMS
     format_version: int = FORMAT_VERSION
 
 
@@ -802,15 +803,15 @@ def _check_params(work: Path, params: BuildParams) -> None:
     atomic_write_text(path, text)
 
 
-def _validate(channels: int, image_size: int, resize_mode: str, shard_size: int, num_parts: int, part: int, sources: Sequence[SourceSpec]) -> None:
+def _validate(channels: int, image_size: int, resize_mode: str, shard_size: int, chunk_items: int, num_parts: int, part: int, sources: Sequence[SourceSpec]) -> None:
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (gray corpus) or 3 (colour corpus), got {channels}")
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
     if resize_mode not in ("pad", "crop"):
         raise ValueError(f"resize_mode must be 'pad' or 'crop', got {resize_mode!r}")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    if shard_size < 1 or chunk_items < 1:
+        raise ValueError(f"shard_size and chunk_items must be positive, got {shard_size} and {chunk_items}")
     if num_parts < 1 or not 0 <= part < num_parts:
         raise ValueError(f"part must be in [0, num_parts), got part={part} with num_parts={num_parts}")
     names = [s.name for s in sources]
@@ -837,6 +838,7 @@ def build_corpus(
     near_threshold: int = dedupe.DEFAULT_NEAR_THRESHOLD,
     confirm_threshold: int = dedupe.DEFAULT_CONFIRM_THRESHOLD,
     gray_tolerance: int = GRAY_TOLERANCE,
+    chunk_items: int = CHUNK_ITEMS,
     keep_work_files: bool = False,
     progress: ProgressFn | None = None,
 ) -> CorpusManifest:
@@ -860,6 +862,7 @@ def build_corpus(
         near_threshold: 64-bit phash Hamming threshold for near-duplicate candidates.
         confirm_threshold: 256-bit phash Hamming threshold confirming a candidate.
         gray_tolerance: channel spread still counted as gray content.
+        chunk_items: plan items per decode task (the unit of parallelism and of resumption).
         keep_work_files: keep ``out_dir/.build`` (decoded chunks) after success.
         progress: optional ``progress(stage, done, total)`` callback.
 
@@ -871,7 +874,7 @@ def build_corpus(
         ValueError: bad arguments, or an unfinished build in ``out_dir`` with other parameters.
         FileNotFoundError: a source or target root does not exist.
     """
-    _validate(channels, image_size, resize_mode, shard_size, num_parts, part, sources)
+    _validate(channels, image_size, resize_mode, shard_size, chunk_items, num_parts, part, sources)
     out = Path(out_dir)
     work = out / _BUILD_DIR
     work.mkdir(parents=True, exist_ok=True)
@@ -879,7 +882,7 @@ def build_corpus(
         raise ValueError(f"{out} already holds a finished corpus; choose a new --out or delete it")
     params = BuildParams(
         channels, image_size, resize_mode, near_threshold, seed, shard_size, num_parts, part, gray_tolerance,
-        [_spec_dict(s) for s in sources], [_spec_dict(s) for s in exclude], confirm_threshold,
+        [_spec_dict(s) for s in sources], [_spec_dict(s) for s in exclude], confirm_threshold, chunk_items,
     )  # fmt: skip
     _check_params(work, params)
     for tmp in out.glob("shard-?????.tmp"):  # half-written shards of a killed run
@@ -894,7 +897,7 @@ def build_corpus(
 
     chunk_dir = work / "chunks"
     chunk_dir.mkdir(exist_ok=True)
-    tasks = [(chunk_dir / f"chunk-{k:05d}.npz", plan[s : s + CHUNK_ITEMS]) for k, s in enumerate(range(0, len(plan), CHUNK_ITEMS))]
+    tasks = [(chunk_dir / f"chunk-{k:05d}.npz", plan[s : s + chunk_items]) for k, s in enumerate(range(0, len(plan), chunk_items))]
     del plan
     reader_options = {s.name: dict(s.reader_options) for s in sources}
     _run_chunks(tasks, reader_options, {s.name: s.channels for s in sources}, opts, workers, "decode", progress)
