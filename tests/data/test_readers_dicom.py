@@ -213,3 +213,22 @@ def test_voi_lut_sequence_is_applied(tmp_path: Path, fmt: Path) -> None:
     raw = np.clip(pydicom.dcmread(tmp_path / "lut.dcm").pixel_array.astype(np.float64), 0, 4095)
     assert meta.extra["voi"] == "lut"  # the LUT wins over the file's window
     np.testing.assert_array_equal(img, np.rint((4095 - raw) * 16 * 255 / 65535))
+
+
+def test_palette_colour_dicom(tmp_path: Path, fmt: Path) -> None:
+    ds = pydicom.dcmread(fmt / "pydicom-3.0.2/MR_small.dcm")
+    indices = (ds.pixel_array.astype(np.int32) >> 4).clip(0, 255).astype(np.uint8)  # real anatomy as indices
+    for tag in ("WindowCenter", "WindowWidth"):
+        delattr(ds, tag)
+    ds.set_pixel_data(indices, "PALETTE COLOR", 8)
+    ramp = np.arange(256, dtype=np.uint16)
+    # 16-bit palette: red = index, green = 255 - index, blue = 128 (after scaling to 8 bits).
+    for colour, entries in (("Red", ramp * 257), ("Green", (255 - ramp) * 257), ("Blue", np.full(256, 128 * 257))):
+        ds.add_new(f"{colour}PaletteColorLookupTableDescriptor", "US", [256, 0, 16])
+        ds.add_new(f"{colour}PaletteColorLookupTableData", "OW", entries.astype("<u2").tobytes())
+    ds.save_as(tmp_path / "palette.dcm")
+    (img, meta), = _frames(tmp_path / "palette.dcm")
+    assert meta.photometric == "RGB" and meta.extra["color"] == "palette"
+    np.testing.assert_array_equal(img[..., 0], indices)
+    np.testing.assert_array_equal(img[..., 1], 255 - indices)
+    np.testing.assert_array_equal(img[..., 2], 128)
