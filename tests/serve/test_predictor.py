@@ -31,7 +31,7 @@ def test_probabilities_equal_the_training_eval_pipeline(predictor, model_dir, re
     (pred,) = list(predictor.predict_path(real_files["gray"]))
     model = load_model(model_dir)
     (array, _), = list(read_images(real_files["gray"]))
-    x = build_transform(model.pretrained_cfg, train=False)(torch.from_numpy(array)[None])
+    x = build_transform(model.pretrained_cfg, train=False)(torch.from_numpy(array.copy())[None])
     with torch.no_grad():
         expected = torch.softmax(model(x[None]), dim=1)[0].tolist()
     assert list(pred.probabilities) == list(LABELS)
