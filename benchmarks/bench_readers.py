@@ -87,7 +87,10 @@ def cases() -> list[tuple[str, list[Path], Callable, dict]]:
     small_jpeg = sorted((SHARED / "gray/pretrain/brain_tumor_mri/Testing").rglob("*.jpg"))[:300]
     dicom = [fmt / "pydicom-data-1.0.0" / n for n in ("693_UNCI.dcm", "MR2_UNCI.dcm", "emri_small.dcm", "JPEG2000_UNC.dcm")]
     dicom_j2k = [fmt / "pydicom-data-1.0.0" / n for n in ("693_J2KR.dcm", "MR2_J2KI.dcm")]
-    nifti = [fmt / "nilearn-0.14.1/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", fmt / "nibabel-5.4.2/tests_data/example4d.nii.gz"]
+    nifti = [
+        fmt / "nilearn-0.14.1/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        fmt / "nibabel-5.4.2/tests_data/example4d.nii.gz",
+    ]
     return [
         ("JPEG 128 px (brain_tumor_mri, 300 files)", small_jpeg, _pillow, {}),
         (f"JPEG originals >= 512 px (brain_mri_yes_no, {len(large_jpeg)} files)", large_jpeg, _pillow, {}),

@@ -65,7 +65,13 @@ def test_ct_small_rescale_to_hounsfield_and_percentiles(fmt: Path) -> None:
 
 @pytest.mark.parametrize(
     "twin",
-    ["MR_small_RLE.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"],
+    [
+        "MR_small_RLE.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+    ],
 )
 def test_mr_small_encodings_decode_identically(fmt: Path, twin: str) -> None:
     (ref, _), = _frames(fmt / "pydicom-3.0.2/MR_small.dcm")
@@ -79,7 +85,7 @@ def test_multiframe_twins_yield_ten_identical_frames(fmt: Path, twin: str) -> No
     got = _frames(fmt / "pydicom-data-1.0.0" / twin)
     assert len(ref) == len(got) == 10
     assert [m.frame for _, m in got] == list(range(10))
-    for (a, _), (b, _) in zip(ref, got):
+    for (a, _), (b, _) in zip(ref, got, strict=False):
         np.testing.assert_array_equal(a, b)
     # Frames differ from each other (it is a real stack, not one frame repeated).
     assert not np.array_equal(ref[0][0], ref[5][0])
@@ -194,7 +200,7 @@ def test_enhanced_multiframe_window_from_functional_groups(fmt: Path) -> None:
     frames = _frames(path)
     assert len(frames) == 2
     raw = pydicom.dcmread(path).pixel_array.astype(np.float64)
-    for (img, meta), stored in zip(frames, raw):
+    for (img, meta), stored in zip(frames, raw, strict=False):
         assert (meta.extra["window_center"], meta.extra["window_width"]) == (49.0, 102.0)
         np.testing.assert_array_equal(img, apply_window(stored - 1024, 49, 102))
 

@@ -54,7 +54,7 @@ def test_4d_first_or_all_volumes(shared_data: Path) -> None:
     assert len(first) == 24 and len(every) == 48
     assert [m.extra["volume"] for _, m in every] == [0] * 24 + [1] * 24
     assert first[0][1].original_shape == (128, 96, 24, 2)
-    for (a, _), (b, _) in zip(first, every[:24]):
+    for (a, _), (b, _) in zip(first, every[:24], strict=False):
         np.testing.assert_array_equal(a, b)
 
 

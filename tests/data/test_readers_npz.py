@@ -34,7 +34,7 @@ def test_read_row_matches_numpy(pneumonia: Path) -> None:
 def test_read_images_yields_every_row(pneumonia: Path) -> None:
     n = 0
     labels = set()
-    for img, meta in read_images(pneumonia):
+    for _img, meta in read_images(pneumonia):
         n += 1
         labels.add(meta.label)
     assert n == 5856 and labels == {"0", "1"}

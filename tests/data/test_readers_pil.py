@@ -199,5 +199,6 @@ def test_jpeg_draft_decodes_at_reduced_scale(shared_data: Path) -> None:
     assert (h, w) == (1200, 1059) and k == 8  # 1059 / 8 -> 133 >= 100, while / 16 is not offered
     assert small.shape[:2] == (-(-h // k), -(-w // k))  # libjpeg rounds the sides up: (150, 133)
     # Same picture: resized to the same 56 x 64 grid, draft and full decode agree within a few levels.
-    a, b = (np.asarray(Image.fromarray(x).convert("L").resize((56, 64), Image.Resampling.BILINEAR), dtype=int) for x in (full, small))
+    grid = (56, 64)
+    a, b = (np.asarray(Image.fromarray(x).convert("L").resize(grid, Image.Resampling.BILINEAR), dtype=int) for x in (full, small))
     assert np.abs(a - b).mean() < 3

@@ -64,7 +64,8 @@ def test_missing_file_in_labels_csv_is_a_counted_skip(tmp_path: Path, shared_dat
         f"{src[1].name},,,\n"
     )
     items = list(iter_source(SourceSpec("mini", tmp_path)))
-    assert [(i.label, i.split, i.group) for i in items] == [("benign", "train", "p1"), ("benign", "test", "p2"), (None, None, None)]
+    annotations = [(i.label, i.split, i.group) for i in items]
+    assert annotations == [("benign", "train", "p1"), ("benign", "test", "p2"), (None, None, None)]
     skips: list[SkipImage] = []
     read = [meta for item in items for _, meta in read_item(item, on_skip=skips.append)]
     assert len(read) == 2 and [s.reason for s in skips] == ["missing_file"]
@@ -76,7 +77,7 @@ def test_missing_file_in_labels_csv_is_a_counted_skip(tmp_path: Path, shared_dat
 def test_class_folders_flat_and_auto(tmp_path: Path, shared_data: Path) -> None:
     jpgs = _real_jpegs(shared_data, 3)
     classes = tmp_path / "classes"
-    for label, p in zip(["b", "a", "a"], jpgs):
+    for label, p in zip(["b", "a", "a"], jpgs, strict=False):
         (classes / label / "sub").mkdir(parents=True, exist_ok=True)
         shutil.copy(p, classes / label / "sub" / p.name)
     (classes / "a" / "notes.txt").write_text("not an image")

@@ -165,8 +165,7 @@ def iter_source(spec: SourceSpec) -> Iterator[SourceItem]:
     if not spec.root.exists():
         raise FileNotFoundError(f"source '{spec.name}': root not found: {spec.root}")
     enumerate_items = _ENUMERATORS[fmt]
-    for item in enumerate_items(spec):
-        yield item
+    yield from enumerate_items(spec)
 
 
 def read_item(item: SourceItem, *, on_skip: Callable[[SkipImage], None] | None = None) -> Iterator[tuple[np.ndarray, ImageMeta]]:
@@ -242,7 +241,14 @@ def _image_files(folder: Path) -> Iterator[Path]:
             yield path
 
 
-def _item(spec: SourceSpec, path: Path, frame: FrameSelector = None, label: str | None = None, split=None, group=None) -> SourceItem:
+def _item(
+    spec: SourceSpec,
+    path: Path,
+    frame: FrameSelector = None,
+    label: str | None = None,
+    split: str | None = None,
+    group: str | None = None,
+) -> SourceItem:
     if label is not None:
         label = spec.label_map.get(label, label)
     return SourceItem(
@@ -280,7 +286,9 @@ def _iter_labels_csv(spec: SourceSpec) -> Iterator[SourceItem]:
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f), [])
     if "path" not in header:
-        raise ValueError(f"source '{spec.name}': {csv_path} must have a 'path' column (and optionally label,split,group); got {header}")
+        raise ValueError(
+            f"source '{spec.name}': {csv_path} must have a 'path' column (and optionally label,split,group); got {header}"
+        )
     yield from _iter_manifest(spec, csv_path, {c: c for c in MANIFEST_COLUMNS if c in header})
 
 

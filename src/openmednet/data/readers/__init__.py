@@ -92,7 +92,9 @@ def get_reader(path: str | Path, reader: str | None = None, **options: Any) -> I
         if impl.can_read(path):
             return _build(name, options)
     table = "; ".join(f"{name} ({', '.join(cls.suffixes)}; {cls.install_hint})" for name, cls in SUPPORTED_READERS.items())
-    raise ValueError(f"no reader for '{path.name}' (suffix '{''.join(path.suffixes)}'). Readers: {table}. Pass reader=<name> to force one.")
+    raise ValueError(
+        f"no reader for '{path.name}' (suffix '{''.join(path.suffixes)}'). Readers: {table}. Pass reader=<name> to force one."
+    )
 
 
 def reader_options() -> dict[str, list[str]]:
@@ -112,13 +114,13 @@ def check_reader_options(options: Mapping[str, Any]) -> None:
             look_up_option(key, known, "reader option")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _accepted_options(name: str) -> frozenset[str]:
     params = inspect.signature(SUPPORTED_READERS[name].__init__).parameters.values()
     return frozenset(p.name for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _default_readers() -> dict[str, ImageReader]:
     """One default-configured instance per reader (readers hold only their settings)."""
     return {name: cls() for name, cls in SUPPORTED_READERS.items()}

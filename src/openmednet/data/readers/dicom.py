@@ -146,7 +146,8 @@ class DicomReader(ImageReader):
             available = False
         if not available:
             name = getattr(uid, "name", uid)
-            raise SkipImage("unsupported_transfer_syntax", f"no decoder installed for {name} ({uid}): {_decoder_hint(str(uid))}", path)
+            message = f"no decoder installed for {name} ({uid}): {_decoder_hint(str(uid))}"
+            raise SkipImage("unsupported_transfer_syntax", message, path)
         try:
             arr = ds.pixel_array
         except Exception as e:  # noqa: BLE001 - plugin decoders raise anything on damaged streams
