@@ -62,14 +62,16 @@ def test_missing_file_in_labels_csv_is_a_counted_skip(tmp_path: Path, shared_dat
         f"{src[0].name},benign,train,p1\n"
         "gone.jpg,benign,test,p2\n"
         f"{src[1].name},,,\n"
+        "report.pdf,benign,,\n"
     )
     items = list(iter_source(SourceSpec("mini", tmp_path)))
     annotations = [(i.label, i.split, i.group) for i in items]
-    assert annotations == [("benign", "train", "p1"), ("benign", "test", "p2"), (None, None, None)]
+    assert annotations[:3] == [("benign", "train", "p1"), ("benign", "test", "p2"), (None, None, None)]
+    (tmp_path / "report.pdf").write_bytes(b"%PDF-1.4\n")
     skips: list[SkipImage] = []
     read = [meta for item in items for _, meta in read_item(item, on_skip=skips.append)]
-    assert len(read) == 2 and [s.reason for s in skips] == ["missing_file"]
-    assert skips[0].path == tmp_path / "gone.jpg"
+    assert len(read) == 2 and [s.reason for s in skips] == ["missing_file", "unsupported_format"]
+    assert [s.path for s in skips] == [tmp_path / "gone.jpg", tmp_path / "report.pdf"]
     with pytest.raises(SkipImage, match="missing_file"):
         list(read_item(items[1]))
 

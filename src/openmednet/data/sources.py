@@ -36,7 +36,7 @@ from typing import Any, Union
 import numpy as np
 
 from openmednet._errors import look_up_option
-from openmednet.data.readers import ImageMeta, SkipImage, check_reader_options, read_images
+from openmednet.data.readers import ImageMeta, SkipImage, check_reader_options, get_reader, read_images
 from openmednet.data.readers.dicom import DicomReader
 from openmednet.data.readers.nifti import NiftiReader
 from openmednet.data.readers.npz import label_str, list_splits, load_split, read_row
@@ -218,10 +218,10 @@ def _read_raw(item: SourceItem, on_skip: Callable[[SkipImage], None] | None) -> 
         outer = on_skip
         on_skip = lambda skip: outer(skip) if skip.frame in (None, frame) else None  # noqa: E731
     try:
-        stream = read_images(item.path, on_skip=on_skip, **dict(item.reader_options))
-    except ValueError as e:  # no reader for this file name
+        reader = get_reader(item.path, **dict(item.reader_options))
+    except ValueError as e:  # no reader for this file name (a manifest row naming a .txt...)
         raise SkipImage("unsupported_format", str(e), item.path) from e
-    for arr, meta in stream:
+    for arr, meta in read_images(item.path, reader, on_skip=on_skip):
         if frame is None or meta.frame == frame:
             yield arr, meta
 

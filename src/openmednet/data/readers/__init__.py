@@ -158,6 +158,8 @@ def read_images(
             the file itself but of the call).
     """
     path = Path(path)
+    if isinstance(reader, ImageReader) and options:
+        raise ValueError(f"options {sorted(options)} given with a reader instance; configure the instance instead")
     impl = reader if isinstance(reader, ImageReader) else get_reader(path, reader, **options)
     try:
         check_not_empty(path)
