@@ -29,6 +29,7 @@ def register(app: typer.Typer) -> None:
     def describe_cmd(
         name: str = typer.Argument(..., help="Architecture or weight set."),
         size: int = typer.Option(64, help="Input size (pixels) for the FLOP count."),
+        markdown: bool = typer.Option(False, "--markdown", help="Print a mermaid diagram and tables (MedNet)."),
     ) -> None:
         """Parameters, FLOPs, feature maps and input contract of a model."""
         import torch
@@ -37,6 +38,11 @@ def register(app: typer.Typer) -> None:
         from openmednet.models import create_model
 
         model = create_model(name).eval()
+        if markdown:
+            from openmednet.models.describe import describe_markdown
+
+            typer.echo(describe_markdown(model, name, sizes=(size,)))
+            return
         in_chans = getattr(model, "in_chans", 3)
         x = torch.zeros(1, in_chans, size, size)
         with torch.no_grad(), FlopCounterMode(display=False) as fc:

@@ -1,0 +1,334 @@
+"""Model benchmark: MedNet vs timm ResNet-18/50 -- parameters, FLOPs, training and inference speed.
+
+For each input size (64, 224 px), precision mode and phase it measures images/s and the achieved
+FLOP/s of every model *in the same run*, and divides the latter by a bf16 matmul measured just
+before and after each row (``_common.MatmulReference``). That fraction is comparable across
+models and more robust to the load of a shared machine than absolute images/s.
+
+Modes:
+    fp32      float32, NCHW (PyTorch's default).
+    bf16cl    ``torch.autocast("cpu", bfloat16)`` and ``channels_last`` model and input (oneDNN
+              then uses AVX512-BF16 / AMX kernels where the CPU has them).
+    fp32cl    float32, channels_last (opt-in: separates the layout effect from the dtype effect).
+
+Variants (MedNet only): ``+fused`` is ``MedNet.fuse_for_inference()`` (BatchNorm folded; inference
+rows), ``+compile`` is ``torch.compile`` (``--compile``; compile time is reported separately), and
+``--ablate`` times the idea of merging each block's four branch convs into one zero-padded 7x7
+conv (a training-step A/B, interleaved, the model's own code left untouched).
+
+Usage::
+
+    python benchmarks/bench_model.py                       # default grid, ~5 min on 1 busy core
+    python benchmarks/bench_model.py --sizes 64 --ablate   # + branch-merge A/B
+    python benchmarks/bench_model.py --repeats 3 --iters 5 --out bench.md   # longer, steadier
+
+FLOPs come from ``torch.utils.flop_counter`` (1 multiply-add = 2 FLOPs; convolutions and matmuls
+only). Training FLOPs are forward + backward; a training step also runs SGD with momentum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from _common import MatmulReference, count_flops, environment, markdown_table, time_fn
+from torch import nn
+
+import openmednet
+from openmednet.utils import atomic_write_text
+
+MODES = {"fp32": (False, False), "bf16cl": (True, True), "fp32cl": (False, True)}  # (bf16, channels_last)
+NUM_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured configuration (medians over repeats)."""
+
+    model: str
+    size: int
+    mode: str
+    phase: str
+    batch: int
+    gflops_per_img: float
+    img_per_s: float
+    fraction: float  # achieved FLOP/s / bf16 matmul FLOP/s measured just before and after
+
+    @property
+    def gflop_per_s(self) -> float:
+        return self.gflops_per_img * self.img_per_s
+
+
+# --------------------------------------------------------------------------------- models
+def build(name: str) -> nn.Module:
+    """``mednet_*`` from the OpenMedNet registry, anything else from timm (random init, no download)."""
+    if name.startswith("mednet"):
+        return openmednet.create_model(name, num_classes=NUM_CLASSES)
+    return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
+
+
+def in_chans(model: nn.Module) -> int:
+    """Input channels (``mednet_gray``: 1, timm models and ``mednet_color``: 3)."""
+    return getattr(model, "in_chans", 3)
+
+
+def flops_per_image(model: nn.Module, size: int, phase: str) -> float:
+    """GFLOPs per image for inference (forward) or training (forward + backward), fp32 NCHW."""
+    model = copy.deepcopy(model)
+    if phase == "infer":
+        x = torch.zeros(1, in_chans(model), size, size)
+        model.eval()
+        with torch.no_grad():
+            return count_flops(lambda: model(x)) / 1e9
+    x = torch.randn(2, in_chans(model), size, size)  # batch 2: BatchNorm needs > 1 value per channel in train mode
+    model.train()
+    return count_flops(lambda: model(x).sum().backward()) / 2 / 1e9
+
+
+def make_step(model: nn.Module, phase: str, mode: str, batch: int, size: int) -> Callable[[], None]:
+    """A closure running one inference batch or one training step (SGD) of ``model``."""
+    bf16, channels_last = MODES[mode]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, in_chans(model), size, size, generator=gen).contiguous(memory_format=fmt)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    if phase == "infer":
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), autocast():
+                model(x)
+
+        return infer
+
+    model.train()
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def train() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return train
+
+
+def variant(base: str, kind: str) -> nn.Module:
+    """``base`` built plain, fused for inference, or compiled."""
+    model = build(base)
+    if kind == "fused":
+        return model.eval().fuse_for_inference()
+    return model
+
+
+# --------------------------------------------------------------------------------- the grid
+def run_grid(args: argparse.Namespace, ref: MatmulReference, log: Callable[[str], None]) -> tuple[list[Row], dict]:
+    """Measure every (size, mode, phase, model) row, models interleaved, ``args.repeats`` times."""
+    names = [(m, "plain") for m in args.models]
+    mednets = [m for m in args.models if m.startswith("mednet")]
+    names += [(m, "fused") for m in mednets if not args.no_fused]
+    names += [(m, "compile") for m in mednets if args.compile]
+    samples: dict[tuple, list[tuple[float, float]]] = {}
+    flops: dict[tuple, float] = {}
+    compile_s: dict[tuple, float] = {}
+    for rep in range(args.repeats):
+        for size in args.sizes:
+            for mode in args.modes:
+                for phase in args.phases:
+                    batch = (args.infer_batch if phase == "infer" else args.train_batch)[size]
+                    for base, kind in names:
+                        if kind == "fused" and phase == "train":
+                            continue
+                        label = base if kind == "plain" else f"{base}+{kind}"
+                        key = (label, size, mode, phase, batch)
+                        model = variant(base, kind)
+                        fkey = (base, size, phase)
+                        if fkey not in flops:
+                            flops[fkey] = flops_per_image(build(base), size, phase)
+                        step = make_step(model, phase, mode, batch, size)
+                        if kind == "compile":
+                            compiled = torch.compile(model)
+                            step = make_step(compiled, phase, mode, batch, size)
+                            t0 = time.perf_counter()
+                            step()  # first call compiles
+                            compile_s[key] = time.perf_counter() - t0
+                        # The load of a shared machine drifts: bracket each row with the reference.
+                        before = ref.measure()
+                        timing = time_fn(step, warmup=args.warmup, iters=args.iters)
+                        matmul = (before + ref.measure()) / 2
+                        img_s = batch / timing.median
+                        frac = flops[fkey] * 1e9 * img_s / matmul
+                        samples.setdefault(key, []).append((img_s, frac))
+                        log(f"[{rep + 1}/{args.repeats}] {label:22s} {size:4d}px {mode:7s} {phase:5s} "
+                            f"b{batch:<3d} {img_s:8.1f} img/s  fraction {frac:.3f}  (matmul {matmul / 1e9:.0f} GFLOP/s)")
+    rows = [
+        Row(label, size, mode, phase, batch, flops[(label.split("+")[0], size, phase)],
+            statistics.median(s[0] for s in v), statistics.median(s[1] for s in v))
+        for (label, size, mode, phase, batch), v in samples.items()
+    ]
+    return rows, compile_s
+
+
+# --------------------------------------------------------------------------------- ablation
+def _merged_branches_forward(self: nn.Module, x: torch.Tensor, connections=()) -> torch.Tensor:
+    """``MultiBranchBlock.forward`` with the four branch convs run as one zero-padded 7x7 conv.
+
+    Same function in train mode (each BN normalises its own channels, so one BN over the merged
+    channels with the concatenated affine terms is identical; running statistics are not updated
+    here, which is fine for timing). 49 / (1 + 9 + 25 + 49) * 4 = 2.33x the branch FLOPs.
+    """
+    convs = [b.conv for b in self.branches]
+    weight = torch.cat([F.pad(c.weight, [(7 - c.kernel_size[0]) // 2] * 4) for c in convs])
+    gamma = torch.cat([b.bn.weight for b in self.branches])
+    beta = torch.cat([b.bn.bias for b in self.branches])
+    y = F.conv2d(x, weight, None, convs[0].stride, 3)
+    y = F.relu(F.batch_norm(y, None, None, gamma, beta, training=True))
+    return self.bn(torch.cat([y, *connections], dim=1))
+
+
+def run_ablation(args: argparse.Namespace, log: Callable[[str], None]) -> list[list[object]]:
+    """Interleaved A/B of separate vs merged branch convs, training step, per size and mode."""
+    out = []
+    base = next((m for m in args.models if m.startswith("mednet")), "mednet_color")
+    for size in args.sizes:
+        for mode in args.modes:
+            batch = args.train_batch[size]
+            sep = build(base)
+            merged = copy.deepcopy(sep)
+            for block in merged.blocks:  # instance-level override: the library class is untouched
+                block.forward = types.MethodType(_merged_branches_forward, block)
+            steps = {"separate": make_step(sep, "train", mode, batch, size),
+                     "merged": make_step(merged, "train", mode, batch, size)}
+            times: dict[str, list[float]] = {k: [] for k in steps}
+            for _ in range(max(3, args.repeats)):
+                for k, step in steps.items():
+                    times[k].append(time_fn(step, warmup=args.warmup, iters=args.iters).median)
+            ratio = statistics.median(a / b for a, b in zip(times["separate"], times["merged"]))
+            out.append([base, size, mode, batch, f"{batch / statistics.median(times['separate']):.1f}",
+                        f"{batch / statistics.median(times['merged']):.1f}", f"{ratio:.2f}x"])
+            log(f"ablation {size}px {mode}: merged speed-up {ratio:.2f}x")
+    return out
+
+
+# --------------------------------------------------------------------------------- report
+def report(rows: list[Row], compile_s: dict, ablation: list, ref: MatmulReference, args: argparse.Namespace,
+           seconds: float) -> str:
+    """The markdown report: environment, params/FLOPs, all rows, MedNet vs ResNet-18, before/after."""
+    parts = [
+        f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        f"Environment: {environment()}; run time {seconds:.0f} s; bf16 matmul reference "
+        f"(n={ref.n}) median {ref.median / 1e9:.0f} GFLOP/s, range {min(ref.history) / 1e9:.0f}-"
+        f"{max(ref.history) / 1e9:.0f} over {len(ref.history)} measurements (before and after each row).",
+        "",
+        markdown_table(["model", "params (M)"] + [f"GFLOPs/img {s} px" for s in args.sizes],
+                       [[m, f"{sum(p.numel() for p in build(m).parameters()) / 1e6:.2f}"]
+                        + [f"{r.gflops_per_img:.3f}" for s in args.sizes for r in rows
+                           if r.model == m and r.size == s and r.phase == "infer" and r.mode == args.modes[0]]
+                        for m in args.models]) if "infer" in args.phases else "",
+        "",
+        markdown_table(
+            ["model", "px", "mode", "phase", "batch", "img/s", "GFLOP/s", "fraction of bf16 matmul"],
+            [[r.model, r.size, r.mode, r.phase, r.batch, f"{r.img_per_s:.1f}", f"{r.gflop_per_s:.1f}",
+              f"{r.fraction:.3f}"] for r in rows],
+        ),
+    ]
+    by = {(r.model, r.size, r.mode, r.phase): r for r in rows}
+    mednet = next((m for m in args.models if m.startswith("mednet")), None)
+    if mednet and "resnet18" in args.models:
+        cmp_rows = []
+        for (m, size, mode, phase), r in by.items():
+            base = by.get(("resnet18", size, mode, phase))
+            if m.startswith(mednet) and base:
+                cmp_rows.append([m, size, mode, phase, f"{r.fraction / base.fraction:.2f}",
+                                 f"{r.img_per_s / base.img_per_s:.2f}"])
+        parts += ["", "MedNet vs ResNet-18 (same run; target: fraction ratio >= 1):", "",
+                  markdown_table(["model", "px", "mode", "phase", "fraction / ResNet-18's", "img/s / ResNet-18's"],
+                                 cmp_rows)]
+    if mednet and "fp32" in args.modes:
+        ba_rows = []
+        for (m, size, mode, phase), r in by.items():
+            before = by.get((mednet, size, "fp32", phase))
+            if m.startswith(mednet) and before and (m, mode) != (mednet, "fp32"):
+                ba_rows.append([f"{m} {mode}", size, phase, f"{before.img_per_s:.1f}", f"{r.img_per_s:.1f}",
+                                f"{r.img_per_s / before.img_per_s:.2f}x"])
+        parts += ["", f"Before/after for {mednet} (before = fp32 NCHW, unfused):", "",
+                  markdown_table(["after", "px", "phase", "img/s before", "img/s after", "speed-up"], ba_rows)]
+    if compile_s:
+        parts += ["", "torch.compile time (first call): "
+                  + ", ".join(f"{k[0]} {k[1]}px {k[2]} {k[3]}: {v:.0f} s" for k, v in compile_s.items())]
+    if ablation:
+        parts += ["", "Ablation, training step: four branch convs separate (as shipped) vs merged into one "
+                  "zero-padded 7x7 conv (interleaved A/B; > 1x means merging is faster):", "",
+                  markdown_table(["model", "px", "mode", "batch", "img/s separate", "img/s merged", "merged speed-up"],
+                                 ablation)]
+    return "\n".join(parts) + "\n"
+
+
+def _size_map(text: str) -> dict[int, int]:
+    """``"64:32,224:8"`` -> ``{64: 32, 224: 8}``."""
+    try:
+        return {int(k): int(v) for k, v in (item.split(":") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'size:batch,...' such as '64:32,224:8', got '{text}'") from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="mednet_color,resnet18,resnet50", type=lambda s: s.split(","))
+    p.add_argument("--sizes", default="64,224", type=lambda s: [int(v) for v in s.split(",")])
+    p.add_argument("--modes", default="fp32,bf16cl", type=lambda s: s.split(","))
+    p.add_argument("--phases", default="infer,train", type=lambda s: s.split(","))
+    p.add_argument("--infer-batch", default="64:32,224:8", type=_size_map, help="size:batch pairs")
+    p.add_argument("--train-batch", default="64:32,224:8", type=_size_map, help="size:batch pairs")
+    p.add_argument("--iters", type=int, default=3, help="timed calls per row (median taken)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="repeat the whole grid; medians over repeats")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: fair on a shared box)")
+    p.add_argument("--no-fused", action="store_true", help="skip the MedNet+fused inference rows")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows for MedNet (slow to compile)")
+    p.add_argument("--ablate", action="store_true", help="A/B of merging the four branch convs into one")
+    p.add_argument("--out", type=Path, help="also write the markdown report here")
+    args = p.parse_args(argv)
+    for mode in args.modes:
+        if mode not in MODES:
+            p.error(f"unknown mode '{mode}', expected one of {', '.join(MODES)}")
+    for phase in args.phases:
+        if phase not in ("infer", "train"):
+            p.error(f"unknown phase '{phase}', expected infer or train")
+    for size in args.sizes:
+        if size not in args.infer_batch or size not in args.train_batch:
+            p.error(f"no batch size for {size} px: add '{size}:<batch>' to --infer-batch and --train-batch")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 -- progress on stderr
+    start = time.perf_counter()
+    ref = MatmulReference(dtype=torch.bfloat16)
+    rows, compile_s = run_grid(args, ref, log)
+    ablation = run_ablation(args, log) if args.ablate else []
+    text = report(rows, compile_s, ablation, ref, args, time.perf_counter() - start)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text)
+
+
+if __name__ == "__main__":
+    main()
