@@ -202,3 +202,11 @@ def test_jpeg_draft_decodes_at_reduced_scale(shared_data: Path) -> None:
     grid = (56, 64)
     a, b = (np.asarray(Image.fromarray(x).convert("L").resize(grid, Image.Resampling.BILINEAR), dtype=int) for x in (full, small))
     assert np.abs(a - b).mean() < 3
+
+
+def test_float_tiff_with_nan_background(tmp_path: Path) -> None:
+    raw = np.array([[np.nan, 0.0], [0.5, 2.0]], dtype=np.float32)
+    Image.fromarray(raw, mode="F").save(tmp_path / "f.tif")
+    img, meta = _read_one(tmp_path / "f.tif")
+    np.testing.assert_array_equal(img, [[0, 0], [64, 255]])  # 0.5 * 255 / 2 = 63.75 -> 64
+    assert meta.original_dtype == "F" and (meta.extra["min"], meta.extra["max"]) == (0.0, 2.0)

@@ -158,8 +158,12 @@ def _to_uint8_array(im: Image.Image) -> tuple[np.ndarray, dict]:
     raw = np.asarray(im)
     if raw.ndim != 2:
         raise ValueError(f"unsupported Pillow mode {mode!r} with shape {raw.shape}")
-    lo, hi = float(raw.min()), float(raw.max())
-    return scale_to_uint8(raw, lo, hi), {"scaling": "min_max", "min": lo, "max": hi}
+    finite = np.isfinite(raw)
+    if not finite.any():
+        raise ValueError(f"no finite pixel values in a {mode} image")
+    # Float TIFFs may mark background with NaN: leave it out of the range, show it as black.
+    lo, hi = float(raw[finite].min()), float(raw[finite].max())
+    return scale_to_uint8(np.where(finite, raw, lo), lo, hi), {"scaling": "min_max", "min": lo, "max": hi}
 
 
 def _palette_to_array(im: Image.Image) -> tuple[np.ndarray, dict]:
