@@ -15,15 +15,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from openmednet.data.corpus import ImageTable, build_corpus, decide, normalise_split, target_spec
+from openmednet.data.corpus import (
+    ImageTable,
+    build_corpus,
+    decide,
+    normalise_split,
+    target_spec,
+)
 from openmednet.data.images import resize_to_square
 from openmednet.data.shards import SPLITS, CorpusArrays
 from openmednet.data.sources import MANIFEST_COLUMNS, SourceSpec
 
 
+def _rows(root: Path) -> list[dict[str, str]]:
+    with open(root / "labels.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def subset_source(root: Path, tmp: Path, name: str, paths: list[str], **kw) -> SourceSpec:
     """A source holding only ``paths`` (relative to ``root``) of ``root/labels.csv``."""
-    rows = {r["path"]: r for r in csv.DictReader(open(root / "labels.csv", newline=""))}
+    rows = {r["path"]: r for r in _rows(root)}
     out = tmp / f"{name}.csv"
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(MANIFEST_COLUMNS))
@@ -40,7 +51,7 @@ def _md5(path: Path) -> str:
 def _cross_split_copies(root: Path, n_groups: int) -> list[list[str]]:
     """Groups of byte-identical brain_tumor_mri files spanning Testing and the training folders."""
     groups = defaultdict(list)
-    for r in csv.DictReader(open(root / "labels.csv", newline="")):
+    for r in _rows(root):
         groups[_md5(root / r["path"])].append((r["path"], r["split"]))
     spanning = [sorted(p for p, _ in g) for g in groups.values() if {"train", "test"} <= {s for _, s in g}]
     return sorted(spanning)[:n_groups]
@@ -51,7 +62,7 @@ def gray_build(shared_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gray")
     btm = shared_data / "gray/pretrain/brain_tumor_mri"
     copies = _cross_split_copies(btm, 3)
-    rows = [r["path"] for r in csv.DictReader(open(btm / "labels.csv", newline=""))]
+    rows = [r["path"] for r in _rows(btm)]
     others = [p for p in rows if "Testing/" in p][:8] + [p for p in rows if "AugTraining/" in p][:8]
     btm_paths = sorted({p for g in copies for p in g} | set(others))
 
@@ -62,7 +73,7 @@ def gray_build(shared_data, tmp_path_factory):
     yes_no = shared_data / "gray/targets/brain_mri_yes_no"
     rgb_gray = ["no/10 no.jpg", "no/11 no.jpg", "no/12 no.jpg"]  # RGB files with equal channels
     ham = shared_data / "color/pretrain/ham10000"
-    ham_paths = [r["path"] for r in csv.DictReader(open(ham / "labels.csv", newline=""))][:3]
+    ham_paths = [r["path"] for r in _rows(ham)][:3]
 
     sources = [
         subset_source(btm, tmp, "brain_tumor_mri", btm_paths, modality="MR"),
@@ -139,9 +150,9 @@ def test_gray_build_groups_and_report(gray_build):
 def test_exclusion_drops_the_isic_ids_shared_with_the_target(shared_data, tmp_path):
     archive = shared_data / "color/pretrain/isic_archive"
     isic17 = shared_data / "color/targets/isic2017_melanoma"
-    archive_paths = [r["path"] for r in csv.DictReader(open(archive / "labels.csv", newline=""))][:30]
+    archive_paths = [r["path"] for r in _rows(archive)][:30]
     ids = [Path(p).name for p in archive_paths]
-    t_rows = [r["path"] for r in csv.DictReader(open(isic17 / "labels.csv", newline=""))]
+    t_rows = [r["path"] for r in _rows(isic17)]
     shared = [p for p in t_rows if Path(p).name in ids[::2]]  # every other archive image is in the target
     unrelated = [p for p in t_rows if "Training" in p and Path(p).name not in ids][:10]
     target = subset_source(isic17, tmp_path, "isic2017", shared + unrelated)

@@ -61,7 +61,7 @@ def bad_build(shared_data, tmp_path_factory):
     rgba = Image.fromarray(gray[4]).convert("RGBA")
     rgba.putalpha(255)
     rgba.save(src / "k_rgba.png")
-    ham = sorted((shared_data / "color/pretrain/ham10000/images").glob("*.jpg"))[0]
+    ham = min((shared_data / "color/pretrain/ham10000/images").glob("*.jpg"))
     Image.open(ham).convert("CMYK").save(src / "l_colour_cmyk.jpg")
 
     nifti = shared_data / "formats/nibabel-5.4.2/tests_data/example4d.nii.gz"

@@ -39,7 +39,7 @@ setattr(corpus, name, paused)
 corpus.build_corpus([SourceSpec("covid", Path(root))], Path(out), channels=1, image_size=32, workers=1, shard_size=4, chunk_items=8)
 """
 
-BUILD_ARGS = dict(channels=1, image_size=32, workers=1, shard_size=4, chunk_items=8)
+BUILD_ARGS = {"channels": 1, "image_size": 32, "workers": 1, "shard_size": 4, "chunk_items": 8}
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import imagehash
 import numpy as np
 import pytest
 from PIL import Image
 
-import imagehash
 from openmednet.data import dedupe
 
 

@@ -75,7 +75,7 @@ def test_pickled_arrays_reopen_their_memory_maps(tmp_path, real_images):
 
 
 def test_half_written_shards_are_invisible(tmp_path, real_images):
-    images, paths = real_images
+    images, _ = real_images
     write_shard(tmp_path, 0, images[:2], _meta(2), [{}, {}])
     (tmp_path / "shard-00001.tmp").mkdir()
     np.save(tmp_path / "shard-00001.tmp" / "images.npy", images[2:4])

@@ -30,14 +30,13 @@ de-duplication across parts. See docs/corpus.md.
 from __future__ import annotations
 
 import hashlib
-import io
+import itertools
 import json
 import logging
-import os
 import shutil
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -189,9 +188,24 @@ def _write_plan(path: Path, specs: Sequence[SourceSpec], num_parts: int, part: i
     return count
 
 
-def _read_plan(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+def _plan_chunks(path: Path, chunk_dir: Path, prefix: str, chunk_items: int) -> tuple[list[Path], Iterator[list[dict[str, Any]]]]:
+    """The chunk files of a plan and a lazy iterator over its items in chunks (never all in RAM)."""
+    with open(path, "rb") as f:
+        n_items = sum(1 for _ in f)
+    paths = [chunk_dir / f"{prefix}-{k:05d}.npz" for k in range(-(-n_items // chunk_items))]
+
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        batch: list[dict[str, Any]] = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                batch.append(json.loads(line))
+                if len(batch) == chunk_items:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    return paths, batches()
 
 
 # --- decode (runs in worker processes) ----------------------------------------------------------
@@ -249,7 +263,8 @@ def _process_chunk(items: list[dict[str, Any]], reader_options: dict[str, dict[s
                     continue
                 square = resize_to_square(routed, opts.image_size, opts.resize_mode)
                 chw = square[None] if square.ndim == 2 else square.transpose(2, 0, 1)
-                frame_tag = f"{list(item.frame) if isinstance(item.frame, tuple) else ''}{meta.frame}"
+                # frames of one file share its bytes: salt the file hash with the frame address
+                frame_tag = f"{':'.join(map(str, item.frame))}" if isinstance(item.frame, tuple) else str(meta.frame)
                 images.append(chw)
                 phashes.append(dedupe.phash64(arr))
                 fine = dedupe.phash256(arr)
@@ -260,7 +275,7 @@ def _process_chunk(items: list[dict[str, Any]], reader_options: dict[str, dict[s
                         "modality": meta.modality or d["modality"],
                         "orig_shape": list(arr.shape),
                         "sha1": dedupe.sha1_pixels(square),
-                        "sha1_file": _file_key(item.path, frame_tag.replace("None", "")),
+                        "sha1_file": _file_key(item.path, frame_tag),
                         "phash": f"{phashes[-1]:016x}",
                         "phash256": "".join(f"{int(v):016x}" for v in fine),
                     }
@@ -291,7 +306,8 @@ def _load_chunk(path: Path, with_images: bool = True) -> dict[str, Any]:
 
 
 def _run_chunks(
-    tasks: list[tuple[Path, list[dict[str, Any]]]],
+    paths: list[Path],
+    batches: Iterator[list[dict[str, Any]]],
     reader_options: dict[str, dict[str, Any]],
     hints: dict[str, int | None],
     opts: _DecodeOptions,
@@ -299,21 +315,23 @@ def _run_chunks(
     stage: str,
     progress: ProgressFn | None,
 ) -> None:
-    """Decode every ``(chunk file, items)`` task whose file is missing, in a process pool."""
-    todo = [(p, items) for p, items in tasks if not p.is_file()]
-    done = len(tasks) - len(todo)
+    """Decode every chunk whose file is missing (in a process pool); ``batches`` are the chunks'
+    items, read lazily from the plan."""
+    total = len(paths)
+    todo = ((p, items) for p, items in zip(paths, batches) if not p.is_file())
+    done = sum(p.is_file() for p in paths)
     if progress:
-        progress(stage, done, len(tasks))
+        progress(stage, done, total)
     if workers <= 1:
         for p, items in todo:
             _save_chunk(p, _process_chunk(items, reader_options, hints, opts))
             done += 1
             if progress:
-                progress(stage, done, len(tasks))
+                progress(stage, done, total)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         pending: dict[Future, Path] = {}
-        queue = iter(todo)
+        queue = todo
         while True:
             # keep at most 2 tasks per worker in flight so finished chunks never pile up in RAM
             while len(pending) < 2 * workers:
@@ -328,7 +346,7 @@ def _run_chunks(
                 _save_chunk(pending.pop(fut), fut.result())
                 done += 1
                 if progress:
-                    progress(stage, done, len(tasks))
+                    progress(stage, done, total)
 
 
 # --- the hash table and the decisions -----------------------------------------------------------
@@ -463,7 +481,7 @@ def _cluster_summary(t: ImageTable, comp: np.ndarray, split: np.ndarray) -> dict
         across_split += len(sp) > 1
     return {
         "clusters": len(groups),
-        "images": int(len(members)),
+        "images": len(members),
         "within_source": within,
         "across_sources": across_src,
         "across_splits": int(across_split),
@@ -473,7 +491,8 @@ def _cluster_summary(t: ImageTable, comp: np.ndarray, split: np.ndarray) -> dict
 
 def _label_conflicts(t: ImageTable, comp: np.ndarray) -> list[list[int]]:
     """Exact-duplicate clusters whose copies in one source carry different labels (member lists)."""
-    labelled = np.flatnonzero(t.label >= 0)
+    sizes = np.bincount(comp, minlength=len(comp))
+    labelled = np.flatnonzero((t.label >= 0) & (sizes[comp] > 1))
     seen: dict[tuple[int, int], set[int]] = defaultdict(set)
     members: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i in labelled:
@@ -649,20 +668,22 @@ def _hash_targets(specs: Sequence[SourceSpec], work: Path, opts: _DecodeOptions,
         return TargetHashes(names, np.zeros(0, np.int16), z, z, z, np.zeros((0, 4), np.uint64))
     tdir = work / "targets"
     tdir.mkdir(parents=True, exist_ok=True)
-    tasks = []
+    paths: list[Path] = []
+    batches: list[Iterator[list[dict[str, Any]]]] = []
     for ti, spec in enumerate(specs):
         plan = tdir / f"plan-{ti:03d}.jsonl"
         if not plan.is_file():
             _write_plan(plan, [spec], 1, 0, None)
-        items = _read_plan(plan)
-        tasks += [(tdir / f"t{ti:03d}-chunk-{k:05d}.npz", items[s : s + CHUNK_ITEMS]) for k, s in enumerate(range(0, len(items), CHUNK_ITEMS))]
+        p, b = _plan_chunks(plan, tdir, f"t{ti:03d}-chunk", CHUNK_ITEMS)
+        paths += p
+        batches.append(b)
     options = {s.name: dict(s.reader_options) for s in specs}
-    _run_chunks(tasks, options, {s.name: None for s in specs}, opts, workers, "targets", progress)
+    _run_chunks(paths, itertools.chain(*batches), options, {s.name: None for s in specs}, opts, workers, "targets", progress)
     builder = _TableBuilder()
     image_names: list[str] = []
     target_idx: list[np.ndarray] = []
     skipped: Counter[str] = Counter()
-    for path, _ in tasks:
+    for path in paths:
         ch = _load_chunk(path, with_images=False)
         recs = [r for r in ch["records"] if "skip" not in r]
         skipped.update(f"{r['source']}: {r['skip']}" for r in ch["records"] if "skip" in r)
@@ -891,26 +912,24 @@ def build_corpus(
     plan_path = work / "plan.jsonl"
     if not plan_path.is_file():
         _write_plan(plan_path, sources, num_parts, part, progress)
-    plan = _read_plan(plan_path)
     opts = _DecodeOptions(channels, channels, image_size, resize_mode, gray_tolerance)
     targets = _hash_targets(exclude, work, _DecodeOptions(None, channels, image_size, resize_mode, gray_tolerance), workers, progress)
 
     chunk_dir = work / "chunks"
     chunk_dir.mkdir(exist_ok=True)
-    tasks = [(chunk_dir / f"chunk-{k:05d}.npz", plan[s : s + chunk_items]) for k, s in enumerate(range(0, len(plan), chunk_items))]
-    del plan
+    chunk_paths, batches = _plan_chunks(plan_path, chunk_dir, "chunk", chunk_items)
     reader_options = {s.name: dict(s.reader_options) for s in sources}
-    _run_chunks(tasks, reader_options, {s.name: s.channels for s in sources}, opts, workers, "decode", progress)
+    _run_chunks(chunk_paths, batches, reader_options, {s.name: s.channels for s in sources}, opts, workers, "decode", progress)
 
     builder = _TableBuilder(source_names=[s.name for s in sources])
-    for path, _ in tasks:
+    for path in chunk_paths:
         ch = _load_chunk(path, with_images=False)
         builder.add([r for r in ch["records"] if "skip" not in r], ch["phash"])
     table = builder.build()
     matched, exclusion_counts = match_targets(table, targets, near_threshold, confirm_threshold)
     decision = decide(table, near_threshold=near_threshold, confirm_threshold=confirm_threshold, seed=seed, excluded=matched)
 
-    stats, shards = _write_corpus(out, tasks, table, decision, channels, image_size, shard_size, progress)
+    stats, shards = _write_corpus(out, chunk_paths, table, decision, channels, image_size, shard_size, progress)
     stats["exclusion"] = {"targets": exclusion_counts, "target_images": {n: int((targets.target == i).sum()) for i, n in enumerate(targets.names)}, "target_skipped": targets.skipped}
     if targets.table is not None:
         tdec = decide(targets.table, near_threshold=near_threshold, confirm_threshold=confirm_threshold, seed=seed)
@@ -926,7 +945,7 @@ def build_corpus(
         shards=shards,
         sources=[_source_entry(s) for s in sources],
         label_names=table.label_names,
-        build={k: v for k, v in asdict(params).items() if k not in ("sources",)} | {"planned_items": sum(len(t[1]) for t in tasks)},
+        build={k: v for k, v in asdict(params).items() if k not in ("sources",)} | {"decoded_images": len(table)},
         stats=stats,
     )
     _finish(out, manifest, work, keep_work_files)
@@ -950,7 +969,7 @@ def _describe_conflicts(conflicts: list[dict[str, Any]], name: Callable[[int], s
 
 def _write_corpus(
     out: Path,
-    tasks: list[tuple[Path, list[dict[str, Any]]]],
+    chunk_paths: list[Path],
     table: ImageTable,
     decision: Decision,
     channels: int,
@@ -971,7 +990,7 @@ def _write_corpus(
     in_conflict = {i for c in decision.stats.get("label_conflicts", []) for i in c["members"]}
     names: dict[int, str] = {}
     i = 0
-    for path, _ in tasks:
+    for path in chunk_paths:
         ch = _load_chunk(path)
         j = 0
         for r in ch["records"]:

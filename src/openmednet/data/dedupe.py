@@ -29,10 +29,9 @@ import hashlib
 import itertools
 from collections.abc import Iterator
 
+import imagehash
 import numpy as np
 from PIL import Image
-
-import imagehash
 
 #: Default near-duplicate threshold in bits of the 64-bit phash (see the module docstring for the
 #: distances measured on real data: copies 0-2 bits, unrelated images >= 14 bits).

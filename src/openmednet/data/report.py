@@ -140,10 +140,13 @@ def render_markdown(manifest: CorpusManifest, plots: Mapping[str, str]) -> str:
     """The report text for ``manifest`` (``plots`` maps plot names to relative PNG paths)."""
     st, b = manifest.stats, manifest.build
     kind = "gray" if manifest.channels == 1 else "colour"
-    parts = [
+    header = (
         f"# Corpus report\n\n{manifest.num_images} images, {kind} ({manifest.channels} channel), "
         f"{manifest.image_size} px ({b.get('resize_mode', '?')}), {len(manifest.shards)} shards, "
-        f"format version {manifest.version}.\n\nBuild: {', '.join(f'{k}={v}' for k, v in b.items() if k not in ('exclude',))}\n",
+        f"format version {manifest.version}.\n\nBuild: {', '.join(f'{k}={v}' for k, v in b.items() if k != 'exclude')}\n"
+    )
+    parts = [
+        header,
         "## Contents\n",
         _counts("Per source", st.get("per_source", {}), "source"),
         _counts("Per modality", st.get("per_modality", {}), "modality"),

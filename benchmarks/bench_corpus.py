@@ -1,0 +1,155 @@
+"""Corpus build benchmark: build rate against a plain PIL loop, and peak memory at 1x and 4x size.
+
+1. **Build rate.** The same real images of ../shared/data (the first ``--images`` rows of the
+   pretraining pools of one family, interleaved) are (a) loaded, converted and pad-resized to
+   ``--size`` by a plain single-process Pillow loop that keeps nothing but a running checksum
+   (the reference: the least work any builder must do), and (b) built into a corpus by
+   ``build_corpus`` with 1 and ``--workers`` processes (which also hashes three ways,
+   de-duplicates, writes shards and the report). Rates are images/s; the ratio is build / loop,
+   measured in the same run.
+2. **Peak memory.** ``build_corpus`` runs in a fresh process on the first ``--mem-images`` and
+   4x as many gray images at ``--mem-size`` px; the peak resident memory of the building process
+   and of its largest worker is read from ``getrusage`` (the process's own ``ru_maxrss`` and
+   ``RUSAGE_CHILDREN``). Flat memory means the 4x/1x ratio stays near 1 while the corpus on
+   disk grows 4x.
+
+The loader throughput benchmark is ``benchmarks/bench_loader.py`` (separate script).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_corpus.py                     # both parts, defaults below
+    .venv/bin/python benchmarks/bench_corpus.py --images 1000 --skip-memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import environment, markdown_table
+from PIL import Image
+
+from openmednet.data.corpus import build_corpus
+from openmednet.data.images import resize_to_square
+from openmednet.data.sources import MANIFEST_COLUMNS, SourceSpec
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+POOLS = {
+    "gray": ["gray/pretrain/brain_tumor_mri", "gray/pretrain/knee_oa", "gray/pretrain/chest_xray_pneumonia"],
+    "color": ["color/pretrain/ham10000", "color/pretrain/pbc_blood_cells", "color/pretrain/lc25000_lung"],
+}
+
+
+def subset_sources(family: str, n: int, tmp: Path) -> tuple[list[SourceSpec], list[Path]]:
+    """Sources holding the first ``n`` images of the family's pools (rows taken round-robin)."""
+    per_pool = []
+    for rel in POOLS[family]:
+        with open(DATA / rel / "labels.csv", newline="") as f:
+            per_pool.append((DATA / rel, list(csv.DictReader(f))))
+    take = [[] for _ in per_pool]
+    k = 0
+    while sum(map(len, take)) < n:
+        for i, (_, rows) in enumerate(per_pool):
+            if k < len(rows) and sum(map(len, take)) < n:
+                take[i].append(rows[k])
+        k += 1
+    specs, files = [], []
+    for (root, _), rows in zip(per_pool, take):
+        path = tmp / f"{root.name}.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(MANIFEST_COLUMNS))
+            w.writeheader()
+            w.writerows({c: r.get(c, "") for c in MANIFEST_COLUMNS} for r in rows)
+        specs.append(SourceSpec(root.name, root, format="csv", csv_file=path, columns={c: c for c in MANIFEST_COLUMNS}))
+        files += [root / r["path"] for r in rows]
+    return specs, files
+
+
+def pil_loop(files: list[Path], size: int, mode: str) -> float:
+    """The reference: open, convert, pad-resize each file in one process; returns seconds."""
+    start = time.perf_counter()
+    checksum = 0
+    for p in files:
+        with Image.open(p) as im:
+            a = resize_to_square(np.asarray(im.convert(mode)), size)
+        checksum += int(a[0, 0].sum())
+    return time.perf_counter() - start
+
+
+def bench_rate(families: list[str], n: int, size: int, workers: int) -> None:
+    rows = []
+    for family in families:
+        with tempfile.TemporaryDirectory() as tmp:
+            specs, files = subset_sources(family, n, Path(tmp))
+            ref = pil_loop(files, size, "L" if family == "gray" else "RGB")
+            rows.append([f"{family}: PIL loop, 1 process (reference)", len(files), f"{ref:.1f}", f"{len(files) / ref:.0f}", "1.00"])
+            for w in sorted({1, workers}):
+                out = Path(tmp) / f"corpus{w}"
+                start = time.perf_counter()
+                m = build_corpus(specs, out, channels=1 if family == "gray" else 3, image_size=size, workers=w, shard_size=1024)
+                t = time.perf_counter() - start
+                rate = len(files) / t
+                rows.append([f"{family}: build_corpus, {w} worker(s)", f"{len(files)} -> {m.num_images}", f"{t:.1f}", f"{rate:.0f}", f"{rate / (len(files) / ref):.2f}"])
+    print(markdown_table(["run", "images in -> kept", "seconds", "images/s", "rate / reference"], rows))
+
+
+_CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+sys.path.insert(0, {bench!r})
+from bench_corpus import subset_sources
+from openmednet.data.corpus import build_corpus
+n, size, workers, tmp = {n}, {size}, {workers}, Path({tmp!r})
+specs, files = subset_sources("gray", n, tmp)
+start = time.perf_counter()
+m = build_corpus(specs, tmp / "corpus", channels=1, image_size=size, workers=workers, shard_size=512)
+t = time.perf_counter() - start
+disk = sum(p.stat().st_size for p in (tmp / "corpus").rglob("*.npy"))
+print(json.dumps({{"images": m.num_images, "seconds": t, "disk_mb": disk / 2**20,
+    "self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}}))
+"""
+
+
+def bench_memory(n: int, size: int, workers: int) -> None:
+    rows, results = [], []
+    for factor in (1, 4):
+        with tempfile.TemporaryDirectory() as tmp:
+            code = _CHILD.format(bench=str(Path(__file__).parent), n=n * factor, size=size, workers=workers, tmp=tmp)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            results.append(r)
+            rows.append([f"{factor}x", r["images"], f"{r['disk_mb']:.0f}", f"{r['self_mb']:.0f}", f"{r['workers_mb']:.0f}", f"{r['seconds']:.0f}"])
+    print(markdown_table(["corpus", "images", "shards on disk MB", "peak RSS builder MB", "peak RSS largest worker MB", "seconds"], rows))
+    a, b = results
+    print(f"\n4x/1x: corpus on disk {b['disk_mb'] / a['disk_mb']:.2f}x, builder peak {b['self_mb'] / a['self_mb']:.2f}x, worker peak {b['workers_mb'] / a['workers_mb']:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=2000, help="images per family for the rate part")
+    ap.add_argument("--size", type=int, default=64, help="stored size for the rate part")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--families", nargs="+", default=["gray", "color"], choices=sorted(POOLS))
+    ap.add_argument("--mem-images", type=int, default=1500, help="images of the 1x corpus (4x is 4 times more)")
+    ap.add_argument("--mem-size", type=int, default=224, help="stored size for the memory part")
+    ap.add_argument("--skip-rate", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    print(environment(), "\n")
+    if not args.skip_rate:
+        bench_rate(args.families, args.images, args.size, args.workers)
+        print()
+    if not args.skip_memory:
+        bench_memory(args.mem_images, args.mem_size, args.workers)
+
+
+if __name__ == "__main__":
+    main()
