@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import socket
-import statistics
 import sys
 import tempfile
 import threading

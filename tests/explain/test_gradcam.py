@@ -14,7 +14,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from openmednet import create_model
-from openmednet.explain.gradcam import GradCAM, default_target_layer, overlay_cam, overlay_png
+from openmednet.explain.gradcam import (
+    GradCAM,
+    default_target_layer,
+    overlay_cam,
+    overlay_png,
+)
 
 SIZE, SQUARE = 64, 16
 

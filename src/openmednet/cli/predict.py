@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(None, "--out", help="Write predictions to this CSV file."),
         cam: Path | None = typer.Option(None, "--cam", help="Write Grad-CAM overlays (PNG) to this folder."),
         batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
+        cam_layer: str | None = typer.Option(None, help="Grad-CAM layer (default: last stage, e.g. blocks.7)."),
     ) -> None:
         """Predict every image (volumes: every slice) under the model card's input contract."""
         import logging
@@ -25,9 +26,13 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from openmednet.serve.predictor import Predictor, save_predictions_csv, write_cam_overlays
+        from openmednet.serve.predictor import (
+            Predictor,
+            save_predictions_csv,
+            write_cam_overlays,
+        )
 
-        predictor = Predictor.from_spec(model)
+        predictor = Predictor.from_spec(model, cam_layer=cam_layer)
         with warnings.catch_warnings(record=True) as caught:  # conversions and skipped files, one line each
             warnings.simplefilter("always")
             preds = list(predictor.predict_path(inputs, cam=cam is not None, batch_size=batch_size))

@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
         max_pixels: int = typer.Option(4096 * 4096, min=1, help="Largest accepted image (width x height)."),
         max_frames: int = typer.Option(64, min=1, help="Most images (frames/slices) per uploaded file."),
         workers: int = typer.Option(2, min=1, help="Predictions computed at the same time."),
+        cam_layer: str | None = typer.Option(None, help="Grad-CAM layer (default: last stage, e.g. blocks.7)."),
     ) -> None:
         """Serve a drag-and-drop page with predictions and Grad-CAM overlays, plus /api/predict."""
         import logging
@@ -29,7 +30,7 @@ def register(app: typer.Typer) -> None:
         if host not in ("127.0.0.1", "localhost", "::1"):
             logging.getLogger(__name__).warning(
                 "binding %s: anyone who can reach this machine can upload images; there is no authentication", host)
-        application = create_app(Predictor.from_spec(model), max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        application = create_app(Predictor.from_spec(model, cam_layer=cam_layer), max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                                  max_pixels=max_pixels, max_frames=max_frames, max_concurrent=workers)
         typer.echo(f"OpenMedNet serving {model} on http://{host}:{port}/ (Ctrl+C to stop)")
         uvicorn.run(application, host=host, port=port, log_level="info")

@@ -119,6 +119,19 @@ class GradCAM:
             ``(B, H, W)`` (or ``(B, h, w)``) float maps in [0, 1], 1 at each map's maximum; an
             all-zero map means no positive evidence for the class in that layer.
         """
+        return self.compute(x, target, upsample=upsample)[0]
+
+    def compute(
+        self,
+        x: Tensor,
+        target: int | Sequence[int] | Tensor | None = None,
+        *,
+        upsample: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """Like calling the object, but also return the logits ``(B, num_classes)`` of the same pass.
+
+        Callers that need both (a predictor showing probabilities and CAMs) save a forward pass.
+        """
         if self.model.training:
             warnings.warn("GradCAM on a model in train mode: call model.eval() for stable maps", stacklevel=2)
         self._local.active, self._local.activation = True, None
@@ -139,7 +152,7 @@ class GradCAM:
         cam = cam / (_EPS + cam.amax(dim=(1, 2), keepdim=True))
         if upsample:
             cam = F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        return cam.clamp_(0.0, 1.0)
+        return cam.clamp_(0.0, 1.0), logits.detach()
 
     @staticmethod
     def _targets(target: int | Sequence[int] | Tensor | None, logits: Tensor) -> Tensor:

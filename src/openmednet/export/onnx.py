@@ -25,7 +25,7 @@ from torch import nn
 
 from openmednet.utils import atomic_write_bytes
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "check_onnx"]
+__all__ = ["DEFAULT_OPSET", "check_onnx", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 

@@ -4,6 +4,11 @@ The FastAPI app lives in ``openmednet.serve.app`` (``create_app``) and is import
 serving, so prediction does not pay for the web stack.
 """
 
-from openmednet.serve.predictor import ChannelConversionWarning, Prediction, Predictor, load_model
+from openmednet.serve.predictor import (
+    ChannelConversionWarning,
+    Prediction,
+    Predictor,
+    load_model,
+)
 
 __all__ = ["ChannelConversionWarning", "Prediction", "Predictor", "load_model"]

@@ -79,7 +79,7 @@ def create_app(
         raise ValueError("max_upload_bytes, max_pixels, max_frames and max_concurrent must be >= 1")
     app = FastAPI(title="OpenMedNet", description="MedNet predictions with Grad-CAM overlays", version="1")
     slots = threading.BoundedSemaphore(max_concurrent)
-    limits = dict(max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_frames=max_frames)
+    limits = {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_frames": max_frames}
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Any:

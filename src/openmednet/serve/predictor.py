@@ -9,8 +9,9 @@ The same object backs ``openmednet predict``, the web service and the Python API
 Input contract. The model's ``PretrainedCfg`` (its model card) says how training images were
 prepared: channels and size, ``mean``/``std`` after scaling to [0, 1], and the intensity pipeline.
 Prediction applies exactly that: readers turn each file into 8-bit gray or RGB (DICOM windowing,
-MONOCHROME1 inversion, NIfTI slices), then the images are converted to the model's channels,
-resized to ``input_size`` and normalised. A channel conversion is never silent: it raises a
+MONOCHROME1 inversion, NIfTI slices), then the images are converted to the model's channels and
+go through the evaluation transform of training (``build_transform(cfg, train=False)``: resize of
+the short side, centre crop to ``input_size``, normalisation). A channel conversion is never silent: it raises a
 :class:`ChannelConversionWarning` and is recorded in ``Prediction.notes`` (and so in the CSV).
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import csv
 import inspect
 import io
-import logging
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from openmednet.data.images import to_channels
@@ -42,9 +41,6 @@ __all__ = [
     "ChannelConversionWarning", "Prediction", "Predictor", "TooManyImagesError", "load_model", "save_predictions_csv",
     "write_cam_overlays",
 ]
-
-logger = logging.getLogger(__name__)
-
 
 class TooManyImagesError(ValueError):
     """A file holds more images (frames, slices) than the caller accepts."""
@@ -99,8 +95,8 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no pixel arrays)."""
-        return dict(source=self.source, frame=self.frame, label=self.label,
-                    probabilities=self.probabilities, notes=list(self.notes))
+        return {"source": self.source, "frame": self.frame, "label": self.label,
+                "probabilities": self.probabilities, "notes": list(self.notes)}
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -203,11 +199,6 @@ class Predictor:
         names = tuple(label_names or cfg.label_names or (f"class_{i}" for i in range(num_classes)))
         if len(names) != num_classes:
             raise ValueError(f"{len(names)} label names for a model with {num_classes} classes: {names}")
-        self.model = model.to(device).eval()
-        self.cfg = cfg
-        self.label_names = names
-        self.device = torch.device(device)
-        self.cam = GradCAM(self.model, cam_layer)
         if cfg.intensity != "uint8/255":
             # Readers map every modality to 8 bits (DICOM windows, NIfTI percentiles); a model trained
             # on another mapping would get inputs it never saw, so refuse rather than guess.
@@ -215,6 +206,11 @@ class Predictor:
                 f"model card asks for intensity '{cfg.intensity}', but prediction feeds reader output "
                 "scaled as 'uint8/255': re-export the card with the mapping the readers apply"
             )
+        self.model = model.to(device).eval()
+        self.cfg = cfg
+        self.label_names = names
+        self.device = torch.device(device)
+        self.cam = GradCAM(self.model, cam_layer)
         self._transform = build_transform(cfg, train=False)
         self._mean = torch.tensor(cfg.mean, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(cfg.std, dtype=torch.float32).view(-1, 1, 1)
@@ -231,15 +227,16 @@ class Predictor:
 
     def card(self) -> dict[str, Any]:
         """The model card as plain types (architecture, classes, input contract)."""
-        return dict(
-            architecture=self.cfg.meta.get("architecture", type(self.model).__name__),
-            label_names=list(self.label_names),
-            input_contract=dict(
-                channels=self.in_chans, size=list(self.cfg.input_size[1:]), mean=list(self.cfg.mean),
-                std=list(self.cfg.std), intensity=self.cfg.intensity, interpolation=self.cfg.interpolation,
-            ),
-            license=self.cfg.license,
-        )
+        cfg = self.cfg
+        return {
+            "architecture": cfg.meta.get("architecture", type(self.model).__name__),
+            "label_names": list(self.label_names),
+            "input_contract": {
+                "channels": self.in_chans, "size": list(cfg.input_size[1:]), "mean": list(cfg.mean),
+                "std": list(cfg.std), "intensity": cfg.intensity, "interpolation": cfg.interpolation,
+            },
+            "license": cfg.license,
+        }
 
     # ------------------------------------------------------------------------------- contract
     def _fit_channels(self, image: np.ndarray, source: str) -> tuple[np.ndarray, list[str]]:
@@ -291,19 +288,29 @@ class Predictor:
         self, images: Sequence[np.ndarray], sources: Sequence[str] | None = None,
         frames: Sequence[int] | None = None, cam: bool = False,
     ) -> list[Prediction]:
-        """Predict a batch of 8-bit images (see :meth:`preprocess`)."""
+        """Predict a batch of 8-bit images in one forward pass.
+
+        Args:
+            images: ``uint8`` ``(H, W)`` or ``(H, W, 3)`` arrays, any sizes (see :meth:`preprocess`).
+            sources: a name per image for results and warnings; default ``<array i>``.
+            frames: a frame index per image; default 0.
+            cam: also compute the Grad-CAM of each image's predicted class (same forward pass).
+
+        Returns:
+            One :class:`Prediction` per image, in order.
+        """
         sources = list(sources or (f"<array {i}>" for i in range(len(images))))
         frames = list(frames or [0] * len(images))
         prepared = [self.preprocess(img, src) for img, src in zip(images, sources)]
         x = torch.stack([t for t, _ in prepared]).to(self.device)
         if cam:
-            maps = self.cam(x).cpu().numpy()  # CAM of the predicted class
-            with torch.no_grad():
-                probs = torch.softmax(self.model(x), dim=1).cpu()
+            maps, logits = self.cam.compute(x)  # CAM of the predicted class
+            maps = maps.cpu().numpy()
         else:
             with torch.no_grad():
-                probs = torch.softmax(self.model(x), dim=1).cpu()
+                logits = self.model(x)
             maps = [None] * len(images)
+        probs = torch.softmax(logits, dim=1).cpu()
         out = []
         for i, (tensor, notes) in enumerate(prepared):
             p = probs[i].tolist()
