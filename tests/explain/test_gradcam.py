@@ -142,3 +142,13 @@ def test_overlay_resizes_cam_and_rejects_bad_images():
     assert (out == np.rint(np.array(matplotlib.colormaps["jet"](1.0)[:3]) * 255)).all()
     with pytest.raises(ValueError, match="uint8"):
         overlay_cam(image.astype(np.float32), np.ones((4, 3)))
+
+
+def test_compute_returns_the_logits_of_the_same_pass(model):
+    x = torch.rand(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    cam, logits = GradCAM(model).compute(x, target=[0, 1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(cam, GradCAM(model)(x, target=[0, 1, 2]), rtol=0, atol=0)
+    assert not logits.requires_grad
+    assert all(p.grad is None for p in model.parameters()), "CAMs must not leave gradients on the model"

@@ -123,3 +123,14 @@ def test_contract_errors(model_dir):
         Predictor(model, label_names=("a", "b", "c"))
     with pytest.raises(FileNotFoundError, match="neither a registered model"):
         load_model("no_such_model_dir")
+
+
+def test_overlay_names_are_unique(predictor, real_files, tmp_path):
+    from openmednet.serve.predictor import write_cam_overlays
+
+    gray = np.asarray(Image.open(real_files["gray"]))
+    preds = predictor.predict_arrays([gray] * 3, sources=["a/scan.png", "b/scan.png", "c/vol.nii.gz"],
+                                     frames=[0, 0, 4], cam=True)
+    paths = write_cam_overlays(preds, tmp_path)
+    assert [p.name for p in paths] == ["scan_cam.png", "scan_2_cam.png", "vol_f4_cam.png"]
+    assert all(Image.open(p).format == "PNG" for p in paths)
