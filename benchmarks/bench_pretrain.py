@@ -18,6 +18,7 @@ Usage::
 
     python benchmarks/bench_pretrain.py                               # mednet_gray, 64 px, ~3 min
     python benchmarks/bench_pretrain.py --objective simclr --out bench_pretrain.md
+    python benchmarks/bench_pretrain.py --flops-only --size 224 --model mednet_color
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--modes", default="fp32,bf16cl")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
+    p.add_argument("--flops-only", action="store_true", help="print the training FLOPs per image and exit")
     args = p.parse_args(argv)
     args.channels = 3 if "color" in args.model else 1
     modes = args.modes.split(",")
@@ -169,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     ref = MatmulReference(dtype=torch.bfloat16)
     flops = flops_per_image(args)
+    if args.flops_only:
+        print(f"{args.model} {args.size} px {args.objective}: {flops / 1e9:.3f} GFLOP per image (forward + backward)")
+        return
     rows = []
     for mode in modes:
         for layout in ("1 proc x 2 threads", "2 DDP x 1 thread"):
