@@ -30,9 +30,14 @@ def model() -> torch.nn.Module:
     return create_model("mednet_test", num_classes=3).eval()
 
 
-def test_default_layer_is_last_stage(model):
+def test_default_layer_depends_on_input_size(model):
     assert default_target_layer(model) == "blocks.7"
+    assert default_target_layer(model, (1, 224, 224)) == "blocks.7"  # 14x14
+    assert default_target_layer(model, (112, 112)) == "blocks.7"  # 7x7
+    assert default_target_layer(model, (1, 64, 64)) == "blocks.5"  # 4x4 would be too coarse: 8x8
+    assert default_target_layer(model, (32, 32)) == "blocks.3"  # 8x8 at stride 4
     assert GradCAM(model)(torch.rand(1, 1, SIZE, SIZE), upsample=False).shape == (1, 4, 4)
+    assert GradCAM(model, input_size=(SIZE, SIZE))(torch.rand(1, 1, SIZE, SIZE), upsample=False).shape == (1, 8, 8)
 
 
 def test_matches_pytorch_grad_cam(model):
@@ -116,7 +121,7 @@ def test_cam_finds_planted_square(shared_data):
     assert accuracy >= 0.9, f"detector did not learn the square (accuracy {accuracy:.2f})"
 
     positives = y.numpy() == 1
-    cams = GradCAM(model, model.feature_info[-2]["module"])(x[positives], target=1).numpy()
+    cams = GradCAM(model, input_size=(SIZE, SIZE))(x[positives], target=1).numpy()  # the default layer
     masks = masks[positives]
     hits = [m.flat[c.argmax()] for c, m in zip(cams, masks)]
     mass = [c[m].sum() / c.sum() for c, m in zip(cams, masks)]
@@ -146,6 +151,7 @@ def test_overlay_resizes_cam_and_rejects_bad_images():
 
 def test_compute_returns_the_logits_of_the_same_pass(model):
     x = torch.rand(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    model.zero_grad(set_to_none=True)  # the pytorch-grad-cam reference calls backward() on this model
     cam, logits = GradCAM(model).compute(x, target=[0, 1, 2])
     with torch.no_grad():
         torch.testing.assert_close(logits, model(x), rtol=0, atol=1e-6)

@@ -15,6 +15,7 @@ backward hooks and leaves parameter ``.grad`` untouched.
 from __future__ import annotations
 
 import io
+import math
 import threading
 import warnings
 from collections.abc import Sequence
@@ -24,16 +25,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GradCAM", "default_target_layer", "overlay_cam", "overlay_png"]
+__all__ = ["MIN_CAM_SIDE", "GradCAM", "default_target_layer", "overlay_cam", "overlay_png"]
 
 _EPS = 1e-7  # same constant as pytorch-grad-cam's scale_cam_image
 
 
-def default_target_layer(model: nn.Module) -> str:
-    """Name of the module whose output Grad-CAM uses by default: the last ``feature_info`` entry.
+#: Smallest CAM side worth showing: VGG/ResNet Grad-CAMs at 224 px are 14x14 / 7x7.
+MIN_CAM_SIDE = 7
 
-    The last stage has the most class-specific features; its stride (16 for MedNet) bounds the
-    map's resolution.
+
+def default_target_layer(model: nn.Module, input_size: Sequence[int] | None = None) -> str:
+    """Name of the module whose output Grad-CAM uses by default.
+
+    The last ``feature_info`` stage has the most class-specific features, but at small inputs its
+    map is too coarse to point at anything (MedNet at 64 px: 4x4, each cell a quarter of the image
+    side). Given ``input_size``, the deepest stage whose map is at least ``MIN_CAM_SIDE`` pixels on
+    its shorter side is chosen instead (MedNet: last stage from 112 px up, the 8x8 stage-3 map at
+    64 px).
+
+    Args:
+        model: a model with timm-style ``feature_info`` (``module``, ``reduction`` per stage).
+        input_size: ``(H, W)`` or ``(C, H, W)`` of the inputs; ``None`` = the last stage.
 
     Raises:
         ValueError: the model has no ``feature_info`` (pass ``target_layer`` explicitly).
@@ -44,7 +56,11 @@ def default_target_layer(model: nn.Module) -> str:
             f"{type(model).__name__} has no feature_info: pass target_layer='<module name>' "
             "(e.g. one of the names in model.named_modules())"
         )
-    return info[-1]["module"]
+    if input_size is None:
+        return info[-1]["module"]
+    side = min(input_size[-2:])
+    fine_enough = [stage for stage in info if math.ceil(side / stage["reduction"]) >= MIN_CAM_SIDE]
+    return (fine_enough or info[:1])[-1]["module"]
 
 
 class GradCAM:
@@ -54,7 +70,8 @@ class GradCAM:
         model: a classifier returning logits ``(B, num_classes)``. Put it in ``eval()`` mode first:
             dropout and batch statistics in train mode make maps random.
         target_layer: module name (``"blocks.7"``) or module whose output ``(B, C, h, w)`` is
-            explained; default: :func:`default_target_layer`.
+            explained; default: :func:`default_target_layer` for ``input_size``.
+        input_size: ``(H, W)`` or ``(C, H, W)`` of the inputs, to pick the default layer.
 
     Calling the object is thread-safe: each thread captures its own feature map.
 
@@ -62,10 +79,15 @@ class GradCAM:
         >>> cam = GradCAM(model.eval())(x, target=1)   # (B, H, W) in [0, 1]
     """
 
-    def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | nn.Module | None = None,
+        input_size: Sequence[int] | None = None,
+    ):
         self.model = model
         if target_layer is None:
-            target_layer = default_target_layer(model)
+            target_layer = default_target_layer(model, input_size)
         if isinstance(target_layer, str):
             modules = dict(model.named_modules())
             if target_layer not in modules:

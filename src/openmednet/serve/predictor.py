@@ -173,7 +173,8 @@ class Predictor:
         model: a classifier with ``num_classes > 0``; put in eval mode here.
         cfg: its input contract; default ``model.pretrained_cfg``.
         label_names: one name per class; default ``cfg.label_names`` or ``class_0, class_1...``.
-        cam_layer: Grad-CAM target layer (default: the model's last feature stage).
+        cam_layer: Grad-CAM target layer (default: ``default_target_layer`` at the card's input
+            size: the last stage, or a finer one for small inputs).
         device: where the model runs.
 
     Thread-safe: the web service calls one instance from several worker threads.
@@ -210,7 +211,7 @@ class Predictor:
         self.cfg = cfg
         self.label_names = names
         self.device = torch.device(device)
-        self.cam = GradCAM(self.model, cam_layer)
+        self.cam = GradCAM(self.model, cam_layer, input_size=cfg.input_size)
         self._transform = build_transform(cfg, train=False)
         self._mean = torch.tensor(cfg.mean, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(cfg.std, dtype=torch.float32).view(-1, 1, 1)
