@@ -39,7 +39,9 @@ __all__ = [
 ]
 
 # A generated section of a markdown file: <!-- generated:NAME --> ... <!-- /generated:NAME -->
-_SECTION = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n).*?(\n<!-- /generated:(?P=name) -->)", re.S)
+_SECTION = re.compile(
+    r"(?P<open><!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?\n)??(?P<close><!-- /generated:(?P=name) -->)", re.S
+)
 
 
 # --------------------------------------------------------------------------------- counting
@@ -271,6 +273,6 @@ def update_generated(text: str, sections: Mapping[str, str]) -> str:
 
     def body(m: re.Match) -> str:
         name = m.group("name")
-        return m.group(0) if name not in sections else m.group(1) + sections[name] + m.group(3)
+        return m.group(0) if name not in sections else m.group("open") + sections[name] + "\n" + m.group("close")
 
     return _SECTION.sub(body, text)
