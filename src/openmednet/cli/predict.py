@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(None, "--out", help="Write predictions to this CSV file."),
         cam: Path | None = typer.Option(None, "--cam", help="Write Grad-CAM overlays (PNG) to this folder."),
         batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
-        cam_layer: str | None = typer.Option(None, help="Grad-CAM layer, e.g. blocks.5 (default: deepest stage with a map of at least 7x7)."),
+        cam_layer: str | None = typer.Option(
+            None, help="Grad-CAM layer, e.g. blocks.5 (default: deepest stage with a map of at least 7x7)."
+        ),
     ) -> None:
         """Predict every image (volumes: every slice) under the model card's input contract."""
         import logging

@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
         max_pixels: int = typer.Option(4096 * 4096, min=1, help="Largest accepted image (width x height)."),
         max_frames: int = typer.Option(64, min=1, help="Most images (frames/slices) per uploaded file."),
         workers: int = typer.Option(2, min=1, help="Predictions computed at the same time."),
-        cam_layer: str | None = typer.Option(None, help="Grad-CAM layer, e.g. blocks.5 (default: deepest stage with a map of at least 7x7)."),
+        cam_layer: str | None = typer.Option(
+            None, help="Grad-CAM layer, e.g. blocks.5 (default: deepest stage with a map of at least 7x7)."
+        ),
     ) -> None:
         """Serve a drag-and-drop page with predictions and Grad-CAM overlays, plus /api/predict."""
         import logging
