@@ -32,7 +32,8 @@ def register(app: typer.Typer) -> None:
         if host not in ("127.0.0.1", "localhost", "::1"):
             logging.getLogger(__name__).warning(
                 "binding %s: anyone who can reach this machine can upload images; there is no authentication", host)
-        application = create_app(Predictor.from_spec(model, cam_layer=cam_layer), max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        predictor = Predictor.from_spec(model, cam_layer=cam_layer)
+        application = create_app(predictor, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                                  max_pixels=max_pixels, max_frames=max_frames, max_concurrent=workers)
         typer.echo(f"OpenMedNet serving {model} on http://{host}:{port}/ (Ctrl+C to stop)")
         uvicorn.run(application, host=host, port=port, log_level="info")
