@@ -53,10 +53,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from openmednet._errors import look_up_option
 from openmednet.config import save_config, to_dict
+from openmednet.data.datasets import LabelledDataset
 from openmednet.data.transforms import build_transform
 from openmednet.engine.distributed import DistEnv
 from openmednet.engine.optim import build_optimizer, build_scheduler
@@ -179,21 +180,6 @@ class FinetuneResult:
 
 
 # ------------------------------------------------------------------------------------ data
-class _ImageDataset(Dataset):
-    """Decoded uint8 images -> ``(transform(image), label)``; image ``(H, W[, 3])`` -> ``(C, H, W)``."""
-
-    def __init__(self, images: list[np.ndarray], y: np.ndarray, transform: Any):
-        self.images, self.y, self.transform = images, torch.as_tensor(y, dtype=torch.long), transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        a = self.images[i]
-        t = torch.from_numpy(a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1)))
-        return self.transform(t), self.y[i]
-
-
 def prepare_splits(target: TargetSet, cfg: FinetuneConfig) -> tuple[TargetSet, np.ndarray, dict[str, list[str]]]:
     """Clean the target and split it: returns ``(target, splits, dropped)``.
 
@@ -456,7 +442,14 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
     idx = {"train": train_idx, "val": np.flatnonzero(splits == "val"), "test": np.flatnonzero(splits == "test")}
 
     def loader(name: str, train: bool) -> DataLoader:
-        ds = _ImageDataset([target.images[i] for i in idx[name]], y[idx[name]], train_tf if train else eval_tf)
+        # "crop": the shorter side to the model's size and a centre square, as the evaluation
+        # transform (and `openmednet predict`) prepare an image; channels were checked above.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ds = LabelledDataset(
+                [(target.images[i], target.labels[i]) for i in idx[name]], channels=channels, image_size=size,
+                transform=train_tf if train else eval_tf, class_names=list(target.label_names), resize_mode="crop",
+            )
         return DataLoader(
             ds, batch_size=cfg.batch_size, shuffle=train, num_workers=cfg.num_workers,
             generator=torch.Generator().manual_seed(cfg.seed) if train else None,

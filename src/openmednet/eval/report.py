@@ -154,6 +154,9 @@ def plot_label_efficiency(rows: Sequence[Mapping[str, Any]], path: str | Path, m
         if all("ci_low" in s for s in stat):
             ax.fill_between(x, [s["ci_low"] for s in stat], [s["ci_high"] for s in stat], alpha=0.15, color=f"C{i}")
     ax.set_xscale("log")
+    ticks = sorted({float(r["n_train"]) for r in rows})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set(xlabel="training images (log scale)", ylabel=f"test {metric}", title=f"Label efficiency {title}".strip())
     ax.legend(fontsize="small")
     return save_figure(fig, path)
