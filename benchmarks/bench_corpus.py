@@ -83,21 +83,41 @@ def pil_loop(files: list[Path], size: int, mode: str) -> float:
     return time.perf_counter() - start
 
 
+class StageClock:
+    """A ``progress`` callback that records when each build stage is first and last reported."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        self.first.setdefault(stage, now)
+        self.last[stage] = now
+
+    def seconds(self, stage: str) -> float:
+        return self.last.get(stage, 0.0) - self.first.get(stage, 0.0)
+
+
 def bench_rate(families: list[str], n: int, size: int, workers: int) -> None:
     rows = []
     for family in families:
         with tempfile.TemporaryDirectory() as tmp:
             specs, files = subset_sources(family, n, Path(tmp))
             ref = pil_loop(files, size, "L" if family == "gray" else "RGB")
-            rows.append([f"{family}: PIL loop, 1 process (reference)", len(files), f"{ref:.1f}", f"{len(files) / ref:.0f}", "1.00"])
+            rows.append([f"{family}: PIL loop, 1 process (reference)", len(files), f"{ref:.1f}", f"{len(files) / ref:.0f}", "1.00", "-", "-"])
             for w in sorted({1, workers}):
                 out = Path(tmp) / f"corpus{w}"
+                clock = StageClock()
                 start = time.perf_counter()
-                m = build_corpus(specs, out, channels=1 if family == "gray" else 3, image_size=size, workers=w, shard_size=1024)
+                m = build_corpus(specs, out, channels=1 if family == "gray" else 3, image_size=size, workers=w, shard_size=1024, progress=clock)
                 t = time.perf_counter() - start
-                rate = len(files) / t
-                rows.append([f"{family}: build_corpus, {w} worker(s)", f"{len(files)} -> {m.num_images}", f"{t:.1f}", f"{rate:.0f}", f"{rate / (len(files) / ref):.2f}"])
-    print(markdown_table(["run", "images in -> kept", "seconds", "images/s", "rate / reference"], rows))
+                rate, decode_rate = len(files) / t, len(files) / max(clock.seconds("decode"), 1e-9)
+                rows.append([
+                    f"{family}: build_corpus, {w} worker(s)", f"{len(files)} -> {m.num_images}", f"{t:.1f}", f"{rate:.0f}",
+                    f"{rate / (len(files) / ref):.2f}", f"{decode_rate:.0f}", f"{decode_rate / (len(files) / ref):.2f}",
+                ])  # fmt: skip
+    print(markdown_table(["run", "images in -> kept", "seconds", "images/s", "rate / reference", "decode stage images/s", "decode / reference"], rows))
 
 
 _CHILD = """
