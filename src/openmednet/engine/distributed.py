@@ -105,6 +105,14 @@ class DistEnv:
             torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
         return tensor
 
+    def all_gather_object(self, obj: object) -> list[object]:
+        """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+        if not self.is_distributed:
+            return [obj]
+        out: list[object] = [None] * self.world_size
+        torch_dist.all_gather_object(out, obj)
+        return out
+
     def reduce_metrics(self, sums: Mapping[str, float], count: float) -> dict[str, float]:
         """Average per-sample metric sums over all ranks.
 

@@ -482,7 +482,16 @@ def fit(
     log_sum = torch.zeros(2, dtype=torch.float64)  # loss * n, n since the last step record
 
     def save(st: TrainState, mid_epoch: bool) -> None:
-        extra = {**meta.get("extra", {}), "train_state": _state_for_checkpoint(st, dist, mid_epoch)}
+        # Collectives first (every rank takes part), then rank 0 writes. Each rank's RNG streams are
+        # kept, so a resumed DDP run gives each rank its own augmentation stream back.
+        rng_per_rank = dist.all_gather_object(
+            {"rng": capture_rng_state(), "rng_epoch_start": rng_epoch_start if mid_epoch else None}
+        )
+        extra = {
+            **meta.get("extra", {}),
+            "train_state": _state_for_checkpoint(st, dist, mid_epoch),
+            "rng_per_rank": rng_per_rank,
+        }
         save_checkpoint(
             ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
             epoch=st.epoch if mid_epoch else st.epoch + 1, step=st.step,
@@ -589,7 +598,13 @@ def _resume(
     if dist.is_main:
         state.sums, state.count = dict(saved["sums"]), float(saved["count"])
     batches = None
-    rng_epoch_start = ckpt["rng_epoch_start"]
+    rng, rng_epoch_start = ckpt["rng"], ckpt["rng_epoch_start"]
+    per_rank = ckpt.get("rng_per_rank") or []
+    if len(per_rank) == dist.world_size:
+        rng, rng_epoch_start = per_rank[dist.rank]["rng"], per_rank[dist.rank]["rng_epoch_start"]
+    elif dist.is_distributed:
+        log.warning("checkpoint was written by %d rank(s), resuming on %d: every rank restores rank 0's RNG "
+                    "states (the run continues correctly but is not bitwise reproducible)", len(per_rank), dist.world_size)
     if state.batch_in_epoch > 0:
         # Replay the epoch's data stream up to the checkpoint: same sampler seed, same RNG as at the
         # epoch start (DataLoader draws worker seeds from it), fetch the batches already trained on.
@@ -598,6 +613,6 @@ def _resume(
         batches = iter(loader)
         for _ in range(state.batch_in_epoch):
             next(batches)
-    restore_rng_state(ckpt["rng"])
+    restore_rng_state(rng)
     log.info("resumed from %s: epoch %d, batch %d, step %d", path, state.epoch, state.batch_in_epoch, state.step)
     return state, rng_epoch_start, batches
