@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from openmednet import create_model
+from openmednet.data.datasets import LabelledDataset
 from openmednet.data.readers import read_images
 from openmednet.data.transforms import build_transform
 from openmednet.serve.predictor import (
@@ -26,12 +27,15 @@ from openmednet.serve.predictor import (
 LABELS = ("no", "yes")  # as saved by the model_dir fixture
 
 
-def test_probabilities_equal_the_training_eval_pipeline(predictor, model_dir, real_files):
-    """Same numbers as reading the file and applying build_transform(cfg, train=False) by hand."""
+def test_probabilities_equal_the_finetuning_eval_pipeline(predictor, model_dir, real_files):
+    """Same numbers as fine-tuning's evaluation data path: LabelledDataset(resize_mode="crop") + eval transform."""
     (pred,) = list(predictor.predict_path(real_files["gray"]))
     model = load_model(model_dir)
-    (array, _), = list(read_images(real_files["gray"]))
-    x = build_transform(model.pretrained_cfg, train=False)(torch.from_numpy(array.copy())[None])
+    ((array, _),) = list(read_images(real_files["gray"]))
+    assert array.shape != (64, 64)  # the resize is exercised
+    dataset = LabelledDataset([(array, "no")], channels=1, image_size=64, class_names=list(LABELS),
+                              transform=build_transform(model.pretrained_cfg, train=False), resize_mode="crop")
+    x, _ = dataset[0]
     with torch.no_grad():
         expected = torch.softmax(model(x[None]), dim=1)[0].tolist()
     assert list(pred.probabilities) == list(LABELS)

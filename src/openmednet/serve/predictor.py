@@ -10,8 +10,9 @@ Input contract. The model's ``PretrainedCfg`` (its model card) says how training
 prepared: channels and size, ``mean``/``std`` after scaling to [0, 1], and the intensity pipeline.
 Prediction applies exactly that: readers turn each file into 8-bit gray or RGB (DICOM windowing,
 MONOCHROME1 inversion, NIfTI slices), then the images are converted to the model's channels and
-go through the evaluation transform of training (``build_transform(cfg, train=False)``: resize of
-the short side, centre crop to ``input_size``, normalisation). A channel conversion is never silent: it raises a
+go through the evaluation pipeline of fine-tuning (``resize_to_square(mode="crop")`` then
+``build_transform(cfg, train=False)``: resize of the short side, centre crop to ``input_size``,
+normalisation). A channel conversion is never silent: it raises a
 :class:`ChannelConversionWarning` and is recorded in ``Prediction.notes`` (and so in the CSV).
 """
 
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from openmednet.data.images import to_channels
+from openmednet.data.images import resize_to_square, to_channels
 from openmednet.data.readers import SkipImage, get_reader, read_images
 from openmednet.data.transforms import build_transform
 from openmednet.explain.gradcam import GradCAM, overlay_png
@@ -265,12 +266,16 @@ class Predictor:
 
         Returns:
             ``(in_chans, H', W')`` float tensor, ``(H', W') = input_size[1:]`` (resize of the short
-            side, then centre crop, as ``build_transform(cfg, train=False)``), normalised with the
-            card's mean/std; and the list of conversion notes.
+            side, then centre crop), normalised with the card's mean/std; and the list of
+            conversion notes.
         """
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
             raise ValueError(f"{source}: expected uint8 (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
         image, notes = self._fit_channels(image, source)
+        # Same steps as fine-tuning's evaluation data (LabelledDataset(resize_mode="crop") then the
+        # eval transform): Pillow resizes the short side and crops the centre square, after which
+        # the transform's own resize and crop are no-ops.
+        image = resize_to_square(image, self.cfg.input_size[-1], mode="crop")
         chw = torch.from_numpy(np.require(image, requirements=["C", "W"]))  # readers may hand out read-only views
         chw = chw[None] if chw.ndim == 2 else chw.permute(2, 0, 1)
         return self._transform(chw), notes
