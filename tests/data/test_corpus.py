@@ -162,6 +162,7 @@ def test_exclusion_drops_the_isic_ids_shared_with_the_target(shared_data, tmp_pa
     assert kept == set(ids) - {Path(p).name for p in shared}
     assert manifest.stats["exclusion"]["targets"] == {"isic2017": {"isic_archive": len(shared)}}
     assert manifest.stats["exclusion"]["target_images"] == {"isic2017": len(shared) + len(unrelated)}
+    assert manifest.stats["exclusion"]["target_images_found"] == {"isic2017": len(shared)}
 
 
 def test_target_spec_names_and_errors(shared_data, tmp_path):

@@ -116,3 +116,30 @@ def test_report_lists_the_skips(bad_build):
     report = (out / "report.md").read_text()
     for reason in ("empty_file", "corrupt", "not_an_image", "decompression_bomb", "unsupported_transfer_syntax"):
         assert f"`{reason}`" in report
+
+
+def test_a_crashing_decoder_process_skips_only_its_file(shared_data, tmp_path, monkeypatch):
+    """A decoder that kills its worker process (segfault, out of memory) costs one file, not the build."""
+    import os
+
+    from openmednet.data import corpus
+
+    src = tmp_path / "files"
+    src.mkdir()
+    for i, p in enumerate(sorted((shared_data / "gray/pretrain/covid_cxr_figure1/images").glob("*.jpg"))[:5]):
+        (src / (f"crash_me_{i}.jpg" if i == 2 else f"ok_{i}.jpg")).write_bytes(p.read_bytes())
+    original = corpus._process_chunk
+
+    def crashing(items, *args):
+        if any("crash_me" in d["path"] for d in items):
+            os._exit(1)  # what a segfaulting C decoder does to its process
+        return original(items, *args)
+
+    # the pool pickles the function by name: make the stand-in importable under the original name
+    crashing.__module__, crashing.__qualname__ = original.__module__, original.__qualname__
+    monkeypatch.setattr(corpus, "_process_chunk", crashing)
+    manifest = build_corpus([SourceSpec("files", src, format="flat")], tmp_path / "c", channels=1, image_size=32, workers=2, chunk_items=2)
+    assert manifest.stats["skipped"] == {"read_error": 1}
+    assert any("crash_me_2.jpg" in e for e in manifest.stats["skip_examples"]["read_error"])
+    kept = sorted(Path(r["path"]).name for r in CorpusArrays(tmp_path / "c").iter_records())
+    assert kept == ["ok_0.jpg", "ok_1.jpg", "ok_3.jpg", "ok_4.jpg"]

@@ -38,6 +38,7 @@ import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -329,24 +330,68 @@ def _run_chunks(
             if progress:
                 progress(stage, done, total)
         return
+    args = (reader_options, hints, opts)
+    count = [done]
+
+    def tick() -> None:
+        count[0] += 1
+        if progress:
+            progress(stage, count[0], total)
+
+    while True:
+        suspects = _pool_pass(todo, args, workers, tick)
+        if not suspects:
+            return
+        # A worker died (a decoder crashed or ran out of memory): re-run the chunks that were in
+        # flight item by item, each in its own process, so only the culprit is skipped.
+        for p, items in suspects:
+            _save_chunk(p, _isolated(items, args))
+            tick()
+
+
+def _pool_pass(todo: Iterator[tuple[Path, list[dict[str, Any]]]], args: tuple, workers: int, tick: Callable[[], Any]) -> list[tuple[Path, list[dict[str, Any]]]]:
+    """Run chunks in a process pool until done (returns ``[]``) or until a worker dies (returns
+    the chunks that were in flight; ``todo`` keeps the rest)."""
+    pending: dict[Future, tuple[Path, list[dict[str, Any]]]] = {}
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        pending: dict[Future, Path] = {}
-        queue = todo
         while True:
             # keep at most 2 tasks per worker in flight so finished chunks never pile up in RAM
             while len(pending) < 2 * workers:
-                nxt = next(queue, None)
+                nxt = next(todo, None)
                 if nxt is None:
                     break
-                pending[pool.submit(_process_chunk, nxt[1], reader_options, hints, opts)] = nxt[0]
+                pending[pool.submit(_process_chunk, nxt[1], *args)] = nxt
             if not pending:
-                break
+                return []
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
-                _save_chunk(pending.pop(fut), fut.result())
-                done += 1
-                if progress:
-                    progress(stage, done, total)
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    logger.warning("a decoding process died; isolating the %d chunks in flight", len(pending))
+                    return list(pending.values())
+                _save_chunk(pending.pop(fut)[0], result)
+                tick()
+
+
+def _isolated(items: list[dict[str, Any]], args: tuple) -> dict[str, Any]:
+    """Process each item in a fresh process; an item that kills its process becomes a skip."""
+    parts = []
+    for d in items:
+        with ProcessPoolExecutor(max_workers=1) as pool:
+            try:
+                parts.append(pool.submit(_process_chunk, [d], *args).result())
+            except BrokenProcessPool:
+                skip = {"skip": "read_error", "message": "the decoder crashed its process (segfault or out of memory)"}
+                parts.append({"images": None, "phash": np.zeros(0, np.uint64), "records": [skip | {"source": d["source"], "path": d["path"], "frame": None}]})
+    images = [p["images"] for p in parts if p["images"] is not None and len(p["images"])]
+    opts: _DecodeOptions = args[2]
+    c = opts.channels or opts.convert_to
+    return {
+        "images": np.concatenate(images) if images else np.zeros((0, c, opts.image_size, opts.image_size), np.uint8),
+        "phash": np.concatenate([p["phash"] for p in parts]),
+        "records": [r for p in parts for r in p["records"]],
+    }
 
 
 # --- the hash table and the decisions -----------------------------------------------------------
@@ -624,31 +669,40 @@ def match_targets(
     targets: TargetHashes,
     near_threshold: int = dedupe.DEFAULT_NEAR_THRESHOLD,
     confirm_threshold: int = dedupe.DEFAULT_CONFIRM_THRESHOLD,
-) -> tuple[np.ndarray, dict[str, dict[str, int]]]:
+) -> tuple[np.ndarray, dict[str, dict[str, int]], dict[str, int]]:
     """Corpus images equal to, or near copies of, a target image (same rule as ``decide``).
 
     Returns:
-        ``(matched, counts)``: ``(N,)`` bool and ``{target: {corpus source: images}}``.
+        ``(matched, counts, found)``: ``(N,)`` bool over the corpus images;
+        ``{target: {corpus source: corpus images matched}}``; ``{target: target images with at
+        least one copy in the corpus}``.
     """
     n = len(table)
-    hit_target = np.full(n, -1, np.int64)
+    hit_image = np.full(n, -1, np.int64)  # index of the first matching target image
+    target_hit = np.zeros(len(targets.target), bool)
     for col in ("sha1", "sha1_file"):
         ours, theirs = getattr(table, col), getattr(targets, col)
-        pos = {int(h): int(targets.target[j]) for j, h in enumerate(theirs.tolist())}
+        pos: dict[int, list[int]] = defaultdict(list)
+        for j, h in enumerate(theirs.tolist()):
+            pos[h].append(j)
         for i, h in enumerate(ours.tolist()):
-            if hit_target[i] < 0 and h in pos:
-                hit_target[i] = pos[h]
+            if h in pos:
+                target_hit[pos[h]] = True
+                if hit_image[i] < 0:
+                    hit_image[i] = pos[h][0]
     pairs = dedupe.near_pairs(table.phash, near_threshold, others=targets.phash)
     pairs = dedupe.confirm_pairs(pairs, table.phash256, confirm_threshold, fine_others=targets.phash256)
+    target_hit[pairs[:, 1]] = True
     for i, j in pairs:
-        if hit_target[i] < 0:
-            hit_target[i] = targets.target[j]
+        if hit_image[i] < 0:
+            hit_image[i] = j
     counts: dict[str, dict[str, int]] = {name: {} for name in targets.names}
-    for i in np.flatnonzero(hit_target >= 0):
-        per = counts[targets.names[hit_target[i]]]
+    for i in np.flatnonzero(hit_image >= 0):
+        per = counts[targets.names[targets.target[hit_image[i]]]]
         src = table.source_names[table.source[i]]
         per[src] = per.get(src, 0) + 1
-    return hit_target >= 0, counts
+    found = {name: int(target_hit[targets.target == t].sum()) for t, name in enumerate(targets.names)}
+    return hit_image >= 0, counts, found
 
 
 def target_spec(path: str | Path) -> SourceSpec:
@@ -926,11 +980,16 @@ def build_corpus(
         ch = _load_chunk(path, with_images=False)
         builder.add([r for r in ch["records"] if "skip" not in r], ch["phash"])
     table = builder.build()
-    matched, exclusion_counts = match_targets(table, targets, near_threshold, confirm_threshold)
+    matched, exclusion_counts, targets_found = match_targets(table, targets, near_threshold, confirm_threshold)
     decision = decide(table, near_threshold=near_threshold, confirm_threshold=confirm_threshold, seed=seed, excluded=matched)
 
     stats, shards = _write_corpus(out, chunk_paths, table, decision, channels, image_size, shard_size, progress)
-    stats["exclusion"] = {"targets": exclusion_counts, "target_images": {n: int((targets.target == i).sum()) for i, n in enumerate(targets.names)}, "target_skipped": targets.skipped}
+    stats["exclusion"] = {
+        "targets": exclusion_counts,
+        "target_images": {n: int((targets.target == i).sum()) for i, n in enumerate(targets.names)},
+        "target_images_found": targets_found,
+        "target_skipped": targets.skipped,
+    }
     if targets.table is not None:
         tdec = decide(targets.table, near_threshold=near_threshold, confirm_threshold=confirm_threshold, seed=seed)
         stats["exclusion"]["target_duplicates"] = {

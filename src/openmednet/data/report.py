@@ -105,9 +105,10 @@ def _exclusion(ex: Mapping[str, Any]) -> str:
     rows = []
     for name, per in ex["targets"].items():
         detail = ", ".join(f"{s}: {n}" for s, n in sorted(per.items())) or "-"
-        rows.append((name, ex.get("target_images", {}).get(name, "?"), sum(per.values()), detail))
+        found = ex.get("target_images_found", {}).get(name, "?")
+        rows.append((name, ex.get("target_images", {}).get(name, "?"), found, sum(per.values()), detail))
     out = "## Exclusion targets\n\nCorpus images equal to, or near copies of, a target image were dropped.\n\n"
-    out += _table(("target", "target images", "corpus images dropped", "per corpus source"), rows)
+    out += _table(("target", "target images", "target images with a copy in the pools", "corpus images dropped", "per corpus source"), rows)
     td = ex.get("target_duplicates") or {}
     if td:
         e, n = td.get("exact", {}), td.get("near", {})
