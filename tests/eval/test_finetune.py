@@ -162,6 +162,8 @@ def test_init_from_saved_weights_and_contract_checks(tmp_path: Path) -> None:
     assert torch.equal(bare.stem.conv1.conv.weight, source.stem.conv1.conv.weight)
     with pytest.raises(FileNotFoundError, match="init weights not found"):
         build_init(str(tmp_path / "nothing/here.safetensors"), 2, 1)
+    with pytest.raises(KeyError, match="no pretrained weights .* use init='scratch:mednet_test'"):
+        build_init("mednet_test", 2, 1)
     with pytest.raises(KeyError, match="did you mean 'mednet_test'"):
         build_init("scratch:mednet_tset", 2, 1)
     with pytest.warns(UserWarning, match="colour is lost"):

@@ -259,10 +259,15 @@ def build_init(init: str, num_classes: int, data_channels: int, arch: str | None
         return model, {"init": init, "architecture": model.pretrained_cfg.meta.get("architecture", arch), "pretrained": True}
     if "/" in init or path.suffix in (".safetensors", ".pt", ".pth", ".json"):
         raise FileNotFoundError(f"init weights not found: {init}")
+    scratch_hint = f"to train '{name}' from random weights use init='scratch:{name}'"
     try:
         model = create_model(name, pretrained=pretrained, num_classes=num_classes)
     except WeightsUnavailableError as e:
-        raise ValueError(f"{e}. To train this architecture without its weights use init='scratch:{name}'") from e
+        raise ValueError(f"{e}; {scratch_hint}") from e
+    except KeyError as e:
+        if pretrained and "no pretrained weights" in str(e):
+            raise KeyError(f"{e.args[0]}; {scratch_hint}") from None
+        raise
     return model, {"init": init, "architecture": name.split(".")[0], "pretrained": pretrained}
 
 
