@@ -65,6 +65,7 @@ def test_dicom_without_suffix_and_cam_off(client, real_files):
         ("text.png", b"this is not an image", 400, "not_an_image"),
         ("notes.txt", b"hello", 415, "unsupported file type"),
         ("huge.png", b"\0" * (MAX_BYTES + 70_000), 413, "exceeds the limit"),
+        ("just_over.png", b"\0" * (MAX_BYTES + 10), 413, "just_over.png exceeds the limit"),  # checked after parsing
     ],
 )
 def test_bad_uploads_get_4xx_and_service_keeps_serving(client, real_files, name, payload, status, message):
