@@ -44,7 +44,10 @@ from openmednet.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-SOURCES = {"gray": (SHARED / "gray/pretrain/brain_tumor_mri", 1), "color": (SHARED / "color/pretrain/pbc_blood_cells", 3)}
+SOURCES = {
+    "gray": (SHARED / "gray/pretrain/brain_tumor_mri", 1),
+    "color": (SHARED / "color/pretrain/pbc_blood_cells", 3),
+}
 SIZE = 64
 
 
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(["version", "workers", "loader img/s", "vs MedNet training", ">= 10x"], table))
     print("\nPer-image cost of each training transform step (us, mean of the fastest 90 % of 400 calls, 1 thread):\n")
     names = [name for name, _ in costs["color"]]  # the colour pipeline's steps include the gray ones
-    step_rows = [[n, *(f"{dict(costs[v]).get(n, 0.0):.0f}" if n in dict(costs[v]) else "-" for v in costs)] for n in names]
+    per_version = {v: dict(c) for v, c in costs.items()}
+    step_rows = [[n, *(f"{per_version[v][n]:.0f}" if n in per_version[v] else "-" for v in costs)] for n in names]
     totals = [sum(c for n, c in costs[v] if not n.startswith("(")) for v in costs]
     step_rows.append(["total (without the comparison row)", *(f"{t:.0f}" for t in totals)])
     print(markdown_table(["step", *costs], step_rows))

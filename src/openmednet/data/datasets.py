@@ -211,7 +211,8 @@ class LabelledDataset(Dataset):
             raw_labels.append(label)
             origins.append(origin)
         if not images:
-            raise ValueError(f"no readable image among {len(items)} items (skipped: {Counter(r for _, r in self.skipped)})")
+            reasons = dict(Counter(r for _, r in self.skipped))
+            raise ValueError(f"no readable image among {len(items)} items (skipped by reason: {reasons})")
         self._warn_summary(converted, len(images))
         self.class_names = list(class_names) if class_names is not None else sorted(set(raw_labels))
         self.labels = self._label_indices(raw_labels)
@@ -226,7 +227,8 @@ class LabelledDataset(Dataset):
                     raise ValueError(f"item {item.path} (frame {item.frame}) has no label: keep only labelled items")
                 try:
                     for array, meta in read_item(item):
-                        origin = str(item.path) if meta.frame == 0 and item.frame is None else f"{item.path}#{meta.frame}"
+                        single = meta.frame == 0 and item.frame is None
+                        origin = str(item.path) if single else f"{item.path}#{meta.frame}"
                         yield array, item.label, origin
                 except SkipImage as skip:
                     if on_skip == "raise":

@@ -252,9 +252,8 @@ def hue_matrix(turns: float) -> Tensor:
     """3x3 RGB matrix rotating hue by ``turns`` of a full circle about the gray axis.
 
     The W3C Filter Effects ``feColorMatrix type="hueRotate"`` matrix: linear, so it costs one small
-    matrix product instead of torchvision's RGB -> HSV -> RGB round trip (about 1.3 ms per 64 px
-    image here, the slowest step of the colour pipeline). It keeps gray pixels gray and approximates
-    an HSV hue shift.
+    matrix product instead of torchvision's RGB -> HSV -> RGB round trip (the slowest step of the
+    colour pipeline before this). It keeps gray pixels gray and approximates an HSV hue shift.
     """
     angle = 2 * math.pi * turns
     c, s = math.cos(angle), math.sin(angle)
@@ -301,10 +300,11 @@ class FastColorJitter(v2.Transform):
     """Random brightness, contrast, saturation and hue, fused into one pass per image.
 
     Same factor ranges as ``torchvision.transforms.v2.ColorJitter`` (``brightness=0.2`` draws a
-    factor in ``[0.8, 1.2]``; ``hue=0.05`` a shift in ``[-0.05, 0.05]`` turns), but with a fixed order,
-    one clamp at the end and a linear hue rotation (:func:`hue_matrix`): about 0.1 ms instead of
-    0.6-1.4 ms per 64 px RGB image on our CPUs, the largest single saving of the colour pipeline. With ``saturation=hue=0``
-    every channel gets the same factors, so gray images stay gray.
+    factor in ``[0.8, 1.2]``; ``hue=0.05`` a shift in ``[-0.05, 0.05]`` turns), but with a fixed
+    order, one clamp at the end and a linear hue rotation (:func:`hue_matrix`): several times
+    cheaper on 64 px RGB images (``benchmarks/bench_loader.py`` times both), the largest single
+    saving of the colour pipeline. With ``saturation=hue=0`` every channel gets the same factors,
+    so gray images stay gray.
 
     Args:
         brightness, contrast, saturation: maximum relative change (>= 0).
