@@ -105,19 +105,50 @@ def bench_rate(families: list[str], n: int, size: int, workers: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             specs, files = subset_sources(family, n, Path(tmp))
             ref = pil_loop(files, size, "L" if family == "gray" else "RGB")
-            rows.append([f"{family}: PIL loop, 1 process (reference)", len(files), f"{ref:.1f}", f"{len(files) / ref:.0f}", "1.00", "-", "-"])
+            rows.append(
+                [
+                    f"{family}: PIL loop, 1 process (reference)",
+                    len(files),
+                    f"{ref:.1f}",
+                    f"{len(files) / ref:.0f}",
+                    "1.00",
+                    "-",
+                    "-",
+                ]
+            )
             for w in sorted({1, workers}):
                 out = Path(tmp) / f"corpus{w}"
                 clock = StageClock()
                 start = time.perf_counter()
-                m = build_corpus(specs, out, channels=1 if family == "gray" else 3, image_size=size, workers=w, shard_size=1024, progress=clock)
+                m = build_corpus(
+                    specs,
+                    out,
+                    channels=1 if family == "gray" else 3,
+                    image_size=size,
+                    workers=w,
+                    shard_size=1024,
+                    progress=clock,
+                )
                 t = time.perf_counter() - start
                 rate, decode_rate = len(files) / t, len(files) / max(clock.seconds("decode"), 1e-9)
                 rows.append([
                     f"{family}: build_corpus, {w} worker(s)", f"{len(files)} -> {m.num_images}", f"{t:.1f}", f"{rate:.0f}",
                     f"{rate / (len(files) / ref):.2f}", f"{decode_rate:.0f}", f"{decode_rate / (len(files) / ref):.2f}",
                 ])  # fmt: skip
-    print(markdown_table(["run", "images in -> kept", "seconds", "images/s", "rate / reference", "decode stage images/s", "decode / reference"], rows))
+    print(
+        markdown_table(
+            [
+                "run",
+                "images in -> kept",
+                "seconds",
+                "images/s",
+                "rate / reference",
+                "decode stage images/s",
+                "decode / reference",
+            ],
+            rows,
+        )
+    )
 
 
 _CHILD = """
@@ -146,10 +177,26 @@ def bench_memory(n: int, size: int, workers: int) -> None:
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results.append(r)
-            rows.append([f"{factor}x", r["images"], f"{r['disk_mb']:.0f}", f"{r['self_mb']:.0f}", f"{r['workers_mb']:.0f}", f"{r['seconds']:.0f}"])
-    print(markdown_table(["corpus", "images", "shards on disk MB", "peak RSS builder MB", "peak RSS largest worker MB", "seconds"], rows))
+            rows.append(
+                [
+                    f"{factor}x",
+                    r["images"],
+                    f"{r['disk_mb']:.0f}",
+                    f"{r['self_mb']:.0f}",
+                    f"{r['workers_mb']:.0f}",
+                    f"{r['seconds']:.0f}",
+                ]
+            )
+    print(
+        markdown_table(
+            ["corpus", "images", "shards on disk MB", "peak RSS builder MB", "peak RSS largest worker MB", "seconds"],
+            rows,
+        )
+    )
     a, b = results
-    print(f"\n4x/1x: corpus on disk {b['disk_mb'] / a['disk_mb']:.2f}x, builder peak {b['self_mb'] / a['self_mb']:.2f}x, worker peak {b['workers_mb'] / a['workers_mb']:.2f}x")
+    print(
+        f"\n4x/1x: corpus on disk {b['disk_mb'] / a['disk_mb']:.2f}x, builder peak {b['self_mb'] / a['self_mb']:.2f}x, worker peak {b['workers_mb'] / a['workers_mb']:.2f}x"
+    )
 
 
 def main() -> None:

@@ -15,13 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from openmednet.data.corpus import (
-    ImageTable,
-    build_corpus,
-    decide,
-    normalise_split,
-    target_spec,
-)
+from openmednet.data.corpus import build_corpus, target_spec
+from openmednet.data.curation import ImageTable, decide, normalise_split
 from openmednet.data.images import resize_to_square
 from openmednet.data.shards import SPLITS, CorpusArrays
 from openmednet.data.sources import MANIFEST_COLUMNS, SourceSpec
@@ -83,7 +78,9 @@ def gray_build(shared_data, tmp_path_factory):
     ]
     out = tmp / "corpus"
     manifest = build_corpus(sources, out, channels=1, image_size=32, workers=1, shard_size=16)
-    files = {s.name: [s.root / p for p in paths] for s, paths in zip(sources, [btm_paths, busi_paths, rgb_gray, ham_paths])}
+    files = {
+        s.name: [s.root / p for p in paths] for s, paths in zip(sources, [btm_paths, busi_paths, rgb_gray, ham_paths])
+    }
     return manifest, CorpusArrays(out), copies, files, out
 
 
@@ -109,7 +106,11 @@ def test_gray_build_stores_pad_resized_pixels(gray_build):
 def test_gray_build_drops_exact_copies_keeping_train(gray_build):
     manifest, arrays, copies, files, _ = gray_build
     records = list(arrays.iter_records())
-    kept = {Path(r["path"]).relative_to(files["brain_tumor_mri"][0].parents[2]).as_posix(): r for r in records if r["source"] == "brain_tumor_mri"}
+    kept = {
+        Path(r["path"]).relative_to(files["brain_tumor_mri"][0].parents[2]).as_posix(): r
+        for r in records
+        if r["source"] == "brain_tumor_mri"
+    }
     for group in copies:
         survivors = [p for p in group if p in kept]
         assert len(survivors) == 1, group
@@ -233,7 +234,14 @@ def test_split_assignment_keeps_groups_together_and_is_seeded():
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("TRAIN", "train"), ("validation", "val"), ("HAM10000_train", "train"), ("ISIC2018_task3_test", "test"), ("", None), ("other", None)],
+    [
+        ("TRAIN", "train"),
+        ("validation", "val"),
+        ("HAM10000_train", "train"),
+        ("ISIC2018_task3_test", "test"),
+        ("", None),
+        ("other", None),
+    ],
 )
 def test_normalise_split(raw, expected):
     assert normalise_split(raw) == expected

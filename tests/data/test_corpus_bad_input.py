@@ -138,7 +138,9 @@ def test_a_crashing_decoder_process_skips_only_its_file(shared_data, tmp_path, m
     # the pool pickles the function by name: make the stand-in importable under the original name
     crashing.__module__, crashing.__qualname__ = original.__module__, original.__qualname__
     monkeypatch.setattr(corpus, "_process_chunk", crashing)
-    manifest = build_corpus([SourceSpec("files", src, format="flat")], tmp_path / "c", channels=1, image_size=32, workers=2, chunk_items=2)
+    manifest = build_corpus(
+        [SourceSpec("files", src, format="flat")], tmp_path / "c", channels=1, image_size=32, workers=2, chunk_items=2
+    )
     assert manifest.stats["skipped"] == {"read_error": 1}
     assert any("crash_me_2.jpg" in e for e in manifest.stats["skip_examples"]["read_error"])
     kept = sorted(Path(r["path"]).name for r in CorpusArrays(tmp_path / "c").iter_records())

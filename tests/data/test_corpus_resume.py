@@ -46,7 +46,9 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            pytest.fail(f"the build finished (rc={proc.returncode}) before it could be killed:\n{proc.stderr.read().decode()}")
+            pytest.fail(
+                f"the build finished (rc={proc.returncode}) before it could be killed:\n{proc.stderr.read().decode()}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail("the build made no progress")
@@ -113,21 +115,49 @@ def test_cli_parts_merge_equal_a_single_build(reference, tmp_path):
     original_part = _item_part(original, 2)
     copies = tmp_path / "copies"
     copies.mkdir()
-    name = next(f"copy_{k}.jpg" for k in range(1000) if _item_part(SourceItem(copies / f"copy_{k}.jpg", source="copies"), 2) != original_part)
+    name = next(
+        f"copy_{k}.jpg"
+        for k in range(1000)
+        if _item_part(SourceItem(copies / f"copy_{k}.jpg", source="copies"), 2) != original_part
+    )
     shutil.copy(original.path, copies / name)
 
     runner = CliRunner()
     common = ["--channels", "1", "--size", "32", "--workers", "1", "--shard-size", "16"]
     for part in (0, 1):
-        res = runner.invoke(app, ["corpus", "build", str(root), f"copies={copies}", "--out", str(tmp_path / f"p{part}"), *common, "--num-parts", "2", "--part", str(part)])
+        res = runner.invoke(
+            app,
+            [
+                "corpus",
+                "build",
+                str(root),
+                f"copies={copies}",
+                "--out",
+                str(tmp_path / f"p{part}"),
+                *common,
+                "--num-parts",
+                "2",
+                "--part",
+                str(part),
+            ],
+        )
         assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["corpus", "merge", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out", str(tmp_path / "merged")])
+    res = runner.invoke(
+        app, ["corpus", "merge", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out", str(tmp_path / "merged")]
+    )
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["corpus", "inspect", str(tmp_path / "merged")])
     assert res.exit_code == 0 and "images" in res.output
 
     single = tmp_path / "single"
-    build_corpus([SourceSpec("covid", root), SourceSpec("copies", copies)], single, channels=1, image_size=32, workers=1, shard_size=16)
+    build_corpus(
+        [SourceSpec("covid", root), SourceSpec("copies", copies)],
+        single,
+        channels=1,
+        image_size=32,
+        workers=1,
+        shard_size=16,
+    )
     merged, whole = CorpusArrays(tmp_path / "merged"), CorpusArrays(single)
     assert sum(len(CorpusArrays(tmp_path / f"p{p}")) for p in (0, 1)) == len(whole) + 1  # parts keep both copies
     assert len(merged) == len(whole)

@@ -13,7 +13,9 @@ from openmednet.data import dedupe
 def _planted_hashes(n: int, copies: int, max_flips: int, seed: int = 0) -> np.ndarray:
     """Random 64-bit hashes with ``copies`` near copies (0..max_flips bits flipped) and a triple."""
     rng = np.random.default_rng(seed)
-    h = rng.integers(0, 2**63, size=n, dtype=np.int64).astype(np.uint64) * np.uint64(2) + rng.integers(0, 2, n).astype(np.uint64)
+    h = rng.integers(0, 2**63, size=n, dtype=np.int64).astype(np.uint64) * np.uint64(2) + rng.integers(0, 2, n).astype(
+        np.uint64
+    )
     for _ in range(copies):
         i, j = rng.integers(n, size=2)
         v = int(h[i])

@@ -25,7 +25,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-_STAGES = {"plan": "enumerating sources", "targets": "hashing exclusion targets", "decode": "decoding images", "write": "writing shards"}
+_STAGES = {
+    "plan": "enumerating sources",
+    "targets": "hashing exclusion targets",
+    "decode": "decoding images",
+    "write": "writing shards",
+}
 
 
 def _parse_sources(paths: list[str], modalities: list[str]) -> list:
@@ -43,7 +48,9 @@ def _parse_sources(paths: list[str], modalities: list[str]) -> list:
         name, _, path = arg.rpartition("=") if "=" in arg else ("", "", arg)
         root = Path(path)
         if not root.exists():
-            raise FileNotFoundError(f"source not found: {root} (expected a folder with images or labels.csv, or a .npz)")
+            raise FileNotFoundError(
+                f"source not found: {root} (expected a folder with images or labels.csv, or a .npz)"
+            )
         name = name or (root.stem if root.is_file() else root.name)
         specs.append(SourceSpec(name=name, root=root, modality=mods.get(name, "")))
     unknown = set(mods) - {s.name for s in specs}
@@ -104,7 +111,9 @@ def register(app: typer.Typer) -> None:
         channels: int = typer.Option(1, help="1 = gray corpus, 3 = colour corpus (images routed by content)."),
         size: int = typer.Option(256, help="Stored image side in pixels."),
         resize_mode: str = typer.Option("pad", help="pad (keep the whole image) or crop (centre crop)."),
-        exclude: list[Path] = typer.Option([], "--exclude", help="Target set (folder or .npz) whose images and near copies are kept out."),
+        exclude: list[Path] = typer.Option(
+            [], "--exclude", help="Target set (folder or .npz) whose images and near copies are kept out."
+        ),
         modality: list[str] = typer.Option([], "--modality", help="NAME=MODALITY for a source, e.g. knee_oa=XR."),
         workers: int = typer.Option(2, help="Decoding processes."),
         shard_size: int = typer.Option(2048, help="Images per shard."),

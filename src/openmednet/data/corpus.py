@@ -39,7 +39,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -47,13 +47,20 @@ from typing import Any, Literal
 import numpy as np
 
 from openmednet.data import dedupe
+from openmednet.data.curation import (
+    Decision,
+    ImageTable,
+    TableBuilder,
+    TargetHashes,
+    decide,
+    match_targets,
+    stable_u64,
+)
 from openmednet.data.images import is_gray_content, resize_to_square, to_channels
 from openmednet.data.readers import SkipImage
 from openmednet.data.shards import (
     FORMAT_VERSION,
-    NO_SPLIT,
     SPLITS,
-    UNLABELLED,
     CorpusArrays,
     CorpusManifest,
     ShardInfo,
@@ -71,15 +78,11 @@ CHUNK_ITEMS = 64
 #: noise on gray content saved as RGB reaches a few levels (brain_mri_yes_no: up to 5), while
 #: the palest colour source here (chula_rbc12 smears) spreads at least 15.
 GRAY_TOLERANCE = 8
-#: Fractions of split-less groups assigned to val and test (by a seeded hash of the group).
-VAL_FRACTION = 0.05
-TEST_FRACTION = 0.05
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: called as stages advance (stage names: plan, targets, decode,
 write)."""
 
-_SPLIT_RANK = {"train": 0, "val": 1, "test": 2}
 _BUILD_DIR = ".build"
 
 
@@ -116,27 +119,6 @@ def _spec_dict(spec: SourceSpec) -> dict[str, Any]:
         "channels": spec.channels,
         "reader_options": dict(spec.reader_options),
     }
-
-
-def normalise_split(split: str | None) -> str | None:
-    """Map a source's split name to ``train``/``val``/``test`` (``None`` when unknown).
-
-    Sources spell splits many ways (``TRAIN``, ``validation``, ``HAM10000_train``,
-    ``ISIC2018_task3_test``); a substring rule covers them. ``test`` wins over ``train`` because
-    names like ``trainval`` do not occur while ``..._test`` does.
-    """
-    if not split:
-        return None
-    s = split.lower()
-    for key, name in (("test", "test"), ("val", "val"), ("train", "train")):
-        if key in s:
-            return name
-    return None
-
-
-def _stable_u64(text: str) -> int:
-    """A stable (process- and machine-independent) 64-bit hash of a string; never 0."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") or 1
 
 
 def _item_part(item: SourceItem, num_parts: int) -> int:
@@ -189,7 +171,9 @@ def _write_plan(path: Path, specs: Sequence[SourceSpec], num_parts: int, part: i
     return count
 
 
-def _plan_chunks(path: Path, chunk_dir: Path, prefix: str, chunk_items: int) -> tuple[list[Path], Iterator[list[dict[str, Any]]]]:
+def _plan_chunks(
+    path: Path, chunk_dir: Path, prefix: str, chunk_items: int
+) -> tuple[list[Path], Iterator[list[dict[str, Any]]]]:
     """The chunk files of a plan and a lazy iterator over its items in chunks (never all in RAM)."""
     with open(path, "rb") as f:
         n_items = sum(1 for _ in f)
@@ -244,7 +228,12 @@ def _route(arr: np.ndarray, hint: int | None, opts: _DecodeOptions) -> np.ndarra
     return to_channels(arr, opts.channels)[0]
 
 
-def _process_chunk(items: list[dict[str, Any]], reader_options: dict[str, dict[str, Any]], hints: dict[str, int | None], opts: _DecodeOptions) -> dict[str, Any]:
+def _process_chunk(
+    items: list[dict[str, Any]],
+    reader_options: dict[str, dict[str, Any]],
+    hints: dict[str, int | None],
+    opts: _DecodeOptions,
+) -> dict[str, Any]:
     """Decode, route, normalise and hash a chunk of plan items (worker side).
 
     Returns:
@@ -284,7 +273,9 @@ def _process_chunk(items: list[dict[str, Any]], reader_options: dict[str, dict[s
         except Exception as e:  # noqa: BLE001 - one bad file must never abort a build
             skips.append(SkipImage("read_error", f"{type(e).__name__}: {e}", item.path))
         for s in skips:
-            records.append({"skip": s.reason, "message": s.message, "source": d["source"], "path": d["path"], "frame": s.frame})
+            records.append(
+                {"skip": s.reason, "message": s.message, "source": d["source"], "path": d["path"], "frame": s.frame}
+            )
     c = opts.channels or opts.convert_to
     arr = np.stack(images) if images else np.zeros((0, c, opts.image_size, opts.image_size), np.uint8)
     return {"images": arr, "phash": np.array(phashes, dtype=np.uint64), "records": records}
@@ -349,7 +340,9 @@ def _run_chunks(
             tick()
 
 
-def _pool_pass(todo: Iterator[tuple[Path, list[dict[str, Any]]]], args: tuple, workers: int, tick: Callable[[], Any]) -> list[tuple[Path, list[dict[str, Any]]]]:
+def _pool_pass(
+    todo: Iterator[tuple[Path, list[dict[str, Any]]]], args: tuple, workers: int, tick: Callable[[], Any]
+) -> list[tuple[Path, list[dict[str, Any]]]]:
     """Run chunks in a process pool until done (returns ``[]``) or until a worker dies (returns
     the chunks that were in flight; ``todo`` keeps the rest)."""
     pending: dict[Future, tuple[Path, list[dict[str, Any]]]] = {}
@@ -383,7 +376,13 @@ def _isolated(items: list[dict[str, Any]], args: tuple) -> dict[str, Any]:
                 parts.append(pool.submit(_process_chunk, [d], *args).result())
             except BrokenProcessPool:
                 skip = {"skip": "read_error", "message": "the decoder crashed its process (segfault or out of memory)"}
-                parts.append({"images": None, "phash": np.zeros(0, np.uint64), "records": [skip | {"source": d["source"], "path": d["path"], "frame": None}]})
+                parts.append(
+                    {
+                        "images": None,
+                        "phash": np.zeros(0, np.uint64),
+                        "records": [skip | {"source": d["source"], "path": d["path"], "frame": None}],
+                    }
+                )
     images = [p["images"] for p in parts if p["images"] is not None and len(p["images"])]
     opts: _DecodeOptions = args[2]
     c = opts.channels or opts.convert_to
@@ -392,317 +391,6 @@ def _isolated(items: list[dict[str, Any]], args: tuple) -> dict[str, Any]:
         "phash": np.concatenate([p["phash"] for p in parts]),
         "records": [r for p in parts for r in p["records"]],
     }
-
-
-# --- the hash table and the decisions -----------------------------------------------------------
-
-
-@dataclass
-class ImageTable:
-    """Compact per-image facts the decisions need (about 60 bytes per image).
-
-    Attributes:
-        source: ``(N,)`` int16 index into ``source_names``.
-        split: ``(N,)`` int8 index into ``SPLITS`` as given by the source, -1 = none.
-        label: ``(N,)`` int32 index into ``label_names``, -1 = unlabelled.
-        group: ``(N,)`` uint64 stable hash of ``(source, group id)``, 0 = none.
-        key: ``(N,)`` uint64 stable hash of ``(source, path, frame)`` (split assignment unit).
-        phash, sha1, sha1_file: ``(N,)`` uint64 hashes (SHA-1s as 64-bit prefixes).
-        phash256: ``(N, 4)`` uint64 fine perceptual hashes (confirm near candidates).
-    """
-
-    source_names: list[str]
-    label_names: list[str]
-    source: np.ndarray
-    split: np.ndarray
-    label: np.ndarray
-    group: np.ndarray
-    key: np.ndarray
-    phash: np.ndarray
-    sha1: np.ndarray
-    sha1_file: np.ndarray
-    phash256: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-
-class _TableBuilder:
-    """Accumulates ``ImageTable`` columns from image records without keeping the records."""
-
-    def __init__(self, source_names: Sequence[str] = (), label_names: Sequence[str] = ()):
-        self.source_names = list(source_names)
-        self.label_names = list(label_names)
-        self._sources = {n: i for i, n in enumerate(self.source_names)}
-        self._labels = {n: i for i, n in enumerate(self.label_names)}
-        self.cols: dict[str, list[np.ndarray]] = defaultdict(list)
-
-    def _index(self, table: dict[str, int], names: list[str], name: str) -> int:
-        if name not in table:
-            table[name] = len(names)
-            names.append(name)
-        return table[name]
-
-    def add(self, records: list[dict[str, Any]], phash: np.ndarray) -> None:
-        """Add image records (skip records excluded) with their ``(n,)`` phashes."""
-        rows = [
-            (
-                self._index(self._sources, self.source_names, r["source"]),
-                _SPLIT_RANK.get(normalise_split(r.get("split")) or "", NO_SPLIT),
-                self._index(self._labels, self.label_names, f"{r['source']}/{r['label']}") if r.get("label") else UNLABELLED,
-                _stable_u64(f"{r['source']}/{r['group']}") if r.get("group") else 0,
-                _stable_u64(f"{r['source']}/{r['path']}#{r.get('frame')}"),
-                dedupe.hex_to_u64(r["sha1"]),
-                dedupe.hex_to_u64(r["sha1_file"]),
-            )
-            for r in records
-        ]
-        arr = np.array(rows, dtype=object).reshape(-1, 7)
-        for j, (name, dtype) in enumerate(
-            [("source", np.int16), ("split", np.int8), ("label", np.int32), ("group", np.uint64), ("key", np.uint64), ("sha1", np.uint64), ("sha1_file", np.uint64)]
-        ):
-            self.cols[name].append(arr[:, j].astype(dtype))
-        self.cols["phash"].append(np.asarray(phash, np.uint64))
-        fine = [[int(r["phash256"][k : k + 16], 16) for k in range(0, 64, 16)] for r in records]
-        self.cols["phash256"].append(np.array(fine, dtype=np.uint64).reshape(-1, 4))
-
-    def build(self) -> ImageTable:
-        dtypes = {"source": np.int16, "split": np.int8, "label": np.int32, "group": np.uint64, "key": np.uint64, "phash": np.uint64, "sha1": np.uint64, "sha1_file": np.uint64}
-        cols = {k: (np.concatenate(self.cols[k]) if self.cols[k] else np.zeros(0, t)) for k, t in dtypes.items()}
-        cols["phash256"] = np.concatenate(self.cols["phash256"]) if self.cols["phash256"] else np.zeros((0, 4), np.uint64)
-        return ImageTable(self.source_names, self.label_names, **cols)
-
-
-@dataclass
-class Decision:
-    """What happens to each image of an ``ImageTable``.
-
-    Attributes:
-        keep: ``(N,)`` bool.
-        reason: ``(N,)`` drop reason per image (``""`` when kept): ``excluded_target``,
-            ``duplicate_exact``, ``near_duplicate_cross_split``.
-        split: ``(N,)`` int8 final corpus split (index into ``SPLITS``).
-        label: ``(N,)`` int32 final label (-1 for a kept copy whose copies disagree).
-        label_conflict: ``(N,)`` bool, kept images whose exact copies carry other labels.
-        stats: duplicate and leakage counts for the report.
-    """
-
-    keep: np.ndarray
-    reason: np.ndarray
-    split: np.ndarray
-    label: np.ndarray
-    label_conflict: np.ndarray
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-def _exact_pairs(t: ImageTable) -> np.ndarray:
-    return np.concatenate([dedupe.equal_pairs(t.sha1), dedupe.equal_pairs(t.sha1_file)])
-
-
-def _cluster_summary(t: ImageTable, comp: np.ndarray, split: np.ndarray) -> dict[str, Any]:
-    """Count clusters (components of size >= 2) within one source, across sources, across splits."""
-    n = len(comp)
-    sizes = np.bincount(comp, minlength=n)
-    members = np.flatnonzero(sizes[comp] >= 2)
-    if len(members) == 0:
-        return {"clusters": 0, "images": 0, "within_source": 0, "across_sources": 0, "across_splits": 0, "source_pairs": {}}
-    c = comp[members]
-    order = np.argsort(c, kind="stable")
-    c, members = c[order], members[order]
-    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
-    groups = np.split(members, starts[1:])
-    within = across_src = across_split = 0
-    pairs: Counter[str] = Counter()
-    for g in groups:
-        srcs = sorted(set(t.source[g].tolist()))
-        if len(srcs) == 1:
-            within += 1
-        else:
-            across_src += 1
-            for a in range(len(srcs)):
-                for b in range(a + 1, len(srcs)):
-                    pairs[f"{t.source_names[srcs[a]]} / {t.source_names[srcs[b]]}"] += 1
-        sp = set(split[g].tolist()) - {NO_SPLIT}
-        across_split += len(sp) > 1
-    return {
-        "clusters": len(groups),
-        "images": len(members),
-        "within_source": within,
-        "across_sources": across_src,
-        "across_splits": int(across_split),
-        "source_pairs": dict(pairs.most_common()),
-    }
-
-
-def _label_conflicts(t: ImageTable, comp: np.ndarray) -> list[list[int]]:
-    """Exact-duplicate clusters whose copies in one source carry different labels (member lists)."""
-    sizes = np.bincount(comp, minlength=len(comp))
-    labelled = np.flatnonzero((t.label >= 0) & (sizes[comp] > 1))
-    seen: dict[tuple[int, int], set[int]] = defaultdict(set)
-    members: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i in labelled:
-        k = (int(comp[i]), int(t.source[i]))
-        seen[k].add(int(t.label[i]))
-        members[k].append(int(i))
-    return [members[k] for k, labels in seen.items() if len(labels) > 1]
-
-
-def _assign_splits(t: ImageTable, alive: np.ndarray, near: np.ndarray, seed: int) -> np.ndarray:
-    """Final split per image: the source's split where given, else one per connected unit.
-
-    A unit is a connected component of "same group" and near-duplicate links, so a patient and
-    the near copies of an image land in one split. A unit holding an image with a given split
-    follows it (the lowest rank: train before val before test); other units get val/test with
-    probability ``VAL_FRACTION``/``TEST_FRACTION`` from a seeded hash of their smallest key, so
-    the assignment does not depend on item order, worker count or part.
-    """
-    n = len(t)
-    links = [near, dedupe.equal_pairs(np.where(alive, t.group, 0))]
-    comp = dedupe.components(n, np.concatenate(links))
-    big = np.iinfo(np.int8).max
-    rank = np.where((t.split >= 0) & alive, t.split, big).astype(np.int16)
-    unit_rank = np.full(n, big, np.int16)
-    np.minimum.at(unit_rank, comp, rank)
-    unit_key = np.full(n, np.iinfo(np.uint64).max, np.uint64)
-    np.minimum.at(unit_key, comp, np.where(alive, t.key, np.iinfo(np.uint64).max))
-    u = np.array([_stable_u64(f"{seed}:{k}") for k in unit_key[comp]], dtype=np.float64) / 2.0**64 if n else np.zeros(0)
-    drawn = np.where(u < TEST_FRACTION, 2, np.where(u < TEST_FRACTION + VAL_FRACTION, 1, 0))
-    inherited = np.where(unit_rank[comp] < big, unit_rank[comp], drawn)
-    return np.where(t.split >= 0, t.split, inherited).astype(np.int8)
-
-
-def decide(
-    table: ImageTable,
-    *,
-    near_threshold: int = dedupe.DEFAULT_NEAR_THRESHOLD,
-    confirm_threshold: int = dedupe.DEFAULT_CONFIRM_THRESHOLD,
-    seed: int = 0,
-    excluded: np.ndarray | None = None,
-) -> Decision:
-    """Choose which images enter the corpus, their split and label.
-
-    Rules (see docs/corpus.md):
-
-    1. ``excluded`` images (matches of ``--exclude`` targets) are dropped first.
-    2. Exact duplicates (equal pixel SHA-1 after normalisation, or equal file bytes): one copy
-       is kept, preferring the source's train copy, then val, test, no split, then plan order.
-       When the copies inside one source carry different labels, the kept copy becomes
-       unlabelled and is flagged (``label_conflict``).
-    3. Splits are assigned (``_assign_splits``).
-    4. A near duplicate (64-bit phash within ``near_threshold`` bits, confirmed by the 256-bit
-       phash within ``confirm_threshold`` bits) of a kept image in an earlier
-       split (train < val < test) is dropped: evaluation images must have no near copy in
-       training. Near copies inside one split are kept and only reported.
-
-    Args:
-        table: per-image hashes and ids.
-        near_threshold: Hamming threshold in bits of the 64-bit phash (candidates).
-        confirm_threshold: Hamming threshold in bits of the 256-bit phash (confirmation).
-        seed: split assignment seed.
-        excluded: ``(N,)`` bool, images matching an exclusion target.
-
-    Returns:
-        The ``Decision``.
-    """
-    n = len(table)
-    reason = np.full(n, "", dtype=object)
-    excluded = np.zeros(n, bool) if excluded is None else excluded
-    reason[excluded] = "excluded_target"
-    exact_comp = dedupe.components(n, _exact_pairs(table))
-    near = dedupe.confirm_pairs(dedupe.near_pairs(table.phash, near_threshold), table.phash256, confirm_threshold)
-    split = _assign_splits(table, ~excluded, near, seed)
-    stats: dict[str, Any] = {"near_threshold": near_threshold, "confirm_threshold": confirm_threshold}
-    stats["exact"] = _cluster_summary(table, exact_comp, table.split)
-    near_comp = dedupe.components(n, near)
-    stats["near"] = _cluster_summary(table, near_comp, table.split)
-
-    # rule 2: one representative per exact cluster among the non-excluded images
-    rank = np.where(split >= 0, split, 3).astype(np.int64)
-    order = np.lexsort((np.arange(n), rank, excluded, exact_comp))
-    first = np.r_[True, exact_comp[order][1:] != exact_comp[order][:-1]]
-    rep = np.zeros(n, bool)
-    rep[order[first]] = True
-    dup = ~rep & ~excluded
-    reason[dup] = "duplicate_exact"
-    label = table.label.copy()
-    conflict = np.zeros(n, bool)
-    conflicts = _label_conflicts(table, exact_comp)
-    for members in conflicts:
-        kept = [i for i in members if rep[i]] or [int(np.flatnonzero(rep & (exact_comp == exact_comp[members[0]]))[0])]
-        label[kept] = UNLABELLED
-        conflict[kept] = True
-    stats["label_conflicts"] = [{"labels": sorted({table.label_names[table.label[i]] for i in m}), "members": m} for m in conflicts]
-
-    # rule 4: evaluation-side near copies of kept images in an earlier split
-    alive = rep & ~excluded
-    a, b = near[:, 0], near[:, 1]
-    live = alive[a] & alive[b] & (split[a] != split[b])
-    later = np.where(split[a[live]] > split[b[live]], a[live], b[live])
-    leak = np.zeros(n, bool)
-    leak[later] = True
-    reason[leak & alive] = "near_duplicate_cross_split"
-    keep = alive & ~leak
-    stats["dropped"] = dict(Counter(r for r in reason.tolist() if r))
-    return Decision(keep, reason, split, label, conflict, stats)
-
-
-# --- exclusion targets --------------------------------------------------------------------------
-
-
-@dataclass
-class TargetHashes:
-    """Hashes of the images of ``--exclude`` targets: per image the target index and hashes."""
-
-    names: list[str]
-    target: np.ndarray  # (M,) int16
-    phash: np.ndarray  # (M,) uint64
-    sha1: np.ndarray  # (M,) uint64
-    sha1_file: np.ndarray  # (M,) uint64
-    phash256: np.ndarray  # (M, 4) uint64
-    table: ImageTable | None = None  # the targets' own table (for their internal duplicates)
-    skipped: dict[str, int] = field(default_factory=dict)
-    image_names: list[str] = field(default_factory=list)  # "source:path[#frame]" per image
-
-
-def match_targets(
-    table: ImageTable,
-    targets: TargetHashes,
-    near_threshold: int = dedupe.DEFAULT_NEAR_THRESHOLD,
-    confirm_threshold: int = dedupe.DEFAULT_CONFIRM_THRESHOLD,
-) -> tuple[np.ndarray, dict[str, dict[str, int]], dict[str, int]]:
-    """Corpus images equal to, or near copies of, a target image (same rule as ``decide``).
-
-    Returns:
-        ``(matched, counts, found)``: ``(N,)`` bool over the corpus images;
-        ``{target: {corpus source: corpus images matched}}``; ``{target: target images with at
-        least one copy in the corpus}``.
-    """
-    n = len(table)
-    hit_image = np.full(n, -1, np.int64)  # index of the first matching target image
-    target_hit = np.zeros(len(targets.target), bool)
-    for col in ("sha1", "sha1_file"):
-        ours, theirs = getattr(table, col), getattr(targets, col)
-        pos: dict[int, list[int]] = defaultdict(list)
-        for j, h in enumerate(theirs.tolist()):
-            pos[h].append(j)
-        for i, h in enumerate(ours.tolist()):
-            if h in pos:
-                target_hit[pos[h]] = True
-                if hit_image[i] < 0:
-                    hit_image[i] = pos[h][0]
-    pairs = dedupe.near_pairs(table.phash, near_threshold, others=targets.phash)
-    pairs = dedupe.confirm_pairs(pairs, table.phash256, confirm_threshold, fine_others=targets.phash256)
-    target_hit[pairs[:, 1]] = True
-    for i, j in pairs:
-        if hit_image[i] < 0:
-            hit_image[i] = j
-    counts: dict[str, dict[str, int]] = {name: {} for name in targets.names}
-    for i in np.flatnonzero(hit_image >= 0):
-        per = counts[targets.names[targets.target[hit_image[i]]]]
-        src = table.source_names[table.source[i]]
-        per[src] = per.get(src, 0) + 1
-    found = {name: int(target_hit[targets.target == t].sum()) for t, name in enumerate(targets.names)}
-    return hit_image >= 0, counts, found
 
 
 def target_spec(path: str | Path) -> SourceSpec:
@@ -715,7 +403,9 @@ def target_spec(path: str | Path) -> SourceSpec:
     return SourceSpec(name=name, root=p)
 
 
-def _hash_targets(specs: Sequence[SourceSpec], work: Path, opts: _DecodeOptions, workers: int, progress: ProgressFn | None) -> TargetHashes:
+def _hash_targets(
+    specs: Sequence[SourceSpec], work: Path, opts: _DecodeOptions, workers: int, progress: ProgressFn | None
+) -> TargetHashes:
     names = [s.name for s in specs]
     if not specs:
         z = np.zeros(0, np.uint64)
@@ -732,8 +422,10 @@ def _hash_targets(specs: Sequence[SourceSpec], work: Path, opts: _DecodeOptions,
         paths += p
         batches.append(b)
     options = {s.name: dict(s.reader_options) for s in specs}
-    _run_chunks(paths, itertools.chain(*batches), options, {s.name: None for s in specs}, opts, workers, "targets", progress)
-    builder = _TableBuilder()
+    _run_chunks(
+        paths, itertools.chain(*batches), options, {s.name: None for s in specs}, opts, workers, "targets", progress
+    )
+    builder = TableBuilder()
     image_names: list[str] = []
     target_idx: list[np.ndarray] = []
     skipped: Counter[str] = Counter()
@@ -746,7 +438,9 @@ def _hash_targets(specs: Sequence[SourceSpec], work: Path, opts: _DecodeOptions,
         target_idx.append(np.array([names.index(r["source"]) for r in recs], np.int16))
     table = builder.build()
     tgt = np.concatenate(target_idx) if target_idx else np.zeros(0, np.int16)
-    return TargetHashes(names, tgt, table.phash, table.sha1, table.sha1_file, table.phash256, table, dict(skipped), image_names)
+    return TargetHashes(
+        names, tgt, table.phash, table.sha1, table.sha1_file, table.phash256, table, dict(skipped), image_names
+    )
 
 
 # --- write --------------------------------------------------------------------------------------
@@ -756,7 +450,16 @@ class _ShardWriter:
     """Buffers kept images and writes a shard every ``shard_size`` images, skipping shards that a
     previous run completed (their content is identical: same plan, same decisions)."""
 
-    def __init__(self, root: Path, shard_size: int, channels: int, size: int, done: set[int], progress: ProgressFn | None, total: int):
+    def __init__(
+        self,
+        root: Path,
+        shard_size: int,
+        channels: int,
+        size: int,
+        done: set[int],
+        progress: ProgressFn | None,
+        total: int,
+    ):
         self.root, self.shard_size, self.done = root, shard_size, done
         self.shape = (channels, size, size)
         self.images: list[np.ndarray] = []
@@ -785,7 +488,9 @@ class _ShardWriter:
             self.shards.append(ShardInfo(f"shard-{index:05d}", n))
         else:
             images = np.stack(self.images) if self.images else np.zeros((0, *self.shape), np.uint8)
-            self.shards.append(write_shard(self.root, index, images, {k: np.array(v) for k, v in self.meta.items()}, self.records))
+            self.shards.append(
+                write_shard(self.root, index, images, {k: np.array(v) for k, v in self.meta.items()}, self.records)
+            )
         self.images, self.records, self.meta = [], [], defaultdict(list)
         if self.progress:
             self.progress("write", self.count, self.total)
@@ -878,7 +583,16 @@ def _check_params(work: Path, params: BuildParams) -> None:
     atomic_write_text(path, text)
 
 
-def _validate(channels: int, image_size: int, resize_mode: str, shard_size: int, chunk_items: int, num_parts: int, part: int, sources: Sequence[SourceSpec]) -> None:
+def _validate(
+    channels: int,
+    image_size: int,
+    resize_mode: str,
+    shard_size: int,
+    chunk_items: int,
+    num_parts: int,
+    part: int,
+    sources: Sequence[SourceSpec],
+) -> None:
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (gray corpus) or 3 (colour corpus), got {channels}")
     if image_size < 8:
@@ -967,21 +681,27 @@ def build_corpus(
     if not plan_path.is_file():
         _write_plan(plan_path, sources, num_parts, part, progress)
     opts = _DecodeOptions(channels, channels, image_size, resize_mode, gray_tolerance)
-    targets = _hash_targets(exclude, work, _DecodeOptions(None, channels, image_size, resize_mode, gray_tolerance), workers, progress)
+    targets = _hash_targets(
+        exclude, work, _DecodeOptions(None, channels, image_size, resize_mode, gray_tolerance), workers, progress
+    )
 
     chunk_dir = work / "chunks"
     chunk_dir.mkdir(exist_ok=True)
     chunk_paths, batches = _plan_chunks(plan_path, chunk_dir, "chunk", chunk_items)
     reader_options = {s.name: dict(s.reader_options) for s in sources}
-    _run_chunks(chunk_paths, batches, reader_options, {s.name: s.channels for s in sources}, opts, workers, "decode", progress)
+    _run_chunks(
+        chunk_paths, batches, reader_options, {s.name: s.channels for s in sources}, opts, workers, "decode", progress
+    )
 
-    builder = _TableBuilder(source_names=[s.name for s in sources])
+    builder = TableBuilder(source_names=[s.name for s in sources])
     for path in chunk_paths:
         ch = _load_chunk(path, with_images=False)
         builder.add([r for r in ch["records"] if "skip" not in r], ch["phash"])
     table = builder.build()
     matched, exclusion_counts, targets_found = match_targets(table, targets, near_threshold, confirm_threshold)
-    decision = decide(table, near_threshold=near_threshold, confirm_threshold=confirm_threshold, seed=seed, excluded=matched)
+    decision = decide(
+        table, near_threshold=near_threshold, confirm_threshold=confirm_threshold, seed=seed, excluded=matched
+    )
 
     stats, shards = _write_corpus(out, chunk_paths, table, decision, channels, image_size, shard_size, progress)
     stats["exclusion"] = {
@@ -1013,7 +733,13 @@ def build_corpus(
 
 def _source_entry(spec: SourceSpec) -> dict[str, Any]:
     d = _spec_dict(spec)
-    return {"name": d["name"], "modality": d["modality"], "license": d["license"], "root": d["root"], "format": d["format"]}
+    return {
+        "name": d["name"],
+        "modality": d["modality"],
+        "license": d["license"],
+        "root": d["root"],
+        "format": d["format"],
+    }
 
 
 def _image_name(r: dict[str, Any]) -> str:
@@ -1037,7 +763,9 @@ def _write_corpus(
     progress: ProgressFn | None,
 ) -> tuple[dict[str, Any], list[ShardInfo]]:
     """Stream the decoded chunks into shards; returns the statistics and the shard list."""
-    fingerprint = hashlib.sha1(np.flatnonzero(decision.keep).tobytes() + decision.split.tobytes() + decision.label.tobytes()).hexdigest()
+    fingerprint = hashlib.sha1(
+        np.flatnonzero(decision.keep).tobytes() + decision.split.tobytes() + decision.label.tobytes()
+    ).hexdigest()
     fp_path = out / _BUILD_DIR / "decision.sha1"
     done = set(complete_shards(out))
     if done and (not fp_path.is_file() or fp_path.read_text() != fingerprint):
@@ -1056,8 +784,10 @@ def _write_corpus(
             if "skip" in r:
                 stats.skip(r)
                 continue
-            if table.key[i] != _stable_u64(f"{r['source']}/{r['path']}#{r.get('frame')}"):
-                raise RuntimeError(f"chunk {path} does not match the decision table; delete {out / _BUILD_DIR} and rebuild")
+            if table.key[i] != stable_u64(f"{r['source']}/{r['path']}#{r.get('frame')}"):
+                raise RuntimeError(
+                    f"chunk {path} does not match the decision table; delete {out / _BUILD_DIR} and rebuild"
+                )
             if decision.keep[i]:
                 rec = _final_record(r, table, decision, i)
                 stats.kept(rec)
@@ -1124,16 +854,33 @@ def merge_parts(
                 f"({first.channels} ch, {first.image_size} px): build all parts with the same --channels/--size"
             )
     shard_size = shard_size or first.build.get("shard_size", 2048)
-    near_threshold = first.build.get("near_threshold", dedupe.DEFAULT_NEAR_THRESHOLD) if near_threshold is None else near_threshold
+    near_threshold = (
+        first.build.get("near_threshold", dedupe.DEFAULT_NEAR_THRESHOLD) if near_threshold is None else near_threshold
+    )
     confirm_threshold = first.build.get("confirm_threshold", dedupe.DEFAULT_CONFIRM_THRESHOLD)
     out = Path(out_dir)
     work = out / _BUILD_DIR
     work.mkdir(parents=True, exist_ok=True)
-    _check_params(work, BuildParams(first.channels, first.image_size, "merge", near_threshold, 0, shard_size, 1, 0, 0, [{"parts": [str(Path(p).resolve()) for p in parts]}], []))
+    _check_params(
+        work,
+        BuildParams(
+            first.channels,
+            first.image_size,
+            "merge",
+            near_threshold,
+            0,
+            shard_size,
+            1,
+            0,
+            0,
+            [{"parts": [str(Path(p).resolve()) for p in parts]}],
+            [],
+        ),
+    )
     for tmp in out.glob("shard-?????.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
 
-    builder = _TableBuilder()
+    builder = TableBuilder()
     for a in arrays:
         for recs, ph in _part_batches(a):
             builder.add(recs, ph)
@@ -1141,7 +888,9 @@ def merge_parts(
     # every record carries the split its part gave it, so decide() keeps the parts' splits
     decision = decide(table, near_threshold=near_threshold, confirm_threshold=confirm_threshold, seed=0)
 
-    writer = _ShardWriter(out, shard_size, first.channels, first.image_size, set(complete_shards(out)), progress, int(decision.keep.sum()))
+    writer = _ShardWriter(
+        out, shard_size, first.channels, first.image_size, set(complete_shards(out)), progress, int(decision.keep.sum())
+    )
     stats = _Stats()
     i = 0
     for a in arrays:
@@ -1157,7 +906,9 @@ def merge_parts(
                 i += 1
     writer.flush()
     merged = stats.to_dict() | {k: v for k, v in decision.stats.items() if k != "label_conflicts"}
-    merged["parts"] = [{"dir": str(a.root), "images": len(a), "skipped": a.manifest.stats.get("skipped", {})} for a in arrays]
+    merged["parts"] = [
+        {"dir": str(a.root), "images": len(a), "skipped": a.manifest.stats.get("skipped", {})} for a in arrays
+    ]
     merged["skipped"] = dict(sum((Counter(a.manifest.stats.get("skipped", {})) for a in arrays), Counter()))
     sources: dict[str, dict[str, Any]] = {}
     for a in arrays:
@@ -1170,7 +921,8 @@ def merge_parts(
         shards=writer.shards,
         sources=[sources[n] for n in table.source_names if n in sources],
         label_names=table.label_names,
-        build=dict(first.build) | {"merged_from": [str(a.root) for a in arrays], "shard_size": shard_size, "num_parts": 1, "part": 0},
+        build=dict(first.build)
+        | {"merged_from": [str(a.root) for a in arrays], "shard_size": shard_size, "num_parts": 1, "part": 0},
         stats=merged,
     )
     _finish(out, manifest, work, keep_work_files=False)

@@ -74,7 +74,12 @@ def phash256(image: np.ndarray) -> np.ndarray:
     return np.frombuffer(np.packbits(bits).tobytes(), dtype=">u8").astype(np.uint64)
 
 
-def confirm_pairs(pairs: np.ndarray, fine: np.ndarray, threshold: int = DEFAULT_CONFIRM_THRESHOLD, fine_others: np.ndarray | None = None) -> np.ndarray:
+def confirm_pairs(
+    pairs: np.ndarray,
+    fine: np.ndarray,
+    threshold: int = DEFAULT_CONFIRM_THRESHOLD,
+    fine_others: np.ndarray | None = None,
+) -> np.ndarray:
     """Keep the candidate pairs whose 256-bit hashes are within ``threshold`` bits.
 
     Args:

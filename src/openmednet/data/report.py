@@ -80,14 +80,34 @@ def _duplicates(stats: Mapping[str, Any]) -> str:
     rows = []
     for kind in ("exact", "near"):
         d = stats.get(kind) or {}
-        rows.append((kind, d.get("clusters", 0), d.get("images", 0), d.get("within_source", 0), d.get("across_sources", 0), d.get("across_splits", 0)))
-    out.append(_table(("kind", "clusters", "images in clusters", "within one source", "across sources", "across source splits"), rows))
+        rows.append(
+            (
+                kind,
+                d.get("clusters", 0),
+                d.get("images", 0),
+                d.get("within_source", 0),
+                d.get("across_sources", 0),
+                d.get("across_splits", 0),
+            )
+        )
+    out.append(
+        _table(
+            ("kind", "clusters", "images in clusters", "within one source", "across sources", "across source splits"),
+            rows,
+        )
+    )
     for kind in ("exact", "near"):
         pairs = (stats.get(kind) or {}).get("source_pairs") or {}
         if pairs:
-            out.append(f"\n{kind.capitalize()} clusters shared by sources:\n\n" + _table(("sources", "clusters"), list(pairs.items())))
+            out.append(
+                f"\n{kind.capitalize()} clusters shared by sources:\n\n"
+                + _table(("sources", "clusters"), list(pairs.items()))
+            )
     dropped = stats.get("dropped") or {}
-    out.append("\nDropped by the de-duplication and exclusion rules:\n\n" + (_table(("reason", "images"), sorted(dropped.items())) if dropped else "none\n"))
+    out.append(
+        "\nDropped by the de-duplication and exclusion rules:\n\n"
+        + (_table(("reason", "images"), sorted(dropped.items())) if dropped else "none\n")
+    )
     by_source = stats.get("dropped_by_source") or {}
     if by_source:
         reasons = sorted({r for v in by_source.values() for r in v})
@@ -108,7 +128,16 @@ def _exclusion(ex: Mapping[str, Any]) -> str:
         found = ex.get("target_images_found", {}).get(name, "?")
         rows.append((name, ex.get("target_images", {}).get(name, "?"), found, sum(per.values()), detail))
     out = "## Exclusion targets\n\nCorpus images equal to, or near copies of, a target image were dropped.\n\n"
-    out += _table(("target", "target images", "target images with a copy in the pools", "corpus images dropped", "per corpus source"), rows)
+    out += _table(
+        (
+            "target",
+            "target images",
+            "target images with a copy in the pools",
+            "corpus images dropped",
+            "per corpus source",
+        ),
+        rows,
+    )
     td = ex.get("target_duplicates") or {}
     if td:
         e, n = td.get("exact", {}), td.get("near", {})
@@ -119,7 +148,11 @@ def _exclusion(ex: Mapping[str, Any]) -> str:
         for c in td.get("label_conflicts", [])[:20]:
             out += f"- label conflict {', '.join(c['labels'])}: {'; '.join(c['images'])}\n"
     if ex.get("target_skipped"):
-        out += "\nTarget files that could not be hashed: " + ", ".join(f"{k} ({v})" for k, v in ex["target_skipped"].items()) + "\n"
+        out += (
+            "\nTarget files that could not be hashed: "
+            + ", ".join(f"{k} ({v})" for k, v in ex["target_skipped"].items())
+            + "\n"
+        )
     return out
 
 
@@ -131,7 +164,9 @@ def _skips(stats: Mapping[str, Any]) -> str:
     out += _table(("reason", "images/files"), sorted(skipped.items(), key=lambda kv: -kv[1]))
     by_source = stats.get("skipped_by_source") or {}
     reasons = sorted(skipped)
-    out += "\n" + _table(("source", *reasons), [(s, *(v.get(r, 0) for r in reasons)) for s, v in sorted(by_source.items())])
+    out += "\n" + _table(
+        ("source", *reasons), [(s, *(v.get(r, 0) for r in reasons)) for s, v in sorted(by_source.items())]
+    )
     for reason, examples in sorted((stats.get("skip_examples") or {}).items()):
         out += f"\nExamples of `{reason}`:\n" + "".join(f"- `{e}`\n" for e in examples)
     return out
