@@ -138,3 +138,15 @@ def test_labelled_dataset_from_pairs_is_exact(shared_data):
         LabelledDataset([(gray, "x")], channels=1, image_size=32, class_names=["a", "b"])
     with pytest.raises(ValueError, match="has no label"):
         LabelledDataset([(gray, None)], channels=1, image_size=32)
+
+
+def test_labelled_dataset_from_npz_rows_is_exact(shared_data):
+    path = shared_data / "gray/targets/pneumoniamnist/pneumoniamnist.npz"
+    items = [it for it in itertools.islice(iter_source(SourceSpec(name="pm", root=path.parent)), 0, 600, 100)]
+    ds = LabelledDataset(items, channels=1, image_size=28)  # MedMNIST rows are 28 x 28: no resize
+    with np.load(path) as npz:
+        expected = np.stack([npz[f"{it.frame[0]}_images"][it.frame[1]] for it in items])
+        labels = [str(int(npz[f"{it.frame[0]}_labels"][it.frame[1]].item())) for it in items]
+    np.testing.assert_array_equal(ds.images[:, 0], expected)
+    assert [ds.class_names[i] for i in ds.labels] == labels
+    assert ds.origins[1] == f"{path}#{items[1].frame[0]}/{items[1].frame[1]}"

@@ -143,6 +143,13 @@ class CorpusDataset(Dataset):
         return apply_transform(self.transform, image, seed), int(self.labels[i]), int(self.sources[i])
 
 
+def _origin(item: SourceItem, frame: int) -> str:
+    """``path`` for a single image, ``path#frame`` for a frame, ``path#split/row`` for an npz row."""
+    if isinstance(item.frame, tuple):
+        return f"{item.path}#{item.frame[0]}/{item.frame[1]}"
+    return str(item.path) if item.frame is None and frame == 0 else f"{item.path}#{frame}"
+
+
 class LabelledDataset(Dataset):
     """A small labelled target (fine-tuning, evaluation), decoded once and cached in RAM.
 
@@ -170,7 +177,8 @@ class LabelledDataset(Dataset):
         images: ``(N, C, S, S)`` uint8.
         labels: ``(N,)`` int64 indices into ``class_names``.
         class_names: list of labels.
-        origins: ``(N,)`` provenance strings (``path`` or ``path#frame``; ``"array[i]"`` for pairs).
+        origins: ``(N,)`` provenance strings: ``path``, ``path#frame``, ``path#split/row`` (npz),
+            ``"array[i]"`` for pairs.
         skipped: ``(origin, reason)`` of every skipped image.
 
     Items are ``(image, label index)``; keys are indices or ``(index, seed)`` pairs as for
@@ -227,9 +235,7 @@ class LabelledDataset(Dataset):
                     raise ValueError(f"item {item.path} (frame {item.frame}) has no label: keep only labelled items")
                 try:
                     for array, meta in read_item(item):
-                        single = meta.frame == 0 and item.frame is None
-                        origin = str(item.path) if single else f"{item.path}#{meta.frame}"
-                        yield array, item.label, origin
+                        yield array, item.label, _origin(item, meta.frame)
                 except SkipImage as skip:
                     if on_skip == "raise":
                         raise
