@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from openmednet import create_model
-from openmednet.eval.finetune import FinetuneConfig, build_init, check_input_contract, prepare_splits, run_finetune
+from openmednet.eval.finetune import (
+    FinetuneConfig,
+    build_init,
+    check_input_contract,
+    prepare_for_transfer,
+    prepare_splits,
+    run_finetune,
+)
 from openmednet.eval.metrics import bootstrap_ci, classification_metrics
 from openmednet.eval.splits import check_group_leakage
 from openmednet.eval.targets import load_target
@@ -170,3 +177,14 @@ def test_init_from_saved_weights_and_contract_checks(tmp_path: Path) -> None:
         assert check_input_contract(model, data_channels=3, image_size=48) == (1, 48)
     with pytest.raises(ValueError, match="below the model's minimum 32"):
         check_input_contract(model, data_channels=1, image_size=16)
+
+
+def test_prepare_for_transfer_resets_timm_head_and_bn_momentum() -> None:
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes=2)  # timm TF port: head +-1/sqrt(2), BN momentum 0.01
+    assert model.classifier.weight.abs().max() > 0.1
+    info = prepare_for_transfer(model)
+    bound = 1 / model.classifier.in_features ** 0.5
+    assert info == {"head_reset": 1, "bn_momentum": 0.1}
+    assert model.classifier.weight.abs().max() <= bound
+    assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}

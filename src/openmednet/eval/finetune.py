@@ -76,7 +76,7 @@ from openmednet.eval.targets import TargetSet, load_target
 from openmednet.models import WeightsUnavailableError, create_model, load_pretrained, save_pretrained
 from openmednet.utils import atomic_write_text, seed_everything
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "build_init", "check_input_contract", "predict_proba", "prepare_splits", "run_finetune"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "build_init", "check_input_contract", "prepare_for_transfer", "predict_proba", "prepare_splits", "run_finetune"]
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +271,34 @@ def build_init(init: str, num_classes: int, data_channels: int, arch: str | None
     return model, {"init": init, "architecture": name.split(".")[0], "pretrained": pretrained}
 
 
+#: BatchNorm momentum while fine-tuning (PyTorch's default).
+FINETUNE_BN_MOMENTUM = 0.1
+
+
+def prepare_for_transfer(model: nn.Module) -> dict[str, Any]:
+    """Make every init start its new task the same way, whatever library built it.
+
+    - The new head's linear layers get PyTorch's default initialisation
+      (``nn.Linear.reset_parameters``, uniform in ``+-1/sqrt(fan_in)``). timm's TF-ported models
+      (EfficientNet-Lite0) initialise a classifier uniformly in ``+-1/sqrt(num_classes)``, tuned
+      for 1000 classes: with 2 classes that is +-0.71 and the first logits reach +-40.
+    - BatchNorm momentum is set to ``FINETUNE_BN_MOMENTUM``. The TF ports use 0.01 (TensorFlow's
+      0.99 decay, fitted to ~100k ImageNet steps); a fine-tuning run of a few hundred steps would
+      then evaluate with running statistics that are still mostly ImageNet's.
+
+    Returns:
+        ``{"head_reset": n linear layers, "bn_momentum": value}`` for the run's metrics.
+    """
+    prefix = head_prefix(model)
+    heads = [m for n, m in model.named_modules() if f"{n}.".startswith(prefix) and isinstance(m, nn.Linear)]
+    for m in heads:
+        m.reset_parameters()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = FINETUNE_BN_MOMENTUM
+    return {"head_reset": len(heads), "bn_momentum": FINETUNE_BN_MOMENTUM}
+
+
 def check_input_contract(model: nn.Module, data_channels: int, image_size: int | None) -> tuple[int, int]:
     """The model's input channels and the run's image size, from the model's ``pretrained_cfg``.
 
@@ -435,6 +463,7 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
     torch.manual_seed(cfg.seed)  # the new head's initialisation
     model, init_info = build_init(cfg.init, k, target.channels, cfg.arch)
     channels, size = check_input_contract(model, target.channels, cfg.image_size)
+    init_info.update(prepare_for_transfer(model))
     strategy_info = apply_strategy(model, cfg.strategy, k=cfg.freeze_k, seed=cfg.seed)
     dist = DistEnv(device=torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     model.to(dist.device)
