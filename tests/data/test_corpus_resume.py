@@ -163,6 +163,9 @@ def test_cli_parts_merge_equal_a_single_build(reference, tmp_path):
     assert len(merged) == len(whole)
     assert sorted(r["sha1"] for r in merged.iter_records()) == sorted(r["sha1"] for r in whole.iter_records())
     assert merged.manifest.stats["dropped"] == {"duplicate_exact": 1}
+    assert [p["images"] for p in merged.manifest.stats["parts"]] == [
+        len(CorpusArrays(tmp_path / f"p{p}")) for p in (0, 1)
+    ]
 
 
 def test_cli_reports_bad_arguments(tmp_path):

@@ -861,22 +861,21 @@ def merge_parts(
     out = Path(out_dir)
     work = out / _BUILD_DIR
     work.mkdir(parents=True, exist_ok=True)
-    _check_params(
-        work,
-        BuildParams(
-            first.channels,
-            first.image_size,
-            "merge",
-            near_threshold,
-            0,
-            shard_size,
-            1,
-            0,
-            0,
-            [{"parts": [str(Path(p).resolve()) for p in parts]}],
-            [],
-        ),
+    params = BuildParams(
+        channels=first.channels,
+        image_size=first.image_size,
+        resize_mode=first.build.get("resize_mode", "pad"),
+        near_threshold=near_threshold,
+        seed=first.build.get("seed", 0),
+        shard_size=shard_size,
+        num_parts=1,
+        part=0,
+        gray_tolerance=first.build.get("gray_tolerance", GRAY_TOLERANCE),
+        sources=[{"merged_parts": [str(Path(p).resolve()) for p in parts]}],
+        exclude=first.build.get("exclude", []),
+        confirm_threshold=confirm_threshold,
     )
+    _check_params(work, params)
     for tmp in out.glob("shard-?????.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -892,11 +891,15 @@ def merge_parts(
         out, shard_size, first.channels, first.image_size, set(complete_shards(out)), progress, int(decision.keep.sum())
     )
     stats = _Stats()
+    in_conflict = {i for c in decision.stats.get("label_conflicts", []) for i in c["members"]}
+    names: dict[int, str] = {}
     i = 0
     for a in arrays:
         for s in range(len(a.manifest.shards)):
             images = a._images(s)
             for j, r in enumerate(a.records(s)):
+                if i in in_conflict:
+                    names[i] = _image_name(r)
                 if decision.keep[i]:
                     rec = _final_record(r, table, decision, i)
                     stats.kept(rec)
@@ -910,6 +913,9 @@ def merge_parts(
         {"dir": str(a.root), "images": len(a), "skipped": a.manifest.stats.get("skipped", {})} for a in arrays
     ]
     merged["skipped"] = dict(sum((Counter(a.manifest.stats.get("skipped", {})) for a in arrays), Counter()))
+    merged["label_conflicts"] = _describe_conflicts(decision.stats.get("label_conflicts", []), names.__getitem__)
+    merged["label_conflicts"] += [c for a in arrays for c in a.manifest.stats.get("label_conflicts", [])]
+    merged["exclusion"] = _merge_exclusion([a.manifest.stats.get("exclusion", {}) for a in arrays])
     sources: dict[str, dict[str, Any]] = {}
     for a in arrays:
         for s in a.manifest.sources:
@@ -927,6 +933,21 @@ def merge_parts(
     )
     _finish(out, manifest, work, keep_work_files=False)
     return manifest
+
+
+def _merge_exclusion(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the parts' exclusion counts (every part hashed the same targets)."""
+    targets: dict[str, Counter[str]] = defaultdict(Counter)
+    for ex in parts:
+        for name, per_source in ex.get("targets", {}).items():
+            targets[name].update(per_source)
+    first = parts[0] if parts else {}
+    return {
+        "targets": {k: dict(v) for k, v in targets.items()},
+        "target_images": first.get("target_images", {}),
+        "target_skipped": first.get("target_skipped", {}),
+        "target_duplicates": first.get("target_duplicates", {}),
+    }
 
 
 def _part_batches(a: CorpusArrays) -> Iterator[tuple[list[dict[str, Any]], np.ndarray]]:
