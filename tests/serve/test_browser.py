@@ -6,6 +6,7 @@ the ``playwright`` Python package; it never downloads a browser (no ``playwright
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import subprocess
@@ -96,14 +97,24 @@ def test_drop_image_shows_prediction_and_overlay(page, server, real_files):
     assert "Done: 1 image(s)" in page.inner_text("#status")
 
 
-def test_bad_file_shows_error_then_dicom_works(page, real_files, tmp_path):
+def test_bad_file_shows_error_then_dropped_dicom_works(page, real_files, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"definitely not a PNG")
     page.set_input_files("#file", str(bad))
     page.wait_for_selector("#error:not([hidden])")
     assert page.inner_text("#error").startswith("HTTP 400")
     assert page.locator(".result").count() == 0
-    page.set_input_files("#file", str(real_files["dicom"]))  # the service kept serving
-    page.wait_for_selector(".result img")
+    # A real drop event carrying the DICOM file (the drag-and-drop path, not the file chooser).
+    page.evaluate(
+        """([b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name));
+            document.getElementById("drop").dispatchEvent(
+                new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+        }""",
+        [base64.b64encode(real_files["dicom"].read_bytes()).decode(), real_files["dicom"].name],
+    )
+    page.wait_for_selector(".result img")  # the service kept serving after the bad upload
     assert page.is_hidden("#error")
     assert "CT_small.dcm" in page.inner_text(".result h2")
