@@ -47,9 +47,14 @@ Evaluation: resize of the shorter side to ``image_size`` and a centre crop, noth
 Randomness comes from torch's global generator only, so ``torch.manual_seed`` makes a pipeline
 reproducible and DataLoader workers (seeded by torch per worker) draw independent streams.
 
-Performance: every transform runs per image, on 1 x 64 x 64 tensors a full gray pipeline costs
-well under a millisecond; ``benchmarks/bench_loader.py`` measures loader throughput against MedNet's
-training speed (results in docs/benchmarks.md, "Loader").
+Performance: every transform runs per image (in loader workers), because each image needs its own
+random parameters and torchvision's v2 transforms draw one set per call. At 64 px a full pipeline
+costs a few tenths of a millisecond per image (``benchmarks/bench_loader.py`` prints the cost of
+each step and the loader's throughput against MedNet's training speed; results in
+docs/benchmarks.md, "Loader"), so one core feeds training many times over. The costly steps were
+fused or replaced where a cheaper exact-enough form exists (:class:`FastColorJitter`). At 224 px on
+GPUs the per-image cost grows with the pixel count; batch-level augmentation on the GPU would be the
+next step there (not needed, nor measured, on our CPU machines).
 """
 
 from __future__ import annotations
