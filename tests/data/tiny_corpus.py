@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from openmednet.data.shards import SPLITS, CorpusManifest, write_shard, FORMAT_VERSION
+from openmednet.data.shards import FORMAT_VERSION, SPLITS, CorpusManifest, write_shard
 
 
 def read_labels(folder: Path, per_label: int) -> list[tuple[Path, str, str]]:

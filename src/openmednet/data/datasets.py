@@ -7,7 +7,6 @@ can balance without touching pixels.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,7 +26,6 @@ from openmednet.data.sources import SourceItem, read_item
 
 __all__ = ["CorpusDataset", "LabelledDataset", "apply_transform"]
 
-logger = logging.getLogger(__name__)
 
 Transform = Callable[[Tensor], Any]
 #: A dataset key: an index, or ``(index, augmentation seed)`` as the samplers yield with ``seeded=True``.
