@@ -24,7 +24,8 @@ forever), so training epochs are padded to a multiple of ``W``:
 - :class:`DistributedShardSampler` with ``pad=True`` repeats the first ``ceil(N / W) * W - N``
   entries of the epoch order (at most ``W - 1`` images seen twice per epoch), like torch's
   ``DistributedSampler``. With ``pad=False`` (evaluation) nothing is repeated: ranks differ by at
-  most one image, and metrics gathered over ranks are exact.
+  most one image, and metrics gathered over ranks are exact. Ranks may then run different numbers
+  of batches, so gather predictions once after the loop, never with a collective per batch.
 - :class:`DistributedWeightedSampler` draws with replacement, so "padding" is just drawing
   ``ceil(N / W) * W`` instead of ``N`` indices: no bias beyond that of sampling itself.
 """
