@@ -82,6 +82,10 @@ def test_source_balanced_loader(corpus):
         build_loader(ds, batch_size=4, balance="class", shuffle=False)
     with pytest.raises(KeyError, match="did you mean 'class'"):
         build_loader(ds, batch_size=4, balance="clas")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        build_loader(ds, batch_size=0)
+    with pytest.raises(ValueError, match="rank must be in"):
+        build_loader(ds, batch_size=4, world_size=2, rank=2)
 
 
 def test_augmentation_depends_only_on_seed_and_epoch(corpus):
@@ -96,6 +100,8 @@ def test_augmentation_depends_only_on_seed_and_epoch(corpus):
             out.append(torch.cat([images for images, _, _ in loader]))
         return out
 
+    loader = build_loader(ds, batch_size=8, num_workers=2)
+    assert loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
     main_0, main_1 = epoch_batches(0, 0, [0, 1])
     (workers_1,) = epoch_batches(0, 2, [1])  # fresh workers, started at epoch 1: a resumed run
     assert torch.equal(main_1, workers_1)  # same with or without workers, persistent or not
