@@ -62,10 +62,11 @@ HEAD_KINDS = ("union", "per_source")
 # ------------------------------------------------------------------------------------------ config
 @dataclass(frozen=True)
 class ModelSection:
-    """Backbone: a registered architecture and its width (``num_classes=0``: pooled features)."""
+    """Backbone: a registered architecture and its width (``num_classes=0``: pooled features);
+    ``width_mult=None`` keeps the architecture's own default (0.25 for ``mednet_test``)."""
 
     name: str = "mednet_gray"
-    width_mult: float = 1.0
+    width_mult: float | None = None
 
 
 @dataclass(frozen=True)

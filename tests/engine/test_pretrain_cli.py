@@ -1,0 +1,44 @@
+"""``openmednet pretrain`` through the Typer app (kept here to share the tiny real corpus fixture)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from openmednet.cli.app import app
+
+
+def test_pretrain_cli_runs_and_writes_the_run(tiny_corpus: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    args = ["pretrain", "--corpus", str(tiny_corpus), "--out", str(out), "--objective", "supervised",
+            "--set", "model.name=mednet_test", "--set", "data.image_size=32", "--set", "data.batch_size=8",
+            "--set", "data.num_workers=0", "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2",
+            "--set", "train.progress=false", "--set", "monitor.k=3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"done: {out} (epoch 0:" in result.output
+    names = {p.name for p in out.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "loss.png", "checkpoint-last.pt", "backbone"} <= names
+    epoch = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert epoch["kind"] == "epoch" and epoch["step"] == 2 and 0.0 <= epoch["knn/top1"] <= 1.0
+    card = json.loads((out / "backbone" / "model_card.json").read_text())
+    assert card["architecture"] == "mednet_test" and card["provenance"]["objective"] == "supervised/union"
+    assert card["model_args"]["width_mult"] == 0.25  # the architecture's default, not overridden
+
+
+def test_pretrain_cli_unknown_key(tiny_corpus: Path, tmp_path: Path):
+    result = CliRunner().invoke(app, ["pretrain", "--corpus", str(tiny_corpus), "--out", str(tmp_path),
+                                      "--set", "optim.lrr=0.1"])
+    assert isinstance(result.exception, KeyError)
+    assert "did you mean 'lr'" in str(result.exception)
+
+
+def test_pretrain_cli_channel_mismatch(tiny_corpus: Path, tmp_path: Path):
+    result = CliRunner().invoke(app, ["pretrain", "--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"),
+                                      "--set", "model.name=mednet_color"])
+    assert isinstance(result.exception, ValueError)
+    with pytest.raises(ValueError, match="use mednet_gray"):
+        raise result.exception
