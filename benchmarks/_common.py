@@ -6,11 +6,12 @@ next to the measurement (``MatmulReference.measure`` is cheap enough to call bef
 
 Example::
 
-    from _common import MatmulReference, time_fn, markdown_table
+    from _common import MatmulReference, time_fn, time_paired, markdown_table
 
     ref = MatmulReference(dtype=torch.bfloat16)
-    t = time_fn(lambda: model(x), warmup=1, iters=5)        # Timing(median=..., ...)
-    frac = flops / t.median / ref.measure()                  # fraction of the matmul rate
+    t = time_fn(lambda: model(x), warmup=1, iters=5)        # Timing(times=...), .median, .best
+    t, rates = time_paired(lambda: model(x), ref)            # + the matmul rate after each call
+    frac = statistics.median(flops / s / r for s, r in zip(t.times, rates))
     print(markdown_table(["model", "fraction"], [["mednet", f"{frac:.2f}"]]))
 """
 
@@ -97,9 +98,9 @@ class MatmulReference:
         self._a = torch.randn(self.n, self.n, generator=gen).to(self.dtype)
         self._b = torch.randn(self.n, self.n, generator=gen).to(self.dtype)
 
-    def measure(self) -> float:
-        """Measure now; returns FLOP/s (median of ``iters`` products) and records it."""
-        timing = time_fn(lambda: torch.mm(self._a, self._b), warmup=1, iters=self.iters)
+    def measure(self, iters: int | None = None) -> float:
+        """Measure now; returns FLOP/s (median of ``iters`` products, default ``self.iters``) and records it."""
+        timing = time_fn(lambda: torch.mm(self._a, self._b), warmup=1, iters=iters or self.iters)
         rate = 2 * self.n**3 / timing.median
         self.history.append(rate)
         return rate
@@ -110,6 +111,31 @@ class MatmulReference:
         if not self.history:
             self.measure()
         return statistics.median(self.history)
+
+
+def time_paired(
+    fn: Callable[[], object], reference: MatmulReference, *, warmup: int = 1, iters: int = 5, ref_iters: int = 3
+) -> tuple[Timing, tuple[float, ...]]:
+    """Time ``fn()`` and measure ``reference`` right after each call, as pairs.
+
+    On a shared machine the load changes from second to second; pairing each timed call with a
+    reference measured a few milliseconds later lets ``work / time / reference_rate`` be computed
+    per pair, so a slow-down that hits both cancels out.
+
+    Returns:
+        The ``Timing`` of ``fn`` and the reference FLOP/s measured after each timed call.
+    """
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    for _ in range(warmup):
+        fn()
+    times, rates = [], []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        rates.append(reference.measure(iters=ref_iters))
+    return Timing(tuple(times)), tuple(rates)
 
 
 def count_flops(fn: Callable[[], object]) -> int:

@@ -1,8 +1,8 @@
 """Model benchmark: MedNet vs timm ResNet-18/50 -- parameters, FLOPs, training and inference speed.
 
 For each input size (64, 224 px), precision mode and phase it measures images/s and the achieved
-FLOP/s of every model *in the same run*, and divides the latter by a bf16 matmul measured just
-before and after each row (``_common.MatmulReference``). That fraction is comparable across
+FLOP/s of every model *in the same run*, and divides the latter by a bf16 matmul measured right
+after each timed step (``_common.time_paired``). That fraction is comparable across
 models and more robust to the load of a shared machine than absolute images/s.
 
 Modes:
@@ -41,7 +41,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from _common import MatmulReference, count_flops, environment, markdown_table, time_fn
+from _common import MatmulReference, count_flops, environment, markdown_table, time_fn, time_paired
 from torch import nn
 
 import openmednet
@@ -62,7 +62,7 @@ class Row:
     batch: int
     gflops_per_img: float
     img_per_s: float
-    fraction: float  # achieved FLOP/s / bf16 matmul FLOP/s measured just before and after
+    fraction: float  # achieved FLOP/s / bf16 matmul FLOP/s, per timed step, median
 
     @property
     def gflop_per_s(self) -> float:
@@ -165,12 +165,13 @@ def run_grid(args: argparse.Namespace, ref: MatmulReference, log: Callable[[str]
                             t0 = time.perf_counter()
                             step()  # first call compiles
                             compile_s[key] = time.perf_counter() - t0
-                        # The load of a shared machine drifts: bracket each row with the reference.
-                        before = ref.measure()
-                        timing = time_fn(step, warmup=args.warmup, iters=args.iters)
-                        matmul = (before + ref.measure()) / 2
+                        # The load of a shared machine drifts: pair every timed step with a
+                        # matmul measured right after it and take the median of the ratios.
+                        timing, rates = time_paired(step, ref, warmup=args.warmup, iters=args.iters)
                         img_s = batch / timing.median
-                        frac = flops[fkey] * 1e9 * img_s / matmul
+                        work = flops[fkey] * 1e9 * batch
+                        frac = statistics.median(work / t / r for t, r in zip(timing.times, rates))
+                        matmul = statistics.median(rates)
                         samples.setdefault(key, []).append((img_s, frac))
                         log(f"[{rep + 1}/{args.repeats}] {label:22s} {size:4d}px {mode:7s} {phase:5s} "
                             f"b{batch:<3d} {img_s:8.1f} img/s  fraction {frac:.3f}  (matmul {matmul / 1e9:.0f} GFLOP/s)")
@@ -213,13 +214,14 @@ def run_ablation(args: argparse.Namespace, log: Callable[[str], None]) -> list[l
             steps = {"separate": make_step(sep, "train", mode, batch, size),
                      "merged": make_step(merged, "train", mode, batch, size)}
             times: dict[str, list[float]] = {k: [] for k in steps}
-            for _ in range(max(3, args.repeats)):
+            for _ in range(max(5, args.repeats)):
                 for k, step in steps.items():
                     times[k].append(time_fn(step, warmup=args.warmup, iters=args.iters).median)
-            ratio = statistics.median(a / b for a, b in zip(times["separate"], times["merged"]))
-            out.append([base, size, mode, batch, f"{batch / statistics.median(times['separate']):.1f}",
-                        f"{batch / statistics.median(times['merged']):.1f}", f"{ratio:.2f}x"])
-            log(f"ablation {size}px {mode}: merged speed-up {ratio:.2f}x")
+            t_sep, t_merged = (statistics.median(times[k]) for k in ("separate", "merged"))
+            wins = sum(b < a for a, b in zip(times["separate"], times["merged"]))
+            out.append([base, size, mode, batch, f"{batch / t_sep:.1f}", f"{batch / t_merged:.1f}",
+                        f"{t_sep / t_merged:.2f}x", f"{wins}/{len(times['merged'])}"])
+            log(f"ablation {size}px {mode}: merged speed-up {t_sep / t_merged:.2f}x, faster in {wins} pairs")
     return out
 
 
@@ -232,7 +234,7 @@ def report(rows: list[Row], compile_s: dict, ablation: list, ref: MatmulReferenc
         "",
         f"Environment: {environment()}; run time {seconds:.0f} s; bf16 matmul reference "
         f"(n={ref.n}) median {ref.median / 1e9:.0f} GFLOP/s, range {min(ref.history) / 1e9:.0f}-"
-        f"{max(ref.history) / 1e9:.0f} over {len(ref.history)} measurements (before and after each row).",
+        f"{max(ref.history) / 1e9:.0f} over {len(ref.history)} measurements (one after every timed step).",
         "",
         markdown_table(["model", "params (M)"] + [f"GFLOPs/img {s} px" for s in args.sizes],
                        [[m, f"{sum(p.numel() for p in build(m).parameters()) / 1e6:.2f}"]
@@ -272,9 +274,9 @@ def report(rows: list[Row], compile_s: dict, ablation: list, ref: MatmulReferenc
                   + ", ".join(f"{k[0]} {k[1]}px {k[2]} {k[3]}: {v:.0f} s" for k, v in compile_s.items())]
     if ablation:
         parts += ["", "Ablation, training step: four branch convs separate (as shipped) vs merged into one "
-                  "zero-padded 7x7 conv (interleaved A/B; > 1x means merging is faster):", "",
-                  markdown_table(["model", "px", "mode", "batch", "img/s separate", "img/s merged", "merged speed-up"],
-                                 ablation)]
+                  "zero-padded 7x7 conv (interleaved A/B pairs, medians; > 1x means merging is faster):", "",
+                  markdown_table(["model", "px", "mode", "batch", "img/s separate", "img/s merged", "merged speed-up",
+                                  "pairs where merged was faster"], ablation)]
     return "\n".join(parts) + "\n"
 
 
