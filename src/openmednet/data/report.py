@@ -76,7 +76,12 @@ def _size_plot(bins: Sequence[int], hist: Mapping[str, Sequence[int]], path: Pat
 
 
 def _duplicates(stats: Mapping[str, Any]) -> str:
-    out = [f"## Duplicates (phash threshold {stats.get('near_threshold')} bits)\n"]
+    intro = (
+        f"## Duplicates (64-bit phash within {stats.get('near_threshold')} bits, confirmed by the 256-bit phash "
+        f"within {stats.get('confirm_threshold')} bits)\n\nClusters are counted over all decoded images, before any "
+        "removal; a cluster spans source splits when its images carry different splits in their source.\n\n"
+    )
+    out = [intro]
     rows = []
     for kind in ("exact", "near"):
         d = stats.get(kind) or {}
