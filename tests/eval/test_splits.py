@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from openmednet.data.dedupe import phash64
+from openmednet.data.dedupe import phash64, phash256
 from openmednet.eval.splits import (
     check_group_leakage,
     find_label_conflicts,
@@ -122,12 +122,20 @@ def test_near_duplicates_on_real_images(shared_data: Path) -> None:
     copy = phash64(_jpeg_roundtrip(images[3], quality=40, size=64))
     pairs = find_near_duplicates([copy], hashes)
     assert [(i, j) for i, j, _ in pairs] == [(0, 3)]
+    copy_fine = phash256(_jpeg_roundtrip(images[3], quality=40, size=64))[None]
+    fine = np.stack([phash256(a) for a in images])
+    assert find_near_duplicates([copy], hashes, query_fine=copy_fine, reference_fine=fine) == pairs
+    # A 64-bit candidate that the 256-bit hash does not confirm is not a copy.
+    assert find_near_duplicates([copy], hashes, 63, query_fine=copy_fine, reference_fine=fine) == pairs
     assert find_near_duplicates(hashes, hashes, 0) == [(i, i, 0) for i in range(6)]
 
 
 def test_busi_double_label_is_found(shared_data: Path) -> None:
     root = shared_data / "gray/targets/busi/Dataset_BUSI_with_GT"
     files = ["benign/benign (433).jpg", "malignant/malignant (145).jpg", "benign/benign (1).jpg"]
-    hashes = [phash64(np.asarray(Image.open(root / f).convert("L"))) for f in files]
+    images = [np.asarray(Image.open(root / f).convert("L")) for f in files]
+    hashes = [phash64(a) for a in images]
     assert find_label_conflicts(hashes, ["benign", "malignant", "benign"]) == [[0, 1]]
+    fine = np.stack([phash256(a) for a in images])
+    assert find_label_conflicts(hashes, ["benign", "malignant", "benign"], fine=fine) == [[0, 1]]
     assert find_label_conflicts(hashes, ["benign", "benign", "benign"]) == []

@@ -194,7 +194,7 @@ def prepare_splits(target: TargetSet, cfg: FinetuneConfig) -> tuple[TargetSet, n
         "near_copies_of_test": ids}`` of the dropped items.
     """
     dropped: dict[str, list[str]] = {"label_conflicts": [], "near_copies_of_test": []}
-    conflicts = [i for cluster in find_label_conflicts(target.hashes, target.labels) for i in cluster]
+    conflicts = [i for cluster in find_label_conflicts(target.hashes, target.labels, fine=target.fine_hashes) for i in cluster]
     if conflicts:
         dropped["label_conflicts"] = [target.ids[i] for i in conflicts]
         warnings.warn(
@@ -209,7 +209,10 @@ def prepare_splits(target: TargetSet, cfg: FinetuneConfig) -> tuple[TargetSet, n
     check_group_leakage(target.groups, splits)
     test = np.flatnonzero(splits == "test")
     seen = np.flatnonzero(splits != "test")
-    pairs = find_near_duplicates(target.hashes[test], target.hashes[seen], cfg.near_threshold)
+    pairs = find_near_duplicates(
+        target.hashes[test], target.hashes[seen], cfg.near_threshold,
+        query_fine=target.fine_hashes[test], reference_fine=target.fine_hashes[seen],
+    )
     if pairs:
         copies = sorted({int(seen[j]) for _, j, _ in pairs})
         examples = [f"{target.ids[test[i]]} ~ {target.ids[seen[j]]} ({d} bits)" for i, j, d in pairs[:3]]
@@ -220,7 +223,8 @@ def prepare_splits(target: TargetSet, cfg: FinetuneConfig) -> tuple[TargetSet, n
             )
         warnings.warn(
             f"left out {len(copies)} training/validation images that are near-copies of test images "
-            f"(within {cfg.near_threshold} pHash bits), e.g. {examples}", stacklevel=2,
+            f"(within {cfg.near_threshold} of 64 pHash bits, confirmed by the 256-bit hash), e.g. {examples}",
+            stacklevel=2,
         )
         dropped["near_copies_of_test"] = [target.ids[i] for i in copies]
         keep = np.setdiff1d(np.arange(len(target)), copies)

@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from openmednet.data.dedupe import DEFAULT_NEAR_THRESHOLD, components, hamming, near_pairs
+from openmednet.data.dedupe import (
+    DEFAULT_CONFIRM_THRESHOLD,
+    DEFAULT_NEAR_THRESHOLD,
+    components,
+    confirm_pairs,
+    hamming,
+    near_pairs,
+)
 
 __all__ = [
     "SPLITS",
@@ -237,28 +244,51 @@ def subsample_train(
 
 # ------------------------------------------------------------------------------ near duplicates
 def find_near_duplicates(
-    query: Sequence[int], reference: Sequence[int], max_distance: int = DEFAULT_NEAR_THRESHOLD
+    query: Sequence[int],
+    reference: Sequence[int],
+    max_distance: int = DEFAULT_NEAR_THRESHOLD,
+    *,
+    query_fine: np.ndarray | None = None,
+    reference_fine: np.ndarray | None = None,
+    confirm_threshold: int = DEFAULT_CONFIRM_THRESHOLD,
 ) -> list[tuple[int, int, int]]:
     """Pairs ``(i, j, distance)`` where the 64-bit perceptual hashes ``query[i]`` and
     ``reference[j]`` (``openmednet.data.dedupe.phash64``) differ by at most ``max_distance`` bits
-    (0 = identical hash). The default threshold is the corpus builder's (``dedupe``'s docstring
-    gives the distances measured on our data: copies 0-2 bits, unrelated images 14 or more).
+    (0 = identical hash).
+
+    The default threshold is the corpus builder's (``dedupe``'s docstring gives the distances
+    measured on our data: copies 0-2 bits, unrelated images 14 or more). When the 256-bit hashes
+    (``dedupe.phash256``, ``(N, 4)`` uint64) of both sides are given, candidates are confirmed with
+    them as the corpus builder does: images of one standardised view (28 px chest X-rays of
+    PneumoniaMNIST) often share their coarse 64-bit structure without being copies.
     """
-    pairs = near_pairs(np.asarray(query, np.uint64), max_distance, others=np.asarray(reference, np.uint64))
-    q = np.asarray(query, np.uint64)[pairs[:, 0]]
-    r = np.asarray(reference, np.uint64)[pairs[:, 1]]
-    return [(int(i), int(j), int(d)) for (i, j), d in zip(pairs, hamming(q, r))]
+    q = np.asarray(query, np.uint64)
+    r = np.asarray(reference, np.uint64)
+    pairs = near_pairs(q, max_distance, others=r)
+    if query_fine is not None and reference_fine is not None:
+        pairs = confirm_pairs(pairs, np.asarray(query_fine), confirm_threshold, fine_others=np.asarray(reference_fine))
+    return [(int(i), int(j), int(d)) for (i, j), d in zip(pairs, hamming(q[pairs[:, 0]], r[pairs[:, 1]]))]
 
 
-def find_label_conflicts(hashes: Sequence[int], labels: Sequence[Any], max_distance: int = 0) -> list[list[int]]:
+def find_label_conflicts(
+    hashes: Sequence[int],
+    labels: Sequence[Any],
+    max_distance: int = 0,
+    *,
+    fine: np.ndarray | None = None,
+    confirm_threshold: int = DEFAULT_CONFIRM_THRESHOLD,
+) -> list[list[int]]:
     """Clusters of (near-)identical images carrying different labels (e.g. BUSI's
     ``malignant (145)`` = ``benign (433)``): each cluster is a sorted list of indices.
 
-    Clusters are connected components of the pairs within ``max_distance`` bits (0: the same
-    perceptual hash). Their true label is unknown, so callers drop every member (with a warning).
+    Clusters are connected components of the pairs within ``max_distance`` bits of the 64-bit
+    hash (0: the same hash), confirmed by the 256-bit hashes ``fine`` (``(N, 4)``) when given.
+    Their true label is unknown, so callers drop every member (with a warning).
     """
     y = np.asarray([str(v) for v in labels], dtype=object)
     pairs = near_pairs(np.asarray(hashes, np.uint64), max_distance)
+    if fine is not None:
+        pairs = confirm_pairs(pairs, np.asarray(fine), confirm_threshold)
     comp = components(len(y), pairs)
     clusters = []
     for c in np.unique(comp):

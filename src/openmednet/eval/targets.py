@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from openmednet._errors import did_you_mean
-from openmednet.data.dedupe import phash64
+from openmednet.data.dedupe import phash64, phash256
 from openmednet.data.images import is_gray_content, to_channels
 from openmednet.data.sources import SourceItem, SourceSpec, iter_source, read_item
 
@@ -52,6 +52,8 @@ class TargetSet:
         label_names: sorted class names; class ``k`` is ``label_names[k]``.
         channels: 1 if every image has gray content, else 3.
         hashes: ``(N,)`` uint64 perceptual hashes of the decoded images (``data.dedupe.phash64``).
+        fine_hashes: ``(N, 4)`` uint64 256-bit perceptual hashes (``data.dedupe.phash256``), which
+            confirm near-copy candidates of ``hashes``.
         root: where the data came from.
         skipped: count of undecodable files per reason.
     """
@@ -64,6 +66,7 @@ class TargetSet:
     label_names: tuple[str, ...]
     channels: int
     hashes: np.ndarray
+    fine_hashes: np.ndarray
     root: Path
     skipped: dict[str, int] = field(default_factory=dict)
 
@@ -88,6 +91,7 @@ class TargetSet:
             label_names=self.label_names,
             channels=self.channels,
             hashes=self.hashes[idx],
+            fine_hashes=self.fine_hashes[idx],
             root=self.root,
             skipped=dict(self.skipped),
         )
@@ -215,9 +219,10 @@ def load_target(
     # np.require: writable, contiguous arrays (Pillow's are read-only; torch.from_numpy wants writable).
     images = [np.require(_shrink(to_channels(a, channels)[0], max_side), requirements=["C", "W"]) for a in images]
     hashes = np.asarray([phash64(a) for a in images], dtype=np.uint64)
+    fine_hashes = np.stack([phash256(a) for a in images])
     target = TargetSet(
         images=images, labels=np.asarray(labels, dtype=object), groups=groups, given_splits=splits, ids=ids,
-        label_names=label_names, channels=channels, hashes=hashes, root=root, skipped=dict(skipped),
+        label_names=label_names, channels=channels, hashes=hashes, fine_hashes=fine_hashes, root=root, skipped=dict(skipped),
     )
     _check_classes(list(target.labels), label_names)  # undecodable files may have emptied a class
     logger.info("%s: %d images, %d classes %s, %d channel(s)", root, len(target), len(label_names),
