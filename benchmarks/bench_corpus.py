@@ -13,6 +13,10 @@
    ``RUSAGE_CHILDREN``). Flat memory means the 4x/1x ratio stays near 1 while the corpus on
    disk grows 4x.
 
+3. **Near-duplicate search.** ``dedupe.near_pairs`` (multi-index hashing) on ``--near`` random
+   64-bit hashes with 1% planted near copies, at the default threshold, against NumPy brute
+   force on the first 20k hashes in the same run (brute force is O(N^2), so it is only run there).
+
 The loader throughput benchmark is ``benchmarks/bench_loader.py`` (separate script).
 
 Usage::
@@ -199,6 +203,32 @@ def bench_memory(n: int, size: int, workers: int) -> None:
     )
 
 
+def bench_near(sizes: list[int]) -> None:
+    from openmednet.data import dedupe
+
+    rng = np.random.default_rng(0)
+    rows = []
+    brute_n = 20_000
+    h = rng.integers(0, 2**63, size=brute_n, dtype=np.int64).astype(np.uint64)
+    start = time.perf_counter()
+    count = 0
+    for i in range(0, brute_n, 2000):  # blocks of rows keep the distance matrix small
+        d = np.bitwise_count(h[i : i + 2000, None] ^ h[None, :])
+        count += int((d <= dedupe.DEFAULT_NEAR_THRESHOLD).sum())
+    brute = time.perf_counter() - start
+    rows.append([f"brute force, {brute_n:,} hashes (reference)", f"{brute:.1f}", "-"])
+    for n in sizes:
+        h = rng.integers(0, 2**63, size=n, dtype=np.int64).astype(np.uint64)
+        src = rng.integers(0, n, size=n // 100)
+        h[rng.integers(0, n, size=n // 100)] = h[src] ^ np.uint64(0b101)  # 2 bits away
+        start = time.perf_counter()
+        pairs = dedupe.near_pairs(h, dedupe.DEFAULT_NEAR_THRESHOLD)
+        t = time.perf_counter() - start
+        brute_est = brute * (n / brute_n) ** 2
+        rows.append([f"multi-index, {n:,} hashes ({len(pairs):,} pairs)", f"{t:.1f}", f"{brute_est / t:.1f}"])
+    print(markdown_table(["near search", "seconds", "brute force (N^2-scaled) / this"], rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2000, help="images per family for the rate part")
@@ -207,6 +237,7 @@ def main() -> None:
     ap.add_argument("--families", nargs="+", default=["gray", "color"], choices=sorted(POOLS))
     ap.add_argument("--mem-images", type=int, default=1500, help="images of the 1x corpus (4x is 4 times more)")
     ap.add_argument("--mem-size", type=int, default=224, help="stored size for the memory part")
+    ap.add_argument("--near", type=int, nargs="*", default=[100_000, 400_000], help="hash counts for part 3")
     ap.add_argument("--skip-rate", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
@@ -216,6 +247,9 @@ def main() -> None:
         print()
     if not args.skip_memory:
         bench_memory(args.mem_images, args.mem_size, args.workers)
+        print()
+    if args.near:
+        bench_near(args.near)
 
 
 if __name__ == "__main__":
