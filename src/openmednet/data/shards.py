@@ -5,8 +5,9 @@ A corpus directory holds::
     manifest.json              format version, image size/channels, shard list, label and source
                                tables, build parameters and statistics (written last, atomically)
     shard-00000/images.npy     uint8 array (N, C, S, S), read by memory map (never loaded whole)
-    shard-00000/meta.npz       per-image int arrays: label, source, split, group, phash, sha1
-    shard-00000/records.jsonl  per-image provenance: original path, frame, source, label, ...
+    shard-00000/meta.npz       per-image int arrays: label, source, split, group, phash
+    shard-00000/records.jsonl  per-image provenance: original path, frame, source, label, content
+                               hashes (SHA-1 of pixels and file bytes, 256-bit phash), ...
 
 A shard is written into ``shard-XXXXX.tmp/`` and renamed to ``shard-XXXXX/`` when complete, so a
 killed build never leaves a half-written shard visible; a resumed build skips complete shards.
