@@ -9,7 +9,12 @@ import pytest
 import torch
 
 import openmednet
-from openmednet.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from openmednet.engine.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from openmednet.engine.distributed import DistEnv
 from openmednet.engine.optim import build_optimizer, build_scheduler
 

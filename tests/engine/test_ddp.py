@@ -18,7 +18,12 @@ import torch
 import torch.multiprocessing as mp
 
 from openmednet.config import load_config
-from openmednet.engine.pretrain import PretrainConfig, PretrainModule, SupervisedHeads, pretrain_loss
+from openmednet.engine.pretrain import (
+    PretrainConfig,
+    PretrainModule,
+    SupervisedHeads,
+    pretrain_loss,
+)
 
 WORLD = 2
 EPOCHS = 3

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 import openmednet
-from openmednet.engine.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
+from openmednet.engine.optim import (
+    build_optimizer,
+    build_scheduler,
+    param_groups,
+    warmup_cosine,
+)
 
 
 def test_param_groups_skip_decay_on_bn_and_bias_and_scale_head_lr():

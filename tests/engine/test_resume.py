@@ -3,7 +3,8 @@ uninterrupted run (deterministic mode: fp32, no loader workers), and ``--resume`
 
 The killed run is a real separate process: a step callback sends SIGKILL to it right after
 optimizer step 5, between the step checkpoints of steps 4 and 6, i.e. in the middle of epoch 1
-(3 steps per epoch). Nothing gets a chance to flush or clean up, as with an OOM kill or a node loss.
+(3 steps per epoch, 2 epochs). Nothing gets a chance to flush or clean up, as with an OOM kill or
+a node loss.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ KILL_AFTER_STEP = 5
 def _overrides(corpus: Path, out: Path) -> list[str]:
     return [
         f"corpus={corpus}", f"out={out}", "model.name=mednet_test", "objective.kind=combined",
-        "data.image_size=32", "data.batch_size=8", "data.num_workers=0", "train.epochs=3",
+        "data.image_size=32", "data.batch_size=8", "data.num_workers=0", "train.epochs=2",
         "train.precision=fp32", "train.deterministic=true", "train.progress=false",
         "train.checkpoint_every_steps=2", "train.log_every_steps=1", "optim.lr=0.003", "monitor.k=3",
     ]
@@ -57,7 +58,7 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tiny_corpus: Path
         run_pretraining(cfg, callbacks=(kill,))
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpt = load_checkpoint(killed / "checkpoint-last.pt")
     assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (1, 1, 4)  # mid-epoch checkpoint
@@ -66,7 +67,7 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tiny_corpus: Path
     with pytest.raises(ValueError, match="--resume"):
         run_pretraining(load_config(PretrainConfig, None, _overrides(tiny_corpus, killed)))
     resumed = run_pretraining(load_config(PretrainConfig, None, [*_overrides(tiny_corpus, killed), "resume=true"]))
-    assert [r["epoch"] for r in resumed] == [1, 2]
+    assert [r["epoch"] for r in resumed] == [1]
     run_pretraining(load_config(PretrainConfig, None, _overrides(tiny_corpus, clean)))
 
     a = load_file(killed / "backbone" / "model.safetensors")

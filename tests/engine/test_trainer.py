@@ -11,7 +11,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from openmednet.engine.checkpoint import load_checkpoint
 from openmednet.engine.distributed import DistEnv
-from openmednet.engine.trainer import LossOutput, NonFiniteLossError, evaluate, fit, train_one_epoch
+from openmednet.engine.trainer import (
+    LossOutput,
+    NonFiniteLossError,
+    evaluate,
+    fit,
+    train_one_epoch,
+)
 
 SINGLE = DistEnv()
 

@@ -56,15 +56,13 @@ def param_groups(
         groups.setdefault((is_head, _no_decay(name, p)), []).append(p)
     out = []
     for (is_head, no_decay), params in sorted(groups.items()):
-        out.append(
-            dict(
-                params=params,
-                weight_decay=0.0 if no_decay else weight_decay,
-                lr_mult=head_lr_mult if is_head else 1.0,
-                lars_exclude=no_decay,
-                name=f"{'head' if is_head else 'body'}_{'no_decay' if no_decay else 'decay'}",
-            )
-        )
+        out.append({
+            "params": params,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr_mult": head_lr_mult if is_head else 1.0,
+            "lars_exclude": no_decay,
+            "name": f"{'head' if is_head else 'body'}_{'no_decay' if no_decay else 'decay'}",
+        })
     if not out:
         raise ValueError("the model has no trainable parameters (all requires_grad=False)")
     return out

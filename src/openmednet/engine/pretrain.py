@@ -329,7 +329,7 @@ def build_train_transform(cfg: PretrainConfig, contract: Any) -> Any:
     from openmednet.data.transforms import build_multiview_transform, build_transform
 
     d = cfg.data
-    kw = dict(image_size=d.image_size, hflip=d.hflip)
+    kw = {"image_size": d.image_size, "hflip": d.hflip}
     if cfg.objective.kind == "supervised":
         return build_transform(contract, True, crop_scale=tuple(d.crop_scale), **kw)
     return build_multiview_transform(contract, views=2, crop_scale=tuple(d.ssl_crop_scale), **kw)
@@ -461,10 +461,10 @@ def run_pretraining(cfg: PretrainConfig, *, callbacks: tuple = ()) -> list[dict[
             max_steps_per_epoch=t.max_steps_per_epoch, clip_grad_norm=o.clip_grad_norm,
             checkpoint_every_steps=t.checkpoint_every_steps, log_every_steps=t.log_every_steps,
             resume=cfg.resume, monitor=monitor, monitor_every_epochs=cfg.monitor.every_epochs,
-            checkpoint_meta=dict(
-                model_name=cfg.model.name, model_args=backbone.model_args(), config=to_dict(cfg),
-                extra={"label_names": list(manifest.label_names)},
-            ),
+            checkpoint_meta={
+                "model_name": cfg.model.name, "model_args": backbone.model_args(), "config": to_dict(cfg),
+                "extra": {"label_names": list(manifest.label_names)},
+            },
             callbacks=callbacks, progress=t.progress and dist.is_main, tensorboard=t.tensorboard,
         )
         if dist.is_main:

@@ -35,7 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from openmednet.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from openmednet.engine.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from openmednet.engine.distributed import DistEnv, unwrap_model
 from openmednet.utils import atomic_write_text
 
