@@ -13,7 +13,7 @@ from openmednet.cli.app import app
 
 def test_finetune_cli_runs_and_reports(shared_data: Path, tmp_path: Path) -> None:
     root = shared_data / "gray/targets/openi_abd_vs_cxr"
-    rows = [r for r in csv.DictReader(open(root / "labels.csv")) if r["split"] == "train"]
+    rows = [r for r in csv.DictReader((root / "labels.csv").read_text().splitlines()) if r["split"] == "train"]
     rows = [r for r in rows if r["label"] == "chest"][:8] + [r for r in rows if r["label"] == "abdomen"][:8]
     with open(tmp_path / "labels.csv", "w", newline="") as f:
         f.write("path,label,split,group\n")

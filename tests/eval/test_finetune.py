@@ -28,7 +28,7 @@ OPENI = "gray/targets/openi_abd_vs_cxr"
 
 
 def _rows(shared_data: Path, folder: str) -> list[dict[str, str]]:
-    return list(csv.DictReader(open(shared_data / folder / "labels.csv")))
+    return list(csv.DictReader((shared_data / folder / "labels.csv").read_text().splitlines()))
 
 
 def _write_labels(tmp: Path, rows: list[dict[str, str]], root: Path) -> Path:
@@ -77,7 +77,7 @@ def test_finetune_writes_all_outputs(finetuned: tuple[Path, dict]) -> None:
 
 def test_metrics_are_recomputable_from_predictions(finetuned: tuple[Path, dict]) -> None:
     out, metrics = finetuned
-    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    rows = list(csv.DictReader((out / "predictions.csv").read_text().splitlines()))
     names = metrics["data"]["label_names"]
     y = np.array([int(r["y"]) for r in rows])
     probs = np.array([[float(r[f"prob_{n}"]) for n in names] for r in rows])
@@ -90,12 +90,12 @@ def test_metrics_are_recomputable_from_predictions(finetuned: tuple[Path, dict])
 
 def test_test_split_is_untouched_and_group_disjoint(finetuned: tuple[Path, dict]) -> None:
     out, _ = finetuned
-    rows = list(csv.DictReader(open(out / "splits.csv")))
+    rows = list(csv.DictReader((out / "splits.csv").read_text().splitlines()))
     splits = [r["split"] for r in rows]
     check_group_leakage([r["group"] for r in rows], splits)
     assert all(r["used_for_training"] == "0" for r in rows if r["split"] != "train")
     test_ids = {r["id"] for r in rows if r["split"] == "test"}
-    assert test_ids == {r["id"] for r in csv.DictReader(open(out / "predictions.csv"))}
+    assert test_ids == {r["id"] for r in csv.DictReader((out / "predictions.csv").read_text().splitlines())}
     assert {r["label"] for r in rows if r["split"] == "test"} == {"chest", "abdomen"}
 
 

@@ -50,7 +50,7 @@ def test_split_depends_only_on_seed() -> None:
 
 
 def test_given_splits_are_kept_and_val_drawn_from_train(shared_data: Path) -> None:
-    rows = list(csv.DictReader(open(shared_data / "gray/targets/openi_abd_vs_cxr/labels.csv")))
+    rows = list(csv.DictReader((shared_data / "gray/targets/openi_abd_vs_cxr/labels.csv").read_text().splitlines()))
     labels = [r["label"] for r in rows]
     given = [r["split"] for r in rows]
     assert (make_splits(labels, None, given) == np.asarray(given)).all()
@@ -116,7 +116,7 @@ def _jpeg_roundtrip(arr: np.ndarray, quality: int, size: int) -> np.ndarray:
 
 def test_near_duplicates_on_real_images(shared_data: Path) -> None:
     root = shared_data / "gray/targets/openi_abd_vs_cxr"
-    rows = list(csv.DictReader(open(root / "labels.csv")))[:6]
+    rows = list(csv.DictReader((root / "labels.csv").read_text().splitlines()))[:6]
     images = [np.asarray(Image.open(root / r["path"]).convert("L")) for r in rows]
     hashes = [phash64(a) for a in images]
     copy = phash64(_jpeg_roundtrip(images[3], quality=40, size=64))

@@ -19,7 +19,7 @@ from openmednet.models import save_pretrained
 
 def _target(shared_data: Path, tmp: Path, per_class: int = 12) -> Path:
     root = shared_data / "gray/targets/openi_abd_vs_cxr"
-    rows = [r for r in csv.DictReader(open(root / "labels.csv")) if r["split"] == "train"]
+    rows = [r for r in csv.DictReader((root / "labels.csv").read_text().splitlines()) if r["split"] == "train"]
     rows = [r for r in rows if r["label"] == "chest"][:per_class] + [r for r in rows if r["label"] == "abdomen"][:per_class]
     (tmp / "target").mkdir()
     with open(tmp / "target/labels.csv", "w", newline="") as f:

@@ -48,9 +48,9 @@ def register(app: typer.Typer) -> None:
         from openmednet.eval.finetune import FinetuneConfig, run_finetune
         from openmednet.eval.report import metrics_table_md
 
-        values = dict(data=data, out=out, init=init, arch=arch, strategy=strategy, freeze_k=freeze_k, epochs=epochs,
-                      lr=lr, batch_size=batch_size, image_size=image_size, label_fraction=label_fraction,
-                      per_class=per_class, seed=seed)
+        values = {"data": data, "out": out, "init": init, "arch": arch, "strategy": strategy, "freeze_k": freeze_k,
+                  "epochs": epochs, "lr": lr, "batch_size": batch_size, "image_size": image_size,
+                  "label_fraction": label_fraction, "per_class": per_class, "seed": seed}
         try:
             cfg = load_config(FinetuneConfig, config, _overrides(values, set_))
         except TypeError as e:  # a required field (data, out) is missing

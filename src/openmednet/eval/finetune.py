@@ -73,10 +73,15 @@ from openmednet.eval.splits import (
 )
 from openmednet.eval.strategies import STRATEGIES, apply_strategy, head_prefix
 from openmednet.eval.targets import TargetSet, load_target
-from openmednet.models import WeightsUnavailableError, create_model, load_pretrained, save_pretrained
+from openmednet.models import (
+    WeightsUnavailableError,
+    create_model,
+    load_pretrained,
+    save_pretrained,
+)
 from openmednet.utils import atomic_write_text, seed_everything
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "build_init", "check_input_contract", "prepare_for_transfer", "predict_proba", "prepare_splits", "run_finetune"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "build_init", "check_input_contract", "predict_proba", "prepare_for_transfer", "prepare_splits", "run_finetune"]
 
 logger = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from openmednet._errors import look_up_option
 __all__ = [
     "STRATEGIES",
     "apply_strategy",
+    "freeze_batchnorm_stats",
     "head_prefix",
     "layer_groups",
-    "freeze_batchnorm_stats",
 ]
 
 logger = logging.getLogger(__name__)

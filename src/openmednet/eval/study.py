@@ -42,7 +42,6 @@ Example ``study.yaml``::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
