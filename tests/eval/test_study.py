@@ -68,6 +68,7 @@ def test_study_runs_every_arm_and_summarises(study: tuple[Path, StudyConfig, dic
     assert json.loads((tmp / "out/report.json").read_text())["summary"] == json.loads(json.dumps(result["summary"]))
     md = (tmp / "out/report.md").read_text()
     assert "## openi24" in md and "| scratch:mednet_test | full | 3shot | 6 | 3 |" in md
+    assert "Left out of every arm: 0 images with conflicting labels, 0 training/validation near-copies" in md
     for plot in ("label_efficiency_openi24.png", "learning_curves_openi24.png"):
         assert (tmp / "out/plots" / plot).is_file()
 

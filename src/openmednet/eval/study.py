@@ -273,6 +273,7 @@ def _run_arm(cfg, spec, target, init, strategy, budget_name, budget, seed) -> di
         "target": spec.name, "init": init, "strategy": strategy, "budget": budget_name, "seed": seed,
         "n_train": sum(metrics["data"]["counts"]["train_used"].values()), "n_test": test["n"],
         "best_epoch": metrics["best_epoch"], "run_dir": str(run.out),
+        "dropped": {k: len(v) for k, v in metrics["data"]["dropped"].items()},
         **{m: test[m] for m in HEADLINE}, "ci": {m: test["ci"][m] for m in HEADLINE if m in test.get("ci", {})},
     }
 
@@ -313,7 +314,10 @@ def _write_report(out: Path, result: dict[str, Any]) -> None:
              "Each arm's test split is the same for all inits and budgets of its target.", ""]
     for target in dict.fromkeys(r["target"] for r in result["summary"]):
         rows = [r for r in result["summary"] if r["target"] == target]
-        lines += [f"## {target}", "", "| init | strategy | budget | train images | seeds | AUROC (macro) | balanced accuracy | ECE |",
+        dropped = next(a["dropped"] for a in result["arms"] if a["target"] == target)
+        lines += [f"## {target}", "",
+                  f"Left out of every arm: {dropped['label_conflicts']} images with conflicting labels, "
+                  f"{dropped['near_copies_of_test']} training/validation near-copies of test images.", "", "| init | strategy | budget | train images | seeds | AUROC (macro) | balanced accuracy | ECE |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['init']} | {r['strategy']} | {r['budget']} | {r['n_train']:.0f} | {r['seeds']} | "
                   f"{_fmt(r['auroc_macro'])} | {_fmt(r['balanced_accuracy'])} | {_fmt(r['ece'])} |" for r in rows]
