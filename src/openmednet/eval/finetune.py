@@ -446,6 +446,45 @@ def _counts(target: TargetSet, splits: np.ndarray, used: np.ndarray) -> dict[str
 
 
 # ------------------------------------------------------------------------------------ run
+def _build_model(cfg: FinetuneConfig, target: TargetSet) -> tuple[nn.Module, int, int, dict[str, Any]]:
+    """Init -> contract check -> common head/BN preparation -> strategy: ``(model, C, size, info)``."""
+    torch.manual_seed(cfg.seed)  # the new head's initialisation
+    model, info = build_init(cfg.init, len(target.label_names), target.channels, cfg.arch)
+    channels, size = check_input_contract(model, target.channels, cfg.image_size)
+    info.update(prepare_for_transfer(model))
+    info.update(apply_strategy(model, cfg.strategy, k=cfg.freeze_k, seed=cfg.seed))
+    info.update(input_size=[channels, size, size], mean=list(model.pretrained_cfg.mean), std=list(model.pretrained_cfg.std))
+    return model, channels, size, info
+
+
+def _make_loaders(cfg: FinetuneConfig, target: TargetSet, idx: dict[str, np.ndarray], model: nn.Module,
+                  channels: int, size: int) -> dict[str, DataLoader]:
+    """Train (augmented, shuffled with the run seed), val and test loaders over the decoded images."""
+    augment = "gray" if target.channels == 1 else "auto"  # no colour jitter for gray content
+    transforms = {
+        True: build_transform(model.pretrained_cfg, train=True, channels=channels, image_size=size,
+                              augment=augment, hflip=cfg.hflip),
+        False: build_transform(model.pretrained_cfg, train=False, channels=channels, image_size=size),
+    }
+    loaders = {}
+    for name, train in (("train", True), ("val", False), ("test", False)):
+        # "crop": the shorter side to the model's size and a centre square, as the evaluation
+        # transform (and `openmednet predict`) prepare an image; channels were checked (and warned).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ds = LabelledDataset(
+                [(target.images[i], target.labels[i]) for i in idx[name]], channels=channels, image_size=size,
+                transform=transforms[train], class_names=list(target.label_names), resize_mode="crop",
+            )
+        loaders[name] = DataLoader(
+            ds, batch_size=cfg.batch_size, shuffle=train, num_workers=cfg.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed) if train else None,
+            # A last batch of one image breaks BatchNorm in train mode.
+            drop_last=train and len(ds) % cfg.batch_size == 1 and len(ds) > 1,
+        )
+    return loaders
+
+
 def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> FinetuneResult:
     """Fine-tune and evaluate (see the module docstring); returns the run's metrics.
 
@@ -461,57 +500,27 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-
     if target is None:
         target = load_target(cfg.data, format=cfg.format, csv_file=cfg.csv_file, columns=cfg.columns,
                              label_map=cfg.label_map, classes=cfg.classes, max_side=cfg.max_side)
     target, splits, dropped = prepare_splits(target, cfg)
-    train_idx = np.flatnonzero(splits == "train")
+    idx = {name: np.flatnonzero(splits == name) for name in ("train", "val", "test")}
     if cfg.label_fraction is not None or cfg.per_class is not None:
-        train_idx = subsample_train(target.labels, train_idx, fraction=cfg.label_fraction,
-                                    per_class=cfg.per_class, seed=cfg.seed)
-    _write_splits(out, target, splits, train_idx)
+        idx["train"] = subsample_train(target.labels, idx["train"], fraction=cfg.label_fraction,
+                                       per_class=cfg.per_class, seed=cfg.seed)
+    _write_splits(out, target, splits, idx["train"])
 
-    k = len(target.label_names)
-    torch.manual_seed(cfg.seed)  # the new head's initialisation
-    model, init_info = build_init(cfg.init, k, target.channels, cfg.arch)
-    channels, size = check_input_contract(model, target.channels, cfg.image_size)
-    init_info.update(prepare_for_transfer(model))
-    strategy_info = apply_strategy(model, cfg.strategy, k=cfg.freeze_k, seed=cfg.seed)
+    model, channels, size, model_info = _build_model(cfg, target)
     dist = DistEnv(device=torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     model.to(dist.device)
-
-    y = target.y
-    augment = "gray" if target.channels == 1 else "auto"
-    train_tf = build_transform(model.pretrained_cfg, train=True, channels=channels, image_size=size,
-                               augment=augment, hflip=cfg.hflip)
-    eval_tf = build_transform(model.pretrained_cfg, train=False, channels=channels, image_size=size)
-    idx = {"train": train_idx, "val": np.flatnonzero(splits == "val"), "test": np.flatnonzero(splits == "test")}
-
-    def loader(name: str, train: bool) -> DataLoader:
-        # "crop": the shorter side to the model's size and a centre square, as the evaluation
-        # transform (and `openmednet predict`) prepare an image; channels were checked above.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            ds = LabelledDataset(
-                [(target.images[i], target.labels[i]) for i in idx[name]], channels=channels, image_size=size,
-                transform=train_tf if train else eval_tf, class_names=list(target.label_names), resize_mode="crop",
-            )
-        return DataLoader(
-            ds, batch_size=cfg.batch_size, shuffle=train, num_workers=cfg.num_workers,
-            generator=torch.Generator().manual_seed(cfg.seed) if train else None,
-            # A last batch of one image breaks BatchNorm in train mode.
-            drop_last=train and len(ds) % cfg.batch_size == 1 and len(ds) > 1,
-        )
-
-    weights = _class_weights(y[train_idx], k) if cfg.class_weighted else None
-    history, best_epoch = _train(model, {"train": loader("train", True), "val": loader("val", False)}, cfg, weights, dist)
+    loaders = _make_loaders(cfg, target, idx, model, channels, size)
+    weights = _class_weights(target.y[idx["train"]], len(target.label_names)) if cfg.class_weighted else None
+    history, best_epoch = _train(model, loaders, cfg, weights, dist)
     atomic_write_text(out / "history.json", json.dumps(history, indent=1) + "\n")
 
     # The only time the test split is looked at.
-    probs, y_test = predict_proba(model, loader("test", False), dist.device)
-    test_ids = [target.ids[i] for i in idx["test"]]
-    _write_predictions(out, test_ids, target, y_test, probs)
+    probs, y_test = predict_proba(model, loaders["test"], dist.device)
+    _write_predictions(out, [target.ids[i] for i in idx["test"]], target, y_test, probs)
     test = evaluate_predictions(y_test, probs, target.label_names, n_boot=cfg.n_boot, seed=cfg.seed)
     _plots(out, history, best_epoch, test, y_test, probs, target.label_names)
 
@@ -523,11 +532,10 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
         "epochs_run": len(history),
         "data": {
             "root": str(cfg.data), "n_images": len(target), "channels": target.channels,
-            "label_names": list(target.label_names), "counts": _counts(target, splits, train_idx),
+            "label_names": list(target.label_names), "counts": _counts(target, splits, idx["train"]),
             "dropped": dropped, "skipped": target.skipped,
         },
-        "model": {**init_info, **strategy_info, "input_size": [channels, size, size],
-                  "mean": list(model.pretrained_cfg.mean), "std": list(model.pretrained_cfg.std)},
+        "model": model_info,
         "config": to_dict(cfg),
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=True) + "\n")
