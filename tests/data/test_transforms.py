@@ -161,3 +161,5 @@ def test_errors_say_what_to_do(mri):
         build_transform({**COLOR_CFG, "mean": (0.1, 0.2)}, train=False)
     with pytest.raises(KeyError, match="input_size"):
         build_transform({"mean": (0.5,), "std": (0.25,)}, train=False)
+    with pytest.raises(KeyError, match="did you mean 'bicubic'"):
+        build_transform({**GRAY_CFG, "interpolation": "bicubc"}, train=False)

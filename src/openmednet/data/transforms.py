@@ -68,6 +68,8 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
+from openmednet._errors import look_up_option
+
 __all__ = [
     "AUGMENTS",
     "FastColorJitter",
@@ -80,6 +82,7 @@ __all__ = [
 ]
 
 AUGMENTS = ("gray", "color")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 # Ruifrok & Johnston (2001) stain vectors, rows = haematoxylin, eosin, DAB, columns = R, G, B optical
 # density; identical to skimage.color.rgb_from_hed (checked by tests/data/test_transforms.py).
@@ -370,8 +373,8 @@ class MultiViewTransform:
     """Several independently augmented views of one image (for SSL objectives such as SimCLR).
 
     Interchangeable with ``lightly.transforms.MultiViewTransform`` (same call contract), written
-    here because importing ``lightly.transforms`` takes about 10 s on our CPU machines for this
-    one line.
+    here because importing ``lightly.transforms`` took about 10 s on our shared CPU machines
+    (``python -X importtime``) for what is one line.
 
     Args:
         transforms: one transform per view.
@@ -442,7 +445,7 @@ def build_transform(
         image_size)`` tensor normalised with the contract's mean and std.
 
     Raises:
-        KeyError: the contract lacks a field.
+        KeyError: the contract lacks a field, or names an unknown interpolation.
         ValueError: bad channels, size, augment name or mean/std length.
     """
     input_size = tuple(_contract(cfg, "input_size"))
@@ -452,8 +455,8 @@ def build_transform(
         raise ValueError(f"image_size must be positive, got {image_size}")
     mean = _per_channel(_contract(cfg, "mean"), channels, "mean")
     std = _per_channel(_contract(cfg, "std"), channels, "std")
-    interp_name = (cfg.get("interpolation") if isinstance(cfg, Mapping) else getattr(cfg, "interpolation", None))
-    interpolation = InterpolationMode(interp_name or "bilinear")
+    interp_name = cfg.get("interpolation") if isinstance(cfg, Mapping) else getattr(cfg, "interpolation", None)
+    interpolation = InterpolationMode(look_up_option(interp_name or "bilinear", INTERPOLATIONS, "interpolation"))
     if augment == "auto":
         augment = "color" if channels == 3 else "gray"
     if augment is not None and augment not in AUGMENTS:
