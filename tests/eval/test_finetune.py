@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,27 @@ def test_prepare_for_transfer_resets_timm_head_and_bn_momentum() -> None:
     assert info == {"head_reset": 1, "bn_momentum": 0.1}
     assert model.classifier.weight.abs().max() <= bound
     assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
+
+
+def test_load_target_from_npz_keeps_official_splits(shared_data: Path) -> None:
+    target = load_target(shared_data / "gray/targets/pneumoniamnist/pneumoniamnist.npz",
+                         label_map={"0": "normal", "1": "pneumonia"})
+    assert len(target) == 5856 and target.label_names == ("normal", "pneumonia")
+    assert target.ids[0] == "pneumoniamnist.npz#train/0" and target.images[0].shape == (28, 28)
+    splits = Counter(target.given_splits)
+    assert splits == {"train": 4708, "val": 524, "test": 624}
+    cleaned, drawn, dropped = prepare_splits(target, FinetuneConfig(data="unused", out="unused"))
+    assert Counter(drawn) == splits and dropped == {"label_conflicts": [], "near_copies_of_test": []}
+
+
+def test_load_target_from_another_csv(shared_data: Path, tmp_path: Path) -> None:
+    root = shared_data / OPENI
+    rows = [r for r in _rows(shared_data, OPENI) if r["split"] == "train"]
+    rows = rows[:5] + rows[-5:]  # both classes
+    (tmp_path / "meta.csv").write_text(
+        "image_id,dx,patient\n" + "".join(f"{root / r['path']},{r['label']},p{i // 2}\n" for i, r in enumerate(rows))
+    )
+    target = load_target(tmp_path, format="csv", csv_file="meta.csv",
+                         columns={"path": "image_id", "label": "dx", "group": "patient"})
+    assert list(target.labels) == [r["label"] for r in rows]
+    assert target.groups[:4] == ["p0", "p0", "p1", "p1"]
