@@ -198,7 +198,7 @@ def test_load_target_from_npz_keeps_official_splits(shared_data: Path) -> None:
     assert target.ids[0] == "pneumoniamnist.npz#train/0" and target.images[0].shape == (28, 28)
     splits = Counter(target.given_splits)
     assert splits == {"train": 4708, "val": 524, "test": 624}
-    cleaned, drawn, dropped = prepare_splits(target, FinetuneConfig(data="unused", out="unused"))
+    _, drawn, dropped = prepare_splits(target, FinetuneConfig(data="unused", out="unused"))
     assert Counter(drawn) == splits and dropped == {"label_conflicts": [], "near_copies_of_test": []}
 
 
