@@ -315,9 +315,10 @@ def _write_report(out: Path, result: dict[str, Any]) -> None:
     for target in dict.fromkeys(r["target"] for r in result["summary"]):
         rows = [r for r in result["summary"] if r["target"] == target]
         dropped = next(a["dropped"] for a in result["arms"] if a["target"] == target)
-        lines += [f"## {target}", "",
-                  f"Left out of every arm: {dropped['label_conflicts']} images with conflicting labels, "
-                  f"{dropped['near_copies_of_test']} training/validation near-copies of test images.", "", "| init | strategy | budget | train images | seeds | AUROC (macro) | balanced accuracy | ECE |",
+        left_out = (f"Left out of every arm: {dropped['label_conflicts']} images with conflicting labels, "
+                    f"{dropped['near_copies_of_test']} training/validation near-copies of test images.")
+        lines += [f"## {target}", "", left_out, "",
+                  "| init | strategy | budget | train images | seeds | AUROC (macro) | balanced accuracy | ECE |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['init']} | {r['strategy']} | {r['budget']} | {r['n_train']:.0f} | {r['seeds']} | "
                   f"{_fmt(r['auroc_macro'])} | {_fmt(r['balanced_accuracy'])} | {_fmt(r['ece'])} |" for r in rows]
