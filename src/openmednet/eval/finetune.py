@@ -122,7 +122,8 @@ class FinetuneConfig:
         hflip: random horizontal flips (turn off for laterality labels).
         n_boot: bootstrap resamples for the test intervals (0 = none).
         format, csv_file, columns, label_map, classes: how to read ``data`` (see ``load_target``).
-        max_side: shorter-side cap of images kept in memory.
+        max_side: shorter-side cap of images kept in memory; keep it >= the input size (raise it
+            to 299 or more for InceptionV3), or images are upsampled from this size.
         precision: ``fp32``, ``bf16`` (CPU or GPU) or ``fp16`` (GPU).
         num_workers: DataLoader worker processes.
         device: ``cpu``, ``cuda`` or ``None`` (CUDA if available).
