@@ -126,12 +126,34 @@ def make_step(model: nn.Module, phase: str, mode: str, batch: int, size: int) ->
     return train
 
 
-def variant(base: str, kind: str) -> nn.Module:
-    """``base`` built plain, fused for inference, or compiled."""
+def prepare(base: str, kind: str, phase: str, mode: str, batch: int, size: int) -> tuple[Callable[[], None], float | None]:
+    """Build ``base`` as ``kind`` (plain, fused, compile) and return its step and compile seconds.
+
+    For ``compile`` the first call (which compiles) is timed and returned; it is not a warm-up
+    that the timed steps would otherwise absorb.
+    """
     model = build(base)
     if kind == "fused":
-        return model.eval().fuse_for_inference()
-    return model
+        model = model.eval().fuse_for_inference()
+    if kind != "compile":
+        return make_step(model, phase, mode, batch, size), None
+    step = make_step(torch.compile(model), phase, mode, batch, size)
+    start = time.perf_counter()
+    step()
+    return step, time.perf_counter() - start
+
+
+def measure(step: Callable[[], None], gflops_img: float, batch: int, ref: MatmulReference,
+            args: argparse.Namespace) -> tuple[float, float, float]:
+    """Images/s, fraction of the bf16 matmul rate, and the median matmul FLOP/s, for one row.
+
+    The load of a shared machine drifts: every timed step is paired with a matmul measured right
+    after it, and the fraction is the median of the per-pair ratios.
+    """
+    timing, rates = time_paired(step, ref, warmup=args.warmup, iters=args.iters)
+    work = gflops_img * 1e9 * batch
+    frac = statistics.median(work / t / r for t, r in zip(timing.times, rates))
+    return batch / timing.median, frac, statistics.median(rates)
 
 
 # --------------------------------------------------------------------------------- the grid
@@ -154,24 +176,13 @@ def run_grid(args: argparse.Namespace, ref: MatmulReference, log: Callable[[str]
                             continue
                         label = base if kind == "plain" else f"{base}+{kind}"
                         key = (label, size, mode, phase, batch)
-                        model = variant(base, kind)
                         fkey = (base, size, phase)
-                        if fkey not in flops:
+                        if fkey not in flops:  # useful FLOPs of the plain model, for every variant
                             flops[fkey] = flops_per_image(build(base), size, phase)
-                        step = make_step(model, phase, mode, batch, size)
-                        if kind == "compile":
-                            compiled = torch.compile(model)
-                            step = make_step(compiled, phase, mode, batch, size)
-                            t0 = time.perf_counter()
-                            step()  # first call compiles
-                            compile_s[key] = time.perf_counter() - t0
-                        # The load of a shared machine drifts: pair every timed step with a
-                        # matmul measured right after it and take the median of the ratios.
-                        timing, rates = time_paired(step, ref, warmup=args.warmup, iters=args.iters)
-                        img_s = batch / timing.median
-                        work = flops[fkey] * 1e9 * batch
-                        frac = statistics.median(work / t / r for t, r in zip(timing.times, rates))
-                        matmul = statistics.median(rates)
+                        step, seconds = prepare(base, kind, phase, mode, batch, size)
+                        if seconds is not None:
+                            compile_s[key] = seconds
+                        img_s, frac, matmul = measure(step, flops[fkey], batch, ref, args)
                         samples.setdefault(key, []).append((img_s, frac))
                         log(f"[{rep + 1}/{args.repeats}] {label:22s} {size:4d}px {mode:7s} {phase:5s} "
                             f"b{batch:<3d} {img_s:8.1f} img/s  fraction {frac:.3f}  (matmul {matmul / 1e9:.0f} GFLOP/s)")
