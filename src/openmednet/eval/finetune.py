@@ -512,6 +512,8 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
     _write_splits(out, target, splits, idx["train"])
 
     model, channels, size, model_info = _build_model(cfg, target)
+    if cfg.max_side is not None and size > cfg.max_side:
+        warnings.warn(f"input size {size} exceeds max_side={cfg.max_side}: images are upsampled; raise max_side", stacklevel=2)
     dist = DistEnv(device=torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     model.to(dist.device)
     loaders = _make_loaders(cfg, target, idx, model, channels, size)
