@@ -102,7 +102,7 @@ def make_step(model: nn.Module, phase: str, mode: str, batch: int, size: int) ->
     model = model.to(memory_format=fmt)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, in_chans(model), size, size, generator=gen).contiguous(memory_format=fmt)
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     if phase == "infer":
         model.eval()
 
@@ -243,9 +243,11 @@ def report(rows: list[Row], compile_s: dict, ablation: list, ref: MatmulReferenc
     parts = [
         f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        f"Environment: {environment()}; run time {seconds:.0f} s; bf16 matmul reference "
-        f"(n={ref.n}) median {ref.median / 1e9:.0f} GFLOP/s, range {min(ref.history) / 1e9:.0f}-"
-        f"{max(ref.history) / 1e9:.0f} over {len(ref.history)} measurements (one after every timed step).",
+        (
+            f"Environment: {environment()}; run time {seconds:.0f} s; bf16 matmul reference "
+            f"(n={ref.n}) median {ref.median / 1e9:.0f} GFLOP/s, range {min(ref.history) / 1e9:.0f}-"
+            f"{max(ref.history) / 1e9:.0f} over {len(ref.history)} measurements (one after every timed step)."
+        ),
         "",
         markdown_table(["model", "params (M)"] + [f"GFLOPs/img {s} px" for s in args.sizes],
                        [[m, f"{sum(p.numel() for p in build(m).parameters()) / 1e6:.2f}"]
@@ -284,8 +286,8 @@ def report(rows: list[Row], compile_s: dict, ablation: list, ref: MatmulReferenc
         parts += ["", "torch.compile time (first call): "
                   + ", ".join(f"{k[0]} {k[1]}px {k[2]} {k[3]}: {v:.0f} s" for k, v in compile_s.items())]
     if ablation:
-        parts += ["", "Ablation, training step: four branch convs separate (as shipped) vs merged into one "
-                  "zero-padded 7x7 conv (interleaved A/B pairs, medians; > 1x means merging is faster):", "",
+        parts += ["", ("Ablation, training step: four branch convs separate (as shipped) vs merged into one "
+                       "zero-padded 7x7 conv (interleaved A/B pairs, medians; > 1x means merging is faster):"), "",
                   markdown_table(["model", "px", "mode", "batch", "img/s separate", "img/s merged", "merged speed-up",
                                   "pairs where merged was faster"], ablation)]
     return "\n".join(parts) + "\n"
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 -- progress on stderr
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # progress on stderr
     start = time.perf_counter()
     ref = MatmulReference(dtype=torch.bfloat16)
     rows, compile_s = run_grid(args, ref, log)

@@ -23,7 +23,7 @@ from openmednet.models.describe import (
 from openmednet.models.mednet import CONNECTIONS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
-EDGE = re.compile(r'^\s*b(\d) (-->|-\.->)\|"c(\d)_(\d): ([^"]+)"\| b(\d)$', re.M)
+EDGE = re.compile(r'^\s*b(\d) (-->|-\.->)\|"c(\d)_(\d): ([^"]+)"\| b(\d)$', re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def model():
 def test_diagram_has_stem_eight_blocks_twelve_connections_and_head(model):
     text = mermaid_diagram(model)
     assert text.startswith("flowchart TB")
-    nodes = re.findall(r'^\s*b(\d)\["', text, re.M)
+    nodes = re.findall(r'^\s*b(\d)\["', text, re.MULTILINE)
     assert nodes == [str(i) for i in range(9)]  # stem (b0) + blocks 1..8, in order
     for i in range(1, 9):
         assert f"b{i - 1} --> b{i}\n" in text  # the main path

@@ -72,7 +72,7 @@ def test_fused_copy_folds_every_conv_bn_pair_and_leaves_original(model_and_image
     keys_before = list(model.state_dict())
     fused = model.fuse_for_inference()
     assert list(model.state_dict()) == keys_before  # original layout untouched (weights stay loadable)
-    n_bn = lambda m: sum(isinstance(x, nn.BatchNorm2d) for x in m.modules())  # noqa: E731
+    n_bn = lambda m: sum(isinstance(x, nn.BatchNorm2d) for x in m.modules())
     # 34 conv-BN-ReLU (2 stem + 32 branches) and 10 connection BNs folded; 8 block BNs remain.
     assert n_bn(model) == 34 + 10 + 8
     assert n_bn(fused) == 8

@@ -40,7 +40,7 @@ __all__ = [
 
 # A generated section of a markdown file: <!-- generated:NAME --> ... <!-- /generated:NAME -->
 _SECTION = re.compile(
-    r"(?P<open><!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?\n)??(?P<close><!-- /generated:(?P=name) -->)", re.S
+    r"(?P<open><!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?\n)??(?P<close><!-- /generated:(?P=name) -->)", re.DOTALL
 )
 
 
@@ -162,8 +162,10 @@ def mermaid_diagram(model: MedNet, direction: str = "TB") -> str:
     lines = [
         f"flowchart {direction}",
         f'  in[/"input (B, {model.in_chans}, H, W)"/]',
-        f'  b0["stem: {c1.kernel_size[0]}x{c1.kernel_size[0]} conv s{c1.stride[0]} -> {c1.out_channels} ch, '
-        f'{c2.kernel_size[0]}x{c2.kernel_size[0]} conv s{c2.stride[0]} -> {c2.out_channels} ch"]',
+        (
+            f'  b0["stem: {c1.kernel_size[0]}x{c1.kernel_size[0]} conv s{c1.stride[0]} -> {c1.out_channels} ch, '
+            f'{c2.kernel_size[0]}x{c2.kernel_size[0]} conv s{c2.stride[0]} -> {c2.out_channels} ch"]'
+        ),
         "  in --> b0",
     ]
     for i, block in enumerate(model.blocks, start=1):
