@@ -10,6 +10,7 @@ from torchvision.transforms import v2
 
 from openmednet.data.transforms import (
     RGB_FROM_HED,
+    BatchAugment,
     FastColorJitter,
     RandomGamma,
     build_multiview_transform,
@@ -144,10 +145,65 @@ def test_multiview_gives_independent_views(histology):
     assert not torch.equal(views[0], views[1])
 
 
-def test_hflip_can_be_disabled():
-    kinds = [type(t) for t in build_transform(GRAY_CFG, train=True, hflip=False).transforms]
+def test_hflip_can_be_disabled(mri):
+    kinds = [type(t) for t in build_transform(GRAY_CFG, train=True, hflip=False, batched=False).transforms]
     assert v2.RandomHorizontalFlip not in kinds
-    assert v2.RandomHorizontalFlip in [type(t) for t in build_transform(GRAY_CFG, train=True).transforms]
+    assert v2.RandomHorizontalFlip in [type(t) for t in build_transform(GRAY_CFG, train=True, batched=False).transforms]
+    # batched: with the same seeds, outputs differ exactly where a flip was drawn
+    seeds = list(range(16))
+    images = mri[None].expand(16, -1, -1, -1)
+    flipping, fixed = build_transform(GRAY_CFG, train=True), build_transform(GRAY_CFG, train=True, hflip=False)
+    drawn_flip = (flipping.draw(16, seeds)[:, 4] < 0.5).tolist()
+    same = [torch.equal(a, b) for a, b in zip(flipping.batch(images, seeds), fixed.batch(images, seeds))]
+    assert same == [not f for f in drawn_flip] and 0 < sum(drawn_flip) < 16
+
+
+def _identity_draws(n: int, flip: bool) -> torch.Tensor:
+    """Uniforms giving a full, square, unrotated crop (and unit photometric factors)."""
+    u = torch.full((n, 19), 0.5)
+    u[:, 4] = 0.1 if flip else 0.9  # flip drawn when < 0.5
+    u[:, 10] = u[:, 12] = 0.9  # gamma and HED not applied
+    return u
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_batch_geometry_is_exact_for_the_identity_crop(mri, flip):
+    augment = BatchAugment(channels=1, image_size=64, mean=(0.0,), std=(1.0,), augment="gray", crop_scale=(1.0, 1.0))
+    x = mri[None].float() / 255
+    out = augment._geometry(x, _identity_draws(1, flip))
+    torch.testing.assert_close(out, x.flip(-1) if flip else x, rtol=0, atol=1e-5)
+
+
+def test_batch_augment_per_image_equals_batch_and_depends_only_on_seed(mri, histology):
+    gray = build_transform(GRAY_CFG, train=True)
+    color = build_transform(COLOR_CFG, train=True)
+    assert isinstance(gray, BatchAugment) and isinstance(color, BatchAugment)
+    for augment, image in ((gray, mri), (color, histology)):
+        images = torch.stack([image, image.flip(-2), image.flip(-1)])
+        out = augment.batch(images, [11, 22, 33])
+        assert out.shape == (3, image.shape[0], 64, 64) and out.dtype == torch.float32
+        alone = augment.batch(images[1:2], [22])[0]
+        torch.testing.assert_close(out[1], alone, rtol=0, atol=1e-5)
+        assert not torch.equal(out[1], augment.batch(images[1:2], [23])[0])
+
+
+def test_batch_gray_augment_invents_no_colour(mri):
+    augment = build_transform(GRAY_CFG, train=True, channels=3, augment="gray")
+    out = augment.batch(mri[None].expand(8, -1, -1, -1), list(range(8)))
+    assert out.shape == (8, 3, 64, 64)
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])
+
+
+def test_batch_colour_augment_applies_hed_like_the_per_image_function(histology):
+    augment = build_transform({**COLOR_CFG, "mean": (0.0,), "std": (1.0,)}, train=True, crop_scale=(1.0, 1.0))
+    u = _identity_draws(1, flip=False)
+    u[:, 12] = 0.1  # HED applied
+    u[:, 13:19] = torch.tensor([0.9, 0.2, 0.5, 0.7, 0.3, 0.5])
+    x = histology[None].float() / 255
+    out = augment._photometric(augment._geometry(x, u), u)
+    ab = (2 * u[0, 13:19] - 1) * 0.05
+    expected = hed_jitter(x[0], 1 + ab[:3], ab[3:])
+    torch.testing.assert_close(out[0], expected, rtol=0, atol=1e-5)
 
 
 def test_errors_say_what_to_do(mri):

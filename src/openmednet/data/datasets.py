@@ -24,7 +24,7 @@ from openmednet.data.readers import SkipImage
 from openmednet.data.shards import SPLITS, UNLABELLED, CorpusArrays
 from openmednet.data.sources import SourceItem, read_item
 
-__all__ = ["CorpusDataset", "LabelledDataset", "apply_transform"]
+__all__ = ["CorpusDataset", "LabelledDataset", "apply_batch_transform", "apply_transform"]
 
 
 Transform = Callable[[Tensor], Any]
@@ -57,6 +57,27 @@ def apply_transform(transform: Transform | None, image: Tensor, seed: int | None
         return transform(image)
     finally:
         generator.set_state(state)
+
+
+def apply_batch_transform(transform: Any, images: Tensor, seeds: list[int | None]) -> list[Any]:
+    """``transform.batch(images, seeds)`` split back into one output per image.
+
+    Args:
+        transform: a transform with ``supports_batch`` (``BatchAugment``, ``MultiViewTransform``).
+        images: ``(B, C, H, W)`` uint8.
+        seeds: one per image; all ``None`` draws from torch's global generator instead.
+
+    Returns:
+        ``B`` outputs: tensors, or lists of views for a multi-view transform.
+    """
+    out = transform.batch(images, None if any(s is None for s in seeds) else seeds)
+    if isinstance(out, list):  # views: list over views of (B, ...) -> list over images of views
+        return [[view[j] for view in out] for j in range(len(images))]
+    return list(out.unbind(0))
+
+
+def _batched(transform: Any) -> bool:
+    return bool(getattr(transform, "supports_batch", False))
 
 
 class CorpusDataset(Dataset):
@@ -139,6 +160,15 @@ class CorpusDataset(Dataset):
         i, seed = _split_key(key)
         image = torch.from_numpy(self.arrays.image(int(self.indices[i])))
         return apply_transform(self.transform, image, seed), int(self.labels[i]), int(self.sources[i])
+
+    def __getitems__(self, keys: list[Key]) -> list[tuple[Any, int, int]]:
+        """A batch of items (the DataLoader calls this): batched transforms run once per batch."""
+        if not _batched(self.transform):
+            return [self[k] for k in keys]
+        index, seeds = zip(*map(_split_key, keys))
+        images = torch.from_numpy(np.stack([self.arrays.image(int(self.indices[i])) for i in index]))
+        outputs = apply_batch_transform(self.transform, images, list(seeds))
+        return [(o, int(self.labels[i]), int(self.sources[i])) for o, i in zip(outputs, index)]
 
 
 def _origin(item: SourceItem, frame: int) -> str:
@@ -272,3 +302,12 @@ class LabelledDataset(Dataset):
     def __getitem__(self, key: Key) -> tuple[Any, int]:
         i, seed = _split_key(key)
         return apply_transform(self.transform, torch.from_numpy(self.images[i]), seed), int(self.labels[i])
+
+    def __getitems__(self, keys: list[Key]) -> list[tuple[Any, int]]:
+        """A batch of items (the DataLoader calls this): batched transforms run once per batch."""
+        if not _batched(self.transform):
+            return [self[k] for k in keys]
+        index, seeds = zip(*map(_split_key, keys))
+        images = torch.from_numpy(self.images[list(index)])
+        outputs = apply_batch_transform(self.transform, images, list(seeds))
+        return [(o, int(self.labels[i])) for o, i in zip(outputs, index)]
