@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -36,6 +37,8 @@ def register(app: typer.Typer) -> None:
         except NonFiniteLossError as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(3) from None
+        if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+            return
         if history:
             last = history[-1]
             summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))

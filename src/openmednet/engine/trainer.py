@@ -451,7 +451,7 @@ def fit(
         log_every_steps: step-record interval (0 = epoch records only).
         resume: continue from ``run_dir/checkpoint-last.pt`` when it exists.
         monitor: ``model -> metrics`` run by rank 0 after an epoch (e.g. ``KnnMonitor``); other ranks
-            wait at a barrier.
+            may pass ``None``.
         monitor_every_epochs: run the monitor every N epochs (and after the last).
         checkpoint_meta: plain-typed entries stored in every checkpoint (``model_name``,
             ``model_args``, ``config``, ``extra``).
@@ -538,10 +538,10 @@ def fit(
             record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": state.step}
             record.update({f"train/{k}": v for k, v in train_metrics.items()})
             last = epoch == epochs - 1
-            if monitor is not None and ((epoch + 1) % monitor_every_epochs == 0 or last):
-                if dist.is_main:
-                    record.update(monitor(unwrap_model(model)))
-                dist.barrier()
+            # Only rank 0 holds a monitor (the others pass None); they wait for it in the next
+            # collective (the checkpoint's gather), so no barrier that only some ranks would reach.
+            if dist.is_main and monitor is not None and ((epoch + 1) % monitor_every_epochs == 0 or last):
+                record.update(monitor(unwrap_model(model)))
             record["time_s"] = time.perf_counter() - t0
             history.append(record)
             metrics_log.write(record)
