@@ -211,28 +211,38 @@ def _merged_branches_forward(self: nn.Module, x: torch.Tensor, connections=()) -
     return self.bn(torch.cat([y, *connections], dim=1))
 
 
+def _merged_copy(model: nn.Module, blocks: slice) -> nn.Module:
+    """A copy of ``model`` whose ``blocks`` run their branches as one conv (instance-level override:
+    the library class is untouched)."""
+    merged = copy.deepcopy(model)
+    for block in list(merged.blocks)[blocks]:
+        block.forward = types.MethodType(_merged_branches_forward, block)
+    return merged
+
+
 def run_ablation(args: argparse.Namespace, log: Callable[[str], None]) -> list[list[object]]:
-    """Interleaved A/B of separate vs merged branch convs, training step, per size and mode."""
+    """Interleaved A/B/C: separate branch convs vs merged in all blocks vs merged in stage 1 only
+    (the 8-channel branches on the largest maps), training step, per size and mode."""
     out = []
     base = next((m for m in args.models if m.startswith("mednet")), "mednet_color")
     for size in args.sizes:
         for mode in args.modes:
             batch = args.train_batch[size]
             sep = build(base)
-            merged = copy.deepcopy(sep)
-            for block in merged.blocks:  # instance-level override: the library class is untouched
-                block.forward = types.MethodType(_merged_branches_forward, block)
-            steps = {"separate": make_step(sep, "train", mode, batch, size),
-                     "merged": make_step(merged, "train", mode, batch, size)}
+            arms = {"separate": sep, "merged": _merged_copy(sep, slice(None)), "stage 1 merged": _merged_copy(sep, slice(0, 2))}
+            steps = {k: make_step(m, "train", mode, batch, size) for k, m in arms.items()}
             times: dict[str, list[float]] = {k: [] for k in steps}
             for _ in range(max(5, args.repeats)):
                 for k, step in steps.items():
                     times[k].append(time_fn(step, warmup=args.warmup, iters=args.iters).median)
-            t_sep, t_merged = (statistics.median(times[k]) for k in ("separate", "merged"))
-            wins = sum(b < a for a, b in zip(times["separate"], times["merged"]))
-            out.append([base, size, mode, batch, f"{batch / t_sep:.1f}", f"{batch / t_merged:.1f}",
-                        f"{t_sep / t_merged:.2f}x", f"{wins}/{len(times['merged'])}"])
-            log(f"ablation {size}px {mode}: merged speed-up {t_sep / t_merged:.2f}x, faster in {wins} pairs")
+            t_sep = statistics.median(times["separate"])
+            row: list[object] = [base, size, mode, batch, f"{batch / t_sep:.1f}"]
+            for arm in ("merged", "stage 1 merged"):
+                t_arm = statistics.median(times[arm])
+                wins = sum(b < a for a, b in zip(times["separate"], times[arm]))
+                row += [f"{batch / t_arm:.1f}", f"{t_sep / t_arm:.2f}x ({wins}/{len(times[arm])})"]
+            out.append(row)
+            log(f"ablation {size}px {mode}: {row[5:]}")
     return out
 
 
@@ -248,19 +258,34 @@ def report(rows: list[Row], compile_s: dict, ablation: list, ref: MatmulReferenc
             f"(n={ref.n}) median {ref.median / 1e9:.0f} GFLOP/s, range {min(ref.history) / 1e9:.0f}-"
             f"{max(ref.history) / 1e9:.0f} over {len(ref.history)} measurements (one after every timed step)."
         ),
-        "",
-        markdown_table(["model", "params (M)"] + [f"GFLOPs/img {s} px" for s in args.sizes],
-                       [[m, f"{sum(p.numel() for p in build(m).parameters()) / 1e6:.2f}"]
-                        + [f"{r.gflops_per_img:.3f}" for s in args.sizes for r in rows
-                           if r.model == m and r.size == s and r.phase == "infer" and r.mode == args.modes[0]]
-                        for m in args.models]) if "infer" in args.phases else "",
-        "",
-        markdown_table(
-            ["model", "px", "mode", "phase", "batch", "img/s", "GFLOP/s", "fraction of bf16 matmul"],
-            [[r.model, r.size, r.mode, r.phase, r.batch, f"{r.img_per_s:.1f}", f"{r.gflop_per_s:.1f}",
-              f"{r.fraction:.3f}"] for r in rows],
-        ),
     ]
+    if rows:
+        parts += _grid_tables(rows, args)
+    if ablation:
+        parts += ["", ("Ablation, training step: four branch convs separate (as shipped) vs merged into one "
+                       "zero-padded 7x7 conv in every block, or in stage 1 only (interleaved rounds, medians; "
+                       "speed-up > 1x means merging is faster; in brackets, rounds where it was faster):"), "",
+                  markdown_table(["model", "px", "mode", "batch", "img/s separate", "img/s merged", "speed-up",
+                                  "img/s stage 1 merged", "speed-up"], ablation)]
+    if compile_s:
+        parts += ["", "torch.compile time (first call): "
+                  + ", ".join(f"{k[0]} {k[1]}px {k[2]} {k[3]}: {v:.0f} s" for k, v in compile_s.items())]
+    return "\n".join(parts) + "\n"
+
+
+def _grid_tables(rows: list[Row], args: argparse.Namespace) -> list[str]:
+    """Params/FLOPs, every row, MedNet vs ResNet-18, and MedNet before/after tables."""
+    parts = ["", markdown_table(["model", "params (M)"] + [f"GFLOPs/img {s} px" for s in args.sizes],
+                                [[m, f"{sum(p.numel() for p in build(m).parameters()) / 1e6:.2f}"]
+                                 + [f"{r.gflops_per_img:.3f}" for s in args.sizes for r in rows
+                                    if r.model == m and r.size == s and r.phase == "infer" and r.mode == args.modes[0]]
+                                 for m in args.models]) if "infer" in args.phases else "",
+             "",
+             markdown_table(
+                 ["model", "px", "mode", "phase", "batch", "img/s", "GFLOP/s", "fraction of bf16 matmul"],
+                 [[r.model, r.size, r.mode, r.phase, r.batch, f"{r.img_per_s:.1f}", f"{r.gflop_per_s:.1f}",
+                   f"{r.fraction:.3f}"] for r in rows],
+             )]
     by = {(r.model, r.size, r.mode, r.phase): r for r in rows}
     mednet = next((m for m in args.models if m.startswith("mednet")), None)
     if mednet and "resnet18" in args.models:
@@ -282,15 +307,7 @@ def report(rows: list[Row], compile_s: dict, ablation: list, ref: MatmulReferenc
                                 f"{r.img_per_s / before.img_per_s:.2f}x"])
         parts += ["", f"Before/after for {mednet} (before = fp32 NCHW, unfused):", "",
                   markdown_table(["after", "px", "phase", "img/s before", "img/s after", "speed-up"], ba_rows)]
-    if compile_s:
-        parts += ["", "torch.compile time (first call): "
-                  + ", ".join(f"{k[0]} {k[1]}px {k[2]} {k[3]}: {v:.0f} s" for k, v in compile_s.items())]
-    if ablation:
-        parts += ["", ("Ablation, training step: four branch convs separate (as shipped) vs merged into one "
-                       "zero-padded 7x7 conv (interleaved A/B pairs, medians; > 1x means merging is faster):"), "",
-                  markdown_table(["model", "px", "mode", "batch", "img/s separate", "img/s merged", "merged speed-up",
-                                  "pairs where merged was faster"], ablation)]
-    return "\n".join(parts) + "\n"
+    return parts
 
 
 def _size_map(text: str) -> dict[int, int]:
@@ -316,6 +333,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-fused", action="store_true", help="skip the MedNet+fused inference rows")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows for MedNet (slow to compile)")
     p.add_argument("--ablate", action="store_true", help="A/B of merging the four branch convs into one")
+    p.add_argument("--ablate-only", action="store_true", help="run only the ablation, not the grid")
     p.add_argument("--out", type=Path, help="also write the markdown report here")
     args = p.parse_args(argv)
     for mode in args.modes:
@@ -337,8 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # progress on stderr
     start = time.perf_counter()
     ref = MatmulReference(dtype=torch.bfloat16)
-    rows, compile_s = run_grid(args, ref, log)
-    ablation = run_ablation(args, log) if args.ablate else []
+    rows, compile_s = ([], {}) if args.ablate_only else run_grid(args, ref, log)
+    ablation = run_ablation(args, log) if args.ablate or args.ablate_only else []
     text = report(rows, compile_s, ablation, ref, args, time.perf_counter() - start)
     print(text)
     if args.out:
