@@ -380,10 +380,16 @@ def _export_backbone(backbone: nn.Module, out: Path, cfg: PretrainConfig, corpus
         state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
         atomic_write_bytes(out / "backbone" / "model.safetensors", save(state))
         return
+    from openmednet.data.fingerprint import save_corpus_fingerprint
+
+    # The corpus' pHashes travel with the weights, so users without the corpus can still check
+    # that their test images were not pre-trained on (see openmednet.data.fingerprint).
+    fingerprint = out / "backbone" / "model.corpus.npz"
+    save_corpus_fingerprint(corpus, fingerprint)
     save_pretrained(
         backbone, out / "backbone", architecture=cfg.model.name, data=(corpus.name,),
         objective=f"{cfg.objective.kind}" + (f"/{cfg.objective.heads}" if cfg.objective.kind != "simclr" else ""),
-        epochs=cfg.train.epochs, metrics=metrics, input_size=contract_size,
+        epochs=cfg.train.epochs, metrics=metrics, input_size=contract_size, corpus_fingerprint=fingerprint,
     )
 
 

@@ -1,7 +1,7 @@
 """Models: MedNet and the baselines it is compared with, behind one registry."""
 
 from openmednet.models import baselines  # noqa: F401  (registers the timm baselines)
-from openmednet.models._builder import load_pretrained, package_weights_dir
+from openmednet.models._builder import corpus_fingerprint_file, load_pretrained, package_weights_dir
 from openmednet.models._pretrained import PretrainedCfg
 from openmednet.models._registry import (
     create_model,
@@ -18,6 +18,7 @@ from openmednet.models._weights import (
     adapt_input_conv,
     load_weights,
     read_model_card,
+    record_corpus_fingerprint,
     save_pretrained,
 )
 from openmednet.models.mednet import MedNet
@@ -31,6 +32,7 @@ __all__ = [
     "PretrainedCfg",
     "WeightsUnavailableError",
     "adapt_input_conv",
+    "corpus_fingerprint_file",
     "create_model",
     "get_pretrained_cfg",
     "is_model",
@@ -40,6 +42,7 @@ __all__ = [
     "load_weights",
     "package_weights_dir",
     "read_model_card",
+    "record_corpus_fingerprint",
     "register_model",
     "register_shipped_weights",
     "save_pretrained",

@@ -36,9 +36,10 @@ from openmednet.models._weights import (
     load_weights,
     read_model_card,
     resolve_card_path,
+    verify_sha256,
 )
 
-__all__ = ["build_model", "load_pretrained", "package_weights_dir"]
+__all__ = ["build_model", "corpus_fingerprint_file", "load_pretrained", "package_weights_dir"]
 
 _logger = logging.getLogger(__name__)
 
@@ -164,6 +165,46 @@ def load_pretrained(
     return create_model(
         card.architecture, pretrained_file=path, num_classes=num_classes, in_chans=in_chans, **kwargs
     )
+
+
+def corpus_fingerprint_file(weights: str | Path) -> Path | None:
+    """The pre-training corpus fingerprint of a weight set, its SHA-256 verified now.
+
+    Only the file is located and checked here; reading it is ``openmednet.data.fingerprint``'s job
+    (models do not depend on the data layer).
+
+    Args:
+        weights: a registered name (``"mednet_gray"`` for its default weight set, or
+            ``"mednet_gray.<tag>"``), or a ``save_pretrained`` directory / model card.
+
+    Returns:
+        The fingerprint path, or ``None`` when the weights declare none (or the architecture has no
+        registered weights).
+
+    Raises:
+        KeyError: unknown model or weight set.
+        FileNotFoundError: the card names a fingerprint file that is missing.
+        ValueError: the fingerprint's checksum does not match its card.
+    """
+    from openmednet.models._registry import get_pretrained_cfg
+
+    path = Path(weights)
+    cfg = _card_cfg(path) if resolve_card_path(path).suffix == ".json" and path.exists() else None
+    if cfg is None and not path.exists():
+        cfg = get_pretrained_cfg(str(weights), allow_missing=True)
+    entry = (cfg.meta.get("corpus_fingerprint") if cfg is not None else None) or None
+    if entry is None:
+        return None
+    fingerprint = Path(entry["file"])
+    if cfg.source == "package" and not fingerprint.is_absolute():
+        fingerprint = package_weights_dir() / fingerprint
+    if not fingerprint.is_file():
+        raise FileNotFoundError(
+            f"the model card of '{weights}' names the corpus fingerprint {fingerprint.name}, which is missing "
+            f"next to the weights: copy it there (it is written with the weights) or reinstall the package"
+        )
+    verify_sha256(fingerprint, entry["sha256"])
+    return fingerprint
 
 
 # --------------------------------------------------------------------------------- sources

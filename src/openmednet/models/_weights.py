@@ -22,7 +22,7 @@ import json
 import logging
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ __all__ = [
     "load_state_dict_adapted",
     "load_weights",
     "read_model_card",
+    "record_corpus_fingerprint",
     "resolve_card_path",
     "save_pretrained",
     "verify_sha256",
@@ -53,6 +54,8 @@ _logger = logging.getLogger(__name__)
 MODEL_CARD_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
+#: Ending of the pre-training corpus fingerprint written next to weights (``openmednet.data.fingerprint``).
+FINGERPRINT_SUFFIX = ".corpus.npz"
 
 # First bytes of the two torch.save formats: a zip archive (torch >= 1.6) or a raw pickle stream
 # (protocol 2+ starts with 0x80). safetensors files start with an 8-byte header length instead.
@@ -94,6 +97,9 @@ class ModelCard:
         data: training data sources (names or manifest paths).
         objective: training objective, e.g. ``"supervised multi-source"`` or ``"simclr"``.
         epochs: training epochs.
+        corpus_fingerprint: file name (next to the card) of the pre-training corpus' fingerprint
+            (``<stem>.corpus.npz``: pHashes of every pre-training image, for leakage checks).
+        corpus_fingerprint_sha256: its hex SHA-256, verified when the fingerprint is used.
         metrics: evaluation results, ``{"name": value}``.
         license: licence of the weights.
         created: UTC time of saving (ISO 8601).
@@ -121,6 +127,8 @@ class ModelCard:
     data: tuple[str, ...] = ()
     objective: str = ""
     epochs: int | None = None
+    corpus_fingerprint: str | None = None
+    corpus_fingerprint_sha256: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     license: str = "unknown"
     created: str = ""
@@ -155,6 +163,10 @@ class ModelCard:
                 "data": list(self.data),
                 "objective": self.objective,
                 "epochs": self.epochs,
+                "corpus_fingerprint": (
+                    {"file": self.corpus_fingerprint, "sha256": self.corpus_fingerprint_sha256}
+                    if self.corpus_fingerprint else None
+                ),
                 "created": self.created,
                 "software": dict(self.software),
             },
@@ -199,6 +211,8 @@ class ModelCard:
                 data=tuple(prov["data"]),
                 objective=prov["objective"],
                 epochs=prov["epochs"],
+                corpus_fingerprint=(prov.get("corpus_fingerprint") or {}).get("file"),
+                corpus_fingerprint_sha256=(prov.get("corpus_fingerprint") or {}).get("sha256"),
                 metrics=dict(d.get("metrics", {})),
                 license=d.get("license", "unknown"),
                 created=prov.get("created", ""),
@@ -215,8 +229,13 @@ class ModelCard:
 
         Args:
             source: ``PretrainedCfg.source``, e.g. ``"package"`` for shipped weights.
-            file: path of the weights file (defaults to :attr:`weights_file`).
+            file: path of the weights file (defaults to :attr:`weights_file`); the corpus
+                fingerprint, if any, is recorded in ``meta`` as a path in the same folder.
         """
+        fingerprint = None
+        if self.corpus_fingerprint:
+            folder = Path(file).parent if file else Path()
+            fingerprint = {"file": str(folder / self.corpus_fingerprint), "sha256": self.corpus_fingerprint_sha256}
         return PretrainedCfg(
             file=file or self.weights_file,
             source=source,
@@ -242,6 +261,7 @@ class ModelCard:
                 "epochs": self.epochs,
                 "metrics": dict(self.metrics),
                 "created": self.created,
+                "corpus_fingerprint": fingerprint,
             },
         )
 
@@ -313,6 +333,7 @@ def save_pretrained(
     std: tuple[float, ...] | None = None,
     intensity: str | None = None,
     label_names: tuple[str, ...] | list[str] | None = None,
+    corpus_fingerprint: str | Path | None = None,
 ) -> ModelCard:
     """Write ``model``'s weights (safetensors) and its model card, each atomically.
 
@@ -332,12 +353,17 @@ def save_pretrained(
         default: mark this weight set as the architecture's default when shipped.
         data, objective, epochs, metrics, license: provenance recorded in the card.
         input_size, mean, std, intensity, label_names: input contract overrides.
+        corpus_fingerprint: fingerprint file of the pre-training corpus (written by
+            ``openmednet.data.fingerprint.save_corpus_fingerprint``); copied next to the weights
+            as ``<stem>.corpus.npz`` unless it is already there, and named in the card with its
+            SHA-256 so that test images can be checked against the corpus without having it.
 
     Returns:
         The card that was written.
 
     Raises:
         ValueError: the architecture is unknown (pass ``architecture=``).
+        FileNotFoundError: ``corpus_fingerprint`` does not exist.
     """
     cfg = getattr(model, "pretrained_cfg", None) or PretrainedCfg()
     architecture = architecture or cfg.meta.get("architecture")
@@ -350,6 +376,7 @@ def save_pretrained(
     stem = f"{architecture}.{tag}" if tag else None
     weights_name = f"{stem}.safetensors" if stem else WEIGHTS_FILE
     card_name = f"{stem}.json" if stem else CARD_FILE
+    fingerprint = _place_fingerprint(corpus_fingerprint, out_dir, stem) if corpus_fingerprint else None
 
     from safetensors.torch import save as safetensors_save
 
@@ -379,6 +406,8 @@ def save_pretrained(
         data=tuple(data),
         objective=objective,
         epochs=epochs,
+        corpus_fingerprint=fingerprint.name if fingerprint else None,
+        corpus_fingerprint_sha256=sha256_file(fingerprint) if fingerprint else None,
         metrics=dict(metrics or {}),
         license=license or cfg.license,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -387,6 +416,48 @@ def save_pretrained(
     atomic_write_text(out_dir / card_name, json.dumps(card.to_dict(), indent=2) + "\n")
     _logger.info("saved %s (%d tensors, sha256 %s) and %s", weights_name, len(state), card.sha256[:12], card_name)
     return card
+
+
+def _place_fingerprint(path: str | Path, out_dir: Path, stem: str | None) -> Path:
+    """``out_dir/<stem>.corpus.npz`` holding the fingerprint at ``path`` (copied when elsewhere)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"corpus fingerprint not found: {path}; write it with "
+            f"openmednet.data.fingerprint.save_corpus_fingerprint(corpus_dir, path)"
+        )
+    dest = out_dir / f"{stem or Path(WEIGHTS_FILE).stem}{FINGERPRINT_SUFFIX}"
+    if not (dest.exists() and dest.resolve() == path.resolve()):
+        atomic_write_bytes(dest, path.read_bytes())
+    return dest
+
+
+def record_corpus_fingerprint(card_path: str | Path, fingerprint: str | Path) -> ModelCard:
+    """Name a corpus fingerprint in an existing model card (weights saved before it existed).
+
+    The fingerprint is copied next to the card as ``<stem>.corpus.npz`` (``<arch>.<tag>`` for
+    shipped weights) when it lies elsewhere; the card is rewritten atomically with its file name
+    and SHA-256. The weights and their checksum are untouched.
+
+    Args:
+        card_path: the card's ``.json``, or a ``save_pretrained`` directory.
+        fingerprint: a file written by ``save_corpus_fingerprint``.
+
+    Returns:
+        The updated card.
+
+    Raises:
+        FileNotFoundError: no card or no fingerprint file.
+        ValueError: the card is invalid.
+    """
+    card_path = resolve_card_path(card_path)
+    card = read_model_card(card_path)
+    stem = None if card_path.name == CARD_FILE else card_path.name.removesuffix(".json")
+    placed = _place_fingerprint(fingerprint, card_path.parent, stem)
+    updated = replace(card, corpus_fingerprint=placed.name, corpus_fingerprint_sha256=sha256_file(placed))
+    atomic_write_text(card_path, json.dumps(updated.to_dict(), indent=2) + "\n")
+    _logger.info("%s: corpus fingerprint %s recorded", card_path, placed.name)
+    return updated
 
 
 # --------------------------------------------------------------------------------- reading weights
