@@ -19,11 +19,15 @@ Leakage, refused rather than reported:
 - Fine-tuning: every arm of a target shares one split (``split_seed``) and each run drops (or, with
   ``leakage: error``, refuses) training images that are near-copies of test images.
 - Pre-training: for an init pre-trained on medical images (MedNet weights or a weights file), the
-  pre-training corpus must be named in ``pretraining_corpora`` (init -> corpus directory built by
-  ``openmednet corpus build``); if any test image of a target, or a near-copy of it (perceptual
-  hash within ``near_threshold`` bits), is in that corpus, the init's arms on that target are
-  refused and listed in the report. An init without a declared corpus is refused too: its test
-  scores could not be trusted. ImageNet inits (natural photos) and inits from scratch need none.
+  pre-training corpus is named in ``pretraining_corpora`` (init -> corpus directory built by
+  ``openmednet corpus build``, or its ``.corpus.npz`` fingerprint); when it is not, the
+  fingerprint that ships with the init's weights is used (``openmednet.models.corpus_fingerprint_file``:
+  registered weight sets such as ``auto``, ``mednet_gray``, ``mednet_gray.<tag>``, and
+  ``save_pretrained`` directories whose card names one). If any test image of a target, or a
+  near-copy of it (perceptual hash within ``near_threshold`` bits), is in that corpus, the init's
+  arms on that target are refused and listed in the report. An init with neither a declared corpus
+  nor a fingerprint is refused too: its test scores could not be trusted. ImageNet inits (natural
+  photos) and inits from scratch need none. ``report.json["leakage_checks"]`` lists every check.
 
 Example ``study.yaml``::
 
@@ -61,7 +65,7 @@ from openmednet.eval.splits import find_near_duplicates
 from openmednet.eval.targets import TargetSet, load_target
 from openmednet.utils import atomic_write_text
 
-__all__ = ["StudyConfig", "TargetSpec", "arm_dir", "check_pretraining_leakage", "run_study"]
+__all__ = ["StudyConfig", "TargetSpec", "arm_dir", "check_pretraining_leakage", "run_study", "shipped_corpus_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,21 +191,45 @@ def check_pretraining_leakage(test_hashes: np.ndarray, corpus: str | Path, near_
     Args:
         test_hashes: ``(N,)`` uint64 pHashes of the test images (``TargetSet.hashes``).
         corpus: directory of a corpus built by ``openmednet corpus build`` (its shards store the
-            pHash of every image).
+            pHash of every image), or its fingerprint file (``<weights stem>.corpus.npz``, shipped
+            with the weights; see ``openmednet.data.fingerprint``).
         near_threshold: Hamming distance in bits.
 
     Raises:
-        FileNotFoundError: no corpus manifest at ``corpus``.
+        FileNotFoundError: ``corpus`` is neither a corpus directory nor a fingerprint file.
+        ValueError: a damaged fingerprint file.
     """
-    from openmednet.data.shards import MANIFEST, CorpusArrays
+    from openmednet.data.fingerprint import pretraining_hashes
 
-    if not (Path(corpus) / MANIFEST).is_file():
-        raise FileNotFoundError(f"pre-training corpus not found: {corpus} has no {MANIFEST}")
-    return find_near_duplicates(test_hashes, CorpusArrays(corpus).phash, near_threshold)
+    return find_near_duplicates(test_hashes, pretraining_hashes(corpus), near_threshold)
 
 
-def _refusals(cfg: StudyConfig, spec: TargetSpec, target: TargetSet) -> dict[str, str]:
-    """init -> reason, for the inits whose pre-training may have seen this target's test images."""
+def shipped_corpus_fingerprint(init: str, channels: int) -> Path | None:
+    """The corpus fingerprint that travels with an init's weights (checksum verified), or ``None``.
+
+    Args:
+        init: a ``FinetuneConfig.init`` value.
+        channels: the target's channels (``auto`` is ``mednet_gray`` for 1, ``mednet_color`` for 3).
+
+    Raises:
+        FileNotFoundError, ValueError: the weights name a fingerprint that is missing or tampered.
+    """
+    from openmednet.models import corpus_fingerprint_file
+
+    if init.startswith("scratch:"):
+        return None
+    name = ("mednet_gray" if channels == 1 else "mednet_color") if init == "auto" else init
+    try:
+        return corpus_fingerprint_file(name)
+    except KeyError:
+        return None  # not a registered name; build_init gives the clear error
+
+
+def _refusals(cfg: StudyConfig, spec: TargetSpec, target: TargetSet, checks: list[dict[str, Any]]) -> dict[str, str]:
+    """init -> reason, for the inits whose pre-training may have seen this target's test images.
+
+    Every corpus check made is appended to ``checks`` (target, init, corpus, test images, leaked).
+    """
     probe = FinetuneConfig(data=spec.data, out=cfg.out, given_splits=spec.given_splits,
                            near_threshold=cfg.near_threshold, **{k: v for k, v in cfg.finetune.items()
                                                                  if k in ("split_seed", "val_fraction", "test_fraction", "leakage")})
@@ -215,16 +243,27 @@ def _refusals(cfg: StudyConfig, spec: TargetSpec, target: TargetSet) -> dict[str
             continue
         corpus = cfg.pretraining_corpora.get(init)
         if corpus is None:
+            try:
+                corpus = shipped_corpus_fingerprint(init, target.channels)
+            except (FileNotFoundError, ValueError) as e:
+                refused[init] = f"its shipped corpus fingerprint cannot be trusted: {e}"
+                continue
+        if corpus is None:
             refused[init] = (
-                f"pre-trained on medical images but no corpus is declared: add pretraining_corpora: "
-                f"{{{init}: <corpus dir>}} so the test images of '{spec.name}' can be checked"
+                f"pre-trained on medical images but no corpus is declared and its weights ship no corpus "
+                f"fingerprint: add pretraining_corpora: {{{init}: <corpus dir or .corpus.npz>}} so the test "
+                f"images of '{spec.name}' can be checked"
             )
             continue
         pairs = check_pretraining_leakage(test_hashes, corpus, cfg.near_threshold)
+        n = len({i for i, _, _ in pairs})
+        checks.append({"target": spec.name, "init": init, "corpus": str(corpus), "n_test": int(len(test_hashes)),
+                       "n_leaked": n})
         if pairs:
-            n = len({i for i, _, _ in pairs})
+            fix = (f"rebuild it with --exclude {spec.data}" if Path(corpus).is_dir() else
+                   f"evaluate this init on other test images, or pre-train it on a corpus built with --exclude {spec.data}")
             refused[init] = (f"{n} of {len(test_hashes)} test images of '{spec.name}' (or near-copies) are in "
-                             f"the pre-training corpus {corpus}: rebuild it with --exclude {spec.data}")
+                             f"the pre-training corpus {corpus}: {fix}")
     return refused
 
 
@@ -240,12 +279,12 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "study.yaml")
-    arms, refused = [], []
+    arms, refused, checks = [], [], []
     for spec in cfg.target_specs():
         target = load_target(spec.data, format=spec.format, csv_file=spec.csv_file, columns=spec.columns,
                              label_map=spec.label_map, classes=spec.classes,
                              max_side=cfg.finetune.get("max_side", 256))
-        refusals = _refusals(cfg, spec, target)
+        refusals = _refusals(cfg, spec, target, checks)
         for init in cfg.inits:
             if init in refusals:
                 logger.warning("refused: %s on %s: %s", init, spec.name, refusals[init])
@@ -255,7 +294,8 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
                 for budget_name, budget in _budgets(cfg):
                     for seed in cfg.seeds:
                         arms.append(_run_arm(cfg, spec, target, init, strategy, budget_name, budget, seed))
-    result = {"arms": arms, "summary": summarize(arms), "refused": refused, "config": to_dict(cfg)}
+    result = {"arms": arms, "summary": summarize(arms), "refused": refused, "leakage_checks": checks,
+              "config": to_dict(cfg)}
     _write_report(out, result)
     return result
 
@@ -329,6 +369,13 @@ def _write_report(out: Path, result: dict[str, Any]) -> None:
     if result["refused"]:
         lines += ["## Refused arms", "", "| target | init | reason |", "|---|---|---|"]
         lines += [f"| {r['target']} | {r['init']} | {r['reason']} |" for r in result["refused"]]
+        lines.append("")
+    if result.get("leakage_checks"):
+        lines += ["## Pre-training leakage checks", "",
+                  "Test images (or near-copies) found in the pre-training corpus of each medical init.", "",
+                  "| target | init | corpus | test images | in corpus |", "|---|---|---|---|---|"]
+        lines += [f"| {c['target']} | {c['init']} | `{Path(c['corpus']).name}` | {c['n_test']} | {c['n_leaked']} |"
+                  for c in result["leakage_checks"]]
         lines.append("")
     lines += ["Per-arm confusion matrices, ROC curves and reliability diagrams: `runs/<target>/<init>/<strategy>/<budget>/seed<k>/plots/`.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
