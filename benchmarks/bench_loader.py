@@ -5,8 +5,9 @@ loader never starves the model. Both are measured in this run (shared machines d
 reference is ``mednet_gray`` (width 1.0) training at 64 px, batch 64, bf16 autocast and
 channels_last (SGD step included), measured before and after the loader rows (the median of
 both is used). Each loader row iterates a ``CorpusDataset`` over memory-mapped shards with the
-full training augmentation of its version (``build_transform(..., train=True)``) through
-``build_loader`` with 0, 1 or 2 workers, at one intra-op thread per loading process; the first
+full training augmentation of its version (``build_transform(..., train=True)``), batched
+(``BatchAugment``, the default) and per image (``batched=False``), through ``build_loader`` with
+0, 1 or 2 workers, at one intra-op thread per loading process; the first
 epoch (worker start-up, page cache) is untimed.
 
 By default the corpora are written to a temporary directory from real images of
@@ -91,7 +92,7 @@ def training_rate(batch: int, steps: int) -> float:
     return batch / time_fn(step, warmup=2, iters=steps).median
 
 
-def loader_rate(root: Path, channels: int, workers: int, batch: int, epochs: int) -> float:
+def loader_rate(root: Path, channels: int, workers: int, batch: int, epochs: int, batched: bool) -> float:
     """Images/s of ``epochs`` timed epochs of an augmented loader (after one untimed epoch)."""
     # One intra-op thread, as torch gives each worker: per-image ops on 64 px tensors are too small
     # to split, and with 2 threads on a loaded machine OpenMP spin-waits dominate (measured: 49 vs
@@ -99,14 +100,14 @@ def loader_rate(root: Path, channels: int, workers: int, batch: int, epochs: int
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _loader_rate(root, channels, workers, batch, epochs)
+        return _loader_rate(root, channels, workers, batch, epochs, batched)
     finally:
         torch.set_num_threads(threads)
 
 
-def _loader_rate(root: Path, channels: int, workers: int, batch: int, epochs: int) -> float:
+def _loader_rate(root: Path, channels: int, workers: int, batch: int, epochs: int, batched: bool) -> float:
     cfg = {"input_size": (channels, SIZE, SIZE), "mean": (0.5,) * channels, "std": (0.25,) * channels}
-    dataset = CorpusDataset(root, transform=build_transform(cfg, train=True))
+    dataset = CorpusDataset(root, transform=build_transform(cfg, train=True, batched=batched))
     loader = build_loader(dataset, batch_size=batch, num_workers=workers, seed=0)
     for _ in loader:  # start workers, fault the memory map in
         pass
@@ -134,7 +135,7 @@ def trimmed_mean_us(times: tuple[float, ...]) -> float:
 def step_costs(root: Path, channels: int, calls: int = 400) -> list[tuple[str, float]]:
     """Cost (us, :func:`trimmed_mean_us`) of each training pipeline step on the corpus' first image."""
     cfg = {"input_size": (channels, SIZE, SIZE), "mean": (0.5,) * channels, "std": (0.25,) * channels}
-    pipeline = build_transform(cfg, train=True)
+    pipeline = build_transform(cfg, train=True, batched=False)
     x = CorpusDataset(root)[0][0]
     costs = []
     threads = torch.get_num_threads()
@@ -175,17 +176,22 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for version, root in roots.items():
             channels = SOURCES[version][1]
-            for workers in args.workers:
-                rate = loader_rate(root, channels, workers, args.batch_size, args.epochs)
-                rows.append([version, workers, rate])
-                print(f"  loader {version:5s} workers={workers}: {rate:.0f} img/s", flush=True)
+            for batched in (True, False):
+                pipeline = "batched" if batched else "per-image"
+                for workers in args.workers:
+                    rate = loader_rate(root, channels, workers, args.batch_size, args.epochs, batched)
+                    rows.append([version, pipeline, workers, rate])
+                    print(f"  loader {version:5s} {pipeline:9s} workers={workers}: {rate:.0f} img/s", flush=True)
         reference.append(training_rate(args.batch_size, args.train_steps))
         costs = {version: step_costs(root, SOURCES[version][1]) for version, root in roots.items()}
     train = statistics.median(reference)
     print(f"MedNet training again: {reference[1]:.1f} img/s; reference = median {train:.1f} img/s\n")
-    table = [[v, w, f"{r:.0f}", f"{r / train:.1f}x", "yes" if r / train >= 10 else "no"] for v, w, r in rows]
-    print(markdown_table(["version", "workers", "loader img/s", "vs MedNet training", ">= 10x"], table))
-    print("\nPer-image cost of each training transform step (us, mean of the fastest 90 % of 400 calls, 1 thread):\n")
+    table = [[v, p, w, f"{r:.0f}", f"{r / train:.1f}x", "yes" if r / train >= 10 else "no"] for v, p, w, r in rows]
+    print(markdown_table(["version", "pipeline", "workers", "loader img/s", "vs MedNet training", ">= 10x"], table))
+    print(
+        "\nPer-image pipeline (batched=False): cost of each training transform step "
+        "(us, mean of the fastest 90 % of 400 calls, 1 thread):\n"
+    )
     names = [name for name, _ in costs["color"]]  # the colour pipeline's steps include the gray ones
     per_version = {v: dict(c) for v, c in costs.items()}
     step_rows = [[n, *(f"{per_version[v][n]:.0f}" if n in per_version[v] else "-" for v in costs)] for n in names]

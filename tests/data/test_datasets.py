@@ -148,7 +148,8 @@ def test_labelled_dataset_from_pairs_is_exact(shared_data):
 
 def test_labelled_dataset_from_npz_rows_is_exact(shared_data):
     path = shared_data / "gray/targets/pneumoniamnist/pneumoniamnist.npz"
-    items = list(itertools.islice(iter_source(SourceSpec(name="pm", root=path.parent)), 0, None, 977))  # train and val rows
+    spec = SourceSpec(name="pm", root=path.parent)
+    items = list(itertools.islice(iter_source(spec), 0, None, 977))  # train and val rows, both labels
     ds = LabelledDataset(items, channels=1, image_size=28)  # MedMNIST rows are 28 x 28: no resize
     with np.load(path) as npz:
         expected = np.stack([npz[f"{it.frame[0]}_images"][it.frame[1]] for it in items])

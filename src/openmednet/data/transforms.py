@@ -44,17 +44,21 @@ Training augmentation, per version (each choice and its source):
 
 Evaluation: resize of the shorter side to ``image_size`` and a centre crop, nothing random.
 
-Randomness comes from torch's global generator only, so ``torch.manual_seed`` makes a pipeline
-reproducible and DataLoader workers (seeded by torch per worker) draw independent streams.
+Randomness comes from torch's global generator (so ``torch.manual_seed`` makes a pipeline
+reproducible), or, for ``BatchAugment.batch``, from one seed per image (the samplers' seeded keys,
+see ``openmednet.data.samplers``).
 
-Performance: every transform runs per image (in loader workers), because each image needs its own
-random parameters and torchvision's v2 transforms draw one set per call. At 64 px a full pipeline
-costs a few tenths of a millisecond per image (``benchmarks/bench_loader.py`` prints the cost of
-each step and the loader's throughput against MedNet's training speed; results in
-docs/benchmarks.md, "Loader"), so one core feeds training many times over. The costly steps were
-fused or replaced where a cheaper exact-enough form exists (:class:`FastColorJitter`). At 224 px on
-GPUs the per-image cost grows with the pixel count; batch-level augmentation on the GPU would be the
-next step there (not needed, nor measured, on our CPU machines).
+Two implementations of the same training augmentation:
+
+- :class:`BatchAugment` (``build_transform(..., train=True)``, the default): per-image random
+  parameters, applied to a whole batch with a few tensor ops (crop, flip and rotation as one
+  ``grid_sample``; photometric factors broadcast). ``CorpusDataset`` and ``LabelledDataset`` call
+  it from ``__getitems__``, which the DataLoader uses for every batch. It was written because
+  at 64 px MedNet trains at about 175 img/s on an idle 2-core machine (bf16 on AMX), and the
+  per-image pipeline fed only 6-9x that from one core (``benchmarks/bench_loader.py``;
+  docs/benchmarks.md, "Loader").
+- the per-image ``v2.Compose`` pipeline (``batched=False``): torchvision's own transforms, one
+  image per call; kept for single images and as the readable reference of what is done.
 """
 
 from __future__ import annotations
@@ -181,14 +185,23 @@ def rgb_to_hed(rgb: Tensor) -> Tensor:
         ``(..., 3, H, W)`` haematoxylin, eosin, DAB concentrations (>= 0, of order 0.1).
     """
     od = torch.log(rgb.clamp_min(1e-6)) / _LOG_ADJUST
-    stains = torch.einsum("...chw,cd->...dhw", od, HED_FROM_RGB.to(rgb.dtype))
-    return stains.clamp_min(0.0)
+    return _mix_channels(HED_FROM_RGB.T.to(rgb.dtype), od).clamp_min(0.0)
 
 
 def hed_to_rgb(hed: Tensor) -> Tensor:
     """Inverse of :func:`rgb_to_hed`, as ``skimage.color.hed2rgb`` computes it; output in [0, 1]."""
-    log_rgb = torch.einsum("...chw,cd->...dhw", hed * _LOG_ADJUST, RGB_FROM_HED.to(hed.dtype))
+    log_rgb = _mix_channels(RGB_FROM_HED.T.to(hed.dtype), hed * _LOG_ADJUST)
     return torch.exp(log_rgb).clamp(0.0, 1.0)
+
+
+def _mix_channels(matrix: Tensor, image: Tensor) -> Tensor:
+    """``out[..., d, h, w] = sum_c matrix[..., d, c] * image[..., c, h, w]`` as one (batched) matmul.
+
+    ``matrix`` is ``(3, 3)`` or ``(B, 3, 3)``; a matmul over ``(3, H*W)`` runs several times faster
+    than the equivalent ``einsum`` on CPU.
+    """
+    flat = image.reshape(*image.shape[:-2], -1)
+    return (matrix @ flat).reshape(image.shape)
 
 
 class HEDJitter(v2.Transform):
@@ -412,7 +425,9 @@ class MultiViewTransform:
         View ``v`` of an image with seed ``s`` uses the seed ``(s, v)`` (hashed), so views differ.
         """
         if not self.supports_batch:
-            raise TypeError("MultiViewTransform.batch needs batched view transforms (build_transform(..., batched=True))")
+            raise TypeError(
+                "MultiViewTransform.batch needs batched view transforms: build them with build_transform(..., batched=True)"
+            )
         views = []
         for v, transform in enumerate(self.transforms):
             view_seeds = None if seeds is None else [_view_seed(s, v) for s in seeds]
@@ -645,7 +660,8 @@ class BatchAugment:
             ``(B, channels, image_size, image_size)`` float32, normalised.
         """
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"BatchAugment.batch expects a uint8 (B, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+            got = f"{images.dtype} {tuple(images.shape)}"
+            raise ValueError(f"BatchAugment.batch expects a uint8 (B, C, H, W) tensor, got {got}")
         u = self.draw(len(images), seeds)
         x = self.to_channels(images).float().div_(255)
         if min(x.shape[-2:]) > self.work_size:
@@ -685,21 +701,23 @@ class BatchAugment:
     def _photometric(self, x: Tensor, u: Tensor) -> Tensor:
         """Brightness, contrast (+ saturation, hue), gamma (+ HED), per image, clamped to [0, 1]."""
         per_image = (len(x), 1, 1, 1)
-        x = x * (1 + (2 * u[:, _U_BRIGHT] - 1) * BRIGHTNESS).view(per_image)
-        contrast = (1 + (2 * u[:, _U_CONTRAST] - 1) * CONTRAST).view(per_image)
+        brightness = 1 + (2 * u[:, _U_BRIGHT] - 1) * BRIGHTNESS
+        contrast = 1 + (2 * u[:, _U_CONTRAST] - 1) * CONTRAST
         means = x.mean(dim=(-2, -1))
-        gray_mean = means[:, 0] if x.shape[1] == 1 else means @ torch.tensor(_LUMA)
-        x = x * contrast + (1 - contrast) * gray_mean.view(per_image)
+        gray_mean = brightness * (means[:, 0] if x.shape[1] == 1 else means @ torch.tensor(_LUMA))
+        # brightness then contrast, fused: (x b) c + (1 - c) mean(x b), one pass over the pixels
+        offset = ((1 - contrast) * gray_mean).view(per_image)
+        x = torch.addcmul(offset, x, (brightness * contrast).view(per_image))
         if self.augment == "color":
             sat = 1 + (2 * u[:, _U_SAT] - 1) * SATURATION
             hue = (2 * u[:, _U_HUE] - 1) * HUE
-            matrices = hue_matrices(hue) @ saturation_matrices(sat)
-            x = torch.einsum("bdc,bchw->bdhw", matrices, x)
+            x = _mix_channels(hue_matrices(hue) @ saturation_matrices(sat), x)
         x = x.clamp_(0.0, 1.0)
         low, high = math.log(GAMMA[0]), math.log(GAMMA[1])
         gamma = torch.exp(low + (high - low) * u[:, _U_GAMMA])
-        gamma = torch.where(u[:, _U_GAMMA_P] < 0.5, gamma, torch.ones_like(gamma))
-        x = x.pow(gamma.view(per_image))
+        apply = u[:, _U_GAMMA_P] < 0.5
+        if apply.any():  # only the images that drew a gamma pay for the power
+            x[apply] = x[apply].pow(gamma[apply].view(-1, 1, 1, 1))
         if self.augment == "color":
             apply = u[:, _U_HED_P] < 0.5
             if apply.any():
