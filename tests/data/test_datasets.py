@@ -12,7 +12,7 @@ from tiny_corpus import load_square, read_labels, write_tiny_corpus
 from openmednet.data.datasets import CorpusDataset, LabelledDataset
 from openmednet.data.loader import build_loader
 from openmednet.data.sources import SourceSpec, iter_source
-from openmednet.data.transforms import build_transform
+from openmednet.data.transforms import build_multiview_transform, build_transform
 
 GRAY_CFG = {"input_size": (1, 32, 32), "mean": (0.5,), "std": (0.25,)}
 
@@ -157,3 +157,13 @@ def test_labelled_dataset_from_npz_rows_is_exact(shared_data):
     np.testing.assert_array_equal(ds.images[:, 0], expected)
     assert [ds.class_names[i] for i in ds.labels] == labels
     assert ds.origins[1] == f"{path}#{items[1].frame[0]}/{items[1].frame[1]}"
+
+
+def test_multiview_batches_through_getitems(corpus):
+    root, _ = corpus
+    ds = CorpusDataset(root, transform=build_multiview_transform(GRAY_CFG, views=2, crop_scale=(0.2, 1.0)))
+    views, labels, _ = next(iter(build_loader(ds, batch_size=6, seed=0)))
+    assert len(views) == 2 and views[0].shape == views[1].shape == (6, 1, 32, 32)
+    assert not torch.equal(views[0], views[1])  # each view has its own seed
+    first, _, _ = ds[(0, 99)]  # the per-image path gives views too
+    assert len(first) == 2 and first[0].shape == (1, 32, 32)
