@@ -586,10 +586,10 @@ class BatchAugment:
     - crop, flip and rotation are one affine map per image, sampled with one ``grid_sample`` for
       the batch (one interpolation instead of two; rotated corners take image content, or zero
       outside it). The crop's side and aspect are drawn as in ``RandomResizedCrop`` but clamped to
-      the image instead of re-drawn. Images larger than ``image_size / sqrt(crop_scale[0])`` are
-      first resized (antialiased) to that side, so a minimum-area crop is sampled about 1:1 and a
-      full-image crop is downsampled at most ``1 / sqrt(crop_scale[0])`` times (1.4x by default)
-      without antialiasing.
+      the image instead of re-drawn. Images whose shorter side exceeds
+      ``image_size / sqrt(crop_scale[0])`` are first resized to it (antialiased, aspect kept), so
+      a minimum-area crop is sampled about 1:1 and a full-image crop is downsampled at most
+      ``1 / sqrt(crop_scale[0])`` times (1.4x by default) without antialiasing.
     - brightness, contrast, saturation, hue, gamma and HED stain jitter are per-image factors
       broadcast over the batch (:func:`color_jitter`, :class:`RandomGamma`, :func:`hed_jitter`).
 
@@ -664,8 +664,10 @@ class BatchAugment:
             raise ValueError(f"BatchAugment.batch expects a uint8 (B, C, H, W) tensor, got {got}")
         u = self.draw(len(images), seeds)
         x = self.to_channels(images).float().div_(255)
-        if min(x.shape[-2:]) > self.work_size:
-            x = torch.nn.functional.interpolate(x, size=(self.work_size,) * 2, mode="bilinear", antialias=True)
+        short = min(x.shape[-2:])
+        if short > self.work_size:  # shorter side to work_size, aspect kept
+            size = tuple(round(side * self.work_size / short) for side in x.shape[-2:])
+            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True)
         x = self._geometry(x, u)
         x = self._photometric(x, u)
         return (x - self.mean) / self.std
