@@ -6,7 +6,8 @@ on a ``PretrainModule``: MedNet backbone + objective heads, AdamW, per-step sche
 images of ../shared/data held in memory, so it measures the engine and the model, not disk or JPEG
 decoding (``bench_loader.py`` measures the loader). Rows:
 
-    1 proc x 2 threads    the plain ``python`` run using both cores
+    1 proc x 1 thread     the reference: one core
+    1 proc x 2 threads    the plain ``python`` run using both cores (intra-op threads)
     2 DDP x 1 thread      ``torchrun --nproc_per_node 2`` on the same two cores (gloo all-reduce)
 
 each in ``fp32`` (NCHW) and ``bf16cl`` (bf16 autocast + channels_last). The global batch is the same
@@ -48,6 +49,7 @@ from openmednet.utils import atomic_write_text
 SHARED = Path(os.environ.get("OPENMEDNET_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SOURCE = {1: "gray/pretrain/brain_tumor_mri", 3: "color/pretrain/pbc_blood_cells"}
 MODES = {"fp32": ("fp32", False), "bf16cl": ("bf16", True)}
+LAYOUTS = ("1 proc x 1 thread", "1 proc x 2 threads", "2 DDP x 1 thread")
 
 
 class InMemoryImages(Dataset):
@@ -112,7 +114,7 @@ def run_row(args: argparse.Namespace, dist: DistEnv, mode: str) -> float:
     sampler = torch.utils.data.DistributedSampler(dataset, dist.world_size, dist.rank, seed=0) if dist.is_distributed else None
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, shuffle=sampler is None, drop_last=True)
     model, opt, sched = build(args, dataset, dist, channels_last)
-    kw = dict(dist=dist, scheduler=sched, precision=precision, channels_last=channels_last)
+    kw = {"dist": dist, "scheduler": sched, "precision": precision, "channels_last": channels_last}
     train_one_epoch(model, loader, opt, pretrain_loss, epoch=0, max_steps=args.warmup, **kw)
     rates = []
     for epoch in range(1, 1 + args.repeats):
@@ -176,12 +178,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = []
     for mode in modes:
-        for layout in ("1 proc x 2 threads", "2 DDP x 1 thread"):
+        for layout in LAYOUTS:
             torch.set_num_threads(2)
             peak = ref.measure()
             t0 = time.perf_counter()
             if layout.startswith("1 proc"):
+                torch.set_num_threads(int(layout.split(" x ")[1][0]))
                 rate = run_row(args, DistEnv(), mode)
+                torch.set_num_threads(2)
             else:
                 out = Path(f"/tmp/bench_pretrain_{os.getpid()}.txt")
                 mp.spawn(_ddp_worker, args=(_free_port(), args, mode, str(out)), nprocs=2, join=True)
@@ -194,17 +198,22 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown_table(
         ["layout", "mode", "images/s", "achieved GFLOP/s", "bf16 matmul GFLOP/s", "fraction of matmul", "row s"], rows
     )
-    base = {r[1]: float(r[2]) for r in rows if r[0].startswith("1 proc")}
-    ratios = ", ".join(f"{r[1]}: {float(r[2]) / base[r[1]]:.2f}" for r in rows if r[0].startswith("2 DDP"))
+    rate_of = {(r[0], r[1]): float(r[2]) for r in rows}
+    ratios = ", ".join(
+        f"{m}: {rate_of[('2 DDP x 1 thread', m)] / rate_of[('1 proc x 2 threads', m)]:.2f} "
+        f"(vs 1 thread: {rate_of[('2 DDP x 1 thread', m)] / rate_of[('1 proc x 1 thread', m)]:.2f})"
+        for m in modes
+    )
+    command = " ".join(["python benchmarks/bench_pretrain.py", *(argv if argv is not None else sys.argv[1:])])
     report = "\n".join([
-        f"`python benchmarks/bench_pretrain.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace(" `", "`"),
+        f"`{command}`",
         "",
-        f"{args.model}, {args.size} px, objective {args.objective}, global batch {args.batch}, "
-        f"{flops / 1e9:.3f} GFLOP per image (forward + backward); {environment()}",
+        (f"{args.model}, {args.size} px, objective {args.objective}, global batch {args.batch}, "
+         f"{flops / 1e9:.3f} GFLOP per image (forward + backward); {environment()}"),
         "",
         table,
         "",
-        f"2 DDP / 1 process images/s: {ratios}",
+        f"images/s of 2 DDP ranks / 1 process with 2 threads: {ratios}",
     ])
     print(report)
     if args.out is not None:

@@ -85,3 +85,40 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tiny_corpus: Path
     assert [{k: v for k, v in r.items() if k not in drop} for r in ra] == [
         {k: v for k, v in r.items() if k not in drop} for r in rb
     ]
+
+
+def _ddp_worker(rank: int, port: int, corpus: str, out: str, crash: bool, resume: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    overrides = [*_overrides(Path(corpus), Path(out)), "data.batch_size=4", *(["resume=true"] if resume else [])]
+
+    def crash_after_step_5(state, model) -> None:
+        if crash and state.step == KILL_AFTER_STEP:
+            os._exit(1)  # both ranks die at once, with no cleanup, like a lost node
+
+    run_pretraining(load_config(PretrainConfig, None, overrides), callbacks=(crash_after_step_5,))
+
+
+@pytest.mark.slow
+def test_two_rank_crash_and_resume_gives_identical_weights(tiny_corpus: Path, tmp_path: Path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    def _free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    crashed, clean = tmp_path / "crashed", tmp_path / "clean"
+    with pytest.raises(mp.ProcessExitedException):
+        mp.spawn(_ddp_worker, args=(_free_port(), str(tiny_corpus), str(crashed), True, False), nprocs=2)
+    assert load_checkpoint(crashed / "checkpoint-last.pt")["step"] == 4
+    mp.spawn(_ddp_worker, args=(_free_port(), str(tiny_corpus), str(crashed), False, True), nprocs=2)
+    mp.spawn(_ddp_worker, args=(_free_port(), str(tiny_corpus), str(clean), False, False), nprocs=2)
+    a = load_file(crashed / "backbone" / "model.safetensors")
+    b = load_file(clean / "backbone" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
