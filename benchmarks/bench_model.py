@@ -253,10 +253,10 @@ def report(rows: list[Row], compile_s: dict, ablation: list, ref: MatmulReferenc
     parts = [
         f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        (
-            f"Environment: {environment()}; run time {seconds:.0f} s; bf16 matmul reference "
-            f"(n={ref.n}) median {ref.median / 1e9:.0f} GFLOP/s, range {min(ref.history) / 1e9:.0f}-"
-            f"{max(ref.history) / 1e9:.0f} over {len(ref.history)} measurements (one after every timed step)."
+        f"Environment: {environment()}; run time {seconds:.0f} s" + (
+            f"; bf16 matmul reference (n={ref.n}) median {ref.median / 1e9:.0f} GFLOP/s, range "
+            f"{min(ref.history) / 1e9:.0f}-{max(ref.history) / 1e9:.0f} over {len(ref.history)} measurements "
+            f"(one after every timed step)." if ref.history else "."
         ),
     ]
     if rows:
