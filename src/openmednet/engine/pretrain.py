@@ -474,7 +474,11 @@ def run_pretraining(cfg: PretrainConfig, *, callbacks: tuple = ()) -> list[dict[
             callbacks=callbacks, progress=t.progress and dist.is_main, tensorboard=t.tensorboard,
         )
         if dist.is_main:
-            final = {k: v for k, v in (history[-1] if history else {}).items() if isinstance(v, float)}
+            # From the log, not ``history``: a resumed run that only had the export left has no history.
+            from openmednet.engine.plots import read_metrics
+
+            epochs = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "epoch"]
+            final = {k: v for k, v in (epochs[-1] if epochs else {}).items() if isinstance(v, float)}
             _export_backbone(unwrap_model(model).backbone, out, cfg, corpus, final)
         dist.barrier()
         return history
