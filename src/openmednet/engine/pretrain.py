@@ -18,8 +18,9 @@ Objectives (``objective.kind``), the two credible readings of the paper's unspec
   images contribute to the SSL part only.
 
 Outputs in ``out``: ``config.yaml`` (resolved config), ``metrics.jsonl``, ``loss.png``,
-``checkpoint-last.pt`` and, at the end, the backbone (``num_classes=0``) as ``backbone/model.safetensors``
-plus its model card, loadable with ``openmednet.create_model``-compatible loaders.
+``checkpoint-last.pt`` and, at the end, the backbone (``num_classes=0``) in ``backbone/``:
+``model.safetensors``, ``model_card.json`` and the corpus fingerprint ``model.corpus.npz`` (a folder
+that the fine-tuning and prediction commands accept as ``MODEL``).
 """
 
 from __future__ import annotations
@@ -369,18 +370,12 @@ def build_monitor(cfg: PretrainConfig, corpus: Path, contract: Any) -> Any:
 
 
 def _export_backbone(backbone: nn.Module, out: Path, cfg: PretrainConfig, corpus: Path, metrics: dict) -> None:
-    contract_size = (getattr(backbone, "in_chans", 1), cfg.data.image_size, cfg.data.image_size)
-    try:
-        from openmednet.models._weights import save_pretrained
-    except ImportError:  # weights module not available: plain safetensors, no model card
-        from safetensors.torch import save
-
-        from openmednet.utils import atomic_write_bytes
-
-        state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-        atomic_write_bytes(out / "backbone" / "model.safetensors", save(state))
-        return
+    """Write ``out/backbone/``: weights, model card (input contract at the trained size, objective,
+    final metrics) and the corpus fingerprint."""
     from openmednet.data.fingerprint import save_corpus_fingerprint
+    from openmednet.models._weights import save_pretrained
+
+    contract_size = (getattr(backbone, "in_chans", 1), cfg.data.image_size, cfg.data.image_size)
 
     # The corpus' pHashes travel with the weights, so users without the corpus can still check
     # that their test images were not pre-trained on (see openmednet.data.fingerprint).
