@@ -10,6 +10,9 @@ File layout (``np.savez``, no pickled objects, readable with ``allow_pickle=Fals
 key              dtype/shape  content
 ================ ============ ================================================================
 ``phash``        uint64 (N,)  64-bit pHash of every corpus image, in corpus order (``meta.npz``)
+``phash256``     uint64 (N,4) its 256-bit pHash (``records.jsonl``), which confirms 64-bit
+                              candidates: 28 px chest X-rays share coarse structure without
+                              being copies; ``(0, 4)`` when the corpus records lack it
 ``source``       int16 (N,)   index into ``source_names`` per image
 ``source_names`` str (S,)     the corpus' source names (``manifest.sources[*].name``)
 ``source_counts``int64 (S,)   images per source
@@ -17,13 +20,14 @@ key              dtype/shape  content
                               of ``manifest.json``, the build's exclusions and thresholds
 ================ ============ ================================================================
 
-About 10 bytes per image: the 14k-image gray corpus fingerprints in ~150 kB.
+About 42 bytes per image: the 14k-image gray corpus fingerprints in ~600 kB.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +49,7 @@ __all__ = [
 FINGERPRINT_VERSION = 1
 #: File name ending of a fingerprint written next to weights: ``<arch>.<tag>.corpus.npz``.
 FINGERPRINT_SUFFIX = ".corpus.npz"
-_KEYS = ("phash", "source", "source_names", "source_counts", "facts")
+_KEYS = ("phash", "phash256", "source", "source_names", "source_counts", "facts")
 
 
 @dataclass(frozen=True)
@@ -54,12 +58,14 @@ class CorpusFingerprint:
 
     Attributes:
         phash: ``(N,)`` uint64 pHashes of the corpus images.
+        phash256: ``(N, 4)`` uint64 256-bit pHashes, or ``(0, 4)`` when the corpus lacks them.
         source: ``(N,)`` int16 source index of each image.
         source_names: source names, indexed by ``source``.
         facts: key facts of the corpus manifest (``num_images``, ``manifest_sha256``, ``exclude``...).
     """
 
     phash: np.ndarray
+    phash256: np.ndarray
     source: np.ndarray
     source_names: tuple[str, ...]
     facts: dict[str, Any] = field(default_factory=dict)
@@ -90,6 +96,14 @@ def _manifest_facts(arrays: CorpusArrays) -> dict[str, Any]:
     }
 
 
+def _fine_hashes(arrays: CorpusArrays) -> np.ndarray:
+    """``(N, 4)`` uint64 256-bit pHashes from the records (hex strings), ``(0, 4)`` if any is missing."""
+    hexes = [r.get("phash256") for r in arrays.iter_records()]
+    if not hexes or any(h is None or len(h) != 64 for h in hexes):
+        return np.zeros((0, 4), np.uint64)
+    return np.array([[int(h[k:k + 16], 16) for k in range(0, 64, 16)] for h in hexes], dtype=np.uint64)
+
+
 def save_corpus_fingerprint(corpus_dir: str | Path, path: str | Path) -> CorpusFingerprint:
     """Write the fingerprint of a built corpus to ``path`` (atomically).
 
@@ -108,6 +122,7 @@ def save_corpus_fingerprint(corpus_dir: str | Path, path: str | Path) -> CorpusF
     names = tuple(s["name"] for s in arrays.manifest.sources)
     fp = CorpusFingerprint(
         phash=np.asarray(arrays.phash, dtype=np.uint64),
+        phash256=_fine_hashes(arrays),
         source=np.asarray(arrays.source, dtype=np.int16),
         source_names=names,
         facts=_manifest_facts(arrays),
@@ -115,7 +130,7 @@ def save_corpus_fingerprint(corpus_dir: str | Path, path: str | Path) -> CorpusF
     counts = np.array(list(fp.source_counts.values()), dtype=np.int64)
 
     def write(f: Any) -> None:
-        np.savez(f, phash=fp.phash, source=fp.source, source_names=np.array(names, dtype=str),
+        np.savez(f, phash=fp.phash, phash256=fp.phash256, source=fp.source, source_names=np.array(names, dtype=str),
                  source_counts=counts, facts=np.array(json.dumps(fp.facts, sort_keys=True)))
 
     atomic_write(Path(path), write)
@@ -134,15 +149,15 @@ def load_corpus_fingerprint(path: str | Path) -> CorpusFingerprint:
         raise FileNotFoundError(f"corpus fingerprint not found: {path} (expected a *{FINGERPRINT_SUFFIX} file)")
     try:
         with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in _KEYS if k not in z.files]
-            if missing:
-                raise ValueError(
-                    f"{path} is not a corpus fingerprint: keys {missing} are missing (has {sorted(z.files)}); "
-                    f"write one with save_corpus_fingerprint(corpus_dir, path)"
-                )
-            data = {k: z[k] for k in _KEYS}
-    except (OSError, EOFError) as e:  # np.load: not an npz, or truncated
+            data = {k: z[k] for k in _KEYS if k in z.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # not an npz, truncated, pickled
         raise ValueError(f"{path} is not a readable .npz corpus fingerprint ({e}); write it again") from None
+    missing = [k for k in _KEYS if k not in data]
+    if missing:
+        raise ValueError(
+            f"{path} is not a corpus fingerprint: keys {missing} are missing (has {sorted(data)}); "
+            f"write one with save_corpus_fingerprint(corpus_dir, path)"
+        )
     facts = json.loads(str(data["facts"]))
     if facts.get("fingerprint_version") != FINGERPRINT_VERSION:
         raise ValueError(
@@ -150,20 +165,27 @@ def load_corpus_fingerprint(path: str | Path) -> CorpusFingerprint:
             f"(expected {FINGERPRINT_VERSION}); upgrade openmednet or write the fingerprint again"
         )
     fp = CorpusFingerprint(
-        phash=data["phash"].astype(np.uint64, copy=False), source=data["source"],
+        phash=data["phash"].astype(np.uint64, copy=False), phash256=data["phash256"].astype(np.uint64, copy=False),
+        source=data["source"],
         source_names=tuple(str(s) for s in data["source_names"]), facts=facts,
     )
     stored = [int(c) for c in data["source_counts"]]
-    if len(fp.phash) != len(fp.source) or list(fp.source_counts.values()) != stored:
+    fine_ok = fp.phash256.ndim == 2 and fp.phash256.shape[1] == 4 and len(fp.phash256) in (0, len(fp.phash))
+    if len(fp.phash) != len(fp.source) or not fine_ok or list(fp.source_counts.values()) != stored:
         raise ValueError(
-            f"{path} is inconsistent: {len(fp.phash)} hashes, {len(fp.source)} source indices, source counts "
+            f"{path} is inconsistent: {len(fp.phash)} hashes, {fp.phash256.shape} 256-bit hashes, "
+            f"{len(fp.source)} source indices, source counts "
             f"{stored} vs {list(fp.source_counts.values())}; the file is damaged, write it again"
         )
     return fp
 
 
-def pretraining_hashes(corpus: str | Path) -> np.ndarray:
-    """``(N,)`` uint64 pHashes of a pre-training corpus, from its directory or its fingerprint file.
+def pretraining_hashes(corpus: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """pHashes of a pre-training corpus, from its directory or its fingerprint file.
+
+    Returns:
+        ``(phash, phash256)``: ``(N,)`` uint64 64-bit hashes and ``(N, 4)`` uint64 256-bit hashes,
+        the latter ``None`` when the corpus does not store them.
 
     Raises:
         FileNotFoundError: ``corpus`` is neither a corpus directory (``manifest.json``) nor a file.
@@ -175,10 +197,14 @@ def pretraining_hashes(corpus: str | Path) -> np.ndarray:
                 f"pre-training corpus not found: {corpus} has no {MANIFEST} (expected a directory built by "
                 f"`openmednet corpus build`, or a *{FINGERPRINT_SUFFIX} fingerprint file)"
             )
-        return np.asarray(CorpusArrays(corpus).phash, dtype=np.uint64)
-    if not corpus.is_file():
+        arrays = CorpusArrays(corpus)
+        phash, fine = np.asarray(arrays.phash, dtype=np.uint64), _fine_hashes(arrays)
+    elif corpus.is_file():
+        fp = load_corpus_fingerprint(corpus)
+        phash, fine = fp.phash, fp.phash256
+    else:
         raise FileNotFoundError(
             f"pre-training corpus not found: {corpus} (expected a corpus directory or a *{FINGERPRINT_SUFFIX} "
             f"fingerprint file)"
         )
-    return load_corpus_fingerprint(corpus).phash
+    return phash, (fine if len(fine) == len(phash) and len(phash) else None)

@@ -27,6 +27,8 @@ Init (``cfg.init``):
 - a registered name (``"mednet_gray"``, ``"efficientnet_lite0"``, ``"resnet50"``, ``"arch.tag"``):
   its pre-trained weights (offline where they ship; else a clear error);
 - ``"scratch:<arch>"``: random initialisation of a registered architecture;
+  ``"scratch:<arch>.<tag>"``: the same, built with that weight set's architecture arguments
+  (``width_mult``...), so it matches the pre-trained init in capacity;
 - a path: a directory written by ``save_pretrained`` or its model card (``.json``), or a bare
   weights file together with ``cfg.arch``.
 
@@ -76,6 +78,7 @@ from openmednet.eval.targets import TargetSet, load_target
 from openmednet.models import (
     WeightsUnavailableError,
     create_model,
+    get_pretrained_cfg,
     load_pretrained,
     save_pretrained,
 )
@@ -274,8 +277,14 @@ def build_init(init: str, num_classes: int, data_channels: int, arch: str | None
     if "/" in init or path.suffix in (".safetensors", ".pt", ".pth", ".json"):
         raise FileNotFoundError(f"init weights not found: {init}")
     scratch_hint = f"to train '{name}' from random weights use init='scratch:{name}'"
+    arch_args: dict[str, Any] = {}
+    if not pretrained and "." in name:
+        # Random weights shaped like a weight set (its width), not like the architecture's default.
+        weights_cfg = get_pretrained_cfg(name)
+        arch_args = {k: v for k, v in weights_cfg.meta.get("model_args", {}).items() if k not in ("num_classes", "in_chans")}
+        name = name.split(".")[0]
     try:
-        model = create_model(name, pretrained=pretrained, num_classes=num_classes)
+        model = create_model(name, pretrained=pretrained, num_classes=num_classes, **arch_args)
     except WeightsUnavailableError as e:
         raise ValueError(f"{e}; {scratch_hint}") from e
     except KeyError as e:

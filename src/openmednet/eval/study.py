@@ -185,8 +185,14 @@ def _needs_corpus(init: str) -> bool:
     return cfg is None or cfg.source not in ("timm", "pypi")
 
 
-def check_pretraining_leakage(test_hashes: np.ndarray, corpus: str | Path, near_threshold: int = 6) -> list[tuple[int, int, int]]:
+def check_pretraining_leakage(
+    test_hashes: np.ndarray, corpus: str | Path, near_threshold: int = 6, *, test_fine: np.ndarray | None = None
+) -> list[tuple[int, int, int]]:
     """Pairs ``(test index, corpus index, bits)`` of test images with a near-copy in a corpus.
+
+    Candidates within ``near_threshold`` bits of the 64-bit pHash are confirmed with the 256-bit
+    pHash when both sides have it (as the corpus builder and the fine-tuning splits do): small
+    images of one standardised view share coarse structure without being copies.
 
     Args:
         test_hashes: ``(N,)`` uint64 pHashes of the test images (``TargetSet.hashes``).
@@ -194,6 +200,7 @@ def check_pretraining_leakage(test_hashes: np.ndarray, corpus: str | Path, near_
             pHash of every image), or its fingerprint file (``<weights stem>.corpus.npz``, shipped
             with the weights; see ``openmednet.data.fingerprint``).
         near_threshold: Hamming distance in bits.
+        test_fine: ``(N, 4)`` uint64 256-bit pHashes of the test images (``TargetSet.fine_hashes``).
 
     Raises:
         FileNotFoundError: ``corpus`` is neither a corpus directory nor a fingerprint file.
@@ -201,7 +208,8 @@ def check_pretraining_leakage(test_hashes: np.ndarray, corpus: str | Path, near_
     """
     from openmednet.data.fingerprint import pretraining_hashes
 
-    return find_near_duplicates(test_hashes, pretraining_hashes(corpus), near_threshold)
+    phash, fine = pretraining_hashes(corpus)
+    return find_near_duplicates(test_hashes, phash, near_threshold, query_fine=test_fine, reference_fine=fine)
 
 
 def shipped_corpus_fingerprint(init: str, channels: int) -> Path | None:
@@ -236,7 +244,7 @@ def _refusals(cfg: StudyConfig, spec: TargetSpec, target: TargetSet, checks: lis
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # each run warns about its own drops
         cleaned, splits, _ = prepare_splits(target, probe)
-    test_hashes = cleaned.hashes[splits == "test"]
+    test_hashes, test_fine = cleaned.hashes[splits == "test"], cleaned.fine_hashes[splits == "test"]
     refused = {}
     for init in cfg.inits:
         if not _needs_corpus(init):
@@ -255,7 +263,7 @@ def _refusals(cfg: StudyConfig, spec: TargetSpec, target: TargetSet, checks: lis
                 f"images of '{spec.name}' can be checked"
             )
             continue
-        pairs = check_pretraining_leakage(test_hashes, corpus, cfg.near_threshold)
+        pairs = check_pretraining_leakage(test_hashes, corpus, cfg.near_threshold, test_fine=test_fine)
         n = len({i for i, _, _ in pairs})
         checks.append({"target": spec.name, "init": init, "corpus": str(corpus), "n_test": int(len(test_hashes)),
                        "n_leaked": n})

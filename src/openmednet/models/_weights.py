@@ -647,9 +647,14 @@ def load_state_dict_adapted(
     # With num_classes=0 a nested head (MedNet's head.fc1) becomes Identity: its tensors are unused.
     parent = classifier.rpartition(".")[0]
     unused_ok = _tensor_prefix(parent) if parent and getattr(model, "num_classes", None) == 0 else None
+    # Conversely, weights saved as a feature extractor (num_classes=0: pre-training backbones) hold
+    # no tensor of that nested head; all of it is new for a model with classes.
+    new_head = (head,)
+    if parent and not any(k.startswith(_tensor_prefix(parent)) for k in sd):
+        new_head += (_tensor_prefix(parent),)
 
     unexpected = [k for k in sd if k not in target and not (unused_ok and k.startswith(unused_ok))]
-    missing = [k for k in target if k not in sd and not k.startswith(head)]
+    missing = [k for k in target if k not in sd and not k.startswith(new_head)]
     shape = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
              for k in sd if k in target and sd[k].shape != target[k].shape]
     if unexpected or missing or shape:
