@@ -26,7 +26,7 @@ from openmednet.engine.pretrain import (
 )
 
 WORLD = 2
-EPOCHS = 3
+EPOCHS = 4
 
 
 def _free_port() -> int:
@@ -53,8 +53,9 @@ def _eval_setup(corpus: Path, world_size: int, rank: int):
 def _config(corpus: Path, out: Path) -> PretrainConfig:
     return load_config(PretrainConfig, None, [
         f"corpus={corpus}", f"out={out}", "model.name=mednet_test", "data.image_size=32", "data.batch_size=4",
-        "data.num_workers=0", "data.crop_scale=[0.9,1.0]", f"train.epochs={EPOCHS}", "train.precision=fp32",
-        "train.progress=false", "train.log_every_steps=1", "optim.lr=0.003", "optim.warmup_epochs=0",
+        "data.num_workers=0", "data.crop_scale=[1.0,1.0]", "data.hflip=false", f"train.epochs={EPOCHS}",
+        "train.precision=fp32",
+        "train.progress=false", "train.log_every_steps=1", "optim.lr=0.005", "optim.warmup_epochs=0",
         "monitor.k=3", "train.checkpoint_every_steps=2",  # rank 0 monitors; step checkpoints gather RNGs
     ])
 
@@ -113,6 +114,7 @@ def test_two_rank_pretraining_lowers_loss_and_keeps_ranks_identical(ddp_run: Pat
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == list(range(EPOCHS))
     assert epochs[-1]["step"] == EPOCHS * 3
-    assert epochs[-1]["train/loss"] < epochs[0]["train/loss"]
+    # Light augmentation (no crop, no flip), so the 24 images are learnt: 1.69 -> 1.02 when written.
+    assert epochs[-1]["train/loss"] < 0.8 * epochs[0]["train/loss"]
     assert 0.0 <= epochs[-1]["knn/top1"] <= 1.0  # the k-NN monitor ran on rank 0
     assert (ddp_run / "run" / "backbone" / "model.safetensors").is_file()
