@@ -14,7 +14,11 @@ from PIL import Image
 from openmednet import create_model
 from openmednet.data.corpus import build_corpus
 from openmednet.data.dedupe import phash64, phash256
-from openmednet.data.fingerprint import load_corpus_fingerprint, pretraining_hashes, save_corpus_fingerprint
+from openmednet.data.fingerprint import (
+    load_corpus_fingerprint,
+    pretraining_hashes,
+    save_corpus_fingerprint,
+)
 from openmednet.data.shards import CorpusArrays
 from openmednet.data.sources import SourceSpec
 from openmednet.eval.study import check_pretraining_leakage, shipped_corpus_fingerprint

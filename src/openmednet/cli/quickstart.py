@@ -10,6 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+DEFAULT_OUT = Path("openmednet-quickstart")
+DEFAULT_FEW_SHOT = [10]
+
 
 def _stat(s: dict[str, float], ci: bool = True) -> str:
     """``0.912 ± 0.010 [0.88, 0.94]`` (mean ± sd over seeds, mean bootstrap interval)."""
@@ -38,10 +41,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("quickstart")
     def quickstart_cmd(
-        out: Path = typer.Option(Path("openmednet-quickstart"), help="Study directory: report.md, report.json, plots, runs."),
+        out: Path = typer.Option(DEFAULT_OUT, help="Study directory: report.md, report.json, plots, runs."),
         epochs: int = typer.Option(None, help="Maximum fine-tuning epochs per arm (default: measured to fit 10 min)."),
         seeds: int = typer.Option(3, help="Number of seeds (0..N-1); 3 gives a seed spread."),
-        per_class: list[int] = typer.Option([], "--per-class", help="Also a few-shot budget: N images per class (repeatable)."),
+        per_class: list[int] = typer.Option(DEFAULT_FEW_SHOT, "--per-class", help="Few-shot budget besides all 300 training images: N images per class (repeatable; 0 = none)."),
         image_size: int = typer.Option(64, "--image-size", help="Input side (64: the shipped weights' contract)."),
         device: str = typer.Option(None, help="cpu | cuda (default: CUDA if available)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-arm / per-epoch log lines."),
@@ -51,7 +54,7 @@ def register(app: typer.Typer) -> None:
         from openmednet.quickstart import DEFAULT_EPOCHS, run_quickstart
 
         result = run_quickstart(out, seeds=tuple(range(seeds)), epochs=epochs or DEFAULT_EPOCHS,
-                                per_class=tuple(per_class), image_size=image_size, device=device,
+                                per_class=tuple(k for k in per_class if k > 0), image_size=image_size, device=device,
                                 progress=not quiet)
         console = Console()
         console.print(comparison_table(result))

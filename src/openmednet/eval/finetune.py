@@ -65,6 +65,10 @@ from openmednet.engine.distributed import DistEnv
 from openmednet.engine.optim import build_optimizer, build_scheduler
 from openmednet.engine.trainer import LossOutput, train_one_epoch
 from openmednet.eval import report
+from openmednet.eval.leakage import (
+    check_pretraining_leakage,
+    shipped_corpus_fingerprint,
+)
 from openmednet.eval.metrics import BOOTSTRAP_METRICS, evaluate_predictions
 from openmednet.eval.splits import (
     check_group_leakage,
@@ -84,7 +88,7 @@ from openmednet.models import (
 )
 from openmednet.utils import atomic_write_text, seed_everything
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "build_init", "check_input_contract", "predict_proba", "prepare_for_transfer", "prepare_splits", "run_finetune"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "build_init", "check_init_corpus", "check_input_contract", "predict_proba", "prepare_for_transfer", "prepare_splits", "run_finetune"]
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +251,33 @@ def prepare_splits(target: TargetSet, cfg: FinetuneConfig) -> tuple[TargetSet, n
         # (BCCD basophils) may simply not reach the validation split.
         warnings.warn(f"classes {missing} have no validation image: model choice ignores them", stacklevel=2)
     return target, splits, dropped
+
+
+def check_init_corpus(cfg: FinetuneConfig, target: TargetSet, splits: np.ndarray) -> dict[str, Any] | None:
+    """Test images found in the corpus fingerprint shipped with the init's weights.
+
+    Returns:
+        ``{"corpus", "n_test", "test_ids_in_corpus"}``, or ``None`` when the init ships no
+        fingerprint (scratch, ImageNet, weights saved without one).
+
+    Raises:
+        ValueError: leaked test images and ``cfg.leakage == "error"`` (``drop`` only warns: the
+            test split is never changed to suit an init; ``run_study`` refuses such arms).
+    """
+    fingerprint = shipped_corpus_fingerprint(cfg.init, target.channels)
+    if fingerprint is None:
+        return None
+    test = np.flatnonzero(splits == "test")
+    pairs = check_pretraining_leakage(target.hashes[test], fingerprint, cfg.near_threshold,
+                                      test_fine=target.fine_hashes[test])
+    ids = sorted({target.ids[test[i]] for i, _, _ in pairs})
+    if ids:
+        msg = (f"{len(ids)} of {len(test)} test images (e.g. {ids[:3]}) or near-copies are in the pre-training "
+               f"corpus of init '{cfg.init}' ({fingerprint.name}): its test score is inflated")
+        if cfg.leakage == "error":
+            raise ValueError(f"{msg}; evaluate on other test images, or use another init")
+        warnings.warn(msg, stacklevel=2)
+    return {"corpus": fingerprint.name, "n_test": len(test), "test_ids_in_corpus": ids}
 
 
 # ------------------------------------------------------------------------------------ model
@@ -514,6 +545,7 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
         target = load_target(cfg.data, format=cfg.format, csv_file=cfg.csv_file, columns=cfg.columns,
                              label_map=cfg.label_map, classes=cfg.classes, max_side=cfg.max_side)
     target, splits, dropped = prepare_splits(target, cfg)
+    pretraining = check_init_corpus(cfg, target, splits)
     idx = {name: np.flatnonzero(splits == name) for name in ("train", "val", "test")}
     if cfg.label_fraction is not None or cfg.per_class is not None:
         idx["train"] = subsample_train(target.labels, idx["train"], fraction=cfg.label_fraction,
@@ -545,7 +577,7 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
         "data": {
             "root": str(cfg.data), "n_images": len(target), "channels": target.channels,
             "label_names": list(target.label_names), "counts": _counts(target, splits, idx["train"]),
-            "dropped": dropped, "skipped": target.skipped,
+            "dropped": dropped, "skipped": target.skipped, "pretraining_leakage": pretraining,
         },
         "model": model_info,
         "config": to_dict(cfg),

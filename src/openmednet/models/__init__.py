@@ -1,7 +1,11 @@
 """Models: MedNet and the baselines it is compared with, behind one registry."""
 
 from openmednet.models import baselines  # noqa: F401  (registers the timm baselines)
-from openmednet.models._builder import corpus_fingerprint_file, load_pretrained, package_weights_dir
+from openmednet.models._builder import (
+    corpus_fingerprint_file,
+    load_pretrained,
+    package_weights_dir,
+)
 from openmednet.models._pretrained import PretrainedCfg
 from openmednet.models._registry import (
     create_model,
