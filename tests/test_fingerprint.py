@@ -143,3 +143,23 @@ def test_a_feature_extractor_backbone_fine_tunes_with_a_new_nested_head(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), backbone.forward_features(x), rtol=0, atol=0)
         assert model(x).shape == (2, 2)
+
+
+def test_finetune_records_test_images_found_in_the_inits_fingerprint(corpus: Path, tmp_path: Path) -> None:
+    from openmednet.eval.finetune import FinetuneConfig, check_init_corpus, prepare_splits
+    from openmednet.eval.targets import load_target
+
+    save_corpus_fingerprint(corpus, tmp_path / "fp.npz")
+    save_pretrained(create_model("mednet_test", num_classes=0), tmp_path / "w", corpus_fingerprint=tmp_path / "fp.npz")
+    target = load_target(demo_path())
+    cfg = FinetuneConfig(data=demo_path(), out=tmp_path / "run", init=str(tmp_path / "w"))
+    cleaned, splits, _ = prepare_splits(target, cfg)
+    with pytest.warns(UserWarning, match="2 of 300 test images .* are in the pre-training corpus"):
+        found = check_init_corpus(cfg, cleaned, splits)
+    assert found == {"corpus": "model.corpus.npz", "n_test": 300,
+                     "test_ids_in_corpus": sorted(f"pneumoniamnist_demo.npz#test/{r}" for r in TEST_ROWS)}
+    strict = FinetuneConfig(data=demo_path(), out=tmp_path / "run", init=str(tmp_path / "w"), leakage="error")
+    with pytest.raises(ValueError, match="evaluate on other test images"):
+        check_init_corpus(strict, cleaned, splits)
+    scratch = FinetuneConfig(data=demo_path(), out=tmp_path / "run", init="scratch:mednet_test")
+    assert check_init_corpus(scratch, cleaned, splits) is None
