@@ -171,8 +171,8 @@ def _append_to_report(path: Path, weights: str, elapsed: float, threads: int) ->
         "\n## Quick start\n\n"
         f"`openmednet quickstart`: the shipped weights `{weights}` vs the same architecture from scratch vs "
         f"ImageNet EfficientNet-Lite0, fine-tuned on the embedded PneumoniaMNIST demo sample (MedMNIST v2, "
-        f"CC BY 4.0; see `openmednet/assets/demo/ATTRIBUTION.md`). Wall time {elapsed:.0f} s on "
-        f"{threads} CPU thread(s).\n"
+        f"CC BY 4.0; see `openmednet/assets/demo/ATTRIBUTION.md`). Wall time of this invocation "
+        f"(finished arms of an earlier one are reused): {elapsed:.0f} s on {threads} CPU thread(s).\n"
     )
     atomic_write_text(path, text)
 
@@ -197,11 +197,11 @@ def run_quickstart(
         progress: log each arm and epoch (INFO); ``False`` keeps only warnings.
 
     Returns:
-        ``{"weights", "rows", "refused", "leakage_checks", "elapsed_s", "threads", "report_md",
-        "report_json", "study"}``: ``rows`` are the comparison (per init and budget: ``label``,
+        ``{"weights", "rows", "refused", "leakage_checks", "elapsed_s", "threads", "cpu_count",
+        "report_md", "report_json", "study"}``: ``rows`` are the comparison (per init and budget: ``label``,
         ``n_train``, ``seeds``, ``auroc`` and ``balanced_accuracy`` as ``{"mean", "sd", "ci_low",
-        "ci_high"}``), ``refused`` the arms refused for leakage with their reason, ``study`` the
-        full ``report.json`` content.
+        "ci_high"}``), ``refused`` the arms refused for leakage with their reason (the study logs
+        them too), ``leakage_checks`` every corpus check made, ``study`` the full ``report.json``.
 
     Raises:
         FileNotFoundError: no shipped Gray-MedNet weights, or the demo sample is missing.
@@ -218,8 +218,6 @@ def run_quickstart(
     out = Path(out)
     threads = torch.get_num_threads()
     _append_to_report(out / "report.md", weights, elapsed, threads)
-    for r in study["refused"]:
-        logger.warning("refused: %s: %s", r["init"], r["reason"])
     return {
         "weights": weights, "rows": _rows(study["summary"], weights), "refused": study["refused"],
         "leakage_checks": study.get("leakage_checks", []), "elapsed_s": elapsed, "threads": threads,
