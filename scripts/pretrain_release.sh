@@ -2,14 +2,14 @@
 # Pre-train the three objectives for one MedNet version at CPU scale (64 px, width 0.5) and keep
 # every run directory; scripts/compare_objectives.sh then compares their transfer on the public
 # targets and docs/pretraining.md says which was shipped and why.
-# Usage: scripts/pretrain_release.sh gray|color [CORPUS_ROOT=runs] [OUT_ROOT=runs] [SSL_EPOCHS=1]
-# Budgets (what one 2-core session allowed, with the CPU shared): supervised 6 epochs; SimCLR and
-# combined SSL_EPOCHS epochs (one SSL step costs about 4x a supervised step here: two views of a
-# wider crop range plus the projection head). This is not an equal-budget comparison of the
-# objectives; docs/pretraining.md reports each run's wall time.
+# Usage: scripts/pretrain_release.sh gray|color [CORPUS_ROOT=runs] [OUT_ROOT=runs] [SSL_EPOCHS=3]
+# Budgets: supervised 6 epochs; SimCLR and
+# combined SSL_EPOCHS=3 epochs: one SSL step processes two views, so 3 SSL epochs cost about the
+# same forward/backward compute as 6 supervised epochs (an equal-compute comparison); the
+# wall time of each run is in docs/pretraining.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VERSION=$1; CORPUS_ROOT=${2:-runs}; OUT_ROOT=${3:-runs}; SSL_EPOCHS=${4:-1}
+VERSION=$1; CORPUS_ROOT=${2:-runs}; OUT_ROOT=${3:-runs}; SSL_EPOCHS=${4:-3}
 COMMON=(--corpus "$CORPUS_ROOT/corpus_${VERSION}64_v1" --config "configs/pretrain_${VERSION}64.yaml"
         --set model.width_mult=0.5 --set data.num_workers=1 --set train.progress=false)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
