@@ -102,6 +102,8 @@ class ModelCard:
         corpus_fingerprint_sha256: its hex SHA-256, verified when the fingerprint is used.
         metrics: evaluation results, ``{"name": value}``.
         license: licence of the weights.
+        details: free-form provenance in plain JSON types (sources with image counts, wall time,
+            hardware, the command that produced the weights, the evidence the weights were chosen on).
         created: UTC time of saving (ISO 8601).
         software: versions that produced the file (``openmednet``, ``torch``).
         version: model-card schema version (:data:`MODEL_CARD_VERSION`).
@@ -130,6 +132,7 @@ class ModelCard:
     corpus_fingerprint: str | None = None
     corpus_fingerprint_sha256: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
     license: str = "unknown"
     created: str = ""
     software: dict[str, str] = field(default_factory=dict)
@@ -167,6 +170,7 @@ class ModelCard:
                     {"file": self.corpus_fingerprint, "sha256": self.corpus_fingerprint_sha256}
                     if self.corpus_fingerprint else None
                 ),
+                "details": dict(self.details),
                 "created": self.created,
                 "software": dict(self.software),
             },
@@ -215,6 +219,7 @@ class ModelCard:
                 corpus_fingerprint_sha256=(prov.get("corpus_fingerprint") or {}).get("sha256"),
                 metrics=dict(d.get("metrics", {})),
                 license=d.get("license", "unknown"),
+                details=dict(prov.get("details", {})),
                 created=prov.get("created", ""),
                 software=dict(prov.get("software", {})),
             )
@@ -334,6 +339,7 @@ def save_pretrained(
     intensity: str | None = None,
     label_names: tuple[str, ...] | list[str] | None = None,
     corpus_fingerprint: str | Path | None = None,
+    details: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """Write ``model``'s weights (safetensors) and its model card, each atomically.
 
@@ -357,6 +363,7 @@ def save_pretrained(
             ``openmednet.data.fingerprint.save_corpus_fingerprint``); copied next to the weights
             as ``<stem>.corpus.npz`` unless it is already there, and named in the card with its
             SHA-256 so that test images can be checked against the corpus without having it.
+        details: free-form provenance recorded in the card (see :class:`ModelCard`).
 
     Returns:
         The card that was written.
@@ -409,6 +416,7 @@ def save_pretrained(
         corpus_fingerprint=fingerprint.name if fingerprint else None,
         corpus_fingerprint_sha256=sha256_file(fingerprint) if fingerprint else None,
         metrics=dict(metrics or {}),
+        details=dict(details or {}),
         license=license or cfg.license,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         software={"openmednet": _package_version(), "torch": torch.__version__},
