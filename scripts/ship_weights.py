@@ -1,0 +1,114 @@
+"""Copy a pre-training run's backbone into the package as shipped weights, with a full model card.
+
+The card records what the weights are trained on (sources and image counts from the corpus
+manifest), how (objective, epochs, wall time, hardware, the resolved config) and why they were
+chosen (the linear-probe comparison of the objectives), plus the corpus fingerprint for leakage
+checks. Usage (from the repository root)::
+
+    .venv/bin/python scripts/ship_weights.py --run runs/pt_gray_supervised \
+        --corpus runs/corpus_gray64_v1 --tag sup_cpu64_v1 \
+        --comparison runs/compare_gray_small/report.json runs/compare_gray_large/report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import yaml
+
+from openmednet.data.fingerprint import save_corpus_fingerprint
+from openmednet.data.shards import CorpusManifest
+from openmednet.models import load_pretrained, save_pretrained
+
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "openmednet" / "assets" / "weights"
+
+LICENSE = (
+    "research use only: trained on public data whose licences include CC BY-NC 4.0 (HAM10000) and "
+    "research-only terms (see provenance.details.sources and each source's SOURCE.md)"
+)
+
+
+def _epochs(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("kind") == "epoch"]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _comparison(reports: list[Path]) -> list[dict]:
+    """Summary rows (target, init, budget, mean test AUROC over seeds) of the comparison studies."""
+    rows = []
+    for path in reports:
+        report = json.loads(path.read_text())
+        for row in report.get("summary", []):
+            rows.append({k: row[k] for k in ("target", "init", "strategy", "budget", "n_seeds") if k in row}
+                        | {"auroc_macro": row.get("auroc_macro", {}).get("mean")})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="pre-training run directory")
+    parser.add_argument("--corpus", type=Path, required=True, help="the corpus it was trained on")
+    parser.add_argument("--tag", required=True, help="weight-set tag, e.g. sup_cpu64_v1")
+    parser.add_argument("--comparison", type=Path, nargs="*", default=[], help="report.json of the objective comparison")
+    parser.add_argument("--out", type=Path, default=ASSETS)
+    args = parser.parse_args()
+
+    model = load_pretrained(args.run / "backbone")
+    card = json.loads((args.run / "backbone" / "model_card.json").read_text())
+    manifest = CorpusManifest.load(args.corpus)
+    config = yaml.safe_load((args.run / "config.yaml").read_text())
+    epochs = _epochs(args.run)
+    last = epochs[-1]
+    details = {
+        "corpus": {
+            "name": args.corpus.name,
+            "images": manifest.num_images,
+            "image_size": manifest.image_size,
+            "build": "scripts/build_release_corpora.sh",
+            "excluded_targets": manifest.build.get("exclude", []),
+        },
+        "sources": {s["name"]: {k: s.get(k) for k in ("modality", "license", "images") if k in s}
+                    for s in manifest.sources},
+        "per_source_images": manifest.stats.get("per_source", {}),
+        "training": {
+            "command": "scripts/pretrain_release.sh " + ("gray" if model.in_chans == 1 else "color"),
+            "config": config,
+            "wall_time_s": round(sum(e.get("time_s", 0.0) for e in epochs), 1),
+            "hardware": f"{os.cpu_count()} CPU cores ({_cpu_model()}), no GPU",
+            "precision": config.get("train", {}).get("precision"),
+        },
+        "selection": {
+            "how": "linear probe on the public targets (scripts/compare_objectives.sh), mean test AUROC over 3 seeds",
+            "comparison": _comparison(args.comparison),
+        },
+    }
+    fingerprint = args.run / "backbone" / "model.corpus.npz"
+    if not fingerprint.is_file():  # runs made before pretrain exported fingerprints
+        save_corpus_fingerprint(args.corpus, fingerprint)
+    metrics = {k: float(v) for k, v in last.items() if k.startswith("knn/") or k == "train/loss"}
+    saved = save_pretrained(
+        model, args.out, tag=args.tag, default=True,
+        data=tuple(s["name"] for s in manifest.sources),
+        objective=card["provenance"]["objective"], epochs=len(epochs), metrics=metrics,
+        license=LICENSE, corpus_fingerprint=fingerprint,
+        details=details,
+    )
+    print(f"shipped {saved.architecture}.{saved.tag}: {saved.num_params:,} parameters, sha256 {saved.sha256}")
+
+
+if __name__ == "__main__":
+    main()
