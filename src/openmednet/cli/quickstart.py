@@ -24,7 +24,8 @@ def _stat(s: dict[str, float], ci: bool = True) -> str:
 
 def comparison_table(result: dict[str, Any]) -> Table:
     """The quick start's rows as a rich table; refused inits get a row saying so."""
-    table = Table(title="Test split of the demo sample (300 images): mean ± sd over seeds [mean bootstrap 95% CI]")
+    table = Table(title="Demo test split (300 images), full fine-tuning",
+                  caption="mean ± sd over seeds [mean of the seeds' bootstrap 95% intervals]")
     for name, justify in (("init", "left"), ("budget", "left"), ("train images", "right"), ("seeds", "right"),
                           ("AUROC", "right"), ("balanced accuracy", "right")):
         table.add_column(name, justify=justify)
