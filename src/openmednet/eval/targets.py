@@ -39,6 +39,25 @@ logger = logging.getLogger(__name__)
 GRAY_TOLERANCE = 3
 
 
+def _majority_channels(images: list[np.ndarray], root: Path) -> int:
+    """1 if most images have gray content, else 3; warns when the other kind is converted.
+
+    A modality decides a target's channels, not its odd file: a brain MRI set with a few
+    colour-annotated JPEGs (brain_mri_yes_no: 19 of 253) is gray, and those few become gray.
+    """
+    n_gray = sum(is_gray_content(a, tol=GRAY_TOLERANCE) for a in images)
+    channels = 1 if 2 * n_gray >= len(images) else 3
+    minority = len(images) - n_gray if channels == 1 else n_gray
+    if minority:
+        kind = "colour" if channels == 1 else "gray"
+        warnings.warn(
+            f"{root}: {minority} of {len(images)} images have {kind} content; they are converted to "
+            f"{channels} channel(s) like the majority",
+            stacklevel=3,
+        )
+    return channels
+
+
 @dataclass
 class TargetSet:
     """Decoded labelled images of one target.
@@ -50,7 +69,7 @@ class TargetSet:
         given_splits: ``N`` split names from the source, ``None`` when not given.
         ids: ``N`` stable ids: path relative to the data root, ``#frame`` or ``#split/row`` suffixed.
         label_names: sorted class names; class ``k`` is ``label_names[k]``.
-        channels: 1 if every image has gray content, else 3.
+        channels: 1 if most images have gray content, else 3 (the minority is converted, warned).
         hashes: ``(N,)`` uint64 perceptual hashes of the decoded images (``data.dedupe.phash64``).
         fine_hashes: ``(N, 4)`` uint64 256-bit perceptual hashes (``data.dedupe.phash256``), which
             confirm near-copy candidates of ``hashes``.
@@ -213,8 +232,7 @@ def load_target(
     if not images:
         raise ValueError(f"no image of {root} could be decoded ({dict(skipped)})")
 
-    gray = all(is_gray_content(a, tol=GRAY_TOLERANCE) for a in images)
-    channels = 1 if gray else 3
+    channels = _majority_channels(images, root)
     # Store gray content as (H, W) and colour as (H, W, 3); the transform adapts to the model.
     # np.require: writable, contiguous arrays (Pillow's are read-only; torch.from_numpy wants writable).
     images = [np.require(_shrink(to_channels(a, channels)[0], max_side), requirements=["C", "W"]) for a in images]
