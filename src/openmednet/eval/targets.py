@@ -43,7 +43,7 @@ def _majority_channels(images: list[np.ndarray], root: Path) -> int:
     """1 if most images have gray content, else 3; warns when the other kind is converted.
 
     A modality decides a target's channels, not its odd file: a brain MRI set with a few
-    colour-annotated JPEGs (brain_mri_yes_no: 19 of 253) is gray, and those few become gray.
+    colour-annotated JPEGs (brain_mri_yes_no: 30 of 253) is gray, and those few become gray.
     """
     n_gray = sum(is_gray_content(a, tol=GRAY_TOLERANCE) for a in images)
     channels = 1 if 2 * n_gray >= len(images) else 3
