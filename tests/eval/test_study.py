@@ -90,3 +90,18 @@ def test_study_resumes_without_rerunning(study: tuple[Path, StudyConfig, dict]) 
     changed = StudyConfig(**{**cfg.__dict__, "finetune": {**cfg.finetune, "lr": 0.5}})
     with pytest.raises(ValueError, match="different configuration"):
         run_study(changed)
+
+
+def test_infeasible_per_class_budget_refuses_its_arms_not_the_study(shared_data: Path, tmp_path: Path) -> None:
+    data = _target(shared_data, tmp_path, per_class=6)  # 6 per class, of which some go to val/test
+    cfg = StudyConfig(
+        out=tmp_path / "out", targets=({"name": "openi12", "data": str(data)},), inits=("scratch:mednet_test",),
+        label_fractions=(), per_class=(50,), seeds=(0, 1, 2),
+        finetune={"epochs": 1, "image_size": 32, "batch_size": 8, "n_boot": 20, "max_side": 64},
+    )
+    result = run_study(cfg)
+    assert result["arms"] == []
+    (refusal,) = result["refused"]
+    assert refusal["init"] == "scratch:mednet_test"
+    assert "full 50shot: class" in refusal["reason"] and "fewer than per_class=50" in refusal["reason"]
+    assert "fewer than per_class=50" in (tmp_path / "out/report.md").read_text()

@@ -38,6 +38,7 @@ from openmednet.data.dedupe import (
 
 __all__ = [
     "SPLITS",
+    "BudgetTooLargeError",
     "check_group_leakage",
     "find_label_conflicts",
     "find_near_duplicates",
@@ -48,6 +49,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+
+
+class BudgetTooLargeError(ValueError):
+    """A per-class label budget asks for more training images than a class has."""
 
 
 def _fill_groups(groups: Sequence[Any] | None, n: int) -> np.ndarray:
@@ -231,7 +236,7 @@ def subsample_train(
         members = members[rng.permutation(members.size)]
         if per_class is not None:
             if members.size < per_class:
-                raise ValueError(
+                raise BudgetTooLargeError(
                     f"class '{cls}' has {members.size} training images, fewer than per_class={per_class}; "
                     f"use a smaller count or a fraction"
                 )

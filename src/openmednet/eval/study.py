@@ -65,6 +65,7 @@ from openmednet.eval.leakage import (
     check_pretraining_leakage,
     shipped_corpus_fingerprint,
 )
+from openmednet.eval.splits import BudgetTooLargeError
 from openmednet.eval.targets import TargetSet, load_target
 from openmednet.utils import atomic_write_text
 
@@ -255,8 +256,14 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
                 continue
             for strategy in cfg.strategies:
                 for budget_name, budget in _budgets(cfg):
-                    for seed in cfg.seeds:
-                        arms.append(_run_arm(cfg, spec, target, init, strategy, budget_name, budget, seed))
+                    try:
+                        for seed in cfg.seeds:
+                            arms.append(_run_arm(cfg, spec, target, init, strategy, budget_name, budget, seed))
+                    except BudgetTooLargeError as e:
+                        # One infeasible budget (a class smaller than per_class) refuses its arms,
+                        # not the whole study.
+                        logger.warning("refused: %s %s %s on %s: %s", init, strategy, budget_name, spec.name, e)
+                        refused.append({"target": spec.name, "init": init, "reason": f"{strategy} {budget_name}: {e}"})
     result = {"arms": arms, "summary": summarize(arms), "refused": refused, "leakage_checks": checks,
               "config": to_dict(cfg)}
     _write_report(out, result)
