@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -96,7 +98,7 @@ def test_width_multiplier_scales_params():
     "x, match",
     [
         (torch.randn(1, 3, 64, 64), "1 input channel"),
-        (torch.randn(1, 1, 16, 64), "smaller than"),
+        (torch.randn(1, 1, 16, 64), "smaller than MedNet.s minimum 17x17"),
         (torch.randn(1, 64, 64), r"\(B, C, H, W\)"),
         (torch.full((1, 1, 32, 32), float("nan")), "NaN"),
     ],
@@ -120,3 +122,11 @@ def test_model_args_rebuild_same_architecture():
     model.eval(), clone.eval()
     with torch.no_grad():
         assert torch.equal(model(x), clone(x))
+
+
+@pytest.mark.parametrize("size, last", [(17, 2), (28, 2), (33, 3), (64, 4)])
+def test_smallest_inputs_keep_a_2x2_last_map(size, last):
+    # 17 px is the minimum (ceil(17/16) = 2); MedMNIST's native 28 px must run without upsampling.
+    model = openmednet.create_model("mednet_test").eval()
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(2, 1, size, size + 5)).shape[-2:] == (last, math.ceil((size + 5) / 16))

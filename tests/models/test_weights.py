@@ -100,7 +100,7 @@ def test_model_card_records_contract_provenance_and_checksum(saved):
     assert data["model_args"]["width_mult"] == 0.25 and data["model_args"]["num_classes"] == 3
     assert data["weights"]["sha256"] == sha256_file(path / "model.safetensors")
     assert data["weights"]["num_params"] == sum(p.numel() for p in model.parameters())
-    assert data["input"] == {"channels": 1, "size": [64, 64], "min_size": [32, 32], "mean": [0.5], "std": [0.25],
+    assert data["input"] == {"channels": 1, "size": [64, 64], "min_size": [17, 17], "mean": [0.5], "std": [0.25],
                              "intensity": "uint8/255", "interpolation": "bilinear"}
     assert data["head"]["num_classes"] == 3 and data["head"]["label_names"] == ["a", "b", "c"]
     assert data["provenance"]["data"] == ["chest_xray_pneumonia"] and data["provenance"]["epochs"] == 3

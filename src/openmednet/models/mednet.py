@@ -29,7 +29,8 @@ Choices the paper leaves open, and why:
   pixel, close to a ResNet basic block's ``18 * C^2``: eight blocks cost about what ResNet-18 does.
 - Down-sampling in the stem and in the first block of stages 2-4: output stride 16, so a 64 px
   input still has a 4x4 last map (Grad-CAM needs some resolution) and 224 px gives 14x14.
-  The smallest input is 32 px (2x2 last map).
+  The smallest input is 17 px, the first size with a 2x2 last map, so MedMNIST's native
+  28 px images fit without upsampling.
 - Connection widths ``w_dst/4`` (one branch's worth), so joining features stays cheap.
 - ``width_mult`` scales every width (rounded to a multiple of 8, so branches stay whole): the same
   design runs on a CPU at 64 px (``mednet_test`` uses 0.25) and on GPUs at 224 px.
@@ -80,7 +81,7 @@ CONNECTIONS: tuple[Connection, ...] = (
 STAGE_WIDTHS = (32, 64, 128, 256)
 STEM_WIDTHS = (16, 32)
 BLOCKS_PER_STAGE = 2
-MIN_INPUT_SIZE = 32
+MIN_INPUT_SIZE = 17  # ceil(17 / 16) = 2: the smallest input with a 2x2 last map
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -323,7 +324,7 @@ def _gray_cfg(**kw: Any) -> PretrainedCfg:
 
 
 def _color_cfg(**kw: Any) -> PretrainedCfg:
-    return PretrainedCfg(input_size=(3, 64, 64), min_input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5),
+    return PretrainedCfg(input_size=(3, 64, 64), min_input_size=(3, MIN_INPUT_SIZE, MIN_INPUT_SIZE), mean=(0.5, 0.5, 0.5),
                          std=(0.25, 0.25, 0.25), **kw)
 
 
