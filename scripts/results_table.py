@@ -1,0 +1,95 @@
+"""Print the markdown tables of docs/results.md from study reports, so no number is typed by hand.
+
+Each cell is ``mean ± sd over seeds [mean bootstrap 95% interval]`` of one target x init x
+strategy x budget summary of ``report.json`` (written by ``openmednet study``); the best mean of a
+row is in bold.
+
+Usage::
+
+    python scripts/results_table.py runs/study_pneumoniamnist64/report.json             # inits as columns
+    python scripts/results_table.py runs/study_strategies64/report.json --columns strategy
+    python scripts/results_table.py runs/study_*/report.json --metric balanced_accuracy --no-ci
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+METRICS = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "ece")
+
+
+def init_role(init: str) -> str:
+    """A column name that is the same for the gray and colour studies (``auto`` -> "MedNet pre-trained")."""
+    if init == "auto" or init.startswith("mednet_"):
+        return "MedNet pre-trained"
+    if init.startswith("scratch:mednet_"):
+        return "MedNet from scratch"
+    if init == "efficientnet_lite0":
+        return "ImageNet Lite0"
+    if init == "scratch:efficientnet_lite0":
+        return "Lite0 from scratch"
+    return init
+
+
+def _budget_label(budget: str, n_train: float) -> str:
+    if budget == "frac1":
+        return f"all ({n_train:.0f})"
+    if budget.endswith("shot"):
+        return f"{budget[:-4]} per class ({n_train:.0f})"
+    return f"{budget} ({n_train:.0f})"
+
+
+def _cell(stats: dict, ci: bool) -> str:
+    text = f"{stats['mean']:.3f} ± {stats['sd']:.3f}"
+    return text + (f" [{stats['ci_low']:.3f}, {stats['ci_high']:.3f}]" if ci else "")
+
+
+def table(reports: list[dict], metric: str, columns: str, ci: bool) -> str:
+    """One markdown table: rows target x budget, one column per ``columns`` value (init or strategy)."""
+    rows: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
+    n_test: dict[str, int] = {}
+    headers: list[str] = []
+    for report in reports:
+        for arm in report["arms"]:
+            n_test[arm["target"]] = arm["n_test"]
+        for s in report["summary"]:
+            key = init_role(s["init"]) if columns == "init" else s[columns]
+            if key not in headers:
+                headers.append(key)
+            rows[(s["target"], _budget_label(s["budget"], s["n_train"]))][key] = s
+    lower_is_better = metric == "ece"
+    lines = [f"| target (test images) | training images | {' | '.join(headers)} |",
+             "|" + "---|" * (len(headers) + 2)]
+    for (target, budget), cells in rows.items():
+        means = {k: c[metric]["mean"] for k, c in cells.items()}
+        best = (min if lower_is_better else max)(means, key=means.get)
+        out = []
+        for h in headers:
+            if h not in cells:
+                out.append("refused / not run")
+                continue
+            text = _cell(cells[h][metric], ci)
+            out.append(f"**{text}**" if h == best and len(cells) > 1 else text)
+        lines.append(f"| {target} ({n_test[target]}) | {budget} | {' | '.join(out)} |")
+    refused = [r for report in reports for r in report.get("refused", [])]
+    for r in refused:
+        lines.append(f"\nRefused: {r}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("reports", nargs="+", type=Path, help="report.json files of openmednet study")
+    parser.add_argument("--metric", default="auroc_macro", choices=METRICS)
+    parser.add_argument("--columns", default="init", choices=("init", "strategy"))
+    parser.add_argument("--no-ci", dest="ci", action="store_false", help="leave out the bootstrap intervals")
+    args = parser.parse_args()
+    reports = [json.loads(p.read_text()) for p in args.reports]
+    print(table(reports, args.metric, args.columns, args.ci))
+
+
+if __name__ == "__main__":
+    main()
