@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,8 +26,8 @@ T = TypeVar("T")
 def _parse_scalar(text: str) -> Any:
     """Parse an override value with YAML rules (``1e-3`` -> float, ``true`` -> bool, ``[1,2]`` -> list)."""
     value = yaml.safe_load(text)
-    # YAML reads "1e-3" as a string; users mean a float.
-    if isinstance(value, str):
+    # YAML reads "1e-3" as a string; users mean a float. A quoted value ('"2024"') stays a string.
+    if isinstance(value, str) and not text.strip().startswith(("'", '"')):
         try:
             return float(value)
         except ValueError:
@@ -50,6 +51,12 @@ def _coerce(value: Any, hint: Any) -> Any:
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(value, str) and (hint is float or (origin in (typing.Union, types.UnionType) and float in typing.get_args(hint))):
+        # YAML 1.1 reads "1e-4" (no dot) as a string: a float field means a number.
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
     if hint is Path and isinstance(value, str):
         return Path(value)
     return value
@@ -71,7 +78,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         hint = hints[key]
         if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
             value = from_dict(hint, value, prefix=f"{prefix}{key}.")
-        kwargs[key] = _coerce(value, hint)
+        try:
+            kwargs[key] = _coerce(value, hint)
+        except ValueError as e:
+            raise ValueError(f"config key '{prefix}{key}': {e}") from None
     return cls(**kwargs)
 
 

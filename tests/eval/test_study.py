@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,60 @@ def test_infeasible_per_class_budget_refuses_its_arms_not_the_study(shared_data:
     assert refusal["init"] == "scratch:mednet_test"
     assert "full 50shot: class" in refusal["reason"] and "fewer than per_class=50" in refusal["reason"]
     assert "fewer than per_class=50" in (tmp_path / "out/report.md").read_text()
+
+
+def test_moved_study_reuses_its_arms(study: tuple[Path, StudyConfig, dict], tmp_path: Path) -> None:
+    # Where the study lives and how many loader workers run do not change a result.
+    tmp, cfg, result = study
+    shutil.copytree(tmp / "out", tmp_path / "moved")
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "moved/runs").rglob("metrics.json")}
+    moved = StudyConfig(**{**cfg.__dict__, "out": tmp_path / "moved", "finetune": {**cfg.finetune, "num_workers": 1}})
+    again = run_study(moved)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert [r["auroc_macro"] for r in again["summary"]] == [r["auroc_macro"] for r in result["summary"]]
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"seeds": (0, 1, 1)}, r"seeds repeats \['1'\]"),
+        ({"label_fractions": (1, 1.0)}, "label_fractions repeats"),
+        ({"inits": ("scratch:mednet_tset",)}, "did you mean 'mednet_test'"),
+        ({"inits": ("mednet_gray.nope",)}, "unknown weights 'mednet_gray.nope'"),
+        ({"strategies": ("full", "linear_prob")}, "did you mean 'linear_probe'"),
+        ({"finetune": {"given_splits": False}}, r"'given_splits' belongs in targets\[\].given_splits"),
+        ({"finetune": {"lr": "fast"}}, "config key 'finetune.lr': expected a number"),
+    ],
+)
+def test_grid_mistakes_fail_before_any_data_is_read(tmp_path: Path, change: dict, match: str) -> None:
+    fields = {"out": tmp_path / "out", "targets": ({"name": "x", "data": str(tmp_path / "does-not-exist")},),
+              "inits": ("scratch:mednet_test",), "seeds": (0, 1, 2), **change}
+    with pytest.raises((ValueError, KeyError), match=match):
+        run_study(StudyConfig(**fields))
+
+
+def test_a_failing_arm_is_reported_and_the_others_still_run(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openmednet.engine.trainer import NonFiniteLossError
+    from openmednet.eval import study as study_module
+
+    real = study_module.run_finetune
+
+    def diverge_on_seed_1(run, target=None):  # stands in for a learning rate that blows up one seed
+        if run.seed == 1:
+            raise NonFiniteLossError("loss is nan at step 3")
+        return real(run, target=target)
+
+    monkeypatch.setattr(study_module, "run_finetune", diverge_on_seed_1)
+    cfg = StudyConfig(
+        out=tmp_path / "out", targets=({"name": "openi12", "data": str(_target(shared_data, tmp_path, per_class=6))},),
+        inits=("scratch:mednet_test",), seeds=(0, 1, 2),
+        finetune={"epochs": 1, "image_size": 32, "batch_size": 8, "n_boot": 0, "max_side": 64, "test_fraction": 0.25},
+    )
+    result = run_study(cfg)
+    assert [a["seed"] for a in result["arms"]] == [0, 2] and result["summary"][0]["seeds"] == 2
+    (failed,) = result["failed"]
+    assert failed["seed"] == 1 and "NonFiniteLossError: loss is nan" in failed["error"]
+    assert "## Failed arms" in (tmp_path / "out/report.md").read_text()
+    assert not (Path(failed["run_dir"]) / "metrics.json").exists()  # the next resume retries it

@@ -53,7 +53,9 @@ def register(app: typer.Typer) -> None:
                   "label_fraction": label_fraction, "per_class": per_class, "seed": seed}
         try:
             cfg = load_config(FinetuneConfig, config, _overrides(values, set_))
-        except TypeError as e:  # a required field (data, out) is missing
+        except TypeError as e:
+            if "required" not in str(e):  # only a missing field (data, out) is the user's to fix here
+                raise
             raise ValueError(f"{e}: give --data and --out (or set them in --config)") from None
         result = run_finetune(cfg)
         test = result.metrics["test"]

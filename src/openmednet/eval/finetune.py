@@ -12,7 +12,8 @@ Outputs in ``cfg.out``:
 
 ================== ==========================================================================
 config.yaml        the resolved ``FinetuneConfig``
-splits.csv         every item: id, label, group, split, used in training, perceptual hash
+splits.csv         every item kept: id, label, group, split, used in training, perceptual hash
+                   (items left out by the checks are listed in metrics.json, data.dropped)
 history.json       per epoch: train loss, validation loss and AUROC, learning rate
 predictions.csv    test ids, labels and class probabilities (metrics.json is recomputable from it)
 metrics.json       test metrics with bootstrap 95% intervals, best epoch, data counts, dropped items
@@ -63,8 +64,8 @@ from openmednet.data.datasets import LabelledDataset
 from openmednet.data.loader import build_loader
 from openmednet.data.transforms import build_transform
 from openmednet.engine.distributed import DistEnv
-from openmednet.engine.optim import build_optimizer, build_scheduler
-from openmednet.engine.trainer import LossOutput, train_one_epoch
+from openmednet.engine.optim import OPTIMIZERS, build_optimizer, build_scheduler
+from openmednet.engine.trainer import PRECISIONS, LossOutput, train_one_epoch
 from openmednet.eval import report
 from openmednet.eval.leakage import (
     check_pretraining_leakage,
@@ -125,7 +126,10 @@ class FinetuneConfig:
         split_seed: seed of drawn splits; keep it fixed across runs of one study.
         val_fraction, test_fraction: sizes of drawn validation / test splits.
         leakage: what to do with train/val images that are near-copies of test images:
-            ``drop`` them (test stays untouched) or raise (``error``).
+            ``drop`` them (test stays untouched) or raise (``error``). Test images found in the
+            init's pre-training corpus cannot be dropped (the test split is never changed to suit
+            an init): ``drop`` then warns and sets ``metrics["test_leaked_in_pretraining"]``,
+            ``error`` raises; ``openmednet study`` refuses such inits.
         near_threshold: pHash bits within which two images are near-copies.
         hflip: random horizontal flips (turn off for laterality labels).
         n_boot: bootstrap resamples for the test intervals (0 = none).
@@ -183,10 +187,19 @@ class FinetuneConfig:
         object.__setattr__(self, "out", Path(self.out))
         look_up_option(self.strategy, STRATEGIES, "strategy")
         look_up_option(self.leakage, LEAKAGE_POLICIES, "leakage policy")
+        look_up_option(self.precision, PRECISIONS, "precision")
+        look_up_option(self.optimizer, OPTIMIZERS, "optimizer")
         if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
             raise ValueError(f"epochs, patience and batch_size must be >= 1, got {self.epochs}, {self.patience}, {self.batch_size}")
+        if self.freeze_k < 0 or self.warmup_epochs < 0 or self.num_workers < 0:
+            raise ValueError(f"freeze_k, warmup_epochs and num_workers must be >= 0, got "
+                             f"{self.freeze_k}, {self.warmup_epochs}, {self.num_workers}")
         if self.label_fraction is not None and self.per_class is not None:
             raise ValueError("give label_fraction or per_class, not both")
+        if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
+            raise ValueError(f"label_fraction must lie in (0, 1], got {self.label_fraction}")
+        if self.per_class is not None and self.per_class < 1:
+            raise ValueError(f"per_class must be >= 1, got {self.per_class}")
 
 
 @dataclass
@@ -250,8 +263,13 @@ def prepare_splits(target: TargetSet, cfg: FinetuneConfig) -> tuple[TargetSet, n
     missing = sorted(set(target.label_names) - set(target.labels[splits == "train"].tolist()))
     if missing:
         raise ValueError(f"classes {missing} have no training image after the leakage checks; add images")
-    missing = sorted(set(target.label_names) - set(target.labels[splits == "val"].tolist()))
-    if missing:
+    present = set(target.labels[splits == "val"].tolist())
+    missing = sorted(set(target.label_names) - present)
+    if len(present) < 2:
+        warnings.warn(f"the validation split holds only {sorted(present)}: validation AUROC is undefined, so "
+                      f"epochs are chosen on validation loss alone; draw splits (given_splits=false) or add images",
+                      stacklevel=2)
+    elif missing:
         # Validation AUROC then averages over the classes present; rare classes of tiny targets
         # (BCCD basophils) may simply not reach the validation split.
         warnings.warn(f"classes {missing} have no validation image: model choice ignores them", stacklevel=2)
@@ -428,6 +446,8 @@ def _train(model, loaders, cfg: FinetuneConfig, weights: Tensor | None, dist: Di
     steps = len(loaders["train"])
     scheduler = build_scheduler(optimizer, total_steps=cfg.epochs * steps, warmup_steps=cfg.warmup_epochs * steps)
     weights = None if weights is None else weights.to(dist.device)
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(dist.device.type) if cfg.precision == "fp16" else None
 
     def compute_loss(m: nn.Module, batch: tuple[Tensor, Tensor]) -> LossOutput:
         x, y = batch
@@ -437,7 +457,7 @@ def _train(model, loaders, cfg: FinetuneConfig, weights: Tensor | None, dist: Di
     for epoch in range(1, cfg.epochs + 1):
         train_metrics = train_one_epoch(
             model, loaders["train"], optimizer, compute_loss, epoch=epoch, dist=dist,
-            scheduler=scheduler, precision=cfg.precision, channels_last=cfg.channels_last,
+            scheduler=scheduler, scaler=scaler, precision=cfg.precision, channels_last=cfg.channels_last,
         )
         probs, y = predict_proba(model, loaders["val"], dist.device)
         auroc, loss = _val_score(y, probs)
@@ -466,7 +486,8 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 
 
 def _write_splits(out: Path, target: TargetSet, splits: np.ndarray, used: np.ndarray) -> None:
-    rows = [[target.ids[i], target.labels[i], target.groups[i] or "", splits[i], int(i in used),
+    used_set = set(used.tolist())
+    rows = [[target.ids[i], target.labels[i], target.groups[i] or "", splits[i], int(i in used_set),
              f"{int(target.hashes[i]):016x}"] for i in range(len(target))]
     _write_csv(out / "splits.csv", ["id", "label", "group", "split", "used_for_training", "phash"], rows)
 
@@ -581,6 +602,7 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
         "val": {"auroc_macro": best["val_auroc"], "loss": best["val_loss"]},
         "best_epoch": best_epoch,
         "epochs_run": len(history),
+        "test_leaked_in_pretraining": bool(pretraining and pretraining["test_ids_in_corpus"]),
         "data": {
             "root": str(cfg.data), "n_images": len(target), "channels": target.channels,
             "label_names": list(target.label_names), "counts": _counts(target, splits, idx["train"]),
@@ -589,11 +611,12 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
         "model": model_info,
         "config": to_dict(cfg),
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=True) + "\n")
     save_pretrained(
         model.cpu(), out / "model", data=(str(cfg.data),), objective=f"finetune:{cfg.strategy}",
         epochs=best_epoch, metrics={m: test[m] for m in ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro")},
         input_size=(channels, size, size), label_names=target.label_names,
     )
+    # metrics.json is the completion marker a study resumes by: written last, after the model.
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=True) + "\n")
     logger.info("test macro AUROC %.4f (best epoch %d); outputs in %s", test["auroc_macro"], best_epoch, out)
     return FinetuneResult(out=out, metrics=metrics)

@@ -96,7 +96,8 @@ def layer_groups(model: nn.Module) -> list[list[str]]:
         from timm.models import group_parameters
 
         grouped = group_parameters(model, model.group_matcher(coarse=True))
-        return [[n for n in grouped[k] if not _is_head(n, prefix)] for k in sorted(grouped)]
+        groups = [[n for n in grouped[k] if not _is_head(n, prefix)] for k in sorted(grouped)]
+        return [g for g in groups if g]  # the classifier's own group is empty without the head
     raise ValueError(
         f"{type(model).__name__} has no layer groups: freeze_k supports MedNet and timm models "
         f"(with group_matcher); use 'full' or 'linear_probe'"

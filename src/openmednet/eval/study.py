@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from openmednet._errors import look_up_option
 from openmednet.config import from_dict, save_config, to_dict
 from openmednet.eval import report
 from openmednet.eval.finetune import FinetuneConfig, prepare_splits, run_finetune
@@ -65,7 +66,9 @@ from openmednet.eval.leakage import (
     check_pretraining_leakage,
     shipped_corpus_fingerprint,
 )
+from openmednet.engine.trainer import NonFiniteLossError
 from openmednet.eval.splits import BudgetTooLargeError
+from openmednet.eval.strategies import STRATEGIES
 from openmednet.eval.targets import TargetSet, load_target
 from openmednet.utils import atomic_write_text
 
@@ -147,7 +150,22 @@ def arm_dir(out: Path, target: str, init: str, strategy: str, budget: str, seed:
     return Path(out) / "runs" / _slug(target) / _slug(init) / strategy / budget / f"seed{seed}"
 
 
+#: FinetuneConfig fields a study sets per arm, and where a study config gives them instead.
+_STUDY_OWNED = {
+    "data": "targets[].data", "out": "out", "init": "inits", "strategy": "strategies", "seed": "seeds",
+    "label_fraction": "label_fractions", "per_class": "per_class", "near_threshold": "near_threshold",
+    **{k: f"targets[].{k}" for k in ("given_splits", "format", "csv_file", "columns", "label_map", "classes")},
+}
+
+#: Run fields that do not change a run's result: a finished arm is reused whatever they are.
+_RESULT_NEUTRAL = ("out", "device", "num_workers")
+
+
 def _arm_config(cfg: StudyConfig, spec: TargetSpec, init: str, strategy: str, budget: dict, seed: int, out: Path) -> FinetuneConfig:
+    owned = sorted(set(cfg.finetune) & set(_STUDY_OWNED))
+    if owned:
+        where = ", ".join(f"'{k}' belongs in {_STUDY_OWNED[k]}" for k in owned)
+        raise ValueError(f"the study sets {owned} for every arm, so finetune.{owned[0]} would be ignored: {where}")
     fields = {
         **cfg.finetune, "data": spec.data, "out": out, "init": init, "strategy": strategy, "seed": seed,
         "given_splits": spec.given_splits, "format": spec.format, "csv_file": spec.csv_file,
@@ -163,12 +181,40 @@ def _done(run: FinetuneConfig) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
-    if metrics.get("config") != to_dict(run):
+    if _result_config(metrics.get("config") or {}) != _result_config(to_dict(run)):
         raise ValueError(
             f"{run.out} holds a finished run with a different configuration: use a new study 'out' "
             f"directory, or delete that run to redo it"
         )
     return metrics
+
+
+def _result_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    # A moved study directory or a run on another device or with more loader workers (the batches
+    # do not depend on them) is the same run.
+    return {k: v for k, v in config.items() if k not in _RESULT_NEUTRAL}
+
+
+def _check_grid(cfg: StudyConfig) -> None:
+    """Fail before any data is read on what would otherwise fail hours in: repeated grid values,
+    unknown strategies, inits that name no registered model or existing path."""
+    from openmednet.models import get_pretrained_cfg
+    from openmednet.models._registry import model_entrypoint
+
+    for name in ("inits", "strategies", "label_fractions", "per_class", "seeds"):
+        values = list(getattr(cfg, name))
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"{name} repeats {repeated}: each arm would run twice and count as two seeds")
+    for strategy in cfg.strategies:
+        look_up_option(strategy, STRATEGIES, "strategy")
+    for init in cfg.inits:
+        if init == "auto" or "/" in init or Path(init).suffix in (".json", ".safetensors", ".pt", ".pth"):
+            continue  # a path: build_init names a missing file clearly
+        if init.startswith("scratch:"):
+            model_entrypoint(init.split(":", 1)[1])
+        else:
+            get_pretrained_cfg(init)
 
 
 # ------------------------------------------------------------------------------------ leakage
@@ -194,9 +240,9 @@ def _refusals(cfg: StudyConfig, spec: TargetSpec, target: TargetSet, checks: lis
 
     Every corpus check made is appended to ``checks`` (target, init, corpus, test images, leaked).
     """
-    probe = FinetuneConfig(data=spec.data, out=cfg.out, given_splits=spec.given_splits,
-                           near_threshold=cfg.near_threshold, **{k: v for k, v in cfg.finetune.items()
-                                                                 if k in ("split_seed", "val_fraction", "test_fraction", "leakage")})
+    # The arms' own configuration (all arms of a target share their split settings), so this check
+    # sees exactly the test split every arm will be scored on.
+    probe = _arm_config(cfg, spec, "auto", "full", {}, cfg.seeds[0], Path(cfg.out))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # each run warns about its own drops
         cleaned, splits, _ = prepare_splits(target, probe)
@@ -238,6 +284,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     Returns:
         The content of ``report.json``.
     """
+    _check_grid(cfg)
     if len(cfg.seeds) < MIN_SEEDS:
         warnings.warn(f"{len(cfg.seeds)} seed(s): a study needs at least {MIN_SEEDS} for seed spread", stacklevel=2)
     out = Path(cfg.out)
@@ -245,9 +292,9 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     save_config(cfg, out / "study.yaml")
     arms, refused, checks = [], [], []
     for spec in cfg.target_specs():
+        arm_cfg = _arm_config(cfg, spec, "auto", "full", {}, cfg.seeds[0], Path(cfg.out))
         target = load_target(spec.data, format=spec.format, csv_file=spec.csv_file, columns=spec.columns,
-                             label_map=spec.label_map, classes=spec.classes,
-                             max_side=cfg.finetune.get("max_side", 256))
+                             label_map=spec.label_map, classes=spec.classes, max_side=arm_cfg.max_side)
         refusals = _refusals(cfg, spec, target, checks)
         for init in cfg.inits:
             if init in refusals:
@@ -264,8 +311,10 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
                         # not the whole study.
                         logger.warning("refused: %s %s %s on %s: %s", init, strategy, budget_name, spec.name, e)
                         refused.append({"target": spec.name, "init": init, "reason": f"{strategy} {budget_name}: {e}"})
-    result = {"arms": arms, "summary": summarize(arms), "refused": refused, "leakage_checks": checks,
-              "config": to_dict(cfg)}
+    failed = [a for a in arms if "error" in a]
+    arms = [a for a in arms if "error" not in a]
+    result = {"arms": arms, "summary": summarize(arms), "refused": refused, "failed": failed,
+              "leakage_checks": checks, "config": to_dict(cfg)}
     _write_report(out, result)
     return result
 
@@ -275,7 +324,16 @@ def _run_arm(cfg, spec, target, init, strategy, budget_name, budget, seed) -> di
     metrics = _done(run)
     if metrics is None:
         logger.info("arm %s", run.out)
-        metrics = run_finetune(run, target=target).metrics
+        try:
+            metrics = run_finetune(run, target=target).metrics
+        except (NonFiniteLossError, ValueError) as e:
+            # A diverging arm (NaN loss) or one refused by its own checks must not stop the other
+            # arms, nor every resume: it is reported as failed, and retried by the next resume.
+            if isinstance(e, BudgetTooLargeError):
+                raise
+            logger.error("arm %s failed: %s", run.out, e)
+            return {"target": spec.name, "init": init, "strategy": strategy, "budget": budget_name, "seed": seed,
+                    "run_dir": str(run.out), "error": f"{type(e).__name__}: {e}"}
     else:
         logger.info("arm %s: done before, reusing its metrics", run.out)
     test = metrics["test"]
@@ -333,12 +391,20 @@ def _write_report(out: Path, result: dict[str, Any]) -> None:
         lines += [f"| {r['init']} | {r['strategy']} | {r['budget']} | {r['n_train']:.0f} | {r['seeds']} | "
                   f"{_fmt(r['auroc_macro'])} | {_fmt(r['balanced_accuracy'])} | {_fmt(r['ece'])} |" for r in rows]
         eff = report.plot_label_efficiency(rows, out / "plots" / f"label_efficiency_{_slug(target)}.png", title=target)
+        target_arms = [a for a in result["arms"] if a["target"] == target]
+        largest = max(target_arms, key=lambda a: a["n_train"])["budget"]  # the curves of the most labels
         curves = report.plot_study_learning_curves(
-            [a for a in result["arms"] if a["target"] == target], out / "plots" / f"learning_curves_{_slug(target)}.png", title=target)
+            target_arms, out / "plots" / f"learning_curves_{_slug(target)}.png", budget=largest, title=target)
         lines += ["", f"![label efficiency]({eff.relative_to(out)})", f"![learning curves]({curves.relative_to(out)})", ""]
     if result["refused"]:
         lines += ["## Refused arms", "", "| target | init | reason |", "|---|---|---|"]
         lines += [f"| {r['target']} | {r['init']} | {r['reason']} |" for r in result["refused"]]
+        lines.append("")
+    if result.get("failed"):
+        lines += ["## Failed arms (not in the tables; a resume retries them)", "",
+                  "| target | init | strategy | budget | seed | error |", "|---|---|---|---|---|---|"]
+        lines += [f"| {a['target']} | {a['init']} | {a['strategy']} | {a['budget']} | {a['seed']} | {a['error']} |"
+                  for a in result["failed"]]
         lines.append("")
     if result.get("leakage_checks"):
         lines += ["## Pre-training leakage checks", "",

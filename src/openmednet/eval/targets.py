@@ -136,6 +136,9 @@ def _check_classes(labels: list[str], classes: Sequence[str] | None) -> tuple[st
                 f"labels {unknown} are not among the expected classes {list(classes)}{hint}: fix the "
                 f"labels, map them with label_map, or add the classes"
             )
+        empty = sorted(set(classes) - set(counts))
+        if empty:
+            raise ValueError(f"declared classes {empty} have no image: remove them from classes or add images")
     single = sorted(c for c, n in counts.items() if n < 2)
     if single:
         raise ValueError(
@@ -187,7 +190,8 @@ def load_target(
         columns: for ``format="csv"``: ``{"path": ..., "label": ..., "split": ..., "group": ...}``
             mapping our names to the CSV's columns.
         label_map: renaming of raw labels (``{"0": "normal", "1": "pneumonia"}``).
-        classes: expected class names; other labels are an error.
+        classes: expected class names; other labels are an error, and so is a class without images.
+            Class indices follow the sorted names (the last one is the positive class of a binary ROC).
         max_side: shorter-side cap of the stored images (``None`` keeps the originals).
 
     Returns:
