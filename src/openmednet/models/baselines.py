@@ -75,11 +75,13 @@ def _timm_cfg(
 
 
 # name -> (timm architecture, weight tag, cfg of those weights). Tags are timm's defaults.
+# ResNet-18/50 accept MedMNIST's native 28 px (MedMNIST v2 trains them at 28 px); timm's stride-32
+# ResNet then ends on a 1x1 map, where MedMNIST's CIFAR-style stem (3x3, no max-pool) keeps 4x4.
 BASELINES: dict[str, tuple[str, str, PretrainedCfg]] = {
     "resnet18": ("resnet18", "a1_in1k", _timm_cfg(
-        "resnet18", "a1_in1k", hf_hub_id="timm/resnet18.a1_in1k", first_conv="conv1", classifier="fc")),
+        "resnet18", "a1_in1k", hf_hub_id="timm/resnet18.a1_in1k", first_conv="conv1", classifier="fc", min_size=28)),
     "resnet50": ("resnet50", "a1_in1k", _timm_cfg(
-        "resnet50", "a1_in1k", hf_hub_id="timm/resnet50.a1_in1k", first_conv="conv1", classifier="fc")),
+        "resnet50", "a1_in1k", hf_hub_id="timm/resnet50.a1_in1k", first_conv="conv1", classifier="fc", min_size=28)),
     "resnet152": ("resnet152", "a1h_in1k", _timm_cfg(
         "resnet152", "a1h_in1k", hf_hub_id="timm/resnet152.a1h_in1k", first_conv="conv1", classifier="fc")),
     "densenet121": ("densenet121", "ra_in1k", _timm_cfg(
