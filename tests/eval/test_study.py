@@ -68,7 +68,9 @@ def test_study_runs_every_arm_and_summarises(study: tuple[Path, StudyConfig, dic
     assert row["seeds"] == 3
     assert json.loads((tmp / "out/report.json").read_text())["summary"] == json.loads(json.dumps(result["summary"]))
     md = (tmp / "out/report.md").read_text()
-    assert "## openi24" in md and "| scratch:mednet_test | full | 3shot | 6 | 3 |" in md
+    n_val = few[0]["n_val"]
+    assert n_val > 0 and {a["n_val"] for a in result["arms"]} == {n_val}  # budgets shrink train, not val
+    assert "## openi24" in md and f"| scratch:mednet_test | full | 3shot | 6 | {n_val} | 3 |" in md
     assert "Left out of every arm: 0 images with conflicting labels, 0 training/validation near-copies" in md
     for plot in ("label_efficiency_openi24.png", "learning_curves_openi24.png"):
         assert (tmp / "out/plots" / plot).is_file()

@@ -340,6 +340,8 @@ def _run_arm(cfg, spec, target, init, strategy, budget_name, budget, seed) -> di
     return {
         "target": spec.name, "init": init, "strategy": strategy, "budget": budget_name, "seed": seed,
         "n_train": sum(metrics["data"]["counts"]["train_used"].values()), "n_test": test["n"],
+        # Few-shot arms still choose their epoch on the whole validation split: record its size.
+        "n_val": sum(metrics["data"]["counts"]["val"].values()),
         "best_epoch": metrics["best_epoch"], "run_dir": str(run.out),
         "dropped": {k: len(v) for k, v in metrics["data"]["dropped"].items()},
         **{m: test[m] for m in HEADLINE}, "ci": {m: test["ci"][m] for m in HEADLINE if m in test.get("ci", {})},
@@ -356,6 +358,8 @@ def summarize(arms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for (target, init, strategy, budget), members in groups.items():
         row = {"target": target, "init": init, "strategy": strategy, "budget": budget, "seeds": len(members),
                "n_train": float(np.mean([m["n_train"] for m in members]))}
+        if all("n_val" in m for m in members):
+            row["n_val"] = float(np.mean([m["n_val"] for m in members]))
         for name in HEADLINE:
             values = np.array([m[name] for m in members], dtype=float)
             row[name] = {"mean": float(np.nanmean(values)),
@@ -386,9 +390,9 @@ def _write_report(out: Path, result: dict[str, Any]) -> None:
         left_out = (f"Left out of every arm: {dropped['label_conflicts']} images with conflicting labels, "
                     f"{dropped['near_copies_of_test']} training/validation near-copies of test images.")
         lines += [f"## {target}", "", left_out, "",
-                  "| init | strategy | budget | train images | seeds | AUROC (macro) | balanced accuracy | ECE |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['init']} | {r['strategy']} | {r['budget']} | {r['n_train']:.0f} | {r['seeds']} | "
+                  "| init | strategy | budget | train images | validation images | seeds | AUROC (macro) | balanced accuracy | ECE |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['init']} | {r['strategy']} | {r['budget']} | {r['n_train']:.0f} | {r.get('n_val', float('nan')):.0f} | {r['seeds']} | "
                   f"{_fmt(r['auroc_macro'])} | {_fmt(r['balanced_accuracy'])} | {_fmt(r['ece'])} |" for r in rows]
         eff = report.plot_label_efficiency(rows, out / "plots" / f"label_efficiency_{_slug(target)}.png", title=target)
         target_arms = [a for a in result["arms"] if a["target"] == target]
