@@ -86,3 +86,47 @@ def test_user_errors(model_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["predict", str(model_dir), str(tmp_path / "empty")])
     assert isinstance(result.exception, ValueError) and "no readable image" in str(result.exception)
+
+
+def test_predict_streams_overlays_and_bounds_the_table(model_dir, tmp_path, monkeypatch):
+    """Overlays are written as predictions come and their images dropped; the table keeps 50 rows."""
+    import logging
+    import warnings
+
+    from openmednet.serve.predictor import (
+        ChannelConversionWarning,
+        Prediction,
+        Predictor,
+    )
+
+    cams, made = tmp_path / "cams", []
+
+    def fake_predict_path(self, inputs, cam=False, batch_size=16):
+        assert cam
+        for i in range(60):
+            if made:  # the CLI has handled the previous prediction before asking for this one
+                assert (cams / f"img{i - 1}_cam.png").is_file()
+                assert made[-1].image is None and made[-1].cam is None
+            warnings.warn("model expects 1 channel(s), image has 3: converted rgb->gray", ChannelConversionWarning)
+            made.append(Prediction(source=f"/in/img{i}.png", frame=0, probabilities={"normal": 0.25, "pneumonia": 0.75},
+                                   label="pneumonia", notes=["rgb->gray"], image=np.zeros((64, 64), np.uint8),
+                                   cam=np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)))
+            yield made[-1]
+
+    monkeypatch.setattr(Predictor, "predict_path", fake_predict_path)
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    log = logging.getLogger("openmednet.predict")  # not the root logger: the CLI resets its handlers
+    log.addHandler(handler)
+    try:
+        result = runner.invoke(app, ["predict", str(model_dir), str(tmp_path), "--out", str(tmp_path / "p.csv"),
+                                     "--cam", str(cams)])
+    finally:
+        log.removeHandler(handler)
+    assert result.exit_code == 0, result.output
+    assert len(_read_csv(tmp_path / "p.csv")) == 60 and len(list(cams.iterdir())) == 60
+    assert "img49.png" in result.output and "img50.png" not in result.output
+    assert "first 50 of 60 predictions shown" in result.output and "60 predictions written" in result.output
+    # One log line for 60 identical conversion warnings.
+    assert logged == ["model expects 1 channel(s), image has 3: converted rgb->gray (60 times)"]

@@ -132,6 +132,16 @@ def test_bad_options_are_rejected() -> None:
         NiftiReader(stride=0)
     with pytest.raises(ValueError, match="volumes must be"):
         NiftiReader(volumes="last")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_voxels must be >= 1"):
+        NiftiReader(max_voxels=0)
+
+
+def test_voxel_limit_is_checked_on_the_header(tmp_path: Path) -> None:
+    path = _save(tmp_path, np.arange(1000, dtype=np.int16).reshape(10, 10, 10))
+    assert len(_read(path, max_voxels=1000, min_foreground=0.0)[0]) == 10
+    with pytest.raises(SkipImage, match="exceeds 999 voxels") as info:
+        list(read_images(path, max_voxels=999))
+    assert info.value.reason == "decompression_bomb"
 
 
 def test_nan_voxels_do_not_poison_scaling(tmp_path: Path) -> None:

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from openmednet.data.readers import PILReader, SkipImage, get_reader, read_images
+from openmednet.data.readers import (
+    NoReaderError,
+    PILReader,
+    SkipImage,
+    get_reader,
+    read_images,
+)
 
 
 def _read_one(path: Path, **options) -> tuple[np.ndarray, object]:
@@ -184,8 +190,9 @@ def test_on_skip_collects_instead_of_raising(tmp_path: Path) -> None:
 
 def test_unknown_suffix_error_lists_readers(tmp_path: Path) -> None:
     (tmp_path / "x.xyz").write_bytes(b"abc")
-    with pytest.raises(ValueError, match=r"no reader for 'x.xyz'.*dicom.*nifti.*npz.*pil.*pip install"):
+    with pytest.raises(NoReaderError, match=r"no reader for 'x.xyz'.*dicom.*nifti.*npz.*pil.*pip install"):
         get_reader(tmp_path / "x.xyz")
+    assert issubclass(NoReaderError, ValueError)  # callers catching ValueError keep working
     with pytest.raises(KeyError, match="did you mean 'pil'"):
         get_reader(tmp_path / "x.xyz", reader="pill")
 
@@ -210,3 +217,43 @@ def test_float_tiff_with_nan_background(tmp_path: Path) -> None:
     img, meta = _read_one(tmp_path / "f.tif")
     np.testing.assert_array_equal(img, [[0, 0], [64, 255]])  # 0.5 * 255 / 2 = 63.75 -> 64
     assert meta.original_dtype == "F" and (meta.extra["min"], meta.extra["max"]) == (0.0, 2.0)
+
+
+# --- limits for untrusted input -----------------------------------------------------------------
+
+
+def _gif(path: Path, frames: int, side: int = 8) -> Path:
+    """An animated GIF whose frames differ (so Pillow keeps them all)."""
+    images = [Image.fromarray(np.full((side, side), 10 * (i + 1), dtype=np.uint8)) for i in range(frames)]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=10)
+    return path
+
+
+def test_frame_limit_refuses_many_frames_before_decoding(tmp_path: Path, monkeypatch) -> None:
+    gif = _gif(tmp_path / "many.gif", frames=5)
+    assert len(list(read_images(gif, PILReader(max_frames=5)))) == 5  # at the limit: every frame
+    decoded: list[int] = []
+    original = PILReader._convert_page
+    monkeypatch.setattr(PILReader, "_convert_page", lambda self, *a: decoded.append(a[2]) or original(self, *a))
+    with pytest.raises(SkipImage, match="5 frames, limit is 2") as info:
+        list(read_images(gif, PILReader(max_frames=2)))
+    assert info.value.reason == "decompression_bomb"
+    assert decoded == []  # refused from the frame count, not after decoding
+
+
+def test_frame_limit_is_off_by_default_and_checked(tmp_path: Path) -> None:
+    assert len(list(read_images(_gif(tmp_path / "a.gif", frames=4)))) == 4
+    with pytest.raises(ValueError, match="max_frames must be None or >= 1"):
+        PILReader(max_frames=0)
+    assert get_reader(tmp_path / "a.gif", max_frames=3).max_frames == 3  # a reader option like the others
+
+
+def test_pixel_limit_applies_to_every_tiff_page(tmp_path: Path) -> None:
+    # Page 0 is tiny, page 1 is over the limit: checking only the first header would decode page 1.
+    small = Image.fromarray(np.full((4, 4), 50, dtype=np.uint8))
+    large = Image.fromarray(np.full((40, 40), 90, dtype=np.uint8))
+    small.save(tmp_path / "mixed.tif", save_all=True, append_images=[large])
+    assert [img.shape for img, _ in read_images(tmp_path / "mixed.tif")] == [(4, 4), (40, 40)]
+    with pytest.raises(SkipImage, match="40x40 = 1600 pixels, limit is 100") as info:
+        list(read_images(tmp_path / "mixed.tif", PILReader(max_pixels=100)))
+    assert info.value.reason == "decompression_bomb" and info.value.frame == 1

@@ -158,3 +158,28 @@ def test_compute_returns_the_logits_of_the_same_pass(model):
     torch.testing.assert_close(cam, GradCAM(model)(x, target=[0, 1, 2]), rtol=0, atol=0)
     assert not logits.requires_grad
     assert all(p.grad is None for p in model.parameters()), "CAMs must not leave gradients on the model"
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_hooks_exist_only_during_a_call(model):
+    import copy
+    import io
+
+    cam = GradCAM(model, "blocks.5")
+    seen = []
+    model.blocks[6].register_forward_hook(lambda *args: seen.append(_hook_count(model)))  # counts mid-forward
+    try:
+        assert _hook_count(model) == 1  # only the spy
+        cam(torch.rand(1, 1, SIZE, SIZE))
+        assert seen == [2]  # the CAM hook was there during the forward pass...
+        assert _hook_count(model) == 1  # ...and is gone after it
+        with pytest.raises(ValueError, match="out of range"):  # raised after the forward pass
+            cam(torch.rand(1, 1, SIZE, SIZE), target=7)
+        assert _hook_count(model) == 1
+    finally:
+        model.blocks[6]._forward_hooks.clear()
+    copy.deepcopy(model)  # a GradCAM that keeps a hook makes the model unpicklable
+    torch.save(model, io.BytesIO())

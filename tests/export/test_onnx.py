@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from openmednet import create_model
-from openmednet.export.onnx import INPUT_NAME, OUTPUT_NAME, check_onnx, export_onnx
+from openmednet.export.onnx import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    _check_opset,
+    check_onnx,
+    export_onnx,
+    onnx_opset,
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +83,33 @@ def test_bad_arguments(model, tmp_path):
     with pytest.raises(ValueError, match="input_size must be"):
         export_onnx(model, tmp_path / "x.onnx", input_size=(1, 64))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_low_opset_is_written_or_refused(model, tmp_path):
+    # Default exporter below opset 18: TorchScript, which writes the requested opset itself.
+    path = export_onnx(model, tmp_path / "op13.onnx", opset=13)
+    assert onnx_opset(path.read_bytes()) == 13
+    assert check_onnx(model, path) <= 1e-4
+
+
+def test_opset_mismatch_is_a_clear_error():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+    _check_opset(data, 18, "dynamo")
+    with pytest.raises(ValueError, match="dynamo exporter wrote opset 18, not the requested 13.*exporter='torchscript'"):
+        _check_opset(data, 13, "dynamo")
+
+
+def test_dynamo_with_a_low_opset_yields_it_or_a_clear_error(model, tmp_path):
+    """torch 2.14's dynamo exporter implements opset >= 18; below, it may silently keep 18."""
+    try:
+        path = export_onnx(model, tmp_path / "d13.onnx", opset=13, exporter="dynamo", check=False)
+    except ValueError as e:
+        assert "not the requested 13" in str(e)
+        assert not (tmp_path / "d13.onnx").exists()
+    else:
+        assert onnx_opset(path.read_bytes()) == 13

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import anyio.to_thread
+import nibabel as nib
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -103,3 +107,88 @@ def test_concurrent_requests_agree(client, real_files):
     assert len(by_name) == 2
     for results in by_name.values():
         assert all(res == results[0] for res in results)  # identical JSON, overlays included
+
+
+# --- review fixes: non-blocking routes, queue limit, upload limits -------------------------------
+
+
+class _BlockingPredictor:
+    """The real predictor behind a gate: predictions wait until ``release`` is set."""
+
+    def __init__(self, real):
+        self.real, self.label_names = real, real.label_names
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def card(self):
+        return self.real.card()
+
+    def predict_bytes(self, *args, **kwargs):
+        self.started.set()
+        assert self.release.wait(60), "test never released the prediction"
+        return self.real.predict_bytes(*args, **kwargs)
+
+
+def _set_worker_threads(n: int) -> None:  # runs on the client's event loop
+    anyio.to_thread.current_default_thread_limiter().total_tokens = n
+
+
+def test_healthz_answers_and_excess_requests_get_503_while_busy(predictor, real_files):
+    """One worker thread, busy with a prediction: /healthz still answers, one request queues, one gets 503."""
+    gated = _BlockingPredictor(predictor)
+    app = create_app(gated, max_upload_bytes=MAX_BYTES, max_concurrent=1, max_queue=1)
+    image = real_files["gray"].read_bytes()
+    with TestClient(app) as client, ThreadPoolExecutor(4) as pool:
+        client.portal.call(_set_worker_threads, 1)  # a sync route or a thread-held wait would starve
+        try:
+            running = pool.submit(_post, client, "a.jpeg", image, cam="false")
+            assert gated.started.wait(30)
+            # One of these two waits for the slot, the other finds the queue full.
+            others = [pool.submit(_post, client, name, image, cam="false") for name in ("b.jpeg", "c.jpeg")]
+            refused = next(f for f in _first_done(others, timeout=30))
+            assert refused.result().status_code == 503 and "busy" in refused.result().json()["detail"]
+            assert refused.result().headers["retry-after"] == "5"
+            for path in ("/healthz", "/api/model", "/"):
+                assert pool.submit(client.get, path).result(timeout=10).status_code == 200
+        finally:
+            gated.release.set()
+        statuses = sorted(f.result(timeout=60).status_code for f in [running, *others])
+    assert statuses == [200, 200, 503]
+
+
+def _first_done(futures, timeout):
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    done, _ = wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
+    assert done, "no request was refused while the queue was full"
+    return done
+
+
+def test_bad_limits_are_refused(predictor):
+    with pytest.raises(ValueError, match="max_queue must be >= 0"):
+        create_app(predictor, max_queue=-1)
+    with pytest.raises(ValueError, match="max_voxels"):
+        create_app(predictor, max_voxels=0)
+
+
+def _gif(frames: int) -> bytes:
+    images = [Image.new("L", (8, 8), 10 * (i + 1)) for i in range(frames)]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=10)
+    return buf.getvalue()
+
+
+def test_upload_formats_and_limits(client, predictor, tmp_path):
+    response = _post(client, "anim.gif", _gif(9))  # max_frames=8: refused from the frame count
+    assert response.status_code == 413 and "9 frames, limit is 8" in response.json()["detail"]
+    buf = io.BytesIO()
+    np.savez(buf, train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.zeros((2, 1), np.uint8))
+    response = _post(client, "mnist.npz", buf.getvalue())
+    assert response.status_code == 415 and "unsupported file type" in response.json()["detail"]
+    volume = np.random.default_rng(0).integers(0, 1000, (32, 32, 8)).astype(np.int16)  # 8192 voxels
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "v.nii")
+    with TestClient(create_app(predictor, max_voxels=8191)) as small:
+        response = _post(small, "v.nii", (tmp_path / "v.nii").read_bytes(), cam="false")
+        assert response.status_code == 413 and "exceeds 8191 voxels" in response.json()["detail"]
+    with TestClient(create_app(predictor, max_pixels=1024, max_frames=7)) as small:  # 1024 * 7 < 8192
+        response = _post(small, "v.nii", (tmp_path / "v.nii").read_bytes(), cam="false")
+        assert response.status_code == 413 and "exceeds 7168 voxels" in response.json()["detail"]

@@ -138,3 +138,147 @@ def test_overlay_names_are_unique(predictor, real_files, tmp_path):
     paths = write_cam_overlays(preds, tmp_path)
     assert [p.name for p in paths] == ["scan_cam.png", "scan_2_cam.png", "vol_f4_cam.png"]
     assert all(Image.open(p).format == "PNG" for p in paths)
+
+
+# --- review fixes: upload limits, reader choice, hooks, skips, warnings --------------------------
+
+
+def _gif_bytes(frames: int, side: int = 8) -> bytes:
+    images = [Image.fromarray(np.full((side, side), 10 * (i + 1), dtype=np.uint8)) for i in range(frames)]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=10)
+    return buf.getvalue()
+
+
+def _nifti_bytes(tmp_path, shape=(16, 16, 20)) -> bytes:
+    import nibabel as nib
+
+    data = np.random.default_rng(0).integers(0, 1000, shape).astype(np.int16)  # every slice has content
+    nib.save(nib.Nifti1Image(data, affine=np.eye(4)), tmp_path / "v.nii")
+    return (tmp_path / "v.nii").read_bytes()
+
+
+def test_upload_reading_stops_after_max_frames(predictor, tmp_path, monkeypatch):
+    """A volume over the frame limit is read up to the first image over it, not to the end."""
+    import openmednet.serve.predictor as module
+
+    read = []
+
+    def counting(*args, **kwargs):
+        for item in read_images(*args, **kwargs):
+            read.append(item[1].frame)
+            yield item
+
+    monkeypatch.setattr(module, "read_images", counting)
+    with pytest.raises(TooManyImagesError, match="v.nii holds 3 or more images, more than the limit of 2"):
+        predictor.predict_bytes(_nifti_bytes(tmp_path), "v.nii", cam=False, max_frames=2)
+    assert read == [0, 1, 2]  # 20 slices in the file
+
+
+@pytest.mark.filterwarnings("ignore::openmednet.serve.predictor.ChannelConversionWarning")  # later GIF frames: RGB
+def test_multi_frame_gif_is_refused_from_its_frame_count(predictor):
+    from openmednet.data.readers import SkipImage
+
+    with pytest.raises(SkipImage, match="6 frames, limit is 5") as info:
+        predictor.predict_bytes(_gif_bytes(6), "anim.gif", cam=False, max_frames=5)
+    assert info.value.reason == "decompression_bomb"
+    assert len(predictor.predict_bytes(_gif_bytes(5), "anim.gif", cam=False, max_frames=5)) == 5
+
+
+def test_nifti_upload_gets_a_voxel_limit(predictor, tmp_path):
+    from openmednet.data.readers import SkipImage
+
+    data = _nifti_bytes(tmp_path)  # 16 x 16 x 20 = 5120 voxels
+    # Default: max_pixels * max_frames = 100 * 50 = 5000 voxels < 5120.
+    with pytest.raises(SkipImage, match="exceeds 5000 voxels") as info:
+        predictor.predict_bytes(data, "v.nii", cam=False, max_pixels=100, max_frames=50)
+    assert info.value.reason == "decompression_bomb"
+    with pytest.raises(SkipImage, match="exceeds 5119 voxels"):
+        predictor.predict_bytes(data, "v.nii", cam=False, max_voxels=5119)
+    assert len(predictor.predict_bytes(data, "v.nii", cam=False, max_pixels=256, max_frames=20)) == 20
+
+
+def test_npz_uploads_are_refused(predictor, tmp_path):
+    from openmednet.data.readers import NoReaderError
+
+    buf = io.BytesIO()
+    np.savez(buf, train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.zeros((2, 1), np.uint8))
+    with pytest.raises(NoReaderError):
+        predictor.predict_bytes(buf.getvalue(), "pneumoniamnist.npz", cam=False)
+
+
+@pytest.mark.parametrize("suffix", [".jpe", ".jfif", ".pgm", ".ppm", ".PNG", ".nii.gz", ".dic"])
+def test_upload_suffixes_come_from_the_readers(suffix):
+    from openmednet.serve.predictor import _upload_suffix
+
+    assert _upload_suffix(f"scan{suffix}") == suffix.lower()
+    assert _upload_suffix("archive.npz") == _upload_suffix("notes.txt") == ""
+
+
+def test_pgm_upload_is_read(predictor, real_files):
+    buf = io.BytesIO()
+    Image.open(real_files["gray"]).convert("L").save(buf, format="PPM")  # binary PGM for mode L
+    (pred,) = predictor.predict_bytes(buf.getvalue(), "scan.pgm", cam=False)
+    (expected,) = predictor.predict_path(real_files["gray"])
+    assert pred.probabilities == pytest.approx(expected.probabilities, abs=1e-6)
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+def test_predictor_leaves_the_model_unchanged(model_dir, real_files):
+    import copy
+
+    model = load_model(model_dir)
+    first, second = Predictor(model), Predictor(model)  # two predictors must not stack hooks
+    gray = np.asarray(Image.open(real_files["gray"]))
+    (a,) = first.predict_arrays([gray], cam=True)
+    (b,) = second.predict_arrays([gray], cam=True)
+    np.testing.assert_array_equal(a.cam, b.cam)
+    assert _hooks(model) == 0
+    clone = copy.deepcopy(model)  # failed with "cannot pickle '_thread._local'" while a hook held GradCAM
+    torch.save(model, io.BytesIO())
+    with torch.no_grad():
+        x = torch.rand(2, 1, 64, 64)
+        torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
+
+
+def test_inference_errors_are_not_reported_as_skipped_files(predictor, real_files, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("model failed")
+
+    monkeypatch.setattr(predictor, "predict_arrays", broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a "skipped ..." warning would fail here
+        with pytest.raises(ValueError, match="model failed"):
+            list(predictor.predict_path([real_files["gray"], real_files["dicom"]], batch_size=2))
+
+
+def test_file_failing_half_way_contributes_nothing(predictor, real_files, tmp_path, monkeypatch):
+    import openmednet.serve.predictor as module
+    from openmednet.data.readers import SkipImage
+
+    def half_read(path, *args, **kwargs):
+        items = read_images(path, *args, **kwargs)
+        yield next(items)  # frame 0 reads, then the file turns out damaged
+        raise SkipImage("corrupt", "frame 1 is truncated", path, 1)
+
+    shutil.copy(real_files["gray"], tmp_path / "a_ok.jpeg")
+    shutil.copy(real_files["gray"], tmp_path / "b_half.jpeg")
+    monkeypatch.setattr(module, "read_images", lambda path, *a, **k: (
+        half_read(path, *a, **k) if path.name == "b_half.jpeg" else read_images(path, *a, **k)))
+    with pytest.warns(UserWarning, match="skipped .*b_half.jpeg"):
+        preds = list(predictor.predict_path(tmp_path))
+    assert [p.source.rsplit("/", 1)[-1] for p in preds] == ["a_ok.jpeg"]
+
+
+def test_conversion_warning_text_does_not_name_the_file(predictor, real_files, caplog):
+    data = real_files["color"].read_bytes()
+    with caplog.at_level("INFO", logger="openmednet.serve.predictor"), pytest.warns(ChannelConversionWarning) as caught:
+        (pred,) = predictor.predict_bytes(data, "patient-4711.jpg", cam=False)
+    assert pred.notes == ["rgb->gray (colour discarded)"]
+    (warning,) = caught
+    # A per-upload text would be a new __warningregistry__ entry for every upload, forever.
+    assert str(warning.message) == "model expects 1 channel(s), image has 3: converted rgb->gray (colour discarded)"
+    assert any("patient-4711.jpg" in r.getMessage() for r in caplog.records)  # the log still says which file

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+from openmednet.utils import atomic_write_text
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from openmednet.serve.predictor import Prediction
+
+#: Rows of the printed table; the CSV (--out) has them all.
+TABLE_ROWS = 50
 
 
 def register(app: typer.Typer) -> None:
@@ -21,35 +36,66 @@ def register(app: typer.Typer) -> None:
             None, help="Grad-CAM layer, e.g. blocks.5 (default: deepest stage with a map of at least 7x7)."
         ),
     ) -> None:
-        """Predict every image (volumes: every slice) under the model card's input contract."""
-        import logging
-        import warnings
+        """Predict every image (volumes: every slice) under the model card's input contract.
 
+        Predictions stream: each batch's overlays are written as it is produced and its images
+        dropped; the CSV (small rows) is written atomically at the end, the table shows the first
+        TABLE_ROWS rows.
+        """
         from rich.console import Console
-        from rich.table import Table
 
-        from openmednet.serve.predictor import (
-            Predictor,
-            save_predictions_csv,
-            write_cam_overlays,
-        )
+        from openmednet.serve.predictor import Predictor, predictions_csv
 
         predictor = Predictor.from_spec(model, cam_layer=cam_layer)
-        with warnings.catch_warnings(record=True) as caught:  # conversions and skipped files, one line each
+        shown: list[Prediction] = []  # the first TABLE_ROWS predictions, for the printed table
+        warned: Counter[str] = Counter()  # conversions and skipped files: counted, not stored
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
-            preds = list(predictor.predict_path(inputs, cam=cam is not None, batch_size=batch_size))
-        for w in caught:
-            logging.getLogger("openmednet.predict").warning("%s", w.message)
-        if not preds:
+            warnings.showwarning = lambda message, *args, **kwargs: warned.update([str(message)])
+            stream = _stream(predictor.predict_path(inputs, cam=cam is not None, batch_size=batch_size), cam, shown)
+            # Consumed one prediction at a time: overlays are written and images dropped as they come.
+            if out is not None:
+                text, count = predictions_csv(stream, predictor.label_names)
+            else:
+                count = sum(1 for _ in stream)
+        _log_warnings(warned)
+        if not count:
             raise ValueError(f"no readable image in {', '.join(map(str, inputs))}")
-        if cam is not None:
-            write_cam_overlays(preds, cam)
         if out is not None:
-            save_predictions_csv(preds, out, predictor.label_names)
-        table = Table("source", "frame", "label", *predictor.label_names, "notes")
-        for p in preds[:50] if out is not None else preds:
-            table.add_row(Path(p.source).name, str(p.frame), p.label, *(f"{v:.3f}" for v in p.probabilities.values()),
-                          "; ".join(p.notes))
-        Console().print(table)
+            atomic_write_text(out, text)  # at the end: a failed run leaves no partial CSV
+        Console().print(_table(shown, predictor.label_names))
+        if count > len(shown):
+            typer.echo(f"first {len(shown)} of {count} predictions shown" + ("" if out else "; pass --out FILE for all"))
         if out is not None:
-            typer.echo(f"{len(preds)} predictions written to {out}" + (f", overlays in {cam}" if cam else ""))
+            typer.echo(f"{count} predictions written to {out}" + (f", overlays in {cam}" if cam else ""))
+
+
+def _stream(predictions: Iterable[Prediction], cam_dir: Path | None, shown: list[Prediction]) -> Iterator[Prediction]:
+    """Pass predictions on after writing their overlay (if any) and dropping their images."""
+    from openmednet.serve.predictor import write_cam_overlays
+
+    used: dict[str, int] = {}  # overlay names, unique across batches
+    for p in predictions:
+        if cam_dir is not None:
+            write_cam_overlays([p], cam_dir, used)
+        p.image = p.cam = None  # the CSV row and the table need only the probabilities
+        if len(shown) < TABLE_ROWS:
+            shown.append(p)
+        yield p
+
+
+def _log_warnings(warned: Counter[str]) -> None:
+    """One log line per distinct warning, with a count: a conversion repeats for every image."""
+    log = logging.getLogger("openmednet.predict")
+    for message, n in warned.items():
+        log.warning("%s", message if n == 1 else f"{message} ({n} times)")
+
+
+def _table(predictions: list[Prediction], label_names: tuple[str, ...]) -> Table:
+    from rich.table import Table
+
+    table = Table("source", "frame", "label", *label_names, "notes")
+    for p in predictions:
+        table.add_row(Path(p.source).name, str(p.frame), p.label, *(f"{v:.3f}" for v in p.probabilities.values()),
+                      "; ".join(p.notes))
+    return table

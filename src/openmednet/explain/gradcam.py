@@ -7,18 +7,22 @@ Localization", ICCV 2017): weight each channel ``k`` of a feature map ``A`` by t
 so maps are comparable with it; ``tests/explain`` checks the two agree.
 
 Why not call ``pytorch-grad-cam`` directly: it returns NumPy maps resized by OpenCV and keeps
-activations on the CAM object, so one object cannot serve concurrent requests. Here the feature map
-is captured per thread and the gradient is taken with ``torch.autograd.grad``, which needs no
+activations on the CAM object, so one object cannot serve concurrent requests. Here each call
+registers its own forward hook on the target layer, captures the feature map of its own thread's
+forward pass, and removes the hook before returning (also on errors): between calls the model
+carries no hook, so it can still be copied, pickled or saved, and several ``GradCAM`` objects on
+one model do not stack hooks. The gradient is taken with ``torch.autograd.grad``, which needs no
 backward hooks and leaves parameter ``.grad`` untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -73,7 +77,8 @@ class GradCAM:
             explained; default: :func:`default_target_layer` for ``input_size``.
         input_size: ``(H, W)`` or ``(C, H, W)`` of the inputs, to pick the default layer.
 
-    Calling the object is thread-safe: each thread captures its own feature map.
+    Calling the object is thread-safe: each call captures its own thread's feature map. The
+    model is left unchanged: the forward hook exists only during a call.
 
     Example:
         >>> cam = GradCAM(model.eval())(x, target=1)   # (B, H, W) in [0, 1]
@@ -97,25 +102,39 @@ class GradCAM:
                 )
             target_layer = modules[target_layer]
         self.target_layer = target_layer
-        self._local = threading.local()
-        self._handle = target_layer.register_forward_hook(self._capture)
 
-    def _capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-        if not getattr(self._local, "active", False):
-            return None
-        if not isinstance(output, Tensor) or output.ndim != 4:
-            raise ValueError(
-                f"target layer output must be a (B, C, h, w) tensor, got "
-                f"{type(output).__name__} {tuple(getattr(output, 'shape', ()))}: choose a conv/stage module"
-            )
-        if not output.requires_grad:  # frozen model: make the feature map itself the grad leaf
-            output = output.detach().requires_grad_(True)
-        self._local.activation = output
-        return output
+    @contextlib.contextmanager
+    def _capturing(self) -> Iterator[dict[str, Tensor]]:
+        """Hook the target layer for one forward pass of this thread; the hook is always removed.
+
+        Yields:
+            A dict that receives ``"activation"``, the layer's ``(B, C, h, w)`` output, as the
+            forward pass runs.
+        """
+        owner = threading.get_ident()
+        captured: dict[str, Tensor] = {}
+
+        def capture(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+            if threading.get_ident() != owner:  # another thread's forward pass through the same model
+                return None
+            if not isinstance(output, Tensor) or output.ndim != 4:
+                raise ValueError(
+                    f"target layer output must be a (B, C, h, w) tensor, got "
+                    f"{type(output).__name__} {tuple(getattr(output, 'shape', ()))}: choose a conv/stage module"
+                )
+            if not output.requires_grad:  # frozen model: make the feature map itself the grad leaf
+                output = output.detach().requires_grad_(True)
+            captured["activation"] = output
+            return output
+
+        handle = self.target_layer.register_forward_hook(capture)
+        try:
+            yield captured
+        finally:
+            handle.remove()
 
     def close(self) -> None:
-        """Remove the forward hook from the model."""
-        self._handle.remove()
+        """Nothing to release: hooks live only during a call. Kept for callers of the old API."""
 
     def __enter__(self) -> GradCAM:
         return self
@@ -156,18 +175,14 @@ class GradCAM:
         """
         if self.model.training:
             warnings.warn("GradCAM on a model in train mode: call model.eval() for stable maps", stacklevel=2)
-        self._local.active, self._local.activation = True, None
-        try:
-            with torch.enable_grad():
-                logits = self.model(x)
-                activation = self._local.activation
-                if activation is None:
-                    raise ValueError("the target layer did not run in forward(): choose a layer on the path")
-                targets = self._targets(target, logits)
-                score = logits.gather(1, targets[:, None]).sum()
-                (grads,) = torch.autograd.grad(score, activation)
-        finally:
-            self._local.active, self._local.activation = False, None
+        with self._capturing() as captured, torch.enable_grad():
+            logits = self.model(x)
+            activation = captured.get("activation")
+            if activation is None:
+                raise ValueError("the target layer did not run in forward(): choose a layer on the path")
+            targets = self._targets(target, logits)
+            score = logits.gather(1, targets[:, None]).sum()
+            (grads,) = torch.autograd.grad(score, activation)
         weights = grads.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1): alpha_k^c of the paper
         cam = F.relu((weights * activation.detach()).sum(dim=1))  # (B, h, w)
         cam = cam - cam.amin(dim=(1, 2), keepdim=True)

@@ -6,9 +6,16 @@ axis is dynamic: the image size is fixed to the card's ``input_size`` so tools t
 spatial shapes (MATLAB's ``importNetworkFromONNX``, TensorRT) import it as is.
 
 Two exporters (``torch.onnx.export``):
-- ``"dynamo"`` (default when ``onnxscript`` is installed): PyTorch's ``torch.export``-based
-  exporter, the default since PyTorch 2.9.
+- ``"dynamo"`` (default when ``onnxscript`` is installed and ``opset >= 18``): PyTorch's
+  ``torch.export``-based exporter, the default since PyTorch 2.9. Its operator implementations
+  start at opset 18; for a lower opset it converts the model down and, when that fails (it does
+  for MedNet at opset 13 with torch 2.14), keeps opset 18 with only a log warning.
 - ``"torchscript"``: the legacy tracer, faster to run and still shipped, but deprecated upstream.
+  The default for ``opset < 18``: it writes the requested opset directly.
+
+Whatever the exporter, the written file's opset (``opset_import`` of the default domain) is
+checked against the requested one, and a mismatch is an error rather than a surprise for the
+runtime that loads the file.
 """
 
 from __future__ import annotations
@@ -25,13 +32,15 @@ from torch import nn
 
 from openmednet.utils import atomic_write_bytes
 
-__all__ = ["DEFAULT_OPSET", "check_onnx", "export_onnx"]
+__all__ = ["DEFAULT_OPSET", "check_onnx", "export_onnx", "onnx_opset"]
 
 logger = logging.getLogger(__name__)
 
 #: Opset 18: supported by onnxruntime >= 1.14 and by MATLAB's ONNX importer in recent releases;
-#: pass ``opset=13`` for older runtimes.
+#: pass ``opset=13`` for older runtimes (exported by the TorchScript exporter, see the module docstring).
 DEFAULT_OPSET = 18
+#: Lowest opset the dynamo exporter implements (torch's TORCHLIB_OPSET); below it, it converts down.
+DYNAMO_MIN_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
@@ -67,6 +76,31 @@ def _export_bytes(model: nn.Module, example: torch.Tensor, opset: int, exporter:
                     output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 )
         return out.read_bytes()
+
+
+def onnx_opset(data: bytes) -> int:
+    """The ONNX operator-set version of a serialised model (its default-domain ``opset_import``).
+
+    Raises:
+        ValueError: the model imports no default-domain opset.
+    """
+    import onnx
+
+    model = onnx.load_from_string(data)
+    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise ValueError("the ONNX model imports no default-domain ('ai.onnx') opset")
+    return int(versions[0])
+
+
+def _check_opset(data: bytes, opset: int, exporter: str) -> None:
+    """Raise when the exporter wrote another opset than ``opset`` (the dynamo exporter may keep 18)."""
+    got = onnx_opset(data)
+    if got != opset:
+        hint = (f"the dynamo exporter implements opset >= {DYNAMO_MIN_OPSET} and could not convert this model "
+                "down; use exporter='torchscript' (the default for opsets below 18)"
+                if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET else "choose another opset or exporter")
+        raise ValueError(f"the {exporter} exporter wrote opset {got}, not the requested {opset}: {hint}")
 
 
 def check_onnx(model: nn.Module, onnx_model: str | Path | bytes, input_size: tuple[int, int, int] | None = None,
@@ -125,16 +159,22 @@ def export_onnx(
         model: a classifier; exported in eval mode (its mode is restored afterwards).
         path: output ``.onnx`` file, written atomically.
         input_size: ``(C, H, W)``; default ``model.pretrained_cfg.input_size``.
-        opset: ONNX opset version.
-        exporter: ``"dynamo"`` or ``"torchscript"``; default dynamo when ``onnxscript`` is installed.
+        opset: ONNX opset version; the file is guaranteed to have it (else ``ValueError``).
+        exporter: ``"dynamo"`` or ``"torchscript"``; default dynamo when ``onnxscript`` is installed
+            and ``opset >= 18``, else torchscript (see the module docstring).
         check: run :func:`check_onnx` (onnxruntime vs PyTorch within ``atol``) before writing.
         atol: tolerance of the check.
 
     Returns:
         ``path``.
+
+    Raises:
+        ValueError: bad arguments; the exporter wrote another opset than ``opset``; the check failed.
+            Nothing is written then.
     """
     if exporter is None:
-        exporter = "dynamo" if importlib.util.find_spec("onnxscript") else "torchscript"
+        dynamo_ok = opset >= DYNAMO_MIN_OPSET and importlib.util.find_spec("onnxscript") is not None
+        exporter = "dynamo" if dynamo_ok else "torchscript"
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got '{exporter}'")
     if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
@@ -146,6 +186,7 @@ def export_onnx(
     try:
         # Batch 2 as the example: a batch of 1 can be specialised away by the tracers.
         data = _export_bytes(model, torch.zeros(2, c, h, w), opset, exporter)
+        _check_opset(data, opset, exporter)
         if check:  # before writing, so a failed check leaves no file behind
             worst = check_onnx(model, data, (c, h, w), atol=atol)
             logger.info("ONNX check passed: max |onnxruntime - torch| = %.2e (atol %g)", worst, atol)

@@ -12,34 +12,47 @@ Routes:
 Limits, so one request cannot exhaust the machine: request bodies above ``max_upload_bytes`` are
 refused from their ``Content-Length`` before they are read (413; no length: 411), images above
 ``max_pixels`` are refused from their header where the format allows (413), files with more than
-``max_frames`` images are refused (413), and at most ``max_concurrent`` predictions run at once
-(the others wait). Bad uploads get a 4xx with a message; the service keeps serving.
+``max_frames`` images are refused (413; reading stops at the first image over the limit, and
+multi-frame GIF/TIFF files are refused from their frame count), NIfTI volumes above
+``max_voxels`` are refused from their header (413), ``.npz`` archives are not accepted (415), at
+most ``max_concurrent`` predictions run at once and at most ``max_queue`` wait for a slot (more:
+503 with ``Retry-After``). Bad uploads get a 4xx with a message; the service keeps serving.
+
+Concurrency: the routes are ``async``. Waiting for a prediction slot happens on the event loop
+(an ``asyncio.Semaphore``), and only the model work runs in AnyIO's worker threads, so queued
+requests hold no thread and ``/healthz`` answers while the model is busy.
 
 Run it with ``openmednet serve MODEL`` (binds 127.0.0.1 by default).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
-import threading
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
-from openmednet.data.readers import SkipImage
+from openmednet.data.readers import NoReaderError, SkipImage
 from openmednet.serve.predictor import Predictor, TooManyImagesError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_UPLOAD_BYTES", "create_app"]
+__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_QUEUE", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_VOXELS", "create_app"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # a large uncompressed DICOM radiograph is ~20-30 MB
 DEFAULT_MAX_PIXELS = 4096 * 4096  # full-field mammograms are ~4k x 5k: downsample those first
 DEFAULT_MAX_FRAMES = 64
+# NIfTI volumes are scaled whole as float32 (and float64 temporaries): 512 x 512 x 128 voxels is a
+# 128-slice CT at full resolution, ~1 GB of working memory. max_pixels * max_frames (1G voxels at
+# the defaults) would allow tens of GB.
+DEFAULT_MAX_VOXELS = 512 * 512 * 128
+DEFAULT_MAX_QUEUE = 16  # requests waiting for a prediction slot; more get 503
 _MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file
 
 # SkipImage reasons that mean "too big" (413) or "a format we cannot decode" (415); others are 400.
@@ -62,6 +75,8 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_frames: int = DEFAULT_MAX_FRAMES,
     max_concurrent: int = 2,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> FastAPI:
     """Build the FastAPI application around ``predictor``.
 
@@ -71,15 +86,22 @@ def create_app(
         max_pixels: largest accepted image (width x height).
         max_frames: most images (frames, slices) accepted from one file.
         max_concurrent: predictions computed at the same time (CPU-bound work; more only queues).
+        max_voxels: largest accepted NIfTI volume; the smaller of this and
+            ``max_pixels * max_frames`` applies.
+        max_queue: requests that may wait for a prediction slot; further ones get 503 (``0``:
+            refuse whenever all slots are busy).
 
     Returns:
         The app; serve it with uvicorn (``openmednet serve``) or test it with ``TestClient``.
     """
-    if min(max_upload_bytes, max_pixels, max_frames, max_concurrent) < 1:
-        raise ValueError("max_upload_bytes, max_pixels, max_frames and max_concurrent must be >= 1")
+    if min(max_upload_bytes, max_pixels, max_frames, max_concurrent, max_voxels) < 1:
+        raise ValueError("max_upload_bytes, max_pixels, max_frames, max_concurrent and max_voxels must be >= 1")
+    if max_queue < 0:
+        raise ValueError(f"max_queue must be >= 0, got {max_queue}")
     app = FastAPI(title="OpenMedNet", description="MedNet predictions with Grad-CAM overlays", version="1")
-    slots = threading.BoundedSemaphore(max_concurrent)
+    slots = _Slots(max_concurrent, max_queue)
     limits = {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_frames": max_frames}
+    max_voxels = min(max_voxels, max_pixels * max_frames)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Any:
@@ -92,58 +114,101 @@ def create_app(
                 return _error(413, f"upload of {length} bytes exceeds the limit of {max_upload_bytes} bytes")
         return await call_next(request)
 
+    # Async routes run on the event loop, never in a worker thread: they answer while every
+    # thread is busy with the model. The page is held in memory for the same reason (a
+    # FileResponse reads its file in a worker thread).
+    page = (resources.files("openmednet.serve") / "static" / "index.html").read_text(encoding="utf-8")
+
     @app.get("/", include_in_schema=False)
-    def index() -> FileResponse:
-        return FileResponse(f"{_static_dir()}/index.html", media_type="text/html")
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         """Liveness probe."""
         return {"status": "ok"}
 
+    card = predictor.card()  # fixed for the app's life; computed once
+
     @app.get("/api/model")
-    def model_card() -> dict[str, Any]:
+    async def model_card() -> dict[str, Any]:
         """The model card and the service's limits."""
-        return {**predictor.card(), "limits": limits}
+        return {**card, "limits": limits}
 
     @app.post("/api/predict")
-    def predict(file: UploadFile = File(...), cam: bool = Query(True)) -> dict[str, Any]:
+    async def predict(file: UploadFile = File(...), cam: bool = Query(True)) -> dict[str, Any]:
         """Class probabilities (and Grad-CAM overlays) for every image in the uploaded file."""
-        # Sync endpoint: FastAPI runs it in a worker thread, so inference never blocks the event loop.
-        data = file.file.read(max_upload_bytes + 1)
+        data = await file.read(max_upload_bytes + 1)
         name = file.filename or "upload"
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"{name} exceeds the limit of {max_upload_bytes} bytes")
         if not data:
             raise HTTPException(400, f"{name} is empty")
-        with slots:
-            preds = _predict(predictor, data, name, cam, max_pixels, max_frames)
-        results = []
-        for p in preds:
-            item = p.to_dict()
-            del item["source"]
-            if cam:
-                item["overlay_png"] = base64.b64encode(p.overlay_png()).decode("ascii")
-            results.append(item)
-        return {"filename": name, "model": predictor.card()["architecture"],
+        async with slots:
+            # Reading, inference and PNG encoding are CPU work: a worker thread, not the event loop.
+            results = await run_in_threadpool(
+                _predict, predictor, data, name, cam, max_pixels=max_pixels, max_frames=max_frames,
+                max_voxels=max_voxels,
+            )
+        return {"filename": name, "model": card["architecture"],
                 "label_names": list(predictor.label_names), "results": results}
 
     app.mount("/static", StaticFiles(directory=_static_dir()), name="static")
     return app
 
 
-def _predict(predictor: Predictor, data: bytes, name: str, cam: bool, max_pixels: int, max_frames: int) -> list:
-    """``predictor.predict_bytes`` with reader failures turned into HTTP errors."""
+class _Slots:
+    """At most ``limit`` holders at once and at most ``queue`` waiters; more get HTTP 503.
+
+    The ``asyncio.Semaphore`` is made on first use in each event loop: one app may be served by
+    several loops one after the other (test clients), and a semaphore belongs to one loop.
+    """
+
+    def __init__(self, limit: int, queue: int):
+        self.limit, self.queue = limit, queue
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._waiting = 0
+
+    async def __aenter__(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, self._semaphore, self._waiting = loop, asyncio.Semaphore(self.limit), 0
+        assert self._semaphore is not None
+        if self._semaphore.locked() and self._waiting >= self.queue:
+            raise HTTPException(503, f"busy: {self.limit} predictions running and {self._waiting} waiting; "
+                                     "retry shortly", headers={"Retry-After": "5"})
+        self._waiting += 1
+        try:
+            await self._semaphore.acquire()
+        finally:
+            self._waiting -= 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._semaphore is not None
+        self._semaphore.release()
+
+
+def _predict(predictor: Predictor, data: bytes, name: str, cam: bool, **limits: int) -> list[dict[str, Any]]:
+    """The JSON results of ``predictor.predict_bytes``, with reader failures turned into HTTP errors."""
     try:
-        return predictor.predict_bytes(data, name, cam=cam, max_pixels=max_pixels, max_frames=max_frames)
+        preds = predictor.predict_bytes(data, name, cam=cam, **limits)
     except TooManyImagesError as e:
         raise HTTPException(413, f"{e}: split the volume or use `openmednet predict`") from None
     except SkipImage as e:
         status = 413 if e.reason in _TOO_LARGE else 415 if e.reason in _UNSUPPORTED else 400
         logger.info("refused %s (%s): %s", name, e.reason, e.message)
         raise HTTPException(status, f"{name}: {e.message} ({e.reason})") from None
-    except ValueError as e:  # no reader for the file, or an image breaking the input contract
-        if str(e).startswith("no reader"):
-            raise HTTPException(415, f"{name}: unsupported file type; send PNG, JPEG, TIFF, BMP, DICOM or "
-                                     "NIfTI (.nii/.nii.gz)") from None
+    except NoReaderError:
+        raise HTTPException(415, f"{name}: unsupported file type; send PNG, JPEG, TIFF, BMP, DICOM or "
+                                 "NIfTI (.nii/.nii.gz)") from None
+    except ValueError as e:  # an image breaking the input contract
         raise HTTPException(400, f"{name}: {e}") from None
+    results = []
+    for p in preds:
+        item = p.to_dict()
+        del item["source"]
+        if cam:
+            item["overlay_png"] = base64.b64encode(p.overlay_png()).decode("ascii")
+        results.append(item)
+    return results

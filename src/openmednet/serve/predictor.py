@@ -12,17 +12,21 @@ Prediction applies exactly that: readers turn each file into 8-bit gray or RGB (
 MONOCHROME1 inversion, NIfTI slices), then the images are converted to the model's channels and
 go through the evaluation pipeline of fine-tuning (``resize_to_square(mode="crop")`` then
 ``build_transform(cfg, train=False)``: resize of the short side, centre crop to ``input_size``,
-normalisation). A channel conversion is never silent: it raises a
-:class:`ChannelConversionWarning` and is recorded in ``Prediction.notes`` (and so in the CSV).
+normalisation). A channel conversion is never silent: it is recorded in ``Prediction.notes`` (and
+so in the CSV and the web service's JSON), logged with the image's name, and raises a
+:class:`ChannelConversionWarning` whose text names only the conversion (a per-file text would
+add an entry to ``__warningregistry__`` for every upload of a long-running server).
 """
 
 from __future__ import annotations
 
 import csv
-import inspect
 import io
+import logging
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,16 +36,25 @@ import torch
 from torch import Tensor, nn
 
 from openmednet.data.images import resize_to_square, to_channels
-from openmednet.data.readers import SkipImage, get_reader, read_images
+from openmednet.data.readers import (
+    SUPPORTED_READERS,
+    NoReaderError,
+    SkipImage,
+    get_reader,
+    read_images,
+)
 from openmednet.data.transforms import build_transform
 from openmednet.explain.gradcam import GradCAM, overlay_png
 from openmednet.models import PretrainedCfg, create_model, is_model, load_pretrained
 from openmednet.utils import atomic_write_bytes, atomic_write_text
 
 __all__ = [
-    "ChannelConversionWarning", "Prediction", "Predictor", "TooManyImagesError", "load_model", "save_predictions_csv",
-    "write_cam_overlays",
+    "UPLOAD_READERS", "ChannelConversionWarning", "Prediction", "Predictor", "TooManyImagesError", "load_model",
+    "predictions_csv", "save_predictions_csv", "write_cam_overlays",
 ]
+
+logger = logging.getLogger(__name__)
+
 
 class TooManyImagesError(ValueError):
     """A file holds more images (frames, slices) than the caller accepts."""
@@ -128,15 +141,21 @@ def load_model(spec: str | Path) -> nn.Module:
     )
 
 
-def _read_images(path: Path, max_pixels: int | None = None) -> Iterator[tuple[np.ndarray, int]]:
-    """``(uint8 (H, W) or (H, W, 3), frame)`` for every usable 2D image in ``path``.
+def _read_images(
+    path: Path, max_pixels: int | None = None, max_frames: int | None = None, max_voxels: int | None = None,
+) -> Iterator[tuple[np.ndarray, int]]:
+    """``(uint8 (H, W) or (H, W, 3), frame)`` for every usable 2D image in ``path``, lazily.
 
-    ``max_pixels`` goes to readers that check it on the header before decoding (Pillow, DICOM),
-    and is checked again on every decoded image (NIfTI bounds voxels per volume itself).
+    The limits go to the readers that check them on headers before decoding: ``max_pixels`` to
+    Pillow (per page) and DICOM (rows x columns x frames), ``max_frames`` to Pillow (pages),
+    ``max_voxels`` to NIfTI (per volume). ``max_pixels`` is checked again on every decoded image.
+
+    Raises:
+        NoReaderError: no reader handles ``path``.
     """
-    reader = get_reader(path)
-    if max_pixels is not None and "max_pixels" in inspect.signature(type(reader)).parameters:
-        reader = type(reader)(max_pixels=max_pixels)
+    limits = {"max_pixels": max_pixels, "max_frames": max_frames, "max_voxels": max_voxels}
+    # get_reader hands each reader only the options it takes.
+    reader = get_reader(path, **{k: v for k, v in limits.items() if v is not None})
     for array, meta in read_images(path, reader):
         if max_pixels is not None and array.shape[0] * array.shape[1] > max_pixels:
             raise SkipImage("decompression_bomb", f"{array.shape[1]}x{array.shape[0]} image exceeds "
@@ -147,7 +166,7 @@ def _read_images(path: Path, max_pixels: int | None = None) -> Iterator[tuple[np
 def _has_reader(path: Path) -> bool:
     try:
         get_reader(path)
-    except ValueError:
+    except NoReaderError:
         return False
     return True
 
@@ -242,7 +261,7 @@ class Predictor:
 
     # ------------------------------------------------------------------------------- contract
     def _fit_channels(self, image: np.ndarray, source: str) -> tuple[np.ndarray, list[str]]:
-        """Convert ``image`` to the model's channels; warn and note any conversion."""
+        """Convert ``image`` to the model's channels; note, log and warn any conversion."""
         converted, changed = to_channels(image, self.in_chans)
         if not changed:
             return converted, []
@@ -251,10 +270,10 @@ class Predictor:
             note = "rgb->gray" + ("" if lossless else " (colour discarded)")
         else:
             note = "gray->rgb"
-        warnings.warn(
-            f"{source}: model expects {self.in_chans} channel(s), image has {3 if image.ndim == 3 else 1}: "
-            f"converted {note}", ChannelConversionWarning, stacklevel=4,
-        )
+        message = f"model expects {self.in_chans} channel(s), image has {3 if image.ndim == 3 else 1}: converted {note}"
+        logger.info("%s: %s", source, message)
+        # No file name in the warning text: the set of texts stays bounded (see the module docstring).
+        warnings.warn(message, ChannelConversionWarning, stacklevel=4)
         return converted, [note]
 
     def preprocess(self, image: np.ndarray, source: str = "<array>") -> tuple[Tensor, list[str]]:
@@ -262,7 +281,7 @@ class Predictor:
 
         Args:
             image: ``uint8`` ``(H, W)`` gray or ``(H, W, 3)`` RGB, as readers produce.
-            source: name used in warnings.
+            source: name used in the log.
 
         Returns:
             ``(in_chans, H', W')`` float tensor, ``(H', W') = input_size[1:]`` (resize of the short
@@ -298,7 +317,7 @@ class Predictor:
 
         Args:
             images: ``uint8`` ``(H, W)`` or ``(H, W, 3)`` arrays, any sizes (see :meth:`preprocess`).
-            sources: a name per image for results and warnings; default ``<array i>``.
+            sources: a name per image for results and the log; default ``<array i>``.
             frames: a frame index per image; default 0.
             cam: also compute the Grad-CAM of each image's predicted class (same forward pass).
 
@@ -334,19 +353,24 @@ class Predictor:
 
         Folders are walked recursively and files no reader handles (``labels.csv``...) are passed
         over. A file that fails to read is skipped with a warning, so one bad file does not stop
-        a folder.
+        a folder; it contributes no image (not the frames read before the failure). Errors of the
+        model itself are not input errors: they propagate.
         """
         if isinstance(inputs, (str, Path)):
             inputs = [inputs]
         batch: list[tuple[np.ndarray, str, int]] = []
         for path in _list_files(inputs):
+            # Only the reading is guarded: a file's images join the batch once all are read, and
+            # inference runs outside the try, so its errors are not reported as a skipped file.
             try:
-                for array, frame in _read_images(path):
-                    batch.append((array, str(path), frame))
-                    if len(batch) == batch_size:
-                        yield from self._flush(batch, cam)
+                images = list(_read_images(path))
             except (SkipImage, ValueError, OSError) as e:
                 warnings.warn(f"skipped {path}: {e}", stacklevel=2)
+                continue
+            for array, frame in images:
+                batch.append((array, str(path), frame))
+                if len(batch) == batch_size:
+                    yield from self._flush(batch, cam)
         yield from self._flush(batch, cam)
 
     def _flush(self, batch: list[tuple[np.ndarray, str, int]], cam: bool) -> list[Prediction]:
@@ -357,52 +381,69 @@ class Predictor:
         return self.predict_arrays(list(images), list(sources), list(frames), cam=cam)
 
     def predict_bytes(self, data: bytes, filename: str, cam: bool = True,
-                      max_pixels: int | None = None, max_frames: int | None = None) -> list[Prediction]:
+                      max_pixels: int | None = None, max_frames: int | None = None,
+                      max_voxels: int | None = None) -> list[Prediction]:
         """Predict the images of an uploaded file (all frames/slices).
 
         Args:
             data: the file's bytes.
-            filename: its name; a known suffix picks the reader, else readers sniff the content
-                (DICOM files from PACS exports often have no suffix).
+            filename: its name; only its suffix is used, to pick the reader among PNG/JPEG/TIFF/...
+                (Pillow), DICOM and NIfTI (``.npz`` archives are not accepted: they unpack every
+                array at once). Without a known suffix only DICOM is recognised, by its ``DICM``
+                magic bytes (PACS exports often have no suffix); other formats are refused.
             cam: compute Grad-CAMs.
             max_pixels: refuse images with more pixels (checked on headers where possible).
-            max_frames: refuse files with more images than this, before any inference.
+            max_frames: refuse files with more images than this; reading stops at the first
+                image over the limit, and Pillow files are refused from their frame count before
+                any frame is decoded.
+            max_voxels: refuse NIfTI volumes with more voxels, from the header; default
+                ``max_pixels * max_frames`` when both are given, else the reader's default.
 
         Raises:
             SkipImage: the file is not a usable image (``reason`` says why).
             TooManyImagesError: more than ``max_frames`` images.
-            ValueError: no reader handles the file.
+            NoReaderError: no reader handles the file (a ``ValueError``).
         """
-        import tempfile
-
+        if max_voxels is None and max_pixels is not None and max_frames is not None:
+            max_voxels = max_pixels * max_frames
+        images: list[tuple[np.ndarray, int]] = []
         with tempfile.TemporaryDirectory(prefix="openmednet-upload-") as tmp:
             path = Path(tmp) / f"upload{_upload_suffix(filename)}"  # never trust the name as a path
             path.write_bytes(data)
-            images = list(_read_images(path, max_pixels))
+            # Lazily, so a file of thousands of frames costs at most max_frames + 1 decoded images.
+            with closing(_read_images(path, max_pixels, max_frames, max_voxels)) as stream:
+                for image in stream:
+                    images.append(image)
+                    if max_frames is not None and len(images) > max_frames:
+                        raise TooManyImagesError(
+                            f"{filename} holds {max_frames + 1} or more images, more than the limit of {max_frames}"
+                        )
         if not images:
             raise SkipImage("unsupported_image", f"{filename}: no usable 2D image in the file")
-        if max_frames is not None and len(images) > max_frames:
-            raise TooManyImagesError(f"{filename} holds {len(images)} images, more than the limit of {max_frames}")
         arrays, frames = zip(*images)
         return self.predict_arrays(list(arrays), [filename] * len(arrays), list(frames), cam=cam)
 
 
-_KNOWN_SUFFIXES = (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp",
-                   ".gif", ".webp", ".npz")
+#: Readers that take uploads. Not "npz": an archive is unpacked whole (every array of every
+#: split) and kept in the reader's cache, so its size is bounded by nothing the service checks.
+UPLOAD_READERS = ("dicom", "nifti", "pil")
+
+# From the readers' own lists, longest first so that ".nii.gz" wins over any shorter ending.
+_UPLOAD_SUFFIXES = tuple(sorted({s for name in UPLOAD_READERS for s in SUPPORTED_READERS[name].suffixes},
+                                key=lambda s: (-len(s), s)))
 
 
 def _upload_suffix(filename: str) -> str:
-    """The upload's suffix if it is a known image suffix, else ``""`` (readers then sniff content)."""
+    """The upload's suffix if an upload reader claims it, else ``""`` (then only DICOM is sniffed)."""
     name = filename.lower()
-    return next((s for s in _KNOWN_SUFFIXES if name.endswith(s)), "")
+    return next((s for s in _UPLOAD_SUFFIXES if name.endswith(s)), "")
 
 
 # ----------------------------------------------------------------------------------- output
-def save_predictions_csv(predictions: Iterable[Prediction], path: str | Path, label_names: Sequence[str]) -> int:
-    """Write predictions as CSV (``source,frame,label,p_<name>...,notes``) atomically.
+def predictions_csv(predictions: Iterable[Prediction], label_names: Sequence[str]) -> tuple[str, int]:
+    """Predictions as CSV text (``source,frame,label,p_<name>...,notes``) and the number of rows.
 
-    Returns:
-        The number of rows written.
+    ``predictions`` is consumed once, row by row: a generator's images can be freed as it goes.
     """
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -412,7 +453,17 @@ def save_predictions_csv(predictions: Iterable[Prediction], path: str | Path, la
         writer.writerow([p.source, p.frame, p.label, *(f"{p.probabilities[n]:.6f}" for n in label_names),
                          ";".join(p.notes)])
         rows += 1
-    atomic_write_text(Path(path), buf.getvalue())
+    return buf.getvalue(), rows
+
+
+def save_predictions_csv(predictions: Iterable[Prediction], path: str | Path, label_names: Sequence[str]) -> int:
+    """Write predictions as CSV (see :func:`predictions_csv`) atomically.
+
+    Returns:
+        The number of rows written.
+    """
+    text, rows = predictions_csv(predictions, label_names)
+    atomic_write_text(Path(path), text)
     return rows
 
 
@@ -423,17 +474,24 @@ def cam_file_name(pred: Prediction) -> str:
     return f"{stem}{'' if pred.frame == 0 else f'_f{pred.frame}'}_cam.png"
 
 
-def write_cam_overlays(predictions: Sequence[Prediction], out_dir: str | Path) -> list[Path]:
+def write_cam_overlays(predictions: Iterable[Prediction], out_dir: str | Path,
+                       used: dict[str, int] | None = None) -> list[Path]:
     """Write each prediction's Grad-CAM overlay as PNG (atomically) into ``out_dir``.
 
-    Names come from :func:`cam_file_name`; a name already used in this call gets ``_2``, ``_3``...
-    (same file names in different folders).
+    Names come from :func:`cam_file_name`; a name already used gets ``_2``, ``_3``... (same file
+    names in different folders).
+
+    Args:
+        predictions: predictions made with ``cam=True``.
+        out_dir: the folder (created if needed).
+        used: name -> times used, updated in place; pass the same dict to calls that write one
+            batch at a time into the same folder, so names stay unique across batches.
 
     Returns:
         The written paths, in the order of ``predictions``.
     """
     out_dir = Path(out_dir)
-    used: dict[str, int] = {}
+    used = {} if used is None else used
     paths = []
     for pred in predictions:
         name = cam_file_name(pred)

@@ -43,6 +43,7 @@ __all__ = [
     "ImageMeta",
     "ImageReader",
     "NiftiReader",
+    "NoReaderError",
     "NpzReader",
     "PILReader",
     "SkipImage",
@@ -63,6 +64,14 @@ SUPPORTED_READERS: dict[str, type[ImageReader]] = {
 }
 
 
+class NoReaderError(ValueError):
+    """No reader handles a file (by its name, or by its content for DICOM).
+
+    A ``ValueError`` so existing ``except ValueError`` callers keep working; catch this type to tell
+    "unsupported file type" apart from other bad values.
+    """
+
+
 def get_reader(path: str | Path, reader: str | None = None, **options: Any) -> ImageReader:
     """Choose and build the reader for ``path``.
 
@@ -75,8 +84,8 @@ def get_reader(path: str | Path, reader: str | None = None, **options: Any) -> I
 
     Raises:
         KeyError: unknown reader name, or an option no reader takes (with a suggestion).
-        ValueError: no reader handles ``path``; the message lists the readers, their suffixes
-            and how to install their libraries.
+        NoReaderError: no reader handles ``path`` (a ``ValueError``); the message lists the
+            readers, their suffixes and how to install their libraries.
     """
     path = Path(path)
     check_reader_options(options)
@@ -92,7 +101,7 @@ def get_reader(path: str | Path, reader: str | None = None, **options: Any) -> I
         if impl.can_read(path):
             return _build(name, options)
     table = "; ".join(f"{name} ({', '.join(cls.suffixes)}; {cls.install_hint})" for name, cls in SUPPORTED_READERS.items())
-    raise ValueError(
+    raise NoReaderError(
         f"no reader for '{path.name}' (suffix '{''.join(path.suffixes)}'). Readers: {table}. Pass reader=<name> to force one."
     )
 
@@ -154,8 +163,8 @@ def read_images(
 
     Raises:
         SkipImage: unusable file, only when ``on_skip`` is ``None``.
-        ValueError, KeyError: no reader for the file / unknown reader name (not input errors of
-            the file itself but of the call).
+        NoReaderError, KeyError: no reader for the file / unknown reader name (not input errors
+            of the file itself but of the call).
     """
     path = Path(path)
     if isinstance(reader, ImageReader) and options:

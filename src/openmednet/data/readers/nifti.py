@@ -43,7 +43,9 @@ class NiftiReader(ImageReader):
             as non-empty.
         foreground_level: uint8 level (after scaling) above which a pixel is foreground.
         max_voxels: volumes with more voxels (per volume read) are skipped as
-            ``"decompression_bomb"``.
+            ``"decompression_bomb"``, from the header before any voxel is read. A volume is held
+            in memory as float32 while it is scaled, so this bounds the reader's memory (the
+            default, 1024^3, allows ~4 GB: lower it for untrusted input, as the web service does).
     """
 
     name = "nifti"
@@ -65,9 +67,11 @@ class NiftiReader(ImageReader):
             raise ValueError(f"stride must be >= 1, got {stride!r}")
         if volumes not in ("first", "all"):
             raise ValueError(f"volumes must be 'first' or 'all', got {volumes!r}")
+        if int(max_voxels) < 1:
+            raise ValueError(f"max_voxels must be >= 1, got {max_voxels!r}")
         self.axis, self.stride, self.volumes = axis, int(stride), volumes
         self.min_foreground, self.foreground_level = min_foreground, foreground_level
-        self.max_voxels = max_voxels
+        self.max_voxels = int(max_voxels)
 
     def read(self, path: Path) -> Iterator[ReadResult]:
         """Yield ``(H, W)`` uint8 slices (and ``SkipImage("empty_slice")`` for empty ones).

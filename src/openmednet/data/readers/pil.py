@@ -24,8 +24,8 @@ Conversion rules (what arrives in the file -> what the reader yields):
 
 Bad input never escapes as a Pillow exception: zero bytes -> ``"empty_file"``, bytes that are
 not an image -> ``"not_an_image"``, truncated or damaged data -> ``"corrupt"``, a header
-claiming more than ``max_pixels`` pixels -> ``"decompression_bomb"`` (checked on the header,
-before any pixel is decoded).
+claiming more than ``max_pixels`` pixels (on any page) or more than ``max_frames`` pages ->
+``"decompression_bomb"`` (checked on the headers, before the pixels of that page are decoded).
 """
 
 from __future__ import annotations
@@ -59,19 +59,27 @@ class PILReader(ImageReader):
         draft_size: if set, decode JPEGs at a reduced DCT scale that keeps both sides
             ``>= draft_size`` (see the module docstring); ``meta.extra["draft_reduction"]`` records the
             factor (1, 2, 4 or 8).
+        max_frames: files whose header counts more pages/frames (multi-page TIFF, animated
+            GIF/WebP/PNG) are skipped with reason ``"decompression_bomb"`` before any page is
+            decoded; ``None`` = no limit. ``max_pixels`` bounds one page only, so a small GIF or
+            TIFF of thousands of large frames needs this limit where the input is untrusted.
     """
 
     name = "pil"
     suffixes = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".pgm", ".ppm")
     install_hint = "pip install pillow"
 
-    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None):
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None,
+                 max_frames: int | None = None):
         if max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive, got {max_pixels}")
         if draft_size is not None and draft_size < 1:
             raise ValueError(f"draft_size must be None or >= 1, got {draft_size}")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be None or >= 1, got {max_frames}")
         self.max_pixels = max_pixels
         self.draft_size = draft_size
+        self.max_frames = max_frames
 
     def read(self, path: Path) -> Iterator[ReadResult]:
         """Yield ``(array, meta)`` for each page of ``path``: ``(H, W)`` or ``(H, W, 3)`` uint8.
@@ -83,9 +91,31 @@ class PILReader(ImageReader):
         path = Path(path)
         check_not_empty(path)
         with self._open(path) as im:
+            # Pillow counts frames from the headers (GIF blocks, the TIFF IFD chain) without decoding.
             n_frames = getattr(im, "n_frames", 1)
+            if self.max_frames is not None and n_frames > self.max_frames:
+                raise SkipImage(
+                    "decompression_bomb",
+                    f"file holds {n_frames} frames, limit is {self.max_frames}; "
+                    "pass PILReader(max_frames=...) if the file is genuine",
+                    path,
+                )
             for index, page in enumerate(ImageSequence.Iterator(im)):
+                if index:  # TIFF pages have their own sizes; page 0 was checked by _open
+                    self._check_pixels(path, page, index)
                 yield self._convert_page(path, page, index, n_frames)
+
+    def _check_pixels(self, path: Path, im: Image.Image, index: int | None = None) -> None:
+        """Raise ``"decompression_bomb"`` when the (current page's) header claims too many pixels."""
+        width, height = im.size
+        if width * height > self.max_pixels:
+            raise SkipImage(
+                "decompression_bomb",
+                f"header claims {width}x{height} = {width * height} pixels, limit is {self.max_pixels}; "
+                "pass PILReader(max_pixels=...) if the image is genuine",
+                path,
+                index,
+            )
 
     def _open(self, path: Path) -> Image.Image:
         """Open lazily (header only) and apply the pixel limit before decoding anything."""
@@ -100,15 +130,11 @@ class PILReader(ImageReader):
             raise SkipImage("not_an_image", "Pillow does not recognise these bytes as an image", path) from e
         except (OSError, SyntaxError, ValueError) as e:
             raise SkipImage("corrupt", f"cannot parse the header ({e})", path) from e
-        width, height = im.size
-        if width * height > self.max_pixels:
+        try:
+            self._check_pixels(path, im)
+        except SkipImage:
             im.close()
-            raise SkipImage(
-                "decompression_bomb",
-                f"header claims {width}x{height} = {width * height} pixels, limit is {self.max_pixels}; "
-                "pass PILReader(max_pixels=...) if the image is genuine",
-                path,
-            )
+            raise
         return im
 
     def _convert_page(self, path: Path, page: Image.Image, index: int, n_frames: int) -> tuple[np.ndarray, ImageMeta]:
