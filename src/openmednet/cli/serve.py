@@ -16,7 +16,9 @@ def register(app: typer.Typer) -> None:
         max_upload_mb: float = typer.Option(32.0, min=0.001, help="Largest accepted upload, in MB."),
         max_pixels: int = typer.Option(4096 * 4096, min=1, help="Largest accepted image (width x height)."),
         max_frames: int = typer.Option(64, min=1, help="Most images (frames/slices) per uploaded file."),
+        max_voxels: int = typer.Option(512 * 512 * 128, min=1, help="Largest accepted NIfTI volume (voxels)."),
         workers: int = typer.Option(2, min=1, help="Predictions computed at the same time."),
+        max_queue: int = typer.Option(16, min=0, help="Requests waiting for a slot; more get 503 (0: none wait)."),
         cam_layer: str | None = typer.Option(
             None, help="Grad-CAM layer, e.g. blocks.5 (default: deepest stage with a map of at least 7x7)."
         ),
@@ -34,6 +36,7 @@ def register(app: typer.Typer) -> None:
                 "binding %s: anyone who can reach this machine can upload images; there is no authentication", host)
         predictor = Predictor.from_spec(model, cam_layer=cam_layer)
         application = create_app(predictor, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-                                 max_pixels=max_pixels, max_frames=max_frames, max_concurrent=workers)
+                                 max_pixels=max_pixels, max_frames=max_frames, max_concurrent=workers,
+                                 max_voxels=max_voxels, max_queue=max_queue)
         typer.echo(f"OpenMedNet serving {model} on http://{host}:{port}/ (Ctrl+C to stop)")
         uvicorn.run(application, host=host, port=port, log_level="info")
