@@ -68,3 +68,29 @@ def test_load_errors(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an OpenMedNet checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_rng_state_restores_exactly_after_a_cpu_mapped_load():
+    # The resume path: states saved in a checkpoint, read back with map_location="cpu".
+    import io
+
+    random.seed(4), np.random.seed(5), torch.manual_seed(6)
+    buf = io.BytesIO()
+    torch.save({"rng": capture_rng_state()}, buf)
+    first = _draws()
+    buf.seek(0)
+    restore_rng_state(torch.load(buf, map_location="cpu", weights_only=True)["rng"])
+    assert _draws() == first
+
+
+@pytest.mark.gpu
+def test_rng_state_restores_from_cuda_mapped_tensors():
+    # A checkpoint loaded with map_location="cuda" puts the RNG states on the GPU;
+    # torch.set_rng_state takes CPU ByteTensors only.
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = capture_rng_state()
+    first = _draws()
+    on_gpu = {**state, "torch": state["torch"].cuda(), "cuda": [s.cuda() for s in state["cuda"]],
+              "numpy": [*state["numpy"][:1], state["numpy"][1].cuda(), *state["numpy"][2:]]}
+    restore_rng_state(on_gpu)
+    assert _draws() == first

@@ -73,3 +73,19 @@ def test_loss_plot_from_metrics(tmp_path: Path):
         assert len(im.convert("RGB").getcolors(maxcolors=1 << 16)) > 20
     with pytest.raises(FileNotFoundError, match="no metrics file"):
         plot_loss_curve(tmp_path / "missing.jsonl", tmp_path / "x.png")
+
+
+def test_loss_plot_leaves_the_callers_backend_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import matplotlib
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"plot_loss_curve switched the matplotlib backend: matplotlib.use{args}")
+
+    before = matplotlib.get_backend()
+    monkeypatch.setattr(matplotlib, "use", refuse)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"kind": "step", "epoch": 0, "step": 1, "train/loss": 1.0}) + "\n")
+    plot_loss_curve(metrics, tmp_path / "loss.png")
+    assert matplotlib.get_backend() == before
+    with Image.open(tmp_path / "loss.png") as im:
+        assert im.size == (600, 350)

@@ -46,14 +46,29 @@ def test_unknown_optimizer_suggests_the_closest():
         build_optimizer(torch.nn.Linear(2, 2), "adamv")
 
 
-def test_lars_steps_and_excludes_1d_params():
+def test_lars_adapts_decayed_weights_only():
+    # lightly's LARS applies its trust ratio where weight_decay != 0: the conv/linear weights. The
+    # no-decay group (BN, biases) takes a plain momentum-SGD step (first step: lr * grad).
+    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    opt = build_optimizer(model, "lars", lr=0.1)
-    assert [g["lars_exclude"] for g in opt.param_groups] == [False, True]
-    before = model[0].weight.detach().clone()
+    lr, wd = 0.1, 0.05
+    opt = build_optimizer(model, "lars", lr=lr, weight_decay=wd)
+    assert all("lars_exclude" not in g for g in opt.param_groups)  # no dead key lightly would ignore
+    assert [g["weight_decay"] for g in opt.param_groups] == [wd, 0.0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model(torch.randn(8, 4)).square().mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     opt.step()
-    assert not torch.equal(before, model[0].weight)
+    for n in ("1.weight", "1.bias", "0.bias"):
+        torch.testing.assert_close(model.get_parameter(n), before[n] - lr * grads[n])
+    w, g = before["0.weight"], grads["0.weight"]
+    trust = 0.001 * w.norm() / (g.norm() + wd * w.norm() + 1e-8)
+    torch.testing.assert_close(model[0].weight, w - lr * trust * (g + wd * w))
+
+
+def test_lars_refuses_zero_weight_decay():
+    with pytest.raises(ValueError, match="weight_decay > 0.*or use optimizer 'sgd'"):
+        build_optimizer(torch.nn.Linear(4, 3), "lars", lr=0.1, weight_decay=0.0)
 
 
 def test_warmup_cosine_values():

@@ -67,3 +67,39 @@ def test_all_unlabelled_batch_gives_zero_loss_with_gradients_everywhere():
 def test_supervised_objective_needs_labels():
     with pytest.raises(ValueError, match="objective=simclr"):
         SupervisedHeads(6, [], "union")
+
+
+class _Enabled(Exception):
+    pass
+
+
+@pytest.mark.parametrize("preset", [None, ":16:8"])
+def test_deterministic_sets_the_cublas_workspace_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preset):
+    # CUDA's deterministic matmuls need CUBLAS_WORKSPACE_CONFIG before cuBLAS starts; a user's value wins.
+    import os
+
+    from openmednet.engine.pretrain import run_pretraining
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "placeholder")  # restored (removed) after the test
+    if preset is None:
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    else:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", preset)
+    seen = []
+    real = torch.use_deterministic_algorithms
+
+    def record(mode: bool, **kw) -> None:
+        if mode:  # the run's switch-on: stop the run there
+            seen.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+            raise _Enabled
+        real(mode, **kw)  # the restore in run_pretraining's finally
+
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", record)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "manifest.json").write_text("{}")
+    cfg = load_config(PretrainConfig, None, [f"corpus={tmp_path / 'corpus'}", f"out={tmp_path / 'run'}",
+                                             "train.deterministic=true", "train.device=cpu"])
+    with pytest.raises(_Enabled):
+        run_pretraining(cfg)
+    assert seen == [preset or ":4096:8"]
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == preset  # the caller's environment is left as it was

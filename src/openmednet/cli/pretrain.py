@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import typer
+
+
+def _overrides(corpus: Path | None, out: Path | None, objective: str | None, resume: bool, set_: list[str]) -> list[str]:
+    """``--set`` values, then the explicit flags as ``key=value`` overrides (later wins).
+
+    Strings are JSON-quoted: the config reads override values as YAML, where ``runs/a #1`` would lose
+    its comment-like tail and ``2024`` would become an int; a quoted value stays the string given.
+    """
+    result = list(set_)
+    for key, value in (("corpus", corpus), ("out", out), ("objective.kind", objective)):
+        if value is not None:
+            result.append(f"{key}={json.dumps(str(value))}")
+    return result + (["resume=true"] if resume else [])
 
 
 def register(app: typer.Typer) -> None:
@@ -26,12 +40,7 @@ def register(app: typer.Typer) -> None:
         from openmednet.engine.trainer import NonFiniteLossError
 
         # Command-line flags win over the config file and --set, as the most explicit choice.
-        overrides = list(set_)
-        overrides += [f"corpus={corpus}"] if corpus is not None else []
-        overrides += [f"out={out}"] if out is not None else []
-        overrides += [f"objective.kind={objective}"] if objective is not None else []
-        overrides += ["resume=true"] if resume else []
-        cfg = load_config(PretrainConfig, config, overrides)
+        cfg = load_config(PretrainConfig, config, _overrides(corpus, out, objective, resume, set_))
         try:
             history = run_pretraining(cfg)
         except NonFiniteLossError as e:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -49,7 +50,8 @@ class DistEnv:
         """Build the environment from torchrun's variables, initialising the process group once.
 
         Args:
-            device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available, else CPU).
+            device: ``"cpu"``, ``"cuda"`` (``cuda:LOCAL_RANK``), ``"cuda:N"`` (one process, or N equal
+                to the rank's ``LOCAL_RANK``) or ``None`` (CUDA when available, else CPU).
             timeout_s: collective timeout; a rank that dies makes the others fail after this long
                 instead of hanging forever.
 
@@ -57,19 +59,22 @@ class DistEnv:
             A single-process ``DistEnv`` when ``WORLD_SIZE`` is unset or 1.
 
         Raises:
-            ValueError: ``device="cuda"`` without a CUDA device, or inconsistent torchrun variables.
+            ValueError: an unknown or unsupported device (``"gpu"``, ``"mps"``), CUDA requested
+                without a CUDA device, ``cuda:N`` that does not exist or conflicts with
+                ``LOCAL_RANK`` under torchrun, or inconsistent torchrun variables.
         """
-        want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-        if want_cuda and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False: use device=cpu")
+        dev = _parse_device(device)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
         if not 0 <= rank < world_size:
             raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size}); launch with torchrun")
-        dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+        want_cuda = dev.type == "cuda"
         if want_cuda:
+            dev = _cuda_device(dev, device, local_rank, world_size)
             torch.cuda.set_device(dev)
+        else:
+            dev = torch.device("cpu")
         if world_size == 1:
             return cls(device=dev)
         backend = "nccl" if want_cuda else "gloo"
@@ -126,13 +131,31 @@ class DistEnv:
 
         Returns:
             Metric name -> mean over all ranks' samples (``nan`` if no rank saw a sample).
+
+        Raises:
+            ValueError: on every rank at once, when the ranks passed different keys (all-reducing
+                buffers of different lengths would fail with gloo and hang with NCCL).
         """
         keys = sorted(sums)
+        if self.is_distributed:
+            self._check_same_keys(keys)
         # float64: sums of losses over millions of samples lose digits in float32.
         buf = torch.tensor([float(sums[k]) for k in keys] + [float(count)], dtype=torch.float64, device=self.device)
         self.all_reduce_sum(buf)
         total = buf[-1].item()
         return {k: (buf[i].item() / total if total > 0 else float("nan")) for i, k in enumerate(keys)}
+
+    def _check_same_keys(self, keys: list[str]) -> None:
+        # One fixed-size collective: max over ranks of (n, crc, -n, -crc) gives both max and min of
+        # the key count and of a checksum of the names; every rank sees the same result.
+        sig = [float(len(keys)), float(zlib.crc32("\n".join(keys).encode()))]
+        buf = torch.tensor(sig + [-v for v in sig], dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(buf, op=torch_dist.ReduceOp.MAX)
+        if not torch.equal(buf[:2], -buf[2:]):
+            raise ValueError(
+                f"ranks passed different metric names to reduce_metrics (rank {self.rank}: {keys}): every "
+                "rank must report the same metrics, including a rank that saw no sample (its sums are 0.0)"
+            )
 
     def wrap_model(self, model: nn.Module, sync_batchnorm: bool = True) -> nn.Module:
         """Move ``model`` to the device and wrap it in ``DistributedDataParallel`` when distributed.
@@ -156,6 +179,37 @@ class DistEnv:
         """Tear down the process group (call once at the end of a distributed run)."""
         if self.is_distributed and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+
+
+def _parse_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` of type cpu or cuda (CUDA when available for ``None``)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device '{device}': use 'cpu', 'cuda' or 'cuda:N' (or leave it unset: "
+                         "CUDA when available, else CPU)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device '{device}' is not supported for training here: use 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
+def _cuda_device(dev: torch.device, asked: object, local_rank: int, world_size: int) -> torch.device:
+    """The CUDA device of this process: ``cuda:LOCAL_RANK`` unless one process names its own."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"device '{asked}' requested but torch.cuda.is_available() is False: use device=cpu")
+    if dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    elif world_size > 1 and dev.index != local_rank:
+        raise ValueError(
+            f"device '{asked}' names one GPU, but under torchrun each rank uses cuda:LOCAL_RANK (this rank: "
+            f"cuda:{local_rank}): pass device=cuda and choose GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    count = torch.cuda.device_count()
+    if dev.index >= count:
+        raise ValueError(f"device '{dev}' does not exist: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return dev
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -3,7 +3,10 @@
 - ``build_optimizer``: AdamW, SGD (Nesterov) or LARS (lightly's, the SimCLR choice for large batches),
   with weight decay only on weights of convolutions and linear layers: decaying BN scales and
   biases hurts accuracy (Goyal et al. 2017, "Accurate, Large Minibatch SGD"), and LARS must also
-  skip its trust ratio on them. Parameters whose name starts with a ``head_prefixes`` entry get
+  skip its trust ratio on them. lightly's LARS has no exclusion flag: it applies the trust ratio
+  exactly to the groups whose ``weight_decay != 0``, so the no-decay groups (``weight_decay=0``)
+  are its exclusions, and ``weight_decay=0`` would turn LARS into plain momentum SGD everywhere
+  (refused). Parameters whose name starts with a ``head_prefixes`` entry get
   ``lr * head_lr_mult`` (fine-tuning: the MedNet authors used 10x on the new head).
 - ``build_scheduler``: linear warm-up then cosine decay, stepped once per optimizer step (not per
   epoch), so it behaves the same whatever the epoch length or gradient accumulation.
@@ -45,8 +48,8 @@ def param_groups(
         head_lr_mult: learning-rate multiplier of the head groups.
 
     Returns:
-        Non-empty groups, each with ``params``, ``weight_decay``, ``lr_mult`` and ``name``; a group
-        with no decay also sets ``lars_exclude`` (lightly's LARS skips adaptation there).
+        Non-empty groups, each with ``params``, ``weight_decay``, ``lr_mult`` and ``name``. The
+        no-decay groups (``weight_decay=0``) are also the ones lightly's LARS does not adapt.
     """
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -60,7 +63,6 @@ def param_groups(
             "params": params,
             "weight_decay": 0.0 if no_decay else weight_decay,
             "lr_mult": head_lr_mult if is_head else 1.0,
-            "lars_exclude": no_decay,
             "name": f"{'head' if is_head else 'body'}_{'no_decay' if no_decay else 'decay'}",
         })
     if not out:
@@ -84,7 +86,8 @@ def build_optimizer(
         model: module to optimize.
         name: ``"adamw"``, ``"sgd"`` (momentum, Nesterov) or ``"lars"`` (lightly's LARS).
         lr: base learning rate; each group's initial lr is ``lr * lr_mult``.
-        weight_decay: decay of conv/linear weights.
+        weight_decay: decay of conv/linear weights; must be > 0 for LARS, which adapts the learning
+            rate only of groups with non-zero decay.
         momentum: SGD/LARS momentum.
         betas: AdamW betas.
         head_prefixes: parameter-name prefixes of the head (see ``param_groups``).
@@ -92,11 +95,17 @@ def build_optimizer(
 
     Raises:
         KeyError: unknown optimizer name (with a suggestion).
-        ValueError: ``lr <= 0`` or no trainable parameter.
+        ValueError: ``lr <= 0``, LARS with ``weight_decay == 0``, or no trainable parameter.
     """
     name = look_up_option(name.lower(), OPTIMIZERS, "optimizer")
     if lr <= 0:
         raise ValueError(f"learning rate must be > 0, got {lr}")
+    if name == "lars" and weight_decay == 0:
+        raise ValueError(
+            "optimizer 'lars' with weight_decay=0 would adapt no layer's learning rate (lightly's LARS "
+            "applies its trust ratio only where weight_decay != 0): set weight_decay > 0 (e.g. 1e-6, "
+            "SimCLR's), or use optimizer 'sgd'"
+        )
     groups = param_groups(model, weight_decay, head_prefixes, head_lr_mult)
     for g in groups:
         g["lr"] = lr * g["lr_mult"]

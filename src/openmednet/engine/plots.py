@@ -1,9 +1,14 @@
-"""Loss curve of a run, drawn from its ``metrics.jsonl`` (matplotlib, no display needed)."""
+"""Loss curve of a run, drawn from its ``metrics.jsonl`` (matplotlib, no display needed).
+
+Drawn with ``matplotlib.figure.Figure`` on an Agg canvas, never through ``pyplot``: the caller's
+backend and pyplot's figure registry are left alone.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 from openmednet.utils import atomic_write_bytes
@@ -14,13 +19,29 @@ __all__ = ["plot_loss_curve", "read_metrics"]
 def read_metrics(path: str | Path) -> list[dict]:
     """Records of a ``metrics.jsonl`` file, in order.
 
+    A line that is not a JSON object (typically the last one, half-written by a run killed in the
+    middle of an append) is skipped with a warning.
+
     Raises:
         FileNotFoundError: no file at ``path``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}: is this a training run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            warnings.warn(f"{path}, line {number}: not a complete JSON record (a run killed while writing it?); "
+                          "skipped", stacklevel=2)
+            continue
+        records.append(record)
+    return records
 
 
 def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path:
@@ -36,15 +57,15 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path:
     Returns:
         ``out_path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: never needs a display
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     records = read_metrics(metrics_path)
     steps = [r for r in records if r.get("kind") == "step" and "train/loss" in r]
     epochs = [r for r in records if r.get("kind") == "epoch" and "train/loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)  # headless rendering, whatever the process' backend
+    ax = fig.add_subplot()
     if steps:
         ax.plot([r["step"] for r in steps], [r["train/loss"] for r in steps], lw=1, label="train loss (steps)")
     if epochs:
@@ -66,7 +87,6 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     out_path = Path(out_path)
     atomic_write_bytes(out_path, buf.getvalue())
     return out_path

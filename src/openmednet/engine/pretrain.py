@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,8 @@ class OptimSection:
 @dataclass(frozen=True)
 class TrainSection:
     """Loop settings. ``deterministic`` turns on ``torch.use_deterministic_algorithms`` (bitwise
-    reproducible resume with ``precision=fp32`` and ``num_workers=0``)."""
+    reproducible resume with ``precision=fp32`` and ``num_workers=0``) and, for cuBLAS on CUDA,
+    sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless the environment already sets it."""
 
     epochs: int = 10
     precision: str = "bf16"
@@ -417,8 +419,13 @@ def run_pretraining(cfg: PretrainConfig, *, callbacks: tuple = ()) -> list[dict[
     t = cfg.train
     dist = DistEnv.from_env(device=t.device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
+    # Deterministic cuBLAS needs a fixed workspace, configured before its first matmul (torch raises
+    # there otherwise; unused on CPU). A value already in the environment wins.
+    set_cublas = t.deterministic and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     try:
         if t.deterministic:
+            if set_cublas:
+                os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
             torch.use_deterministic_algorithms(True)
         manifest = CorpusManifest.load(corpus)
         seed_everything(t.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -479,4 +486,6 @@ def run_pretraining(cfg: PretrainConfig, *, callbacks: tuple = ()) -> list[dict[
         return history
     finally:
         torch.use_deterministic_algorithms(was_deterministic)  # do not leak global state to the caller
+        if set_cublas:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         dist.destroy()

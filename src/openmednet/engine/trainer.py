@@ -13,11 +13,19 @@ Three functions, in the style of torchvision's reference scripts:
 The loss is a function ``compute_loss(model, batch) -> LossOutput``: the loop knows nothing about
 objectives, so supervised, self-supervised and fine-tuning losses share it.
 
-Exact resume: the sampler is seeded by ``(seed, epoch)`` and every RNG state is checkpointed, so a
-resumed run replays the same batches, augmentations and dropout masks. A mid-epoch resume restores
-the RNG states of the epoch start, replays the data order by fetching (not training on) the
-batches already seen, then restores the RNG states of the checkpoint. Fetching costs data loading
-only; on GPUs with large corpora prefer epoch-boundary checkpoints plus a few step checkpoints.
+Exact resume: the sampler's order is a function of ``(seed, epoch)`` (and, for openmednet's datasets,
+so is each position's augmentation seed, see ``openmednet.data.loader``), and the global Python /
+NumPy / torch RNG states are checkpointed, so a resumed run replays the same batches, augmentations
+and dropout masks. A mid-epoch resume restores the global RNG states of the epoch start, replays the
+data order by fetching (not training on) the batches already seen (with ``num_workers=0``, the
+transforms of datasets without seeded keys draw from the global torch RNG: the fetch replays those
+draws), then restores the RNG states of the checkpoint. The DataLoader itself does not draw from
+the global RNG: it takes its workers' base seed from ``loader.generator`` (``build_loader`` seeds it
+from ``(seed, rank)``), which is not checkpointed, so a dataset without seeded keys loaded by
+workers resumes correctly but not bit for bit. A mid-epoch position is counted in batches, so a
+mid-epoch resume needs the checkpoint's world size, per-rank batch size and gradient accumulation
+(checked); an epoch-boundary resume may change them. Fetching costs data loading only; on GPUs with
+large corpora prefer epoch-boundary checkpoints plus a few step checkpoints.
 """
 
 from __future__ import annotations
@@ -219,12 +227,22 @@ def train_one_epoch(
         Per-sample means over the epoch and over all ranks: ``loss`` and every metric of
         ``LossOutput.metrics``, plus ``lr`` (at the end) and ``images_per_s`` (all ranks).
 
+    A last accumulation group shorter than ``grad_accum`` (the batches ran out) is a full optimizer
+    step: its gradients are rescaled to the mean over its micro-batches, and the scheduler,
+    progress bar and ``on_step`` run as after any step.
+
     Raises:
         NonFiniteLossError: a rank's loss was NaN/inf; all ranks raise at the same step, before the
             optimizer step, so the weights stay finite.
+        ValueError: ``grad_accum < 1``, or ``precision="fp16"`` without a ``scaler``.
     """
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    if precision == "fp16" and scaler is None:
+        raise ValueError(
+            "precision 'fp16' needs a GradScaler (scaler=torch.amp.GradScaler('cuda')): fp16 gradients "
+            "underflow without loss scaling; or use precision 'bf16'"
+        )
     state = state if state is not None else TrainState(epoch=epoch)
     state.epoch = epoch
     if batches is None:
@@ -277,22 +295,17 @@ def train_one_epoch(
             _optimizer_step(model, optimizer, scaler, clip_grad_norm)
             micro = 0
             steps_done += 1
-            state.step += 1
-            if scheduler is not None:
-                scheduler.step()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{_current_lr(optimizer):.2e}")
-            if on_step is not None:
-                on_step(state)
+            _after_step(state, optimizer, scheduler, bar, values["loss"], on_step)
     if micro > 0:  # a last partial accumulation: step on what was accumulated rather than drop it
         if dist.is_distributed:
             # Its backward passes ran under no_sync: all-reduce the gradients by hand.
             _all_reduce_grads(model, dist)
+        # Each micro-loss was divided by grad_accum, but only ``micro`` were summed: rescale to their
+        # mean, so this step is as large as a full group's (before clipping, which sees true norms).
+        _scale_grads(model, grad_accum / micro)
         _optimizer_step(model, optimizer, scaler, clip_grad_norm)
-        state.step += 1
-        if scheduler is not None:
-            scheduler.step()
+        steps_done += 1
+        _after_step(state, optimizer, scheduler, bar, values["loss"], on_step)
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t0
@@ -317,6 +330,31 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
     optimizer.zero_grad(set_to_none=True)
 
 
+def _after_step(
+    state: TrainState,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    bar: Any,
+    loss: float,
+    on_step: Callable[[TrainState], None] | None,
+) -> None:
+    # Everything that follows an optimizer step, full group or last partial one alike.
+    state.step += 1
+    if scheduler is not None:
+        scheduler.step()
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{_current_lr(optimizer):.2e}")
+    if on_step is not None:
+        on_step(state)
+
+
+def _scale_grads(model: nn.Module, factor: float) -> None:
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
 def _all_reduce_grads(model: nn.Module, dist: DistEnv) -> None:
     for p in model.parameters():
         if p.grad is not None:
@@ -337,8 +375,12 @@ def evaluate(
 ) -> dict[str, float]:
     """Per-sample means of ``compute_loss``'s metrics over ``loader`` in eval mode, reduced over ranks.
 
-    With a ``DistributedSampler`` that pads the dataset to a multiple of the world size, a few samples
-    count twice; use a non-padding sampler for exact numbers (torchvision warns about the same bias).
+    Every sample must be seen by exactly one rank for exact numbers: ``build_loader(...,
+    shuffle=False)`` (``build_sampler``) never pads evaluation, so ranks may hold different numbers
+    of samples and batches, which is fine here (the only collectives come after the loop). Pass the
+    unwrapped module, not a DDP wrapper: DDP's forward broadcasts buffers, a collective that ranks
+    with different batch counts would not match. A rank whose share is empty (fewer samples than
+    ranks) reports nothing and takes the metric names of the others.
     """
     was_training = model.training
     model.eval()
@@ -354,6 +396,11 @@ def evaluate(
             sums[k] = sums.get(k, 0.0) + v * out.n
         count += out.n
     model.train(was_training)
+    if dist.is_distributed:
+        # reduce_metrics needs the same keys on every rank; an empty rank has none of its own.
+        names = [k for k in dist.all_gather_object(sorted(sums) if count > 0 else None) if k is not None]
+        if count == 0 and names:
+            sums = dict.fromkeys(names[0], 0.0)
     return dist.reduce_metrics(sums, count)
 
 
@@ -375,11 +422,17 @@ class MetricsLog:
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def truncate(self, before_step: int) -> None:
-        """Drop records at or after global step ``before_step`` (they are replayed on resume)."""
+        """Drop records at or after global step ``before_step`` (they are replayed on resume).
+
+        A line that is not a complete record (a run killed in the middle of an append) is dropped
+        with a warning (``read_metrics``).
+        """
         if not self.enabled or not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] < before_step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        from openmednet.engine.plots import read_metrics
+
+        keep = [r for r in read_metrics(self.path) if r.get("step", before_step) < before_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record (must hold ``step``)."""
@@ -442,12 +495,13 @@ def fit(
         run_dir: output directory (created).
         scheduler: per-step LR scheduler.
         precision: ``"bf16"``, ``"fp16"`` (CUDA, with a ``GradScaler`` made here) or ``"fp32"``.
-        channels_last: NHWC inputs and model.
+        channels_last: NHWC inputs and model. A plain module is converted here; a DDP-wrapped one
+            must have been converted before wrapping (checked), as ``run_pretraining`` does.
         grad_accum: micro-batches per optimizer step.
         max_steps_per_epoch: cap on optimizer steps per epoch (smoke runs, benchmarks).
         clip_grad_norm: gradient-norm clipping.
         checkpoint_every_steps: also checkpoint every N optimizer steps (mid-epoch resume); 0 = only
-            at epoch ends.
+            at epoch ends. The epoch's last step is skipped: the epoch-end checkpoint follows it.
         log_every_steps: step-record interval (0 = epoch records only).
         resume: continue from ``run_dir/checkpoint-last.pt`` when it exists.
         monitor: ``model -> metrics`` run by rank 0 after an epoch (e.g. ``KnnMonitor``); other ranks
@@ -467,19 +521,23 @@ def fit(
     Raises:
         NonFiniteLossError: the loss became NaN/inf; ``checkpoint-last.pt`` is left as the last good
             checkpoint and the message says where it is.
+        ValueError: ``channels_last`` with a DDP-wrapped model in NCHW layout, or a mid-epoch resume
+            with another world size, batch size or ``grad_accum`` than the checkpoint's.
     """
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT_LAST
     meta = dict(checkpoint_meta or {})
     scaler = torch.amp.GradScaler(dist.device.type) if precision == "fp16" else None
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        _to_channels_last(model)
+    layout = {"world_size": dist.world_size, "batch_size": _loader_batch_size(loader), "grad_accum": grad_accum}
+    steps_per_epoch = _steps_per_epoch(loader, grad_accum, max_steps_per_epoch)
     metrics_log = MetricsLog(run_dir, enabled=dist.is_main, tensorboard=tensorboard)
     state = TrainState()
     rng_epoch_start = None
     batches = None
     if resume and ckpt_path.is_file():
-        state, rng_epoch_start, batches = _resume(ckpt_path, model, optimizer, scheduler, scaler, loader, dist)
+        state, rng_epoch_start, batches = _resume(ckpt_path, model, optimizer, scheduler, scaler, loader, dist, layout)
         metrics_log.truncate(before_step=state.step + 1)
     elif dist.is_main:
         metrics_log.truncate(before_step=0)  # a fresh run starts a fresh log
@@ -494,7 +552,7 @@ def fit(
         )
         extra = {
             **meta.get("extra", {}),
-            "train_state": _state_for_checkpoint(st, dist, mid_epoch),
+            "train_state": {**_state_for_checkpoint(st, dist, mid_epoch), **layout},
             "rng_per_rank": rng_per_rank,
         }
         save_checkpoint(
@@ -513,7 +571,10 @@ def fit(
             metrics_log.write({"kind": "step", "epoch": st.epoch, "step": st.step, "train/loss": delta["loss"],
                                "lr": _current_lr(optimizer)})
             log_sum.copy_(loss_n)
-        if checkpoint_every_steps and st.step % checkpoint_every_steps == 0:
+        # Not on the epoch's last step: the epoch-end checkpoint follows (after the monitor), and a
+        # "mid-epoch" one there would resume into an exhausted epoch.
+        last_of_epoch = steps_per_epoch is not None and math.ceil(st.batch_in_epoch / grad_accum) >= steps_per_epoch
+        if checkpoint_every_steps and st.step % checkpoint_every_steps == 0 and not last_of_epoch:
             save(st, mid_epoch=True)
         for cb in callbacks:
             cb(st, model)
@@ -564,6 +625,57 @@ def fit(
     return history
 
 
+def _to_channels_last(model: nn.Module) -> None:
+    """Convert a plain module to NHWC; only check a DDP-wrapped one (DDP lays out its gradient
+    buckets when it wraps, so the conversion must come before, as in ``run_pretraining``)."""
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        model.to(memory_format=torch.channels_last)
+        return
+    nchw = [n for n, p in model.module.named_parameters() if p.ndim == 4 and not p.is_contiguous(memory_format=torch.channels_last)]
+    if nchw:
+        raise ValueError(
+            f"channels_last=True but the DDP-wrapped model has {len(nchw)} 4-D parameter(s) in NCHW layout "
+            f"(e.g. '{nchw[0]}'): convert before wrapping, module.to(memory_format=torch.channels_last), "
+            "then dist.wrap_model(module)"
+        )
+
+
+def _loader_batch_size(loader: Any) -> int | None:
+    """Per-rank batch size of a DataLoader (``None`` when the loader does not tell)."""
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return int(size) if isinstance(size, int) else None
+
+
+def _steps_per_epoch(loader: Any, grad_accum: int, max_steps: int | None) -> int | None:
+    """Optimizer steps of a full epoch, as ``train_one_epoch`` counts them (``None``: unknown)."""
+    try:
+        steps = math.ceil(len(loader) / grad_accum)
+    except TypeError:  # an iterable without len: only the cap is known
+        return max_steps
+    return min(steps, max_steps) if max_steps is not None else steps
+
+
+def _check_resume_layout(ckpt: Mapping[str, Any], layout: Mapping[str, Any], path: Path) -> None:
+    """Refuse a mid-epoch resume whose batches would not line up with the checkpoint's."""
+    saved = ckpt["train_state"]
+    known = {k: saved[k] for k in layout if k in saved}
+    if not known:  # written before the layout was saved
+        log.warning("%s does not record the world size, batch size and grad_accum it was written with: "
+                    "resuming mid-epoch assumes they are unchanged", path)
+        return
+    if any(known[k] != layout[k] for k in known):
+        then = ", ".join(f"{k}={v}" for k, v in known.items())
+        now = ", ".join(f"{k}={layout[k]}" for k in known)
+        raise ValueError(
+            f"{path} was written mid-epoch (epoch {ckpt['epoch']}, batch {ckpt['batch_in_epoch']}) with {then}, "
+            f"but this run has {now}: the position in the epoch is counted in batches of the saved layout, "
+            "so resuming would skip or repeat images. Resume with the saved settings (torchrun "
+            "--nproc_per_node, data.batch_size, train.grad_accum); from an epoch-boundary checkpoint they may change."
+        )
+
+
 def _format_record(record: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "kind")
 
@@ -589,9 +701,14 @@ def _resume(
     scaler: Any,
     loader: Any,
     dist: DistEnv,
+    layout: Mapping[str, Any],
 ) -> tuple[TrainState, dict[str, Any] | None, Iterator[Any] | None]:
     """Restore weights, optimizer, schedule and RNG; position the data stream where the run stopped."""
-    ckpt = load_checkpoint(path, map_location=dist.device)
+    # On the CPU: the RNG states must stay CPU tensors (torch.set_rng_state takes a CPU ByteTensor);
+    # load_state_dict copies weights and optimizer state to their parameters' device.
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if ckpt["batch_in_epoch"] > 0:  # checked before anything is restored
+        _check_resume_layout(ckpt, layout, path)
     unwrap_model(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt["scheduler"] is not None:
@@ -600,8 +717,12 @@ def _resume(
         scaler.load_state_dict(ckpt["scaler"])
     saved = ckpt["train_state"]
     state = TrainState(epoch=ckpt["epoch"], step=ckpt["step"], batch_in_epoch=ckpt["batch_in_epoch"])
+    # The saved sums are global (summed over ranks): rank 0 takes them, the others start from zero
+    # with the same keys (reduce_metrics all-reduces one value per key on every rank).
     if dist.is_main:
         state.sums, state.count = dict(saved["sums"]), float(saved["count"])
+    else:
+        state.sums = dict.fromkeys(saved["sums"], 0.0)
     batches = None
     rng, rng_epoch_start = ckpt["rng"], ckpt["rng_epoch_start"]
     per_rank = ckpt.get("rng_per_rank") or []
@@ -609,10 +730,11 @@ def _resume(
         rng, rng_epoch_start = per_rank[dist.rank]["rng"], per_rank[dist.rank]["rng_epoch_start"]
     elif dist.is_distributed:
         log.warning("checkpoint was written by %d rank(s), resuming on %d: every rank restores rank 0's RNG "
-                    "states (the run continues correctly but is not bitwise reproducible)", len(per_rank), dist.world_size)
+                    "states (the run is not bitwise reproducible)", len(per_rank), dist.world_size)
     if state.batch_in_epoch > 0:
-        # Replay the epoch's data stream up to the checkpoint: same sampler seed, same RNG as at the
-        # epoch start (DataLoader draws worker seeds from it), fetch the batches already trained on.
+        # Replay the epoch's data stream up to the checkpoint: same sampler epoch, global RNGs as at
+        # the epoch start (transforms in the main process may draw from them; the DataLoader's own
+        # worker seeds come from loader.generator), fetch the batches already trained on.
         restore_rng_state(rng_epoch_start)
         set_loader_epoch(loader, state.epoch)
         batches = iter(loader)
