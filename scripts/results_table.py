@@ -64,15 +64,16 @@ def table(reports: list[dict], metric: str, columns: str, ci: bool) -> str:
     lines = [f"| target (test images) | training images | {' | '.join(headers)} |",
              "|" + "---|" * (len(headers) + 2)]
     for (target, budget), cells in rows.items():
-        means = {k: c[metric]["mean"] for k, c in cells.items()}
-        best = (min if lower_is_better else max)(means, key=means.get)
+        # Compare at the printed precision, so ties (two 1.000) are all bold.
+        means = {k: round(c[metric]["mean"], 3) for k, c in cells.items()}
+        best_value = (min if lower_is_better else max)(means.values())
         out = []
         for h in headers:
             if h not in cells:
                 out.append("refused / not run")
                 continue
             text = _cell(cells[h][metric], ci)
-            out.append(f"**{text}**" if h == best and len(cells) > 1 else text)
+            out.append(f"**{text}**" if means[h] == best_value and len(cells) > 1 else text)
         lines.append(f"| {target} ({n_test[target]}) | {budget} | {' | '.join(out)} |")
     refused = [r for report in reports for r in report.get("refused", [])]
     for r in refused:
