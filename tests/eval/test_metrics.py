@@ -120,3 +120,31 @@ def test_bootstrap_metric_functions_equal_sklearn_definitions(k: int) -> None:
     point = classification_metrics(y, p)
     for name, fn in BOOTSTRAP_METRICS.items():
         assert fn(y, p) == pytest.approx(point[name], abs=1e-12), name
+
+
+def test_singleton_groups_give_the_image_bootstrap_exactly() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 80)
+    p = np.clip(y * 0.3 + rng.random(80) * 0.7, 0, 1)
+    probs = np.stack([1 - p, p], axis=1)
+    plain = bootstrap_ci(y, probs, n_boot=200, seed=3)
+    assert bootstrap_ci(y, probs, n_boot=200, seed=3, groups=[""] * 80) == plain
+    assert bootstrap_ci(y, probs, n_boot=200, seed=3, groups=[f"p{i}" for i in range(80)]) == plain
+
+
+def test_patients_with_many_images_widen_the_interval() -> None:
+    # 10 patients x 8 near-identical images: the image bootstrap believes in 80 independent cases,
+    # the cluster bootstrap knows there are 10, so its AUROC interval must be wider.
+    rng = np.random.default_rng(0)
+    patient_y = np.array([0, 1] * 5)
+    patient_score = np.clip(patient_y * 0.2 + rng.random(10) * 0.8, 0, 1)
+    y = np.repeat(patient_y, 8)
+    p = np.clip(np.repeat(patient_score, 8) + rng.normal(0, 0.01, 80), 0, 1)
+    probs = np.stack([1 - p, p], axis=1)
+    groups = np.repeat([f"patient{i}" for i in range(10)], 8)
+    images = bootstrap_ci(y, probs, n_boot=300, seed=0, metrics=["auroc_macro"])
+    patients = bootstrap_ci(y, probs, n_boot=300, seed=0, metrics=["auroc_macro"], groups=groups)
+    width = lambda ci: ci["auroc_macro"]["high"] - ci["auroc_macro"]["low"]  # noqa: E731
+    assert width(patients) > 1.5 * width(images)
+    assert patients["_meta"]["method"] == "stratified cluster percentile (groups)"
+    assert images["_meta"]["method"] == "stratified percentile"

@@ -593,7 +593,8 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
     # The only time the test split is looked at.
     probs, y_test = predict_proba(model, loaders["test"], dist.device)
     _write_predictions(out, [target.ids[i] for i in idx["test"]], target, y_test, probs)
-    test = evaluate_predictions(y_test, probs, target.label_names, n_boot=cfg.n_boot, seed=cfg.seed)
+    test = evaluate_predictions(y_test, probs, target.label_names, n_boot=cfg.n_boot, seed=cfg.seed,
+                                groups=[target.groups[i] for i in idx["test"]])
     _plots(out, history, best_epoch, test, y_test, probs, target.label_names)
 
     best = next(h for h in history if h["epoch"] == best_epoch)

@@ -240,6 +240,7 @@ def bootstrap_ci(
     seed: int = 0,
     confidence: float = 0.95,
     metrics: Sequence[str] | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Stratified percentile-bootstrap confidence intervals.
 
@@ -254,6 +255,10 @@ def bootstrap_ci(
         seed: seed of the NumPy generator (same seed, same intervals).
         confidence: interval coverage, e.g. 0.95.
         metrics: names from ``BOOTSTRAP_METRICS`` (default: all).
+        groups: ``(N,)`` patient/lesion ids (``None``/empty = the image alone). When some group
+            holds several test images, whole groups are resampled instead (a cluster bootstrap,
+            stratified by each group's most frequent class): images of one patient are not
+            independent, and resampling them one by one gives intervals that are too narrow.
 
     Returns:
         ``{metric: {"low": float, "high": float}}`` plus ``"_meta": {"n_boot", "seed",
@@ -269,15 +274,42 @@ def bootstrap_ci(
         if name not in BOOTSTRAP_METRICS:
             raise KeyError(f"unknown bootstrap metric '{name}' (valid: {', '.join(BOOTSTRAP_METRICS)})")
     rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(y == c) for c in np.unique(y)]
+    clusters = _clusters(groups, y)
     values = np.empty((n_boot, len(names)))
-    for b in range(n_boot):
-        idx = np.concatenate([rng.choice(members, size=members.size, replace=True) for members in by_class])
-        values[b] = [BOOTSTRAP_METRICS[name](y[idx], p[idx]) for name in names]
+    if clusters is None:
+        by_class = [np.flatnonzero(y == c) for c in np.unique(y)]
+        for b in range(n_boot):
+            idx = np.concatenate([rng.choice(members, size=members.size, replace=True) for members in by_class])
+            values[b] = [BOOTSTRAP_METRICS[name](y[idx], p[idx]) for name in names]
+    else:
+        members, strata = clusters
+        for b in range(n_boot):
+            chosen = np.concatenate([rng.choice(s, size=s.size, replace=True) for s in strata])
+            idx = np.concatenate([members[g] for g in chosen])
+            values[b] = [BOOTSTRAP_METRICS[name](y[idx], p[idx]) for name in names]
     lo, hi = np.nanquantile(values, [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
     out: dict[str, Any] = {name: {"low": float(lo[i]), "high": float(hi[i])} for i, name in enumerate(names)}
-    out["_meta"] = {"n_boot": n_boot, "seed": seed, "confidence": confidence, "method": "stratified percentile"}
+    method = "stratified percentile" if clusters is None else "stratified cluster percentile (groups)"
+    out["_meta"] = {"n_boot": n_boot, "seed": seed, "confidence": confidence, "method": method}
     return out
+
+
+def _clusters(groups: Sequence[Any] | None, y: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """``(members of each group, group ids per stratum)``, or ``None`` when every image is its own group."""
+    if groups is None:
+        return None
+    if len(groups) != len(y):
+        raise ValueError(f"got {len(groups)} groups for {len(y)} labels")
+    # An empty id means "this image alone".
+    keys = [f"\0image{i}" if g is None or str(g) == "" or (isinstance(g, float) and np.isnan(g)) else str(g)
+            for i, g in enumerate(groups)]
+    names, inverse = np.unique(keys, return_inverse=True)
+    if len(names) == len(keys):
+        return None  # all singletons: the image bootstrap, with the same draws as without groups
+    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
+    majority = np.array([np.bincount(y[m]).argmax() for m in members])
+    strata = [np.flatnonzero(majority == c) for c in np.unique(majority)]
+    return members, strata
 
 
 def evaluate_predictions(
@@ -287,9 +319,11 @@ def evaluate_predictions(
     n_boot: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
+    groups: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
-    """``classification_metrics`` plus ``"ci"`` from ``bootstrap_ci`` (``n_boot=0`` skips intervals)."""
+    """``classification_metrics`` plus ``"ci"`` from ``bootstrap_ci`` (``n_boot=0`` skips intervals;
+    ``groups`` resamples patients instead of images where they hold several images)."""
     out = classification_metrics(y_true, probs, label_names)
     if n_boot > 0:
-        out["ci"] = bootstrap_ci(y_true, probs, n_boot=n_boot, seed=seed, confidence=confidence)
+        out["ci"] = bootstrap_ci(y_true, probs, n_boot=n_boot, seed=seed, confidence=confidence, groups=groups)
     return out
