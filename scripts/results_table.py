@@ -70,7 +70,7 @@ def table(reports: list[dict], metric: str, columns: str, ci: bool) -> str:
         out = []
         for h in headers:
             if h not in cells:
-                out.append("refused / not run")
+                out.append("–")  # not in these studies (refused arms are listed below the table)
                 continue
             text = _cell(cells[h][metric], ci)
             out.append(f"**{text}**" if means[h] == best_value and len(cells) > 1 else text)
