@@ -9,6 +9,7 @@ Usage::
     python scripts/results_table.py runs/study_pneumoniamnist64/report.json             # inits as columns
     python scripts/results_table.py runs/study_strategies64/report.json --columns strategy
     python scripts/results_table.py runs/study_*/report.json --metric balanced_accuracy --no-ci
+    python scripts/results_table.py runs/survey/*/report.json --columns study          # one column per study
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def _cell(stats: dict, ci: bool) -> str:
 
 
 def table(reports: list[dict], metric: str, columns: str, ci: bool) -> str:
-    """One markdown table: rows target x budget, one column per ``columns`` value (init or strategy)."""
+    """One markdown table: rows target x budget, one column per ``columns`` value (init or strategy);
+    or, for ``columns="study"``, rows target x init and one column per report."""
     rows: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     n_test: dict[str, int] = {}
     headers: list[str] = []
@@ -56,12 +58,17 @@ def table(reports: list[dict], metric: str, columns: str, ci: bool) -> str:
         for arm in report["arms"]:
             n_test[arm["target"]] = arm["n_test"]
         for s in report["summary"]:
-            key = init_role(s["init"]) if columns == "init" else s[columns]
+            if columns == "study":  # one column per study (e.g. one per learning rate), rows target x init
+                key, row = Path(report["config"]["out"]).name, (s["target"], init_role(s["init"]))
+            else:
+                key = init_role(s["init"]) if columns == "init" else s[columns]
+                row = (s["target"], _budget_label(s["budget"], s["n_train"]))
             if key not in headers:
                 headers.append(key)
-            rows[(s["target"], _budget_label(s["budget"], s["n_train"]))][key] = s
+            rows[row][key] = s
     lower_is_better = metric == "ece"
-    lines = [f"| target (test images) | training images | {' | '.join(headers)} |",
+    second = "init" if columns == "study" else "training images"
+    lines = [f"| target (test images) | {second} | {' | '.join(headers)} |",
              "|" + "---|" * (len(headers) + 2)]
     for (target, budget), cells in rows.items():
         # Compare at the printed precision, so ties (two 1.000) are all bold.
@@ -85,7 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", type=Path, help="report.json files of openmednet study")
     parser.add_argument("--metric", default="auroc_macro", choices=METRICS)
-    parser.add_argument("--columns", default="init", choices=("init", "strategy"))
+    parser.add_argument("--columns", default="init", choices=("init", "strategy", "study"),
+                        help="what the columns are; 'study': one per report (rows target x init)")
     parser.add_argument("--no-ci", dest="ci", action="store_false", help="leave out the bootstrap intervals")
     args = parser.parse_args()
     reports = [json.loads(p.read_text()) for p in args.reports]
