@@ -138,8 +138,9 @@ class FinetuneConfig:
             to 299 or more for InceptionV3), or images are upsampled from this size.
         precision: ``fp32``, ``bf16`` (CPU or GPU) or ``fp16`` (GPU) for training; evaluation
             (validation and test) always runs in fp32.
-        channels_last: feed training batches in NHWC memory format (with ``bf16``, about 2x
-            faster on CPUs with AVX512-BF16; see docs/benchmarks.md).
+        channels_last: feed training batches in NHWC memory format. With ``bf16`` on a CPU with
+            AVX512-BF16, a MedNet run is 1.6x faster; EfficientNet-Lite0 is 0.87x, i.e. slower
+            (docs/benchmarks.md, "Fine-tuning precision").
         num_workers: DataLoader worker processes.
         device: ``cpu``, ``cuda`` or ``None`` (CUDA if available).
     """

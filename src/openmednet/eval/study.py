@@ -60,13 +60,13 @@ import numpy as np
 
 from openmednet._errors import look_up_option
 from openmednet.config import from_dict, save_config, to_dict
+from openmednet.engine.trainer import NonFiniteLossError
 from openmednet.eval import report
 from openmednet.eval.finetune import FinetuneConfig, prepare_splits, run_finetune
 from openmednet.eval.leakage import (
     check_pretraining_leakage,
     shipped_corpus_fingerprint,
 )
-from openmednet.engine.trainer import NonFiniteLossError
 from openmednet.eval.splits import BudgetTooLargeError
 from openmednet.eval.strategies import STRATEGIES
 from openmednet.eval.targets import TargetSet, load_target
@@ -235,14 +235,14 @@ def _needs_corpus(init: str) -> bool:
     return cfg is None or cfg.source not in ("timm", "pypi")
 
 
-def _refusals(cfg: StudyConfig, spec: TargetSpec, target: TargetSet, checks: list[dict[str, Any]]) -> dict[str, str]:
+def _refusals(cfg: StudyConfig, spec: TargetSpec, target: TargetSet, probe: FinetuneConfig,
+              checks: list[dict[str, Any]]) -> dict[str, str]:
     """init -> reason, for the inits whose pre-training may have seen this target's test images.
 
-    Every corpus check made is appended to ``checks`` (target, init, corpus, test images, leaked).
+    ``probe`` is an arm configuration of this target: all its arms share the split settings, so the
+    check sees exactly the test split every arm will be scored on. Every corpus check made is
+    appended to ``checks`` (target, init, corpus, test images, leaked).
     """
-    # The arms' own configuration (all arms of a target share their split settings), so this check
-    # sees exactly the test split every arm will be scored on.
-    probe = _arm_config(cfg, spec, "auto", "full", {}, cfg.seeds[0], Path(cfg.out))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # each run warns about its own drops
         cleaned, splits, _ = prepare_splits(target, probe)
@@ -292,10 +292,10 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     save_config(cfg, out / "study.yaml")
     arms, refused, checks = [], [], []
     for spec in cfg.target_specs():
-        arm_cfg = _arm_config(cfg, spec, "auto", "full", {}, cfg.seeds[0], Path(cfg.out))
+        probe = _arm_config(cfg, spec, "auto", "full", {}, cfg.seeds[0], Path(cfg.out))
         target = load_target(spec.data, format=spec.format, csv_file=spec.csv_file, columns=spec.columns,
-                             label_map=spec.label_map, classes=spec.classes, max_side=arm_cfg.max_side)
-        refusals = _refusals(cfg, spec, target, checks)
+                             label_map=spec.label_map, classes=spec.classes, max_side=probe.max_side)
+        refusals = _refusals(cfg, spec, target, probe, checks)
         for init in cfg.inits:
             if init in refusals:
                 logger.warning("refused: %s on %s: %s", init, spec.name, refusals[init])
@@ -326,11 +326,11 @@ def _run_arm(cfg, spec, target, init, strategy, budget_name, budget, seed) -> di
         logger.info("arm %s", run.out)
         try:
             metrics = run_finetune(run, target=target).metrics
+        except BudgetTooLargeError:
+            raise  # refuses the whole budget (run_study)
         except (NonFiniteLossError, ValueError) as e:
             # A diverging arm (NaN loss) or one refused by its own checks must not stop the other
             # arms, nor every resume: it is reported as failed, and retried by the next resume.
-            if isinstance(e, BudgetTooLargeError):
-                raise
             logger.error("arm %s failed: %s", run.out, e)
             return {"target": spec.name, "init": init, "strategy": strategy, "budget": budget_name, "seed": seed,
                     "run_dir": str(run.out), "error": f"{type(e).__name__}: {e}"}
