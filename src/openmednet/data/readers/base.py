@@ -26,13 +26,24 @@ SKIP_REASONS = (
     "missing_file",  # listed in a manifest but absent on disk
     "not_an_image",  # the bytes are not the format the name claims (text named .png)
     "corrupt",  # truncated or damaged data
-    "decompression_bomb",  # header claims more pixels than the reader's limit
+    "decompression_bomb",  # header claims more pixels, or a longer side, than the reader's limit
+    "extreme_aspect",  # header claims a strip (e.g. 100000 x 1) longer than MAX_ASPECT times its width
     "unsupported_transfer_syntax",  # DICOM compression without an installed decoder
     "unsupported_format",  # no reader for this file
     "unsupported_image",  # readable but not a 2D picture (e.g. 5D NIfTI, DICOM without pixels)
     "empty_slice",  # constant or near-constant frame/slice
     "read_error",  # any other failure inside a third-party decoder
+    "broken_link",  # a symbolic link that loops or points at nothing
 )
+
+#: Longest accepted image side, in pixels. Twice the side of the largest square the pixel limits
+#: admit, and three times the longest real 2D radiograph (stitched long-leg films, ~6-7k).
+DEFAULT_MAX_SIDE = 16384
+#: Largest accepted ratio of the longer to the shorter side. Real images here stay under 3.2
+#: (../shared/data: a 128 x 41 chest X-ray); a 512 x 32 strip is the most elongated image
+#: accepted. Without it a 177-byte 100000 x 1 PNG passes a pixel limit, and every later square
+#: resize in "crop" mode blows it up to ``size * 100000 * size`` pixels.
+DEFAULT_MAX_ASPECT = 16.0
 
 
 class SkipImage(Exception):
@@ -130,16 +141,82 @@ class ImageReader(abc.ABC):
 
 
 def check_not_empty(path: Path) -> None:
-    """Raise ``SkipImage`` ``"missing_file"`` or ``"empty_file"`` before handing ``path`` to a decoder.
+    """Raise ``SkipImage`` ``"missing_file"``, ``"broken_link"`` or ``"empty_file"`` before decoding.
 
-    Decoders report these two cases with unrelated messages (or, for zero-byte DICOM, with a
+    Decoders report these cases with unrelated messages (or, for zero-byte DICOM, with a
     parse error), so readers check them first to get stable reasons.
     """
     path = Path(path)
     if not path.is_file():
+        if path.is_symlink():
+            raise SkipImage("broken_link", _broken_link(path), path)
         raise SkipImage("missing_file", "file not found; check the path or the manifest row", path)
     if path.stat().st_size == 0:
         raise SkipImage("empty_file", "file has 0 bytes; re-download or remove it", path)
+
+
+def _broken_link(path: Path) -> str:
+    """Why a symbolic link leads to no file: a loop, or a missing target."""
+    try:
+        path.resolve(strict=True)
+    except (RuntimeError, OSError) as e:  # Python < 3.13 reports a loop as RuntimeError
+        if isinstance(e, FileNotFoundError):
+            return f"symbolic link to a missing file ({path.readlink()}); fix or remove the link"
+        return "symbolic link loop; fix or remove the link"
+    return "symbolic link to something that is not a file; fix or remove the link"
+
+
+def check_image_size(
+    width: int,
+    height: int,
+    path: Path | None,
+    frame: int | None = None,
+    *,
+    max_pixels: int,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+    hint: str | None = None,
+) -> None:
+    """The one geometry bound of every reader, applied to header sizes before any pixel is decoded.
+
+    Bounds the area (``max_pixels``), each side (``max_side``) and the aspect ratio
+    (``max_aspect``): the area alone admits strips whose later resizes cost far more than their
+    bytes (predict, serve and the corpus builder all resize what the readers yield).
+
+    Args:
+        width, height: the sizes the header claims.
+        path, frame: the file and frame, for the message.
+        max_pixels, max_side, max_aspect: the limits.
+        hint: the reader class to name in "pass <hint>(max_...=...) if genuine" (``None``: the
+            limits are not options of the caller).
+
+    Raises:
+        SkipImage: ``"decompression_bomb"`` (area or a side over the limit) or
+            ``"extreme_aspect"`` (longer side over ``max_aspect`` times the shorter, or a zero side).
+    """
+    size = f"header claims {width}x{height}"
+    long, short = max(width, height), min(width, height)
+
+    def fix(option: str) -> str:
+        return f"; pass {hint}({option}=...) if genuine" if hint else ""
+
+    if width * height > max_pixels:
+        message = f"{size} = {width * height} pixels, limit is {max_pixels}{fix('max_pixels')}"
+        raise SkipImage("decompression_bomb", message, path, frame)
+    if long > max_side:
+        raise SkipImage("decompression_bomb", f"{size}: a side of {long} pixels, limit is {max_side}{fix('max_side')}",
+                        path, frame)
+    if short < 1 or long > max_aspect * short:
+        message = f"{size}: aspect ratio {long}:{short} exceeds {max_aspect:g}:1{fix('max_aspect')}"
+        raise SkipImage("extreme_aspect", message, path, frame)
+
+
+def check_limits(max_side: int, max_aspect: float) -> None:
+    """Validate a reader's ``max_side`` and ``max_aspect`` arguments (``ValueError``)."""
+    if int(max_side) < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side!r}")
+    if not float(max_aspect) >= 1:
+        raise ValueError(f"max_aspect must be >= 1 (1 = squares only), got {max_aspect!r}")
 
 
 def scale_to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:

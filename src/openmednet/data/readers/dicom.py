@@ -32,7 +32,18 @@ from typing import Any
 
 import numpy as np
 
-from openmednet.data.readers.base import ImageMeta, ImageReader, ReadResult, SkipImage, check_not_empty, scale_to_uint8
+from openmednet.data.readers.base import (
+    DEFAULT_MAX_ASPECT,
+    DEFAULT_MAX_SIDE,
+    ImageMeta,
+    ImageReader,
+    ReadResult,
+    SkipImage,
+    check_image_size,
+    check_limits,
+    check_not_empty,
+    scale_to_uint8,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +79,20 @@ class DicomReader(ImageReader):
         max_pixels: files whose header claims more than rows x columns x frames pixels are skipped
             with reason ``"decompression_bomb"`` before any decoding.
         percentiles: ``(low, high)`` percentiles used when the file carries no window.
+        max_side, max_aspect: bounds on a frame's rows and columns, from the header
+            (``openmednet.data.readers.base.check_image_size``).
     """
 
     name = "dicom"
     suffixes = (".dcm", ".dicom", ".dic")
     install_hint = "pip install pydicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
 
-    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, percentiles: tuple[float, float] = PERCENTILES):
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, percentiles: tuple[float, float] = PERCENTILES,
+                 max_side: int = DEFAULT_MAX_SIDE, max_aspect: float = DEFAULT_MAX_ASPECT):
         if not 0 <= percentiles[0] < percentiles[1] <= 100:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
+        check_limits(max_side, max_aspect)
+        self.max_side, self.max_aspect = int(max_side), float(max_aspect)
         self.max_pixels = max_pixels
         self.percentiles = percentiles
 
@@ -136,6 +152,9 @@ class DicomReader(ImageReader):
                 "pass DicomReader(max_pixels=...) if genuine",
                 path,
             )
+        if rows and cols:  # no Rows/Columns: left to the decoder, which reports the file as corrupt
+            check_image_size(cols, rows, path, max_pixels=self.max_pixels, max_side=self.max_side,
+                             max_aspect=self.max_aspect, hint="DicomReader")
         uid = ds.file_meta.get("TransferSyntaxUID")
         if uid is None:
             raise SkipImage("corrupt", "no TransferSyntaxUID in the file meta; the file was not written as DICOM Part 10", path)

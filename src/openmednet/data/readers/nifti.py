@@ -24,7 +24,18 @@ from typing import Literal
 
 import numpy as np
 
-from openmednet.data.readers.base import ImageMeta, ImageReader, ReadResult, SkipImage, check_not_empty, scale_to_uint8
+from openmednet.data.readers.base import (
+    DEFAULT_MAX_ASPECT,
+    DEFAULT_MAX_SIDE,
+    ImageMeta,
+    ImageReader,
+    ReadResult,
+    SkipImage,
+    check_image_size,
+    check_limits,
+    check_not_empty,
+    scale_to_uint8,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +57,9 @@ class NiftiReader(ImageReader):
             ``"decompression_bomb"``, from the header before any voxel is read. A volume is held
             in memory as float32 while it is scaled, so this bounds the reader's memory (the
             default, 1024^3, allows ~4 GB: lower it for untrusted input, as the web service does).
+        max_side, max_aspect: bounds on the slices' sides and aspect ratio, from the header
+            (``openmednet.data.readers.base.check_image_size``): slicing a thin slab across its
+            thickness gives strips.
     """
 
     name = "nifti"
@@ -60,6 +74,8 @@ class NiftiReader(ImageReader):
         min_foreground: float = 0.02,
         foreground_level: int = 10,
         max_voxels: int = DEFAULT_MAX_VOXELS,
+        max_side: int = DEFAULT_MAX_SIDE,
+        max_aspect: float = DEFAULT_MAX_ASPECT,
     ):
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {axis!r}")
@@ -72,13 +88,15 @@ class NiftiReader(ImageReader):
         self.axis, self.stride, self.volumes = axis, int(stride), volumes
         self.min_foreground, self.foreground_level = min_foreground, foreground_level
         self.max_voxels = int(max_voxels)
+        check_limits(max_side, max_aspect)
+        self.max_side, self.max_aspect = int(max_side), float(max_aspect)
 
     def read(self, path: Path) -> Iterator[ReadResult]:
         """Yield ``(H, W)`` uint8 slices (and ``SkipImage("empty_slice")`` for empty ones).
 
         Raises:
             SkipImage: ``"empty_file"``, ``"not_an_image"``/``"corrupt"`` (nibabel cannot parse),
-                ``"unsupported_image"`` (not 2D-4D) or ``"decompression_bomb"``.
+                ``"unsupported_image"`` (not 2D-4D), ``"decompression_bomb"`` or ``"extreme_aspect"``.
         """
         path = Path(path)
         check_not_empty(path)
@@ -92,6 +110,9 @@ class NiftiReader(ImageReader):
         per_volume = int(np.prod(spatial[:3]))
         if per_volume > self.max_voxels:
             raise SkipImage("decompression_bomb", f"volume {shape} exceeds {self.max_voxels} voxels", path)
+        rows, cols = [n for i, n in enumerate(spatial[:3]) if i != self.axis][:2] if len(spatial) > 2 else spatial
+        check_image_size(cols, rows, path, max_pixels=self.max_voxels, max_side=self.max_side,
+                         max_aspect=self.max_aspect, hint="NiftiReader")
         for v in vol_indices:
             volume = _read_volume(img, path, spatial, v)
             yield from self._slices(path, volume, v, shape, str(img.get_data_dtype()))

@@ -19,9 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from openmednet.data.readers.base import ImageMeta, ImageReader, ReadResult, SkipImage, check_not_empty, scale_to_uint8
+from openmednet.data.readers.base import (
+    ImageMeta,
+    ImageReader,
+    ReadResult,
+    SkipImage,
+    check_image_size,
+    check_not_empty,
+    scale_to_uint8,
+)
 
 _IMAGES_SUFFIX = "_images"
+#: Row size limit (the Pillow reader's default); MedMNIST rows are 28-224 px.
+_MAX_PIXELS = 8192 * 8192
 
 
 class NpzReader(ImageReader):
@@ -36,7 +46,8 @@ class NpzReader(ImageReader):
 
         Raises:
             SkipImage: ``"empty_file"``, ``"corrupt"`` (not a readable zip/npy) or
-                ``"unsupported_image"`` (no ``*_images`` array of 3 or 4 dimensions).
+                ``"unsupported_image"`` (no ``*_images`` array of 3 or 4 dimensions),
+                ``"decompression_bomb"``/``"extreme_aspect"`` (rows outside the readers' geometry bound).
         """
         path = Path(path)
         for split in list_splits(path):
@@ -116,4 +127,7 @@ def _load_arrays(path: Path, mtime: float) -> dict[str, np.ndarray]:
             f"expected MedMNIST keys '<split>_images' of shape (N, H, W[, 3]); got {({k: v.shape for k, v in arrays.items()})}",
             path,
         )
+    for key, value in arrays.items():  # the readers' one geometry bound, on every split's rows
+        if key.endswith(_IMAGES_SUFFIX):
+            check_image_size(value.shape[2], value.shape[1], path, max_pixels=_MAX_PIXELS)
     return arrays

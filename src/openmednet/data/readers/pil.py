@@ -24,8 +24,10 @@ Conversion rules (what arrives in the file -> what the reader yields):
 
 Bad input never escapes as a Pillow exception: zero bytes -> ``"empty_file"``, bytes that are
 not an image -> ``"not_an_image"``, truncated or damaged data -> ``"corrupt"``, a header
-claiming more than ``max_pixels`` pixels (on any page) or more than ``max_frames`` pages ->
-``"decompression_bomb"`` (checked on the headers, before the pixels of that page are decoded).
+claiming more than ``max_pixels`` pixels or a side over ``max_side`` (on any page), or more than
+``max_frames`` pages -> ``"decompression_bomb"``; a page longer than ``max_aspect`` times its width
+(a 100000 x 1 strip) -> ``"extreme_aspect"``. All checked on the headers, before the pixels of
+that page are decoded (``openmednet.data.readers.base.check_image_size``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
-from openmednet.data.readers.base import ImageMeta, ImageReader, ReadResult, SkipImage, check_not_empty, scale_to_uint8
+from openmednet.data.readers.base import (
+    DEFAULT_MAX_ASPECT,
+    DEFAULT_MAX_SIDE,
+    ImageMeta,
+    ImageReader,
+    ReadResult,
+    SkipImage,
+    check_image_size,
+    check_limits,
+    check_not_empty,
+    scale_to_uint8,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +76,9 @@ class PILReader(ImageReader):
             GIF/WebP/PNG) are skipped with reason ``"decompression_bomb"`` before any page is
             decoded; ``None`` = no limit. ``max_pixels`` bounds one page only, so a small GIF or
             TIFF of thousands of large frames needs this limit where the input is untrusted.
+        max_side: pages with a longer side are skipped as ``"decompression_bomb"``.
+        max_aspect: pages whose longer side exceeds ``max_aspect`` times the shorter are skipped
+            as ``"extreme_aspect"``.
     """
 
     name = "pil"
@@ -70,14 +86,17 @@ class PILReader(ImageReader):
     install_hint = "pip install pillow"
 
     def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None,
-                 max_frames: int | None = None):
+                 max_frames: int | None = None, max_side: int = DEFAULT_MAX_SIDE,
+                 max_aspect: float = DEFAULT_MAX_ASPECT):
         if max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive, got {max_pixels}")
         if draft_size is not None and draft_size < 1:
             raise ValueError(f"draft_size must be None or >= 1, got {draft_size}")
         if max_frames is not None and max_frames < 1:
             raise ValueError(f"max_frames must be None or >= 1, got {max_frames}")
+        check_limits(max_side, max_aspect)
         self.max_pixels = max_pixels
+        self.max_side, self.max_aspect = int(max_side), float(max_aspect)
         self.draft_size = draft_size
         self.max_frames = max_frames
 
@@ -106,16 +125,10 @@ class PILReader(ImageReader):
                 yield self._convert_page(path, page, index, n_frames)
 
     def _check_pixels(self, path: Path, im: Image.Image, index: int | None = None) -> None:
-        """Raise ``"decompression_bomb"`` when the (current page's) header claims too many pixels."""
+        """Apply the geometry bound to the (current page's) header size (``check_image_size``)."""
         width, height = im.size
-        if width * height > self.max_pixels:
-            raise SkipImage(
-                "decompression_bomb",
-                f"header claims {width}x{height} = {width * height} pixels, limit is {self.max_pixels}; "
-                "pass PILReader(max_pixels=...) if the image is genuine",
-                path,
-                index,
-            )
+        check_image_size(width, height, path, index, max_pixels=self.max_pixels, max_side=self.max_side,
+                         max_aspect=self.max_aspect, hint="PILReader")
 
     def _open(self, path: Path) -> Image.Image:
         """Open lazily (header only) and apply the pixel limit before decoding anything."""
