@@ -61,16 +61,20 @@ def register(app: typer.Typer) -> None:
     @group.command("card")
     def card_cmd(
         path: Path = typer.Argument(..., help="Directory written by save_pretrained, or a model card .json."),
-        verify: bool = typer.Option(True, help="Check the weights file against the card's sha256."),
+        verify: bool = typer.Option(
+            True, help="Load the model as load_pretrained does: checksum, safetensors only, card vs "
+            "architecture and weights, finite values."
+        ),
     ) -> None:
         """Show a saved model's card: architecture, input contract, provenance, metrics, checksum."""
-        from openmednet.models import read_model_card
-        from openmednet.models._weights import resolve_card_path, verify_sha256
+        from openmednet.models import load_pretrained, read_model_card
+        from openmednet.models._weights import resolve_card_path
 
-        card = read_model_card(path)
+        card = read_model_card(path)  # the card's own checks (file names, architecture, tensor shapes)
         weights = resolve_card_path(path).parent / card.weights_file
         if verify:
-            verify_sha256(weights, card.sha256)  # ValueError -> one red line from the CLI
+            # "verified" means exactly what loading checks; any refusal is one red line from the CLI.
+            load_pretrained(path)
         table = Table(title=f"{card.architecture}" + (f".{card.tag}" if card.tag else ""), show_header=False)
         table.add_row("model_args", ", ".join(f"{k}={v}" for k, v in card.model_args.items()))
         table.add_row("weights", f"{weights} ({card.num_params:,} parameters)")

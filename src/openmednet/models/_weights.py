@@ -7,12 +7,20 @@ A saved model is two files (``save_pretrained``)::
 
 Loading (``load_weights``) verifies the SHA-256 the card records, refuses pickle files unless the
 caller opts in with ``allow_pickle=True`` (and even then uses ``torch.load(weights_only=True)``),
-and turns truncated or corrupted files into a ``ValueError`` that names the problem and the fix.
+refuses non-finite tensors, and turns truncated or corrupted files into a ``ValueError`` that names
+the problem and the fix.
+
+A card is not trusted further than it can be checked (``read_model_card`` -> ``check_model_card``):
+its files are bare names in the card's own folder (never an absolute or ``../`` path), and it must
+describe its weights: the architecture is registered, its ``model_args`` build it, and the tensor
+names and shapes of that model with the card's channels and classes are those in the weights file.
+Otherwise a card claiming 7 input channels or 5 classes would have the first conv adapted or the
+head re-initialised silently by the loader.
 ``load_state_dict_adapted`` then fits the weights to a model built with another number of input
 channels (``adapt_input_conv``, timm semantics) or classes (the head is left freshly initialised).
 
-Nothing here knows the registry: building a model from a card is ``openmednet.load_pretrained``
-(``_builder.py``).
+Building a model from a card is ``openmednet.load_pretrained`` (``_builder.py``); the only use of
+the registry here is the card check, which builds the architecture on the meta device (no memory).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import torch
@@ -40,6 +48,7 @@ __all__ = [
     "ModelCard",
     "WeightsUnavailableError",
     "adapt_input_conv",
+    "check_model_card",
     "load_state_dict_adapted",
     "load_weights",
     "read_model_card",
@@ -194,6 +203,10 @@ class ModelCard:
         try:
             w, inp, head, prov = d["weights"], d["input"], d["head"], d["provenance"]
             channels = int(inp["channels"])
+            fingerprint = (prov.get("corpus_fingerprint") or {}).get("file")
+            _check_file_name(w["file"], "weights.file", source)
+            if fingerprint is not None:
+                _check_file_name(fingerprint, "provenance.corpus_fingerprint.file", source)
             return cls(
                 architecture=d["architecture"],
                 model_args=dict(d["model_args"]),
@@ -215,7 +228,7 @@ class ModelCard:
                 data=tuple(prov["data"]),
                 objective=prov["objective"],
                 epochs=prov["epochs"],
-                corpus_fingerprint=(prov.get("corpus_fingerprint") or {}).get("file"),
+                corpus_fingerprint=fingerprint,
                 corpus_fingerprint_sha256=(prov.get("corpus_fingerprint") or {}).get("sha256"),
                 metrics=dict(d.get("metrics", {})),
                 license=d.get("license", "unknown"),
@@ -271,6 +284,21 @@ class ModelCard:
         )
 
 
+def _check_file_name(name: Any, what: str, source: str) -> None:
+    """Refuse a card's file entry that is not a bare file name (it would point outside the folder).
+
+    Weights are found next to their card; ``/abs/x`` or ``../other/x`` in a card would load any
+    file the card's author chose (a gray card could load colour weights, given their checksum).
+    """
+    bare = (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+            and PureWindowsPath(name).name == name)
+    if not bare:
+        raise ValueError(
+            f"{source}: {what} {name!r} is not a file name in the card's folder (absolute paths, '..' and "
+            f"sub-folders are refused); put the file next to the card and give its bare name"
+        )
+
+
 def resolve_card_path(path: str | Path) -> Path:
     """``model_card.json`` for a directory written by ``save_pretrained``, else ``path`` itself."""
     path = Path(path)
@@ -296,7 +324,84 @@ def read_model_card(path: str | Path) -> ModelCard:
         raise ValueError(f"model card {card_path} is not valid JSON ({e}); re-save it with save_pretrained") from None
     if not isinstance(data, dict):
         raise ValueError(f"model card {card_path} must hold a JSON object, got {type(data).__name__}")
-    return ModelCard.from_dict(data, source=str(card_path))
+    card = ModelCard.from_dict(data, source=str(card_path))
+    check_model_card(card, card_path.parent, source=str(card_path))
+    return card
+
+
+def check_model_card(card: ModelCard, folder: str | Path, source: str = "model card") -> None:
+    """Refuse a card that does not describe its architecture and its weights file.
+
+    The loader builds ``card.architecture(**model_args, in_chans=channels, num_classes=classes)``
+    and adapts whatever differs from the weights; here a card must match exactly, so that any
+    adaptation is one the caller asked for. Checked: the architecture is registered; ``model_args``
+    agree with the card's ``input.channels`` / ``head.num_classes`` and the constructor accepts them;
+    ``label_names`` fit the classes; and, when the weights file is present and a safetensors file
+    (other files are refused by ``load_weights``), its tensor names and shapes are the model's and
+    ``num_params`` is its parameter count. The model is built on the meta device: no memory, ~0.1 s.
+
+    Raises:
+        KeyError: unknown architecture (with a suggestion).
+        ValueError: any other disagreement, named.
+    """
+    from openmednet.models._registry import model_entrypoint  # lazy: the registry imports this module
+
+    entrypoint = model_entrypoint(card.architecture)
+    channels = card.input_size[0]
+    for key, value in (("in_chans", channels), ("num_classes", card.num_classes)):
+        if key in card.model_args and card.model_args[key] != value:
+            raise ValueError(
+                f"{source}: model_args.{key}={card.model_args[key]!r} contradicts the card's "
+                f"{'input.channels' if key == 'in_chans' else 'head.num_classes'}={value}; re-save the model "
+                f"with save_pretrained instead of editing the card"
+            )
+    if card.label_names and len(card.label_names) != card.num_classes:
+        raise ValueError(f"{source}: {len(card.label_names)} label_names for head.num_classes={card.num_classes}")
+
+    args = {**card.model_args, "in_chans": channels, "num_classes": card.num_classes}
+    try:
+        with torch.device("meta"):
+            model = entrypoint(**args)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"{source}: architecture '{card.architecture}' does not accept the card's model_args "
+            f"{args} ({e}); the card belongs to another architecture or was edited"
+        ) from None
+    header = _safetensors_shapes(Path(folder) / card.weights_file)
+    if header is None:
+        return
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"{k}: {header[k]} in the file, {expected[k]} for the card"
+                for k in expected if k in header and header[k] != expected[k]]
+    problems += [f"{k} missing from the file" for k in expected if k not in header]
+    problems += [f"{k} not in '{card.architecture}'" for k in header if k not in expected]
+    if problems:
+        raise ValueError(
+            f"{source}: the card does not describe {card.weights_file} ({len(problems)} tensors differ, e.g. "
+            f"{'; '.join(problems[:3])}): input.channels, head.num_classes or model_args were changed. "
+            f"Re-save the model with save_pretrained; to adapt channels or classes, pass in_chans=/num_classes= "
+            f"when loading"
+        )
+    num_params = sum(p.numel() for p in model.parameters())
+    if card.num_params != num_params:
+        raise ValueError(f"{source}: weights.num_params is {card.num_params}, the model has {num_params}")
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """``{name: shape}`` from a safetensors header, or ``None`` if ``path`` is absent or not one.
+
+    Only the JSON header is read; the loader reports unreadable files with its own messages.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                return None
+            header = json.loads(f.read(length))
+        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, struct.error, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def _model_args(model: nn.Module) -> dict[str, Any]:
@@ -557,7 +662,7 @@ def load_weights(path: str | Path, *, sha256: str | None = None, allow_pickle: b
         import pickle
 
         try:
-            return _unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True), path)
+            state = _unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True), path)
         except pickle.UnpicklingError as e:
             raise ValueError(
                 f"{path} holds objects other than tensors, which weights_only loading refuses "
@@ -565,17 +670,37 @@ def load_weights(path: str | Path, *, sha256: str | None = None, allow_pickle: b
             ) from None
         except (EOFError, RuntimeError) as e:
             raise ValueError(f"{path} is a truncated or corrupted torch.save file ({e}); download it again") from None
+        return _check_finite(state, path)
 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(path, device="cpu")
+        state = load_file(path, device="cpu")
     except SafetensorError as e:
         raise ValueError(
             f"cannot read safetensors file {path} ({e}): it is truncated or corrupted; "
             f"download or save it again"
         ) from None
+    return _check_finite(state, path)
+
+
+def _check_finite(state: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """``state`` if every floating tensor is finite, else ``ValueError`` naming the first bad ones.
+
+    NaN or inf weights (a diverged run saved anyway, or a damaged export whose checksum was
+    recomputed) would give NaN outputs for every image, which predictions would report as labels.
+    """
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        total = sum(v.numel() for k, v in state.items() if k in bad)
+        nonfinite = sum(int((~torch.isfinite(state[k])).sum()) for k in bad)
+        raise ValueError(
+            f"{path}: {len(bad)} tensors hold NaN or inf values ({nonfinite} of {total} values, e.g. "
+            f"{', '.join(bad[:3])}); the weights come from a diverged run or a damaged file. "
+            f"Use an earlier checkpoint or re-train (lower the learning rate)"
+        )
+    return state
 
 
 # --------------------------------------------------------------------------------- adapting
