@@ -6,7 +6,9 @@ the way the probe did; loading, shipping and ``openmednet models card`` must all
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +202,31 @@ def test_models_card_still_verifies_an_honest_card(tmp_path):
     result = _card_cli(folder)
     assert result.exit_code == 0, result.output
     assert "verified" in result.output
+
+
+# --------------------------------------------------------------------------------- reproducible bytes
+_SAVE = """
+import sys, torch
+from openmednet.models import create_model, save_pretrained
+torch.manual_seed(0)
+model = create_model("mednet_test", num_classes=2)
+for i in range(4):
+    save_pretrained(model, f"{sys.argv[1]}/{i}")
+"""
+
+
+def test_identical_saves_are_identical_bytes_across_processes(tmp_path):
+    """Same weights, same file: the card's sha256 identifies weights (the header once varied)."""
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-c", _SAVE, str(tmp_path / seed)], env=env, check=True, timeout=300)
+    files = sorted(tmp_path.glob("*/*/model.safetensors"))
+    assert len(files) == 8
+    digests = {hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    assert len(digests) == 1, digests
+    # The rewritten header is still a valid safetensors file with the metadata.
+    from safetensors import safe_open
+
+    with safe_open(files[0], "pt") as f:
+        assert f.metadata() == {"architecture": "mednet_test", "format": "pt"}
+    assert json.loads((files[0].parent / CARD_FILE).read_text())["weights"]["sha256"] == digests.pop()

@@ -494,7 +494,7 @@ def save_pretrained(
 
     # contiguous(): safetensors stores raw buffers and rejects strided views.
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    blob = safetensors_save(state, metadata={"format": "pt", "architecture": architecture})
+    blob = _fixed_order_header(safetensors_save(state, metadata={"format": "pt", "architecture": architecture}))
     atomic_write_bytes(out_dir / weights_name, blob)
 
     card = ModelCard(
@@ -529,6 +529,23 @@ def save_pretrained(
     atomic_write_text(out_dir / card_name, json.dumps(card.to_dict(), indent=2) + "\n")
     _logger.info("saved %s (%d tensors, sha256 %s) and %s", weights_name, len(state), card.sha256[:12], card_name)
     return card
+
+
+def _fixed_order_header(blob: bytes) -> bytes:
+    """A safetensors file with its header metadata in sorted key order: same weights, same bytes.
+
+    safetensors keeps ``__metadata__`` in a Rust ``HashMap``, whose iteration order is seeded per
+    map, so two saves of one state dict could differ in their first bytes and the card's SHA-256
+    could not identify identical weights. Tensor entries are already in a fixed order (by data
+    offset) and are kept; the compact JSON and the space padding to 8 bytes are safetensors' own.
+    """
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + length])
+    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))} if "__metadata__" in header else {}
+    ordered.update(header)
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + length :]
 
 
 def _place_fingerprint(path: str | Path, out_dir: Path, stem: str | None) -> Path:
