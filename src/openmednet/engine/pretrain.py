@@ -16,6 +16,12 @@ Objectives (``objective.kind``), the two credible readings of the paper's unspec
 - ``simclr``: self-supervised SimCLR on two augmented views; labels are ignored.
 - ``combined``: ``sup_weight * supervised + ssl_weight * simclr`` on the same two views; unlabelled
   images contribute to the SSL part only.
+- ``distill``: the pooled features of a frozen ImageNet teacher (``objective.teacher``) on the same
+  views as the target (``openmednet.ssl.distill``); uses every image, labelled or not.
+
+Parts combine with ``+`` and are weighted by ``sup_weight``, ``ssl_weight`` and ``distill_weight``:
+``supervised+distill``, ``simclr+distill``, ``supervised+simclr+distill`` (``combined`` is
+``supervised+simclr``). Two views per image whenever SimCLR is a part, else one.
 
 Outputs in ``out``: ``config.yaml`` (resolved config), ``metrics.jsonl``, ``loss.png``,
 ``checkpoint-last.pt`` and, at the end, the backbone (``num_classes=0``) in ``backbone/``:
@@ -57,7 +63,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("supervised", "simclr", "combined")
+OBJECTIVE_PARTS = ("supervised", "simclr", "distill")
+OBJECTIVES = ("supervised", "simclr", "combined", "distill")
 HEAD_KINDS = ("union", "per_source")
 
 
@@ -89,7 +96,13 @@ class DataSection:
 
 @dataclass(frozen=True)
 class ObjectiveSection:
-    """What is minimised (see the module docstring)."""
+    """What is minimised (see the module docstring): ``kind`` is one objective or parts joined by
+    ``+`` (``supervised+distill``)."""
+
+    @property
+    def parts(self) -> frozenset[str]:
+        """The objective's parts, e.g. ``{"supervised", "distill"}`` (``combined`` expanded)."""
+        return objective_parts(self.kind)
 
     kind: str = "supervised"
     heads: str = "union"
@@ -100,6 +113,10 @@ class ObjectiveSection:
     sup_weight: float = 1.0
     ssl_weight: float = 1.0
     label_smoothing: float = 0.0
+    teacher: str = "efficientnet_lite0"
+    distill_loss: str = "smooth_l1"
+    distill_hidden_dim: int = 1024
+    distill_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +181,22 @@ class PretrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
+
+
+def objective_parts(kind: str) -> frozenset[str]:
+    """``"supervised+distill"`` -> ``{"supervised", "distill"}``; ``combined`` is supervised+simclr.
+
+    Raises:
+        KeyError: an unknown part, with the closest valid name.
+        ValueError: an empty or repeated part.
+    """
+    names = [p.strip() for p in kind.split("+")]
+    if len(names) == 1:
+        names = {"combined": ["supervised", "simclr"]}.get(look_up_option(names[0], OBJECTIVES, "objective"), names)
+    parts = [look_up_option(p, OBJECTIVE_PARTS, "objective part") for p in names if p]
+    if len(parts) != len(names) or len(set(parts)) != len(parts):
+        raise ValueError(f"objective {kind!r}: parts must be distinct and non-empty, from {OBJECTIVE_PARTS}")
+    return frozenset(parts)
 
 
 # ---------------------------------------------------------------------------------------- objective
@@ -233,6 +266,8 @@ class PretrainModule(nn.Module):
         supervised: ``SupervisedHeads`` or ``None``.
         ssl: SSL objective (``openmednet.ssl``) or ``None``.
         sup_weight, ssl_weight: weights of the two losses when both are present.
+        distill: ``FeatureDistillation`` (``openmednet.ssl.distill``) or ``None``.
+        distill_weight: weight of the distillation loss.
     """
 
     def __init__(
@@ -242,12 +277,14 @@ class PretrainModule(nn.Module):
         ssl: nn.Module | None = None,
         sup_weight: float = 1.0,
         ssl_weight: float = 1.0,
+        distill: nn.Module | None = None,
+        distill_weight: float = 1.0,
     ):
         super().__init__()
-        if supervised is None and ssl is None:
-            raise ValueError("PretrainModule needs a supervised head, an SSL objective, or both")
-        self.backbone, self.supervised, self.ssl = backbone, supervised, ssl
-        self.sup_weight, self.ssl_weight = sup_weight, ssl_weight
+        if supervised is None and ssl is None and distill is None:
+            raise ValueError("PretrainModule needs a supervised head, an SSL objective or a distillation target")
+        self.backbone, self.supervised, self.ssl, self.distill = backbone, supervised, ssl, distill
+        self.sup_weight, self.ssl_weight, self.distill_weight = sup_weight, ssl_weight, distill_weight
 
     def forward(self, images: Tensor | list[Tensor], labels: Tensor) -> dict[str, Tensor]:
         """Losses of one batch.
@@ -261,7 +298,8 @@ class PretrainModule(nn.Module):
         """
         views = list(images) if isinstance(images, (list, tuple)) else [images]
         # All views in one backbone call: one forward per step (DDP) and larger BN batches.
-        features = self.backbone(torch.cat(views))
+        stacked = torch.cat(views)
+        features = self.backbone(stacked)
         out: dict[str, Tensor] = {}
         total = features.new_zeros((), dtype=torch.float32)
         if self.supervised is not None:
@@ -270,6 +308,9 @@ class PretrainModule(nn.Module):
         if self.ssl is not None:
             out["ssl_loss"] = self.ssl(features, n_views=len(views))
             total = total + self.ssl_weight * out["ssl_loss"]
+        if self.distill is not None:
+            out["distill_loss"] = self.distill(stacked, features)
+            total = total + self.distill_weight * out["distill_loss"]
         out["loss"] = total
         return out
 
@@ -310,21 +351,33 @@ def build_backbone(cfg: PretrainConfig, channels: int) -> nn.Module:
     return backbone
 
 
-def build_objective(cfg: PretrainConfig, num_features: int, label_names: list[str], distributed: bool) -> tuple:
-    """``(SupervisedHeads | None, SSL objective | None)`` for ``cfg.objective.kind``."""
+def build_objective(
+    cfg: PretrainConfig, backbone: nn.Module, label_names: list[str], distributed: bool
+) -> tuple:
+    """``(SupervisedHeads | None, SSL objective | None, FeatureDistillation | None)`` for
+    ``cfg.objective.kind``; the teacher (distillation) is built on every rank."""
     o = cfg.objective
-    kind = look_up_option(o.kind, OBJECTIVES, "objective")
-    sup = ssl = None
-    if kind in ("supervised", "combined"):
+    parts = o.parts
+    num_features = backbone.num_features
+    sup = ssl = distill = None
+    if "supervised" in parts:
         sup = SupervisedHeads(num_features, label_names, o.heads, o.label_smoothing)
-    if kind in ("simclr", "combined"):
+    if "distill" in parts:
+        from openmednet.ssl.distill import FeatureDistillation, build_teacher
+
+        contract = backbone.pretrained_cfg
+        distill = FeatureDistillation(
+            build_teacher(o.teacher), num_features, contract.mean, contract.std,
+            hidden_dim=o.distill_hidden_dim, loss=o.distill_loss,
+        )
+    if "simclr" in parts:
         from openmednet.ssl import build_ssl_objective
 
         ssl = build_ssl_objective(
             o.ssl_method, num_features, hidden_dim=o.proj_hidden_dim, out_dim=o.proj_dim,
             temperature=o.temperature, gather_distributed=distributed,
         )
-    return sup, ssl
+    return sup, ssl, distill
 
 
 def build_train_transform(cfg: PretrainConfig, contract: Any) -> Any:
@@ -333,7 +386,7 @@ def build_train_transform(cfg: PretrainConfig, contract: Any) -> Any:
 
     d = cfg.data
     kw = {"image_size": d.image_size, "hflip": d.hflip}
-    if cfg.objective.kind == "supervised":
+    if "simclr" not in cfg.objective.parts:
         return build_transform(contract, True, crop_scale=tuple(d.crop_scale), **kw)
     return build_multiview_transform(contract, views=2, crop_scale=tuple(d.ssl_crop_scale), **kw)
 
@@ -385,9 +438,19 @@ def _export_backbone(backbone: nn.Module, out: Path, cfg: PretrainConfig, corpus
     save_corpus_fingerprint(corpus, fingerprint)
     save_pretrained(
         backbone, out / "backbone", architecture=cfg.model.name, data=(corpus.name,),
-        objective=f"{cfg.objective.kind}" + (f"/{cfg.objective.heads}" if cfg.objective.kind != "simclr" else ""),
+        objective=_objective_label(cfg.objective),
         epochs=cfg.train.epochs, metrics=metrics, input_size=contract_size, corpus_fingerprint=fingerprint,
     )
+
+
+def _objective_label(o: ObjectiveSection) -> str:
+    """The card's ``objective``: ``supervised/union``, ``simclr``, ``supervised/union+distill(efficientnet_lite0)``."""
+    parts = o.parts
+    label = "+".join(
+        f"supervised/{o.heads}" if p == "supervised" else f"distill({o.teacher})" if p == "distill" else p
+        for p in OBJECTIVE_PARTS if p in parts
+    )
+    return "combined/" + o.heads if o.kind == "combined" else label
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -430,8 +493,9 @@ def run_pretraining(cfg: PretrainConfig, *, callbacks: tuple = ()) -> list[dict[
         manifest = CorpusManifest.load(corpus)
         seed_everything(t.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         backbone = build_backbone(cfg, manifest.channels)
-        sup, ssl = build_objective(cfg, backbone.num_features, manifest.label_names, dist.is_distributed)
-        module = PretrainModule(backbone, sup, ssl, cfg.objective.sup_weight, cfg.objective.ssl_weight)
+        sup, ssl, distill = build_objective(cfg, backbone, manifest.label_names, dist.is_distributed)
+        o = cfg.objective
+        module = PretrainModule(backbone, sup, ssl, o.sup_weight, o.ssl_weight, distill, o.distill_weight)
         if t.channels_last:  # before DDP wraps the parameters into its gradient buckets
             module = module.to(memory_format=torch.channels_last)
         model = dist.wrap_model(module)
@@ -439,7 +503,7 @@ def run_pretraining(cfg: PretrainConfig, *, callbacks: tuple = ()) -> list[dict[
         # A supervised-only run skips unlabelled images: they would cost compute for a zero loss.
         dataset = CorpusDataset(
             corpus, cfg.data.split, build_train_transform(cfg, contract),
-            labelled_only=cfg.objective.kind == "supervised",
+            labelled_only=cfg.objective.parts == {"supervised"},
         )
         loader = build_loader(
             dataset, batch_size=cfg.data.batch_size, world_size=dist.world_size, rank=dist.rank,
