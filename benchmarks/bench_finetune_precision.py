@@ -6,7 +6,9 @@ epochs is compared. The ratio is of whole ``run_finetune`` calls: splits, leakag
 validation and test evaluation and writing the outputs are included (the target is decoded once,
 outside the timing), so it understates the training-step speed-up. Both are measured in the same process, one
 after the other, so machine drift hits both. Evaluation always runs in fp32, so the test AUROC of
-the two is printed too (bf16 training should not cost accuracy).
+the two is printed too (bf16 training should not cost accuracy). The CPU capability torch reports
+and whether bf16 is native are printed with the table: without AVX512-BF16 or AMX, bf16 is emulated
+and slower than fp32.
 
 Usage::
 
@@ -46,6 +48,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     import torch
 
+    from openmednet.engine.precision import bf16_support, cpu_capability, resolve_precision
     from openmednet.eval.targets import load_target
 
     data = DATA / "gray/targets/pneumoniamnist/pneumoniamnist.npz"
@@ -53,6 +56,10 @@ def main() -> None:
         raise SystemExit(f"{data} not found: set OPENMEDNET_SHARED_DATA to the shared data tree")
     target = load_target(data)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} epoch(s), {data.name}")
+    # bf16 is fast only where it is native: the table means little without the CPU it ran on.
+    _, description = bf16_support("cpu")
+    print(f"CPU capability {cpu_capability()}: {description}; precision 'auto' trains in "
+          f"{resolve_precision('auto', 'cpu')[0]} here")
     print("| init | fp32 run (s) | bf16 + channels_last run (s) | speed-up | test AUROC fp32 / bf16 |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,8 @@ sample's untouched test split::
     scratch:mednet_gray.<tag>    the same architecture and width, random weights
     efficientnet_lite0           ImageNet weights (shipped in a pip package: works offline)
 
-with full fine-tuning, every training image (300) and 10 per class, 3 seeds, 64 px.
+with full fine-tuning, every training image (300) and 10 per class, 3 seeds, 64 px, training in
+``precision="auto"`` (bf16 + channels_last where the CPU or GPU runs bf16 natively, else fp32).
 Everything is one ``run_study`` (same splits, same training loop, bootstrap intervals): the study
 directory holds ``report.md`` / ``report.json``, plots and every arm's run directory.
 
@@ -100,6 +101,7 @@ def quickstart_config(
     image_size: int = IMAGE_SIZE,
     device: str | None = None,
     n_boot: int = N_BOOT,
+    precision: str = "auto",
 ) -> StudyConfig:
     """The study the quick start runs (see the module docstring).
 
@@ -114,6 +116,7 @@ def quickstart_config(
             smoke tests).
         device: ``cpu``, ``cuda`` or ``None`` (CUDA if available).
         n_boot: bootstrap resamples of the test intervals.
+        precision: training precision of every arm (``auto``: bf16 where native, else fp32).
     """
     return StudyConfig(
         out=Path(out),
@@ -124,7 +127,7 @@ def quickstart_config(
         per_class=tuple(per_class),
         seeds=tuple(seeds),
         finetune={"epochs": epochs, "batch_size": batch_size, "image_size": image_size,
-                  "n_boot": n_boot, "device": device},
+                  "n_boot": n_boot, "device": device, "precision": precision},
     )
 
 
@@ -164,15 +167,25 @@ def _rows(summary: list[dict[str, Any]], weights: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _append_to_report(path: Path, weights: str, elapsed: float, threads: int) -> None:
-    """Say in ``report.md`` what produced it: the weights, the sample, the time."""
+def _precision_note(precision: str, device: str | None) -> str:
+    """``"auto -> fp32 (CPU AVX2, no AVX512-BF16/AMX)"``: what the arms trained in, and why."""
+    from openmednet.engine.precision import bf16_support, resolve_precision
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    resolved, _ = resolve_precision(precision, device)
+    return f"{precision} -> {resolved} ({bf16_support(device)[1]})"
+
+
+def _append_to_report(path: Path, weights: str, elapsed: float, threads: int, precision: str) -> None:
+    """Say in ``report.md`` what produced it: the weights, the sample, the time and precision."""
     text = path.read_text()
     text += (
         "\n## Quick start\n\n"
         f"`openmednet quickstart`: the shipped weights `{weights}` vs the same architecture from scratch vs "
         f"ImageNet EfficientNet-Lite0, fine-tuned on the embedded PneumoniaMNIST demo sample (MedMNIST v2, "
         f"CC BY 4.0; see `openmednet/assets/demo/ATTRIBUTION.md`). Wall time of this invocation "
-        f"(finished arms of an earlier one are reused): {elapsed:.0f} s on {threads} CPU thread(s).\n"
+        f"(finished arms of an earlier one are reused): {elapsed:.0f} s on {threads} CPU thread(s), "
+        f"training precision {precision}.\n"
     )
     atomic_write_text(path, text)
 
@@ -188,12 +201,14 @@ def run_quickstart(
     device: str | None = None,
     progress: bool = True,
     n_boot: int = N_BOOT,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Run the quick-start comparison into ``out`` (resumable: finished arms are reused).
 
     Args:
         out: study directory (``report.md``, ``report.json``, ``plots/``, ``runs/``).
-        seeds, epochs, per_class, batch_size, image_size, device, n_boot: see :func:`quickstart_config`.
+        seeds, epochs, per_class, batch_size, image_size, device, n_boot, precision: see
+            :func:`quickstart_config`.
         progress: log each arm and epoch (INFO); ``False`` keeps only warnings.
 
     Returns:
@@ -209,7 +224,8 @@ def run_quickstart(
     start = time.perf_counter()
     weights = shipped_gray_weights()
     cfg = quickstart_config(out, weights, seeds=seeds, epochs=epochs, per_class=per_class,
-                            batch_size=batch_size, image_size=image_size, device=device, n_boot=n_boot)
+                            batch_size=batch_size, image_size=image_size, device=device, n_boot=n_boot,
+                            precision=precision)
     logger.info("quick start: %s vs scratch vs ImageNet on %s, %d seed(s), up to %d epochs",
                 weights, DEMO_NAME, len(cfg.seeds), epochs)
     with _quiet(not progress):
@@ -217,7 +233,7 @@ def run_quickstart(
     elapsed = time.perf_counter() - start
     out = Path(out)
     threads = torch.get_num_threads()
-    _append_to_report(out / "report.md", weights, elapsed, threads)
+    _append_to_report(out / "report.md", weights, elapsed, threads, _precision_note(precision, device))
     return {
         "weights": weights, "rows": _rows(study["summary"], weights), "refused": study["refused"],
         "leakage_checks": study.get("leakage_checks", []), "elapsed_s": elapsed, "threads": threads,

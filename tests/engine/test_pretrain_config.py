@@ -18,7 +18,7 @@ LABELS = ["brain/glioma", "brain/notumor", "chest/NORMAL", "chest/PNEUMONIA", "c
 def test_shipped_configs_load_with_overrides(name: str):
     cfg = load_config(PretrainConfig, CONFIGS / name, ["optim.lr=0.1", "train.epochs=2", "data.crop_scale=[0.3,1]"])
     assert cfg.optim.lr == 0.1 and cfg.train.epochs == 2 and cfg.data.crop_scale == (0.3, 1.0)
-    assert cfg.data.image_size == 64 and cfg.train.precision == "bf16"
+    assert cfg.data.image_size == 64 and cfg.train.precision == "auto"
     assert cfg.model.name == ("mednet_gray" if "gray" in name else "mednet_color")
 
 

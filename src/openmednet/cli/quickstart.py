@@ -48,6 +48,7 @@ def register(app: typer.Typer) -> None:
         per_class: list[int] = typer.Option(DEFAULT_FEW_SHOT, "--per-class", help="Few-shot budget besides all 300 training images: N images per class (repeatable; 0 = none)."),
         image_size: int = typer.Option(64, "--image-size", help="Input side (64: the shipped weights' contract)."),
         device: str = typer.Option(None, help="cpu | cuda (default: CUDA if available)."),
+        precision: str = typer.Option("auto", help="auto (bf16 where the CPU/GPU runs it natively, else fp32) | bf16 | fp32."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-arm / per-epoch log lines."),
     ) -> None:
         """Fine-tune the shipped Gray-MedNet, the same net from scratch and ImageNet EfficientNet-Lite0 on
@@ -56,7 +57,7 @@ def register(app: typer.Typer) -> None:
 
         result = run_quickstart(out, seeds=tuple(range(seeds)), epochs=epochs or DEFAULT_EPOCHS,
                                 per_class=tuple(k for k in per_class if k > 0), image_size=image_size, device=device,
-                                progress=not quiet)
+                                progress=not quiet, precision=precision)
         console = Console()
         console.print(comparison_table(result))
         for c in result["leakage_checks"]:

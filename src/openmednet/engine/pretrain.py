@@ -139,7 +139,7 @@ class TrainSection:
     sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless the environment already sets it."""
 
     epochs: int = 10
-    precision: str = "bf16"
+    precision: str = "auto"  # bf16 where the hardware runs it natively, else fp32 (engine.precision)
     channels_last: bool = True
     grad_accum: int = 1
     seed: int = 0

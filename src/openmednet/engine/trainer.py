@@ -2,7 +2,8 @@
 
 Three functions, in the style of torchvision's reference scripts:
 
-- ``train_one_epoch``: mixed precision (bf16 autocast on CPU, bf16/fp16 on GPU), ``channels_last``,
+- ``train_one_epoch``: mixed precision (bf16 autocast on CPU, bf16/fp16 on GPU; ``auto`` picks bf16
+  where the hardware runs it natively, see ``openmednet.engine.precision``), ``channels_last``,
   gradient accumulation (with DDP's ``no_sync`` between micro-batches), a per-step LR schedule,
   non-finite loss detection agreed by all ranks, metrics reduced across ranks.
 - ``evaluate``: the same metrics in eval mode without gradients.
@@ -50,6 +51,7 @@ from openmednet.engine.checkpoint import (
     save_checkpoint,
 )
 from openmednet.engine.distributed import DistEnv, unwrap_model
+from openmednet.engine.precision import PRECISIONS, resolve_precision
 from openmednet.utils import atomic_write_text
 
 __all__ = [
@@ -65,7 +67,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("bf16", "fp16", "fp32")
 CHECKPOINT_LAST = "checkpoint-last.pt"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
@@ -120,20 +121,17 @@ class NonFiniteLossError(FloatingPointError):
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Autocast context for ``precision`` on ``device``.
 
-    ``bf16`` runs on CPU (oneDNN bf16 kernels) and GPU; ``fp16`` needs CUDA (and a ``GradScaler``);
-    ``fp32`` disables autocast.
+    ``auto`` is ``bf16`` where ``device`` runs bf16 natively, else ``fp32``
+    (``openmednet.engine.precision.resolve_precision``); ``bf16`` runs on CPU (oneDNN bf16 kernels)
+    and GPU; ``fp16`` needs CUDA (and a ``GradScaler``); ``fp32`` disables autocast.
 
     Raises:
         KeyError: unknown precision.
         ValueError: ``fp16`` on CPU (CPU fp16 kernels are slow and unscaled; use bf16).
     """
-    from openmednet._errors import look_up_option
-
-    look_up_option(precision, PRECISIONS, "precision")
+    precision, _ = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
@@ -193,7 +191,7 @@ def train_one_epoch(
     scheduler: Any | None = None,
     scaler: torch.amp.GradScaler | None = None,
     precision: str = "fp32",
-    channels_last: bool = False,
+    channels_last: bool | None = False,
     grad_accum: int = 1,
     max_steps: int | None = None,
     clip_grad_norm: float | None = None,
@@ -213,8 +211,10 @@ def train_one_epoch(
         dist: distributed environment; metrics are reduced over its ranks.
         scheduler: stepped once per optimizer step.
         scaler: ``GradScaler`` for fp16 (``None`` otherwise).
-        precision: ``"bf16"``, ``"fp16"`` (CUDA only) or ``"fp32"``.
-        channels_last: feed 4-D inputs in NHWC memory format (faster convolutions with oneDNN/cuDNN).
+        precision: ``"auto"``, ``"bf16"``, ``"fp16"`` (CUDA only) or ``"fp32"``. The loop's default
+            stays ``fp32`` (bit-exact tests on any machine); configs default to ``auto``.
+        channels_last: feed 4-D inputs in NHWC memory format (faster convolutions with oneDNN/cuDNN);
+            ``None`` follows the resolved precision (on with bf16).
         grad_accum: micro-batches per optimizer step (effective batch = batch x grad_accum x world).
         max_steps: stop after this many optimizer steps in this epoch.
         clip_grad_norm: clip the global gradient norm to this value.
@@ -243,6 +243,7 @@ def train_one_epoch(
             "precision 'fp16' needs a GradScaler (scaler=torch.amp.GradScaler('cuda')): fp16 gradients "
             "underflow without loss scaling; or use precision 'bf16'"
         )
+    precision, channels_last = resolve_precision(precision, dist.device, channels_last)
     state = state if state is not None else TrainState(epoch=epoch)
     state.epoch = epoch
     if batches is None:
@@ -463,7 +464,7 @@ def fit(
     run_dir: str | Path,
     scheduler: Any | None = None,
     precision: str = "fp32",
-    channels_last: bool = False,
+    channels_last: bool | None = False,
     grad_accum: int = 1,
     max_steps_per_epoch: int | None = None,
     clip_grad_norm: float | None = None,
@@ -494,9 +495,11 @@ def fit(
         dist: distributed environment.
         run_dir: output directory (created).
         scheduler: per-step LR scheduler.
-        precision: ``"bf16"``, ``"fp16"`` (CUDA, with a ``GradScaler`` made here) or ``"fp32"``.
-        channels_last: NHWC inputs and model. A plain module is converted here; a DDP-wrapped one
-            must have been converted before wrapping (checked), as ``run_pretraining`` does.
+        precision: ``"auto"`` (bf16 where native, else fp32), ``"bf16"``, ``"fp16"`` (CUDA, with a
+            ``GradScaler`` made here) or ``"fp32"``; resolved once here.
+        channels_last: NHWC inputs and model (``None``: on with bf16). A plain module is converted
+            here; a DDP-wrapped one must have been converted before wrapping (checked), as
+            ``run_pretraining`` does.
         grad_accum: micro-batches per optimizer step.
         max_steps_per_epoch: cap on optimizer steps per epoch (smoke runs, benchmarks).
         clip_grad_norm: gradient-norm clipping.
@@ -527,6 +530,7 @@ def fit(
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT_LAST
     meta = dict(checkpoint_meta or {})
+    precision, channels_last = resolve_precision(precision, dist.device, channels_last)
     scaler = torch.amp.GradScaler(dist.device.type) if precision == "fp16" else None
     if channels_last:
         _to_channels_last(model)

@@ -65,6 +65,7 @@ from openmednet.data.loader import build_loader
 from openmednet.data.transforms import build_transform
 from openmednet.engine.distributed import DistEnv
 from openmednet.engine.optim import OPTIMIZERS, build_optimizer, build_scheduler
+from openmednet.engine.precision import resolve_precision
 from openmednet.engine.trainer import PRECISIONS, LossOutput, train_one_epoch
 from openmednet.eval import report
 from openmednet.eval.leakage import (
@@ -90,7 +91,8 @@ from openmednet.models import (
 )
 from openmednet.utils import atomic_write_text, seed_everything
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "build_init", "check_init_corpus", "check_input_contract", "predict_proba", "prepare_for_transfer", "prepare_splits", "run_finetune"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "build_init", "check_init_corpus", "check_input_contract", "predict_proba", "prepare_for_transfer", "prepare_splits", "run_finetune",
+           "training_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,11 +138,15 @@ class FinetuneConfig:
         format, csv_file, columns, label_map, classes: how to read ``data`` (see ``load_target``).
         max_side: shorter-side cap of images kept in memory; keep it >= the input size (raise it
             to 299 or more for InceptionV3), or images are upsampled from this size.
-        precision: ``fp32``, ``bf16`` (CPU or GPU) or ``fp16`` (GPU) for training; evaluation
-            (validation and test) always runs in fp32.
-        channels_last: feed training batches in NHWC memory format. With ``bf16`` on a CPU with
-            AVX512-BF16, a MedNet run is 1.6x faster; EfficientNet-Lite0 is 0.87x, i.e. slower
-            (docs/benchmarks.md, "Fine-tuning precision").
+        precision: ``auto`` (bf16 where the CPU/GPU runs it natively, else fp32; see
+            ``openmednet.engine.precision``), ``fp32``, ``bf16`` (CPU or GPU; warned where
+            emulated, about 9x slower than fp32 on an AVX2-only CPU) or ``fp16`` (GPU) for
+            training; evaluation (validation and test) always runs in fp32. The resolved value is
+            recorded in ``metrics.json`` (``model.precision``).
+        channels_last: feed training batches in NHWC memory format; ``None`` follows the resolved
+            precision (on with bf16). With ``bf16`` on a CPU with AVX512-BF16, a MedNet run is 1.6x
+            faster; EfficientNet-Lite0 is 0.87x, i.e. slower (docs/benchmarks.md, "Fine-tuning
+            precision").
         num_workers: DataLoader worker processes.
         device: ``cpu``, ``cuda`` or ``None`` (CUDA if available).
     """
@@ -178,8 +184,8 @@ class FinetuneConfig:
     label_map: dict[str, str] = field(default_factory=dict)
     classes: tuple[str, ...] | None = None
     max_side: int | None = 256
-    precision: str = "fp32"
-    channels_last: bool = False
+    precision: str = "auto"
+    channels_last: bool | None = None
     num_workers: int = 0
     device: str | None = None
 
@@ -438,8 +444,12 @@ def _class_weights(y_train: np.ndarray, k: int) -> Tensor:
     return torch.as_tensor(compute_class_weight("balanced", classes=np.arange(k), y=y_train), dtype=torch.float32)
 
 
-def _train(model, loaders, cfg: FinetuneConfig, weights: Tensor | None, dist: DistEnv) -> tuple[list[dict], int]:
-    """Epoch loop with early stopping; leaves the best weights in ``model``. Returns (history, best epoch)."""
+def _train(model, loaders, cfg: FinetuneConfig, weights: Tensor | None, dist: DistEnv,
+           precision: str, channels_last: bool) -> tuple[list[dict], int]:
+    """Epoch loop with early stopping; leaves the best weights in ``model``. Returns (history, best epoch).
+
+    ``precision`` and ``channels_last`` are the resolved values (``resolve_precision``).
+    """
     optimizer = build_optimizer(
         model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
         head_prefixes=(head_prefix(model),), head_lr_mult=cfg.head_lr_mult,
@@ -448,7 +458,7 @@ def _train(model, loaders, cfg: FinetuneConfig, weights: Tensor | None, dist: Di
     scheduler = build_scheduler(optimizer, total_steps=cfg.epochs * steps, warmup_steps=cfg.warmup_epochs * steps)
     weights = None if weights is None else weights.to(dist.device)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-    scaler = torch.amp.GradScaler(dist.device.type) if cfg.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(dist.device.type) if precision == "fp16" else None
 
     def compute_loss(m: nn.Module, batch: tuple[Tensor, Tensor]) -> LossOutput:
         x, y = batch
@@ -458,7 +468,7 @@ def _train(model, loaders, cfg: FinetuneConfig, weights: Tensor | None, dist: Di
     for epoch in range(1, cfg.epochs + 1):
         train_metrics = train_one_epoch(
             model, loaders["train"], optimizer, compute_loss, epoch=epoch, dist=dist,
-            scheduler=scheduler, scaler=scaler, precision=cfg.precision, channels_last=cfg.channels_last,
+            scheduler=scheduler, scaler=scaler, precision=precision, channels_last=channels_last,
         )
         probs, y = predict_proba(model, loaders["val"], dist.device)
         auroc, loss = _val_score(y, probs)
@@ -514,6 +524,11 @@ def _counts(target: TargetSet, splits: np.ndarray, used: np.ndarray) -> dict[str
 
 
 # ------------------------------------------------------------------------------------ run
+def training_device(cfg: FinetuneConfig) -> torch.device:
+    """Where ``cfg`` trains: ``cfg.device``, else CUDA when available, else the CPU."""
+    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _build_model(cfg: FinetuneConfig, target: TargetSet) -> tuple[nn.Module, int, int, dict[str, Any]]:
     """Init -> contract check -> common head/BN preparation -> strategy: ``(model, C, size, info)``."""
     torch.manual_seed(cfg.seed)  # the new head's initialisation
@@ -584,11 +599,13 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
     model, channels, size, model_info = _build_model(cfg, target)
     if cfg.max_side is not None and size > cfg.max_side:
         warnings.warn(f"input size {size} exceeds max_side={cfg.max_side}: images are upsampled; raise max_side", stacklevel=2)
-    dist = DistEnv(device=torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    dist = DistEnv(device=training_device(cfg))
+    precision, channels_last = resolve_precision(cfg.precision, dist.device, cfg.channels_last)
+    model_info.update(precision=precision, channels_last=channels_last)
     model.to(dist.device)
     loaders = _make_loaders(cfg, target, idx, model, channels, size)
     weights = _class_weights(target.y[idx["train"]], len(target.label_names)) if cfg.class_weighted else None
-    history, best_epoch = _train(model, loaders, cfg, weights, dist)
+    history, best_epoch = _train(model, loaders, cfg, weights, dist, precision, channels_last)
     atomic_write_text(out / "history.json", json.dumps(history, indent=1) + "\n")
 
     # The only time the test split is looked at.

@@ -41,7 +41,7 @@ Example ``study.yaml``::
     per_class: [10]
     seeds: [0, 1, 2]
     pretraining_corpora: {auto: corpora/gray}
-    finetune: {epochs: 40, image_size: 64, lr: 1.0e-4}
+    finetune: {epochs: 40, image_size: 64, lr: 1.0e-4}   # precision: auto (bf16 where native)
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ from openmednet._errors import look_up_option
 from openmednet.config import from_dict, save_config, to_dict
 from openmednet.engine.trainer import NonFiniteLossError
 from openmednet.eval import report
-from openmednet.eval.finetune import FinetuneConfig, prepare_splits, run_finetune
+from openmednet.engine.precision import resolve_precision
+from openmednet.eval.finetune import FinetuneConfig, prepare_splits, run_finetune, training_device
 from openmednet.eval.leakage import (
     check_pretraining_leakage,
     shipped_corpus_fingerprint,
@@ -181,7 +182,9 @@ def _done(run: FinetuneConfig) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
-    if _result_config(metrics.get("config") or {}) != _result_config(to_dict(run)):
+    ran_with = _ran_with(metrics)
+    will_run = resolve_precision(run.precision, training_device(run), run.channels_last)
+    if _result_config(metrics.get("config") or {}, ran_with) != _result_config(to_dict(run), will_run):
         raise ValueError(
             f"{run.out} holds a finished run with a different configuration: use a new study 'out' "
             f"directory, or delete that run to redo it"
@@ -189,10 +192,25 @@ def _done(run: FinetuneConfig) -> dict[str, Any] | None:
     return metrics
 
 
-def _result_config(config: Mapping[str, Any]) -> dict[str, Any]:
+def _result_config(config: Mapping[str, Any], precision: tuple[str, bool]) -> dict[str, Any]:
     # A moved study directory or a run on another device or with more loader workers (the batches
-    # do not depend on them) is the same run.
-    return {k: v for k, v in config.items() if k not in _RESULT_NEUTRAL}
+    # do not depend on them) is the same run. Precision compares by what ran: "auto" that resolved
+    # to bf16 is the same run as an explicit bf16 (and an AVX2 machine does not reuse bf16 arms for
+    # an "auto" that means fp32 there).
+    out = {k: v for k, v in config.items() if k not in _RESULT_NEUTRAL}
+    out["precision"], out["channels_last"] = precision
+    return out
+
+
+def _ran_with(metrics: Mapping[str, Any]) -> tuple[str, bool]:
+    """``(precision, channels_last)`` a finished arm trained with (runs before ``auto`` recorded
+    only their config, which was then explicit)."""
+    model, config = metrics.get("model") or {}, metrics.get("config") or {}
+    if "precision" in model:
+        return model["precision"], bool(model["channels_last"])
+    precision = config.get("precision", "fp32")
+    channels_last = config.get("channels_last")
+    return precision, (precision == "bf16") if channels_last is None else bool(channels_last)
 
 
 def _check_grid(cfg: StudyConfig) -> None:
