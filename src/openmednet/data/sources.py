@@ -26,6 +26,7 @@ Formats:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -37,6 +38,7 @@ import numpy as np
 
 from openmednet._errors import look_up_option
 from openmednet.data.readers import ImageMeta, SkipImage, check_reader_options, get_reader, read_images
+from openmednet.data.readers.base import printable_path
 from openmednet.data.readers.dicom import DicomReader
 from openmednet.data.readers.nifti import NiftiReader
 from openmednet.data.readers.npz import label_str, list_splits, load_split, read_row
@@ -73,6 +75,10 @@ class SourceSpec:
         license: licence of the source's images (carried into corpus reports).
         channels: hint: 1 for gray sources, 3 for colour, ``None`` to route by content.
         reader_options: passed to the reader (e.g. ``{"axis": 0, "stride": 2}`` for NIfTI).
+        allow_outside_root: read files that resolve outside ``root`` (manifest rows such as
+            ``../x.png`` or absolute paths, symlinks out of the folder). Off by default: such a
+            file is skipped as ``"outside_root"``, because a manifest that reaches elsewhere can
+            pull a target set's images into a corpus unseen.
     """
 
     name: str
@@ -85,6 +91,7 @@ class SourceSpec:
     license: str = ""
     channels: int | None = None
     reader_options: Mapping[str, Any] = field(default_factory=dict)
+    allow_outside_root: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -113,6 +120,8 @@ class SourceItem:
         source: the ``SourceSpec.name``.
         modality: the ``SourceSpec.modality``.
         reader_options: the ``SourceSpec.reader_options``.
+        root: the source root that ``path`` must resolve inside (``read_item`` skips it as
+            ``"outside_root"`` otherwise); ``None`` = no check (``allow_outside_root``).
     """
 
     path: Path
@@ -123,6 +132,7 @@ class SourceItem:
     source: str = ""
     modality: str = ""
     reader_options: Mapping[str, Any] = field(default_factory=dict)
+    root: Path | None = None
 
 
 def detect_format(root: Path) -> str:
@@ -184,6 +194,7 @@ def read_item(item: SourceItem, *, on_skip: Callable[[SkipImage], None] | None =
         ``(array, meta)`` with ``array`` ``(H, W)`` or ``(H, W, 3)`` uint8.
     """
     try:
+        check_inside_root(item.path, item.root)
         for arr, meta in _read_raw(item, on_skip):
             meta.source = item.source
             # The item's annotations win; the reader's (an npz row's label and split) fill gaps.
@@ -234,10 +245,15 @@ def _is_image_name(path: Path) -> bool:
 
 
 def _image_files(folder: Path) -> Iterator[Path]:
-    """Image files under ``folder`` (recursive, sorted, hidden files and folders excluded)."""
+    """Image files under ``folder`` (recursive, sorted, hidden files and folders excluded).
+
+    Links that lead nowhere (loops, missing targets) with an image name are listed too: reading
+    them reports a ``"broken_link"`` skip instead of the file silently vanishing.
+    """
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if path.is_file() and _is_image_name(path) and not any(part.startswith(".") for part in rel.parts):
+        usable = path.is_file() or (path.is_symlink() and not path.exists())
+        if usable and _is_image_name(path) and not any(part.startswith(".") for part in rel.parts):
             yield path
 
 
@@ -260,14 +276,36 @@ def _item(
         source=spec.name,
         modality=spec.modality,
         reader_options=spec.reader_options,
+        root=None if spec.allow_outside_root else spec.root,
     )
+
+
+def check_inside_root(path: Path, root: Path | None) -> None:
+    """Raise ``SkipImage("outside_root")`` when ``path`` (links followed) is not under ``root``.
+
+    ``root`` may be a folder or, for a single-file source (an ``.npz``), the file itself.
+    ``None`` checks nothing.
+    """
+    if root is None:
+        return
+    try:
+        real, base = Path(path).resolve(), Path(root).resolve()
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13): the reader reports it
+        return
+    if real != base and base not in real.parents:
+        raise SkipImage(
+            "outside_root",
+            f"resolves to {printable_path(real)}, outside the source folder {printable_path(base)}; "
+            "move the file into the folder, or allow it explicitly (--allow-outside-root)",
+            path,
+        )
 
 
 def _iter_manifest(spec: SourceSpec, csv_path: Path, columns: Mapping[str, str]) -> Iterator[SourceItem]:
     """Rows of a CSV manifest; ``columns`` maps our names to the CSV's header names."""
     if not csv_path.is_file():
         raise FileNotFoundError(f"source '{spec.name}': manifest not found: {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    with _open_csv(spec, csv_path) as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         missing = [c for c in columns.values() if c not in header]
@@ -281,9 +319,22 @@ def _iter_manifest(spec: SourceSpec, csv_path: Path, columns: Mapping[str, str])
             yield _item(spec, spec.root / values["path"], None, values.get("label"), values.get("split"), values.get("group"))
 
 
+@contextlib.contextmanager
+def _open_csv(spec: SourceSpec, csv_path: Path) -> Iterator[Iterator[str]]:
+    """The manifest's lines as text; a file that is not UTF-8 is named, with the fix."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        try:
+            yield f
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"source '{spec.name}': {csv_path} is not UTF-8 (cannot decode byte {e.object[e.start]:#04x}); "
+                "re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8"
+            ) from None
+
+
 def _iter_labels_csv(spec: SourceSpec) -> Iterator[SourceItem]:
     csv_path = spec.root / "labels.csv"
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    with _open_csv(spec, csv_path) as f:
         header = next(csv.reader(f), [])
     if "path" not in header:
         raise ValueError(

@@ -13,6 +13,7 @@ separates the two for callers. ``reason`` is a short stable key that build repor
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ SKIP_REASONS = (
     "empty_slice",  # constant or near-constant frame/slice
     "read_error",  # any other failure inside a third-party decoder
     "broken_link",  # a symbolic link that loops or points at nothing
+    "bad_file_name",  # the file name is not valid UTF-8 (it could not be reported, stored or written to a CSV)
+    "outside_root",  # a manifest path or symlink that resolves outside its source folder
 )
 
 #: Longest accepted image side, in pixels. Twice the side of the largest square the pixel limits
@@ -141,18 +144,42 @@ class ImageReader(abc.ABC):
 
 
 def check_not_empty(path: Path) -> None:
-    """Raise ``SkipImage`` ``"missing_file"``, ``"broken_link"`` or ``"empty_file"`` before decoding.
+    """Raise ``SkipImage`` ``"bad_file_name"``, ``"missing_file"``, ``"broken_link"`` or ``"empty_file"``
+    before decoding.
 
     Decoders report these cases with unrelated messages (or, for zero-byte DICOM, with a
     parse error), so readers check them first to get stable reasons.
     """
     path = Path(path)
+    check_file_name(path)
     if not path.is_file():
         if path.is_symlink():
             raise SkipImage("broken_link", _broken_link(path), path)
         raise SkipImage("missing_file", "file not found; check the path or the manifest row", path)
     if path.stat().st_size == 0:
         raise SkipImage("empty_file", "file has 0 bytes; re-download or remove it", path)
+
+
+def check_file_name(path: Path) -> None:
+    """Raise ``SkipImage("bad_file_name")`` for a path that is not valid UTF-8.
+
+    POSIX names are bytes; Python hands undecodable ones over as surrogate escapes, which every
+    later UTF-8 write (a corpus record, a report, a predictions CSV) refuses. Refusing the file
+    here, once, with its bytes in the message, turns what was an abort far from the cause into
+    one reported skip.
+    """
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise SkipImage(
+            "bad_file_name",
+            f"file name is not valid UTF-8 ('{printable_path(path)}'); rename it (e.g. convmv -f latin1 -t utf8)",
+        ) from None
+
+
+def printable_path(path: str | Path) -> str:
+    """``path`` as text any UTF-8 writer accepts: undecodable bytes shown as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _broken_link(path: Path) -> str:
