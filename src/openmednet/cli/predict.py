@@ -1,4 +1,10 @@
-"""``openmednet predict``: class probabilities (and Grad-CAM overlays) for image files and folders."""
+"""``openmednet predict``: class probabilities (and Grad-CAM overlays) for image files and folders.
+
+Exit codes: 0 every input file was predicted; 3 some files could not be read and were skipped
+(the others are predicted and written, the skipped ones are listed as warnings); 2 an error
+(nothing readable, bad model...). Files in a folder that no reader handles (``labels.csv``) are
+passed over, not skipped.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ if TYPE_CHECKING:
 
 #: Rows of the printed table; the CSV (--out) has them all.
 TABLE_ROWS = 50
+#: Exit code when some inputs were skipped: scripts must not mistake a partial run for a full one.
+EXIT_SKIPPED = 3
 
 
 def register(app: typer.Typer) -> None:
@@ -27,7 +35,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("predict")
     def predict_cmd(
-        model: str = typer.Argument(..., help="Registry name (mednet_gray.<tag>) or a saved model directory."),
+        model: str = typer.Argument(
+            ..., help="A fine-tuned model folder, e.g. runs/busi/model (written by `openmednet finetune --out "
+            "runs/busi`), or a registered weight set with a classifier head."
+        ),
         inputs: list[Path] = typer.Argument(..., help="Image files (PNG/JPEG/TIFF), DICOM, NIfTI or folders."),
         out: Path | None = typer.Option(None, "--out", help="Write predictions to this CSV file."),
         cam: Path | None = typer.Option(None, "--cam", help="Write Grad-CAM overlays (PNG) to this folder."),
@@ -38,20 +49,32 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Predict every image (volumes: every slice) under the model card's input contract.
 
-        Predictions stream: each batch's overlays are written as it is produced and its images
-        dropped; the CSV (small rows) is written atomically at the end, the table shows the first
-        TABLE_ROWS rows.
+        Example, after `openmednet finetune --data DIR --out runs/busi`:
+
+        openmednet predict runs/busi/model scans/ --out preds.csv
+
+        Exit codes: 0 all files predicted; 3 some files unreadable and skipped (the rest predicted); 2 error.
         """
+        # Predictions stream: each batch's overlays are written as it is produced and its images
+        # dropped; the CSV (small rows) is written atomically at the end, the table shows the first
+        # TABLE_ROWS rows.
         from rich.console import Console
 
-        from openmednet.serve.predictor import Predictor, predictions_csv
+        from openmednet.serve.predictor import Predictor, SkippedFileWarning, predictions_csv
 
         predictor = Predictor.from_spec(model, cam_layer=cam_layer)
         shown: list[Prediction] = []  # the first TABLE_ROWS predictions, for the printed table
         warned: Counter[str] = Counter()  # conversions and skipped files: counted, not stored
+        skipped: list[str] = []
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            warnings.showwarning = lambda message, *args, **kwargs: warned.update([str(message)])
+
+            def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+                warned.update([str(message)])
+                if issubclass(category, SkippedFileWarning):
+                    skipped.append(str(message))
+
+            warnings.showwarning = show
             stream = _stream(predictor.predict_path(inputs, cam=cam is not None, batch_size=batch_size), cam, shown)
             # Consumed one prediction at a time: overlays are written and images dropped as they come.
             if out is not None:
@@ -68,6 +91,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"first {len(shown)} of {count} predictions shown" + ("" if out else "; pass --out FILE for all"))
         if out is not None:
             typer.echo(f"{count} predictions written to {out}" + (f", overlays in {cam}" if cam else ""))
+        if skipped:
+            typer.secho(f"{len(skipped)} input file(s) skipped as unreadable (see the warnings); "
+                        f"exit code {EXIT_SKIPPED}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_SKIPPED)
 
 
 def _stream(predictions: Iterable[Prediction], cam_dir: Path | None, shown: list[Prediction]) -> Iterator[Prediction]:

@@ -2,7 +2,7 @@
 
 The same object backs ``openmednet predict``, the web service and the Python API::
 
-    predictor = Predictor.from_spec("runs/busi/finetune")     # or "mednet_test", "mednet_gray.<tag>"
+    predictor = Predictor.from_spec("runs/busi/model")        # `openmednet finetune --out runs/busi` wrote it
     for pred in predictor.predict_path("scans/", cam=True):
         print(pred.source, pred.label, pred.probabilities)
 
@@ -45,12 +45,12 @@ from openmednet.data.readers import (
 )
 from openmednet.data.transforms import build_transform
 from openmednet.explain.gradcam import GradCAM, overlay_png
-from openmednet.models import PretrainedCfg, create_model, is_model, load_pretrained
+from openmednet.models import InitSpec, PretrainedCfg, create_model, get_pretrained_cfg, is_model, load_pretrained
 from openmednet.utils import atomic_write_bytes, atomic_write_text
 
 __all__ = [
-    "UPLOAD_READERS", "ChannelConversionWarning", "Prediction", "Predictor", "TooManyImagesError", "load_model",
-    "predictions_csv", "save_predictions_csv", "write_cam_overlays",
+    "UPLOAD_READERS", "ChannelConversionWarning", "Prediction", "Predictor", "SkippedFileWarning", "TooManyImagesError",
+    "load_model", "predictions_csv", "save_predictions_csv", "write_cam_overlays",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,10 @@ class TooManyImagesError(ValueError):
 
 class ChannelConversionWarning(UserWarning):
     """An image's channels were converted to match the model (colour -> gray or gray -> colour)."""
+
+
+class SkippedFileWarning(UserWarning):
+    """An input file could not be read and contributes no prediction (``openmednet predict`` exits 3)."""
 
 
 @dataclass
@@ -115,26 +119,44 @@ class Prediction:
 
 # ----------------------------------------------------------------------------------- loading
 def load_model(spec: str | Path) -> nn.Module:
-    """Load a model for inference from a registry name or a saved model directory/file.
+    """Load a model with its weights from a saved model directory/file or a registered weight set.
+
+    A registry name is never built with random weights: an untrained 1000-class model gives a
+    confident-looking label that changes from run to run.
 
     Args:
-        spec: ``"mednet_test"`` / ``"mednet_gray.<tag>"`` (registry; a tag loads its weights), or a
-            directory holding ``model.safetensors`` and its model card (written by
-            ``save_pretrained`` / ``openmednet finetune``), or the ``.safetensors`` file itself.
+        spec: a directory holding ``model.safetensors`` and its model card (written by
+            ``save_pretrained``; ``openmednet finetune --out RUN`` writes ``RUN/model``), or the
+            ``.safetensors`` file itself, or a registered weight set (``"mednet_gray.<tag>"``, or
+            ``"mednet_gray"`` for its default weights).
 
     Returns:
         The model in eval mode with ``model.pretrained_cfg`` set.
 
     Raises:
         FileNotFoundError: ``spec`` is neither a registered name nor an existing path.
+        ValueError: ``spec`` is an architecture without registered weights.
     """
-    path = Path(spec)
-    if path.is_file() and path.suffix == ".safetensors":
-        path = path.parent  # the card sits next to its weights (save_pretrained's layout)
-    if path.exists():
+    try:
+        init = InitSpec.parse(spec)  # the init grammar of fine-tuning: one parser
+    except (FileNotFoundError, ValueError):
+        init = None  # reported below with what prediction accepts
+    if init is not None and init.kind == "path":
+        path = init.path
+        if path.is_file() and path.suffix == ".safetensors":
+            path = path.parent  # the card sits next to its weights (save_pretrained's layout)
         return load_pretrained(path).eval()  # verifies the checksum the card records
-    if is_model(str(spec)):
-        return create_model(str(spec)).eval()
+    if init is not None and init.kind in ("auto", "scratch"):
+        raise ValueError(f"'{spec}' says how to start fine-tuning, not which trained model to use: fine-tune first "
+                         f"(openmednet finetune --data DIR --init {spec} --out runs/x) and pass runs/x/model")
+    if init is not None and is_model(init.name):
+        if get_pretrained_cfg(str(spec), allow_missing=True) is None:
+            raise ValueError(
+                f"'{spec}' is an architecture without weights: a randomly initialised model predicts noise. "
+                f"Fine-tune it first (openmednet finetune --data DIR --init scratch:{spec} --out runs/x) and "
+                f"pass the run's model folder (runs/x/model)"
+            )
+        return create_model(str(spec), pretrained=True).eval()
     raise FileNotFoundError(
         f"model '{spec}' is neither a registered model (see `openmednet models list`) nor an existing "
         "directory/file with model.safetensors and its model card"
@@ -213,9 +235,11 @@ class Predictor:
             raise ValueError("model has no pretrained_cfg (input contract): pass cfg=PretrainedCfg(...)")
         num_classes = getattr(model, "num_classes", 0)
         if num_classes < 1:
+            arch = cfg.meta.get("architecture", "ARCH") + (f".{cfg.meta['tag']}" if cfg.meta.get("tag") else "")
             raise ValueError(
-                "the model has no classifier (num_classes=0): prediction needs a fine-tuned model, "
-                "e.g. the directory written by `openmednet finetune`"
+                f"'{arch}' has no classifier (num_classes=0): pre-trained weights are a backbone, not a "
+                f"classifier. Fine-tune first (openmednet finetune --data DIR --init {arch} --out runs/x) "
+                f"and pass the run's model folder (runs/x/model)"
             )
         names = tuple(label_names or cfg.label_names or (f"class_{i}" for i in range(num_classes)))
         if len(names) != num_classes:
@@ -352,9 +376,9 @@ class Predictor:
         """Predict every 2D image in files and folders (PNG/JPEG/DICOM/NIfTI; volumes give slices).
 
         Folders are walked recursively and files no reader handles (``labels.csv``...) are passed
-        over. A file that fails to read is skipped with a warning, so one bad file does not stop
-        a folder; it contributes no image (not the frames read before the failure). Errors of the
-        model itself are not input errors: they propagate.
+        over. A file that fails to read is skipped with a :class:`SkippedFileWarning`, so one bad
+        file does not stop a folder; it contributes no image (not the frames read before the
+        failure). Errors of the model itself are not input errors: they propagate.
         """
         if isinstance(inputs, (str, Path)):
             inputs = [inputs]
@@ -365,7 +389,7 @@ class Predictor:
             try:
                 images = list(_read_images(path))
             except (SkipImage, ValueError, OSError) as e:
-                warnings.warn(f"skipped {path}: {e}", stacklevel=2)
+                warnings.warn(f"skipped {path}: {e}", SkippedFileWarning, stacklevel=2)
                 continue
             for array, frame in images:
                 batch.append((array, str(path), frame))
@@ -411,17 +435,37 @@ class Predictor:
             path = Path(tmp) / f"upload{_upload_suffix(filename)}"  # never trust the name as a path
             path.write_bytes(data)
             # Lazily, so a file of thousands of frames costs at most max_frames + 1 decoded images.
-            with closing(_read_images(path, max_pixels, max_frames, max_voxels)) as stream:
-                for image in stream:
-                    images.append(image)
-                    if max_frames is not None and len(images) > max_frames:
-                        raise TooManyImagesError(
-                            f"{filename} holds {max_frames + 1} or more images, more than the limit of {max_frames}"
-                        )
+            try:
+                with closing(_read_images(path, max_pixels, max_frames, max_voxels)) as stream:
+                    for image in stream:
+                        images.append(image)
+                        if max_frames is not None and len(images) > max_frames:
+                            raise TooManyImagesError(
+                                f"{filename} holds {max_frames + 1} or more images, more than the limit of {max_frames}"
+                            )
+            except (SkipImage, ValueError) as e:
+                raise _hide_path(e, path, filename) from None
         if not images:
             raise SkipImage("unsupported_image", f"{filename}: no usable 2D image in the file")
         arrays, frames = zip(*images)
         return self.predict_arrays(list(arrays), [filename] * len(arrays), list(frames), cam=cam)
+
+
+def _hide_path(error: Exception, path: Path, filename: str) -> Exception:
+    """``error`` with the server's temporary ``path`` replaced by the upload's name (in place).
+
+    Readers name the file they read (nibabel: 'Cannot work out file type of "/tmp/..."'); the
+    client must not learn the server's paths.
+    """
+    def hide(text: object) -> object:
+        if not isinstance(text, str):
+            return text
+        return text.replace(str(path), filename).replace(str(path.parent), "<upload>")
+
+    error.args = tuple(hide(a) for a in error.args)
+    if isinstance(error, SkipImage):
+        error.message, error.path = hide(error.message), None
+    return error
 
 
 #: Readers that take uploads. Not "npz": an archive is unpacked whole (every array of every
