@@ -10,7 +10,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("serve")
     def serve_cmd(
-        model: str = typer.Argument(..., help="Registry name (mednet_gray.<tag>) or a saved model directory."),
+        model: str = typer.Argument(
+            ..., help="A fine-tuned model folder, e.g. runs/busi/model (written by `openmednet finetune --out "
+            "runs/busi`), or a registered weight set with a classifier head."
+        ),
         host: str = typer.Option("127.0.0.1", help="Interface to bind; anything but loopback exposes the service."),
         port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
         max_upload_mb: float = typer.Option(32.0, min=0.001, help="Largest accepted upload, in MB."),
@@ -19,11 +22,17 @@ def register(app: typer.Typer) -> None:
         max_voxels: int = typer.Option(512 * 512 * 128, min=1, help="Largest accepted NIfTI volume (voxels)."),
         workers: int = typer.Option(2, min=1, help="Predictions computed at the same time."),
         max_queue: int = typer.Option(16, min=0, help="Requests waiting for a slot; more get 503 (0: none wait)."),
+        body_timeout: float = typer.Option(
+            60.0, min=0.001, help="Seconds for an upload's whole body to arrive; slower or stalled ones get 408."
+        ),
         cam_layer: str | None = typer.Option(
             None, help="Grad-CAM layer, e.g. blocks.5 (default: deepest stage with a map of at least 7x7)."
         ),
     ) -> None:
-        """Serve a drag-and-drop page with predictions and Grad-CAM overlays, plus /api/predict."""
+        """Serve a drag-and-drop page with predictions and Grad-CAM overlays, plus /api/predict.
+
+        Example, after `openmednet finetune --data DIR --out runs/busi`: openmednet serve runs/busi/model
+        """
         import logging
 
         import uvicorn
@@ -37,6 +46,6 @@ def register(app: typer.Typer) -> None:
         predictor = Predictor.from_spec(model, cam_layer=cam_layer)
         application = create_app(predictor, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                                  max_pixels=max_pixels, max_frames=max_frames, max_concurrent=workers,
-                                 max_voxels=max_voxels, max_queue=max_queue)
+                                 max_voxels=max_voxels, max_queue=max_queue, body_timeout=body_timeout)
         typer.echo(f"OpenMedNet serving {model} on http://{host}:{port}/ (Ctrl+C to stop)")
         uvicorn.run(application, host=host, port=port, log_level="info")

@@ -8,9 +8,14 @@ Routes:
                           true). Returns ``{"filename", "model", "label_names", "results": [{"frame",
                           "label", "probabilities", "notes", "overlay_png"}]}``, where ``overlay_png``
                           is the base64 PNG of the Grad-CAM over the model's view of the image.
+    ``GET /openapi.json`` the API schema. There is no ``/docs`` or ``/redoc``: FastAPI's pages load
+                          Swagger UI / ReDoc from a CDN, so offline (where this service is meant to
+                          run) they were blank pages.
 
 Limits, so one request cannot exhaust the machine: request bodies above ``max_upload_bytes`` are
-refused from their ``Content-Length`` before they are read (413; no length: 411), images above
+refused from their ``Content-Length`` before they are read (413; no length: 411), a body must
+arrive within ``body_timeout`` seconds (408, and the connection is closed: uvicorn has no body
+read timeout, so stalled uploads stayed open indefinitely), images above
 ``max_pixels`` are refused from their header where the format allows (413), files with more than
 ``max_frames`` images are refused (413; reading stops at the first image over the limit, and
 multi-frame GIF/TIFF files are refused from their frame count), NIfTI volumes above
@@ -41,7 +46,10 @@ from starlette.concurrency import run_in_threadpool
 from openmednet.data.readers import NoReaderError, SkipImage
 from openmednet.serve.predictor import Predictor, TooManyImagesError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_QUEUE", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_VOXELS", "create_app"]
+__all__ = [
+    "DEFAULT_BODY_TIMEOUT", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_QUEUE", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_VOXELS",
+    "create_app",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +61,8 @@ DEFAULT_MAX_FRAMES = 64
 # the defaults) would allow tens of GB.
 DEFAULT_MAX_VOXELS = 512 * 512 * 128
 DEFAULT_MAX_QUEUE = 16  # requests waiting for a prediction slot; more get 503
+# Seconds for a whole request body: 32 MB at 60 s needs 4.3 Mbit/s, slow for a local service.
+DEFAULT_BODY_TIMEOUT = 60.0
 _MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file
 
 # SkipImage reasons that mean "too big" (413) or "a format we cannot decode" (415); others are 400.
@@ -77,6 +87,7 @@ def create_app(
     max_concurrent: int = 2,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> FastAPI:
     """Build the FastAPI application around ``predictor``.
 
@@ -90,6 +101,8 @@ def create_app(
             ``max_pixels * max_frames`` applies.
         max_queue: requests that may wait for a prediction slot; further ones get 503 (``0``:
             refuse whenever all slots are busy).
+        body_timeout: seconds from the start of a request until its body must be complete; a
+            slower or stalled upload gets 408 and its connection is closed.
 
     Returns:
         The app; serve it with uvicorn (``openmednet serve``) or test it with ``TestClient``.
@@ -98,7 +111,11 @@ def create_app(
         raise ValueError("max_upload_bytes, max_pixels, max_frames, max_concurrent and max_voxels must be >= 1")
     if max_queue < 0:
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-    app = FastAPI(title="OpenMedNet", description="MedNet predictions with Grad-CAM overlays", version="1")
+    if not body_timeout > 0:
+        raise ValueError(f"body_timeout must be > 0 seconds, got {body_timeout}")
+    # No /docs or /redoc: they load their scripts from a CDN (blank offline); /openapi.json stays.
+    app = FastAPI(title="OpenMedNet", description="MedNet predictions with Grad-CAM overlays", version="1",
+                  docs_url=None, redoc_url=None)
     slots = _Slots(max_concurrent, max_queue)
     limits = {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_frames": max_frames}
     max_voxels = min(max_voxels, max_pixels * max_frames)
@@ -154,7 +171,66 @@ def create_app(
                 "label_names": list(predictor.label_names), "results": results}
 
     app.mount("/static", StaticFiles(directory=_static_dir()), name="static")
+    app.add_middleware(_BodyDeadline, timeout=body_timeout)  # outermost: times every read of the body
     return app
+
+
+class _BodyTimeout(Exception):
+    """Raised by the timed ``receive`` when a request body is late."""
+
+
+class _BodyDeadline:
+    """ASGI middleware: a request's body must be complete ``timeout`` seconds after the request began.
+
+    Uvicorn times out idle connections between requests, not a body that stops arriving: each
+    stalled upload held a connection (and a spooled file) forever. Reads of the body are timed
+    against one deadline, so a trickle of bytes cannot extend it; once the body is complete,
+    later reads (Starlette waiting for a disconnect while the model runs) are not timed.
+
+    A late body makes ``receive`` raise inside the app, which FastAPI reports as a body parsing
+    error (400); that response is dropped and a 408 with ``Connection: close`` sent instead, after
+    which the server closes the half-read connection.
+    """
+
+    def __init__(self, app: Any, timeout: float):
+        self.app, self.timeout = app, timeout
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        done = timed_out = started = False
+
+        async def timed_receive() -> dict[str, Any]:
+            nonlocal done, timed_out
+            if done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                timed_out = True
+                raise _BodyTimeout from None
+            done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if not timed_out:  # after a timeout, the app's own reaction (a 400) is replaced below
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+        try:
+            await self.app(scope, timed_receive, guarded_send)
+        except Exception:
+            if not timed_out:
+                raise
+        if timed_out and not started:
+            logger.info("request body from %s not complete after %g s: 408", scope.get("client"), self.timeout)
+            response = JSONResponse(status_code=408, headers={"Connection": "close"},
+                                    content={"detail": f"the request body did not arrive within {self.timeout:g} s"})
+            await response(scope, receive, send)
 
 
 class _Slots:
