@@ -78,8 +78,10 @@ def test_reset_classifier_and_features():
 def test_feature_info_matches_intermediates():
     model = openmednet.create_model("mednet_test").eval()
     x = torch.randn(1, 1, 64, 64)
-    maps = model.forward_intermediates(x)
-    assert len(maps) == len(model.feature_info) == 5
+    final, maps = model.forward_intermediates(x)
+    assert torch.equal(final, model.forward_features(x))
+    assert len(maps) == len(model.feature_info) == 4
+    assert [info["reduction"] for info in model.feature_info] == [2, 4, 8, 16]
     for fmap, info in zip(maps, model.feature_info):
         assert fmap.shape[1] == info["num_chs"]
         assert fmap.shape[-1] == -(-64 // info["reduction"])

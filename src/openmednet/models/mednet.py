@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +104,7 @@ class MedNet(nn.Module):
         head_hidden_size: units of the first FC layer (predecessor: 200).
         global_pool: only ``"avg"`` (the paper's global average pooling).
 
-    Input contract: ``(B, in_chans, H, W)`` float with ``H, W >= 32``, finite values, normalised as
+    Input contract: ``(B, in_chans, H, W)`` float with ``H, W >= 17``, finite values, normalised as
     the weights' ``pretrained_cfg`` says. ``forward`` raises ``ValueError`` otherwise, instead of
     silently resizing or converting (transforms do the preprocessing).
     """
@@ -164,8 +165,10 @@ class MedNet(nn.Module):
         self.num_features = out_chs[len(widths)]
         self.head_hidden_size = head_hidden_size
         self.head = ClassifierHead(self.num_features, num_classes, head_hidden_size, drop_rate)
-        # Per-stage outputs, for Grad-CAM and dense tasks (timm's feature_info convention).
-        self.feature_info = [dict(num_chs=stem2, reduction=2, module="stem")] + [
+        # Stage outputs, for Grad-CAM and dense tasks (timm's feature_info convention: one entry per
+        # reduction, the last module at it). The stem shares stage 1's stride 2 and is left out, so
+        # reductions double from entry to entry (2, 4, 8, 16), as segmentation decoders expect.
+        self.feature_info = [
             dict(num_chs=out_chs[b], reduction=reductions[b], module=f"blocks.{b - 1}")
             for b in range(BLOCKS_PER_STAGE, len(widths) + 1, BLOCKS_PER_STAGE)
         ]
@@ -187,39 +190,23 @@ class MedNet(nn.Module):
 
         Shape checks are static; the finiteness check is skipped while tracing/exporting.
         """
-        if x.ndim != 4:
-            raise ValueError(f"MedNet expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            hint = (
-                "repeat the gray channel (x.expand(-1, 3, -1, -1)) or create the model with in_chans=1"
-                if x.shape[1] == 1
-                else "convert to gray or create the model with in_chans=%d" % x.shape[1]
-            )
-            raise ValueError(
-                f"MedNet built for {self.in_chans} input channel(s) got {x.shape[1]} "
-                f"(shape {tuple(x.shape)}): {hint}"
-            )
-        h, w = x.shape[-2:]
-        if h < self.min_input_size or w < self.min_input_size:
-            raise ValueError(
-                f"input {h}x{w} is smaller than MedNet's minimum {self.min_input_size}x{self.min_input_size}: "
-                f"resize it first (openmednet.data.build_transform does this)"
-            )
-        if not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()):
-            if not torch.isfinite(x).all():
-                raise ValueError("input contains NaN or infinite values: check the image decoding/normalisation")
+        check_input(x, self.in_chans, self.min_input_size)
 
     # ----------------------------------------------------------------------------- forward
-    def _run(self, x: Tensor, collect: bool = False) -> tuple[Tensor, list[Tensor]]:
+    def iter_outputs(self, x: Tensor, num_blocks: int | None = None) -> Iterator[Tensor]:
+        """Yield the stem output, then the output of each block in order (checks ``x`` first).
+
+        Args:
+            x: ``(B, in_chans, H, W)``.
+            num_blocks: stop after this many blocks (default: all).
+
+        Yields:
+            ``num_blocks + 1`` tensors; block ``b`` (1-based) has ``ceil(H / r_b)`` rows, with
+            ``r_b`` its ``feature_info``-style reduction. Stopping the iteration early skips the
+            remaining blocks' compute (``MedNetFeatures`` uses this).
+        """
         self.check_input(x)
-        outs = [self.stem(x)]
-        stages = [outs[0]] if collect else []
-        for b, (block, keys) in enumerate(zip(self.blocks, self._incoming), start=1):
-            conns = [self.connections[k](outs[self.connections_spec_src(k)]) for k in keys]
-            outs.append(block(outs[-1], conns))
-            if collect and b % BLOCKS_PER_STAGE == 0:
-                stages.append(outs[-1])
-        return outs[-1], stages
+        yield from run_blocks(self.stem, self.blocks, self.connections, self._incoming, x, num_blocks)
 
     @staticmethod
     def connections_spec_src(key: str) -> int:
@@ -228,15 +215,51 @@ class MedNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, in_chans, H, W) -> (B, num_features, ceil(H/16), ceil(W/16))``."""
-        return self._run(x)[0]
+        for out in self.iter_outputs(x):
+            pass
+        return out
 
-    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
-        """Feature maps of the stem and of each stage, as described by ``feature_info``.
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Stage outputs described by ``feature_info``, with timm's ``forward_intermediates`` signature.
+
+        Args:
+            x: ``(B, in_chans, H, W)``.
+            indices: ``feature_info`` entries to return: ``None`` = all four stages, an int ``n`` =
+                the last ``n``, or a sequence of indices (negative counts from the end).
+            norm: accepted for timm compatibility; MedNet has no final norm, so it changes nothing.
+            stop_early: stop after the last requested stage (the returned final map is then that
+                stage's, as in timm).
+            output_fmt: only ``"NCHW"``.
+            intermediates_only: return only the list of stage maps.
 
         Returns:
-            Five tensors with reductions 2, 2, 4, 8, 16.
+            ``[(B, C_i, ceil(H/r_i), ceil(W/r_i)) for each index]`` with ``C_i, r_i`` from
+            ``feature_info`` (reductions 2, 4, 8, 16), preceded by the final feature map
+            ``(B, num_features, ceil(H/16), ceil(W/16))`` unless ``intermediates_only``.
+
+        Raises:
+            ValueError: an index is out of range, or ``output_fmt`` is not ``"NCHW"``.
         """
-        return self._run(x, collect=True)[1]
+        if output_fmt != "NCHW":
+            raise ValueError(f"MedNet returns NCHW feature maps, got output_fmt={output_fmt!r}")
+        take = take_indices(len(self.feature_info), indices)
+        stage_block = [int(info["module"].split(".")[1]) + 1 for info in self.feature_info]
+        wanted = {stage_block[i]: i for i in take}
+        last = max(wanted) if (stop_early or intermediates_only) else len(self.blocks)
+        maps: dict[int, Tensor] = {}
+        for b, out in enumerate(self.iter_outputs(x, last)):
+            if b in wanted:
+                maps[wanted[b]] = out
+        intermediates = [maps[i] for i in take]
+        return intermediates if intermediates_only else (out, intermediates)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """``(B, num_features, h, w) -> (B, num_classes)`` logits, or pooled ``(B, num_features)``."""
@@ -316,6 +339,85 @@ def output_size(size: int, stride: int = 16) -> int:
     for _ in range(int(math.log2(stride))):
         size = math.ceil(size / 2)
     return size
+
+
+def check_input(x: Tensor, in_chans: int, min_input_size: int = MIN_INPUT_SIZE) -> None:
+    """Raise ``ValueError`` if ``x`` breaks MedNet's input contract (``docs/architecture.md``).
+
+    Args:
+        x: the input, expected ``(B, in_chans, H, W)`` with ``H, W >= min_input_size``, finite.
+
+    Shape checks are static; the finiteness check is skipped while tracing/exporting.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"MedNet expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        hint = (
+            "repeat the gray channel (x.expand(-1, 3, -1, -1)) or create the model with in_chans=1"
+            if x.shape[1] == 1
+            else "convert to gray or create the model with in_chans=%d" % x.shape[1]
+        )
+        raise ValueError(
+            f"MedNet built for {in_chans} input channel(s) got {x.shape[1]} "
+            f"(shape {tuple(x.shape)}): {hint}"
+        )
+    h, w = x.shape[-2:]
+    if h < min_input_size or w < min_input_size:
+        raise ValueError(
+            f"input {h}x{w} is smaller than MedNet's minimum {min_input_size}x{min_input_size}: "
+            f"resize it first (openmednet.data.build_transform does this)"
+        )
+    if not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()):
+        if not torch.isfinite(x).all():
+            raise ValueError("input contains NaN or infinite values: check the image decoding/normalisation")
+
+
+def run_blocks(
+    stem: nn.Module,
+    blocks: Sequence[MultiBranchBlock],
+    connections: Mapping[str, nn.Module],
+    incoming: Sequence[Sequence[str]],
+    x: Tensor,
+    num_blocks: int | None = None,
+) -> Iterator[Tensor]:
+    """Run MedNet's trunk on ``x``, yielding the stem output and then each block's output.
+
+    The one place the connection wiring is executed (``MedNet`` and ``MedNetFeatures`` share it):
+    block ``b`` gets the previous output plus, through ``connections[key]``, the outputs named by
+    ``incoming[b - 1]`` (keys ``"c<src>_<dst>"``, source 0 = stem).
+
+    Args:
+        num_blocks: stop after this many blocks (default: all of ``blocks``).
+    """
+    num_blocks = len(blocks) if num_blocks is None else num_blocks
+    outs = [stem(x)]
+    yield outs[0]
+    for block, keys in zip(list(blocks)[:num_blocks], incoming):
+        conns = [connections[k](outs[MedNet.connections_spec_src(k)]) for k in keys]
+        outs.append(block(outs[-1], conns))
+        yield outs[-1]
+
+
+def take_indices(num_features: int, indices: int | Sequence[int] | None) -> list[int]:
+    """Absolute, increasing feature indices, as timm's ``feature_take_indices`` resolves them.
+
+    ``None`` = all, an int ``n`` = the last ``n``, a sequence = those (negative from the end).
+
+    Raises:
+        ValueError: an index out of range, a repeated index, or an order other than increasing.
+    """
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"last-n indices must be 1..{num_features}, got {indices}")
+        return list(range(num_features - indices, num_features))
+    take = [i + num_features if i < 0 else i for i in indices]
+    if not take or any(not 0 <= i < num_features for i in take):
+        raise ValueError(f"feature indices must be in -{num_features}..{num_features - 1}, got {tuple(indices)}")
+    if any(b <= a for a, b in zip(take, take[1:])):
+        raise ValueError(f"feature indices must be increasing and distinct (shallow to deep), got {tuple(indices)}")
+    return take
 
 
 # --------------------------------------------------------------------------------- registry
