@@ -74,3 +74,84 @@ def test_nothing_imports_cli():
         if _layer(path) in ("cli", "__main__"):
             continue
         assert "cli" not in _imported_layers(path), f"{path.relative_to(PKG)} imports openmednet.cli"
+
+
+# --------------------------------------------------------------------------------- inside models
+def _model_module_imports(path: Path) -> set[str]:
+    """``openmednet.models`` submodules that ``path`` imports, function-level imports included."""
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("openmednet.models."):
+            found.add(node.module.split(".")[2])
+        elif isinstance(node, ast.ImportFrom) and node.module == "openmednet.models":
+            found.update(a.name for a in node.names if (PKG / "models" / f"{a.name}.py").exists())
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[2] for a in node.names if a.name.startswith("openmednet.models."))
+    return found
+
+
+def test_models_modules_import_each_other_without_cycles():
+    """timm's layering: _registry (names) <- _builder (weights) <- _factory (create_model); no cycle,
+    not even one hidden by a function-level import."""
+    graph = {p.stem: _model_module_imports(p) - {p.stem} for p in (PKG / "models").glob("*.py") if p.stem != "__init__"}
+    assert {"_registry", "_builder", "_factory", "_features", "_timm"} <= graph.keys()
+    assert graph["_registry"] <= {"_pretrained"}, "the registry holds names only"
+    visiting, done = [], set()
+
+    def visit(node: str) -> None:
+        if node in done:
+            return
+        assert node not in visiting, f"import cycle: {' -> '.join(visiting[visiting.index(node):] + [node])}"
+        visiting.append(node)
+        for dep in sorted(graph.get(node, ())):
+            visit(dep)
+        visiting.pop()
+        done.add(node)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+_IMPORT_SPY = r"""
+import json, os, sys
+
+class Environ(type(os.environ)):
+    reads = []
+    def __getitem__(self, key):
+        Environ.reads.append(key)
+        return super().__getitem__(key)
+
+os.environ.__class__ = Environ
+opened = []
+sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and args and isinstance(args[0], str) else None)
+
+def work():
+    return dict(
+        env=sorted({k for k in Environ.reads if k.startswith("OPENMEDNET")}),
+        cards=sorted({os.path.basename(p) for p in opened if p.endswith(".json") and "weights" in p}),
+        timm="timm" in sys.modules,
+    )
+
+import openmednet
+at_import = work()
+openmednet.list_models("mednet_*", pretrained=True)
+print(json.dumps(dict(at_import=at_import, at_lookup=work())))
+"""
+
+
+def test_import_openmednet_does_no_work():
+    """No model card read, no $OPENMEDNET_* read, no timm import at ``import openmednet``; the
+    shipped weights are registered at the first lookup instead (which the spy does see)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _IMPORT_SPY], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["at_import"] == {"env": [], "cards": [], "timm": False}
+    assert seen["at_lookup"]["env"] == ["OPENMEDNET_WEIGHTS_DIR"]
+    assert "mednet_gray.sup_cpu64_v1.json" in seen["at_lookup"]["cards"]

@@ -58,6 +58,7 @@ def _card_cli(folder: Path):
 
 @pytest.fixture
 def isolated_registry(monkeypatch):
+    _registry.list_pretrained_cfgs()  # run the deferred registration of the package's cards first
     cfgs = {arch: dict(tags) for arch, tags in _registry._model_pretrained_cfgs.items()}
     monkeypatch.setattr(_registry, "_model_pretrained_cfgs", cfgs)
     monkeypatch.setattr(_registry, "_model_default_tag", dict(_registry._model_default_tag))
@@ -230,3 +231,25 @@ def test_identical_saves_are_identical_bytes_across_processes(tmp_path):
     with safe_open(files[0], "pt") as f:
         assert f.metadata() == {"architecture": "mednet_test", "format": "pt"}
     assert json.loads((files[0].parent / CARD_FILE).read_text())["weights"]["sha256"] == digests.pop()
+
+
+# --------------------------------------------------------------------------------- shipped licences
+def test_shipped_licences_name_only_data_the_weights_were_trained_on():
+    """The gray card's licence named HAM10000 (a colour dataset): a licence line copied across cards.
+
+    Every dataset name (any shipped card's sources, and the pre-training folders of ../shared/data
+    when present) that a card's licence mentions must be in that card's own data.
+    """
+    from importlib.resources import files
+
+    shared = Path(os.environ.get("OPENMEDNET_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+    cards = [read_model_card(Path(str(p))) for p in (files("openmednet") / "assets" / "weights").iterdir()
+             if p.name.endswith(".json")]
+    assert {c.architecture for c in cards} == {"mednet_gray", "mednet_color"}
+    names = {name for c in cards for name in c.data}
+    names |= {p.name for family in ("gray", "color") for p in (shared / family / "pretrain").glob("*/")}
+    for card in cards:
+        named = {n for n in names if n.lower() in card.license.lower()}
+        assert named <= set(card.data), f"{card.architecture}.{card.tag} licence names {named - set(card.data)}"
+    gray = next(c for c in cards if c.architecture == "mednet_gray")
+    assert "HAM10000" not in gray.license and "knee_oa" in gray.license

@@ -66,6 +66,7 @@ def saved(tmp_path):
 @pytest.fixture
 def isolated_registry(monkeypatch):
     """Registered weight sets restored after the test (shipped-weight tests register their own)."""
+    _registry.list_pretrained_cfgs()  # run the deferred registration of the package's cards first
     cfgs = {arch: dict(tags) for arch, tags in _registry._model_pretrained_cfgs.items()}
     monkeypatch.setattr(_registry, "_model_pretrained_cfgs", cfgs)
     monkeypatch.setattr(_registry, "_model_default_tag", dict(_registry._model_default_tag))

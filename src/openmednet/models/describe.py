@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from openmednet.models._factory import create_model
 from openmednet.models.mednet import MedNet, count_convs, output_size
 
 __all__ = [
@@ -227,8 +228,6 @@ def architecture_sections(
     for reference. Every model has a 1000-class head so the rows compare like with like.
     ``include`` selects sections (the complexity table counts FLOPs of six models: seconds).
     """
-    from openmednet.models._registry import create_model
-
     gray = create_model("mednet_gray", num_classes=1000)
     sections = {
         "diagram": "```mermaid\n" + mermaid_diagram(gray) + "\n```",
@@ -241,8 +240,6 @@ def architecture_sections(
 
 def _complexity_section(gray: MedNet, sizes: Sequence[int]) -> str:
     import timm
-
-    from openmednet.models._registry import create_model
 
     models: dict[str, nn.Module] = {
         "mednet_gray (width 1)": gray,
