@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from openmednet.eval.study import StudyConfig, run_study
-from openmednet.models import get_pretrained_cfg
+from openmednet.models import InitSpec, get_pretrained_cfg
 from openmednet.utils import atomic_write_text
 
 __all__ = ["DEFAULT_EPOCHS", "DEFAULT_PER_CLASS", "DEMO_NAME", "demo_path", "quickstart_config", "run_quickstart", "shipped_gray_weights"]
@@ -147,7 +147,7 @@ def _quiet(enabled: bool):
 
 
 def _label(init: str, weights: str) -> str:
-    tag = weights.partition(".")[2]
+    tag = InitSpec.parse(weights).tag
     if init == weights:
         return INIT_LABELS["pretrained"].format(tag=tag)
     if init == f"scratch:{weights}":

