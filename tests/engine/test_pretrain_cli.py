@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from openmednet.cli.app import app
@@ -62,3 +63,22 @@ def test_pretrain_supervised_plus_distill_runs_and_keeps_the_teacher_out(tiny_co
     assert card["provenance"]["objective"] == "supervised/union+distill(efficientnet_lite0)"
     state = load_checkpoint(out / "checkpoint-last.pt")["model"]
     assert not any("teacher" in k for k in state) and any(k.startswith("distill.projector") for k in state)
+
+
+def test_model_init_starts_from_a_saved_backbone_and_refuses_another_width(tiny_corpus: Path, tmp_path: Path):
+    from openmednet.engine.pretrain import ModelSection, PretrainConfig, build_backbone
+    from openmednet.models import load_pretrained
+
+    out = tmp_path / "stage64"
+    args = ["pretrain", "--corpus", str(tiny_corpus), "--out", str(out), "--objective", "supervised",
+            "--set", "model.name=mednet_test", "--set", "data.image_size=32", "--set", "data.batch_size=8",
+            "--set", "data.num_workers=0", "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2",
+            "--set", "train.progress=false", "--set", "monitor.enabled=false", "--set", "train.precision=fp32"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    saved = load_pretrained(out / "backbone", num_classes=0).state_dict()
+    cfg = PretrainConfig(model=ModelSection(name="mednet_test", init=str(out / "backbone")))
+    started = build_backbone(cfg, channels=1).state_dict()
+    assert started.keys() == saved.keys()
+    assert all(torch.equal(started[k], saved[k]) for k in saved)
+    with pytest.raises(ValueError, match="set model.name/width_mult to match"):
+        build_backbone(PretrainConfig(model=ModelSection(name="mednet_test", width_mult=0.5, init=str(out / "backbone"))), 1)

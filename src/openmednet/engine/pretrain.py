@@ -72,10 +72,15 @@ HEAD_KINDS = ("union", "per_source")
 @dataclass(frozen=True)
 class ModelSection:
     """Backbone: a registered architecture and its width (``num_classes=0``: pooled features);
-    ``width_mult=None`` keeps the architecture's own default (0.25 for ``mednet_test``)."""
+    ``width_mult=None`` keeps the architecture's own default (0.25 for ``mednet_test``).
+
+    ``init``: a saved backbone (a run's ``backbone/`` folder or a weight set's card) whose weights
+    start this run, e.g. the 64 px stage of a progressive 64 -> 128 px schedule; the objective's
+    heads start fresh. Its architecture and width must match ``name`` and ``width_mult``."""
 
     name: str = "mednet_gray"
     width_mult: float | None = None
+    init: str | None = None
 
 
 @dataclass(frozen=True)
@@ -339,9 +344,17 @@ def _check_paths(cfg: PretrainConfig) -> tuple[Path, Path]:
 
 def build_backbone(cfg: PretrainConfig, channels: int) -> nn.Module:
     """The backbone with pooled-feature output, checked against the corpus' channel count."""
-    from openmednet.models import create_model
+    from openmednet.models import create_model, load_pretrained
 
     backbone = create_model(cfg.model.name, num_classes=0, width_mult=cfg.model.width_mult)
+    if cfg.model.init:
+        start = load_pretrained(cfg.model.init, num_classes=0)
+        if start.model_args() != backbone.model_args():
+            raise ValueError(
+                f"model.init {cfg.model.init} holds {start.model_args()}, but this run builds "
+                f"'{cfg.model.name}' with {backbone.model_args()}: set model.name/width_mult to match"
+            )
+        backbone.load_state_dict(start.state_dict())
     in_chans = getattr(backbone, "in_chans", channels)
     if in_chans != channels:
         raise ValueError(
