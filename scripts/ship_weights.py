@@ -8,6 +8,13 @@ checks. Usage (from the repository root)::
     .venv/bin/python scripts/ship_weights.py --run runs/pt_gray_supervised \
         --corpus runs/corpus_gray64_v1 --tag sup_cpu64_v1 \
         --comparison runs/compare_gray_small/report.json runs/compare_gray_large/report.json
+    .venv/bin/python scripts/ship_weights.py --run runs/pt_gray128_v2 --corpus runs/corpus_gray128_v2 \
+        --tag distill_cpu128_v2 --no-default --build scripts/build_release_corpora_v2.sh \
+        --command "scripts/pretrain_release_v2.sh gray" --license "research use only: ..." \
+        --comparison runs/probe_v2_gray_small/report.json runs/probe_v2_gray_large/report.json
+
+``--default`` makes the new set what ``pretrained=True`` loads and clears the flag on the other
+cards of the same architecture (they stay loadable by tag); ``--no-default`` ships it by tag only.
 """
 
 from __future__ import annotations
@@ -58,6 +65,22 @@ def _comparison(reports: list[Path]) -> list[dict]:
     return rows
 
 
+def _cpu_capability() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _clear_other_defaults(out: Path, architecture: str, tag: str) -> None:
+    """Unset ``default`` on the other shipped cards of ``architecture`` (one default per arch)."""
+    for card_path in sorted(out.glob(f"{architecture}.*.json")):
+        card = json.loads(card_path.read_text())
+        if card.get("architecture") == architecture and card.get("tag") != tag and card.get("default"):
+            card["default"] = False
+            card_path.write_text(json.dumps(card, indent=2) + "\n")
+            print(f"{card_path.name}: no longer the default")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="pre-training run directory")
@@ -65,6 +88,15 @@ def main() -> None:
     parser.add_argument("--tag", required=True, help="weight-set tag, e.g. sup_cpu64_v1")
     parser.add_argument("--comparison", type=Path, nargs="*", default=[], help="report.json of the objective comparison")
     parser.add_argument("--out", type=Path, default=ASSETS)
+    parser.add_argument("--default", action=argparse.BooleanOptionalAction, default=True,
+                        help="make it the architecture's default weight set (pretrained=True)")
+    parser.add_argument("--build", default="scripts/build_release_corpora.sh", help="script that built the corpus")
+    parser.add_argument("--command", default=None, help="command that pre-trained it (default: the v1 script)")
+    parser.add_argument("--init-run", type=Path, default=None,
+                        help="the run whose backbone started this one (a progressive schedule's earlier stage)")
+    parser.add_argument("--selection", default="linear probe on the public targets (scripts/compare_objectives.sh), "
+                        "mean test AUROC over 3 seeds", help="how this weight set was chosen")
+    parser.add_argument("--license", default=LICENSE, help="licence line of the card (name the sources' terms)")
     args = parser.parse_args()
 
     model = load_pretrained(args.run / "backbone")
@@ -78,21 +110,27 @@ def main() -> None:
             "name": args.corpus.name,
             "images": manifest.num_images,
             "image_size": manifest.image_size,
-            "build": "scripts/build_release_corpora.sh",
+            "build": args.build,
             "excluded_targets": manifest.build.get("exclude", []),
         },
         "sources": {s["name"]: {k: s.get(k) for k in ("modality", "license", "images") if k in s}
                     for s in manifest.sources},
         "per_source_images": manifest.stats.get("per_source", {}),
         "training": {
-            "command": "scripts/pretrain_release.sh " + ("gray" if model.in_chans == 1 else "color"),
+            "command": args.command or "scripts/pretrain_release.sh " + ("gray" if model.in_chans == 1 else "color"),
             "config": config,
             "wall_time_s": round(sum(e.get("time_s", 0.0) for e in epochs), 1),
-            "hardware": f"{os.cpu_count()} CPU cores ({_cpu_model()}), no GPU",
+            "earlier_stage": None if args.init_run is None else {
+                "run": args.init_run.name,
+                "config": yaml.safe_load((args.init_run / "config.yaml").read_text()),
+                "epochs": len(_epochs(args.init_run)),
+                "wall_time_s": round(sum(e.get("time_s", 0.0) for e in _epochs(args.init_run)), 1),
+            },
+            "hardware": f"{os.cpu_count()} CPU cores ({_cpu_model()}, torch CPU capability {_cpu_capability()}), no GPU",
             "precision": config.get("train", {}).get("precision"),
         },
         "selection": {
-            "how": "linear probe on the public targets (scripts/compare_objectives.sh), mean test AUROC over 3 seeds",
+            "how": args.selection,
             "comparison": _comparison(args.comparison),
         },
     }
@@ -101,12 +139,15 @@ def main() -> None:
         save_corpus_fingerprint(args.corpus, fingerprint)
     metrics = {k: float(v) for k, v in last.items() if k.startswith("knn/") or k == "train/loss"}
     saved = save_pretrained(
-        model, args.out, tag=args.tag, default=True,
+        model, args.out, tag=args.tag, default=args.default,
         data=tuple(s["name"] for s in manifest.sources),
-        objective=card["provenance"]["objective"], epochs=len(epochs), metrics=metrics,
-        license=LICENSE, corpus_fingerprint=fingerprint,
+        objective=card["provenance"]["objective"],
+        epochs=len(epochs) + (len(_epochs(args.init_run)) if args.init_run else 0), metrics=metrics,
+        license=args.license, corpus_fingerprint=fingerprint,
         details=details,
     )
+    if args.default:
+        _clear_other_defaults(args.out, saved.architecture, saved.tag)
     print(f"shipped {saved.architecture}.{saved.tag}: {saved.num_params:,} parameters, sha256 {saved.sha256}")
 
 
