@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Pre-train one MedNet v2 weight set (issue 11; docs/pretraining.md, "v2"), exactly as shipped:
+# - gray:  objective `distill` (chosen by scripts/pilot_v2.sh), progressive: 5 epochs at 64 px,
+#          then 2 epochs at 128 px started from the 64 px backbone (model.init);
+# - color: objective `supervised+distill`, 2 epochs at 128 px.
+# Width 0.5 (width 1.0 costs twice the time per image: half the epochs in the same hours).
+# Resumable: run the same command again after a kill and each stage continues from its
+# checkpoint-last.pt; finished stages are skipped.
+# Usage: scripts/pretrain_release_v2.sh gray|color [CORPUS_ROOT=runs] [OUT_ROOT=runs]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VERSION=$1; CORPUS_ROOT=${2:-runs}; OUT_ROOT=${3:-runs}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+stage() {  # stage OUT [--set k=v ...]
+  local out=$1; shift
+  [ -f "$out/backbone/model_card.json" ] && { echo "done already: $out"; return; }
+  .venv/bin/openmednet pretrain --corpus "$CORPUS_ROOT/corpus_${VERSION}128_v2" --out "$out" \
+    --config "configs/pretrain_${VERSION}128_v2.yaml" $( [ -f "$out/checkpoint-last.pt" ] && echo --resume ) "$@"
+}
+if [ "$VERSION" = gray ]; then
+  stage "$OUT_ROOT/pt_gray_v2_stage64" --set data.image_size=64 --set train.epochs=5
+  stage "$OUT_ROOT/pt_gray128_v2" --set train.epochs=2 --set model.init="$OUT_ROOT/pt_gray_v2_stage64/backbone"
+else
+  stage "$OUT_ROOT/pt_color128_v2" --set train.epochs=2
+fi
