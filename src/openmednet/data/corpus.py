@@ -4,9 +4,14 @@
 
 1. **Plan.** Enumerate every source (no pixels decoded) into ``plan.jsonl`` with the build
    parameters in ``params.json``, both written atomically. The plan fixes the item order; a
-   restarted build reuses it and refuses to continue with different parameters.
+   restarted build reuses it and refuses to continue with different parameters. A census of
+   the plan (``census.json``: items and test-split items per source, the channel family of
+   ``CHANNEL_SAMPLE`` decoded items per source) resolves ``channels="auto"``, refuses explicit
+   channels that would skip most images, and warns about sources that look like targets.
+   Before any of it, a source that is an exclusion target is refused (``check_sources``).
 2. **Decode.** The plan is cut into chunks of ``CHUNK_ITEMS`` items; a pool of ``workers``
-   processes decodes, routes by channel content, normalises and hashes each chunk
+   processes (which die with the build, even on SIGKILL) decodes, skips tiny and blank
+   images, routes by channel content, normalises and hashes each chunk
    (``_process_chunk``) and the parent stores the result as ``chunks/chunk-XXXXX.npz``
    (atomically). Chunks already on disk are not decoded again. Exclusion targets are hashed the
    same way into ``targets.npz``.
@@ -29,11 +34,18 @@ de-duplication across parts. See docs/corpus.md.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import json
 import logging
+import os
 import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -54,10 +66,12 @@ from openmednet.data.curation import (
     TargetHashes,
     decide,
     match_targets,
+    normalise_split,
     stable_u64,
 )
 from openmednet.data.images import is_gray_content, resize_to_square, to_channels
 from openmednet.data.readers import SkipImage
+from openmednet.data.readers.base import printable_path
 from openmednet.data.shards import (
     FORMAT_VERSION,
     SPLITS,
@@ -78,12 +92,23 @@ CHUNK_ITEMS = 64
 #: noise on gray content saved as RGB reaches a few levels (brain_mri_yes_no: up to 5), while
 #: the palest colour source here (chula_rbc12 smears) spreads at least 15.
 GRAY_TOLERANCE = 8
+#: Shortest image side a corpus takes: below it an image holds no structure at any corpus size
+#: (>= 8 px), and a 1x1 "image" is padding, not data. MedMNIST's 28 px is well above.
+MIN_SIDE = 8
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: called as stages advance (stage names: plan, targets, decode,
 write)."""
 
 _BUILD_DIR = ".build"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+#: Items per source decoded (evenly spaced in plan order) to choose or check the corpus channels.
+CHANNEL_SAMPLE = 16
+
+
+class CorpusWarning(UserWarning):
+    """A build that runs but is probably not what was meant (a target next to the sources, a
+    source holding a test split, a source of the other channel family)."""
 
 
 # --- plan --------------------------------------------------------------------------------------
@@ -93,7 +118,7 @@ _BUILD_DIR = ".build"
 class BuildParams:
     """Everything that determines a build's output (compared on resume)."""
 
-    channels: int
+    channels: int | str  # as requested: 1, 3 or "auto" (the resolved value is in the manifest)
     image_size: int
     resize_mode: str
     near_threshold: int
@@ -110,7 +135,7 @@ class BuildParams:
 
 
 def _spec_dict(spec: SourceSpec) -> dict[str, Any]:
-    return {
+    d = {
         "name": spec.name,
         "root": str(Path(spec.root).resolve()),
         "format": spec.format,
@@ -119,11 +144,13 @@ def _spec_dict(spec: SourceSpec) -> dict[str, Any]:
         "channels": spec.channels,
         "reader_options": dict(spec.reader_options),
     }
+    # only when set, so that the parameters (and manifests) of existing builds stay the same
+    return d | ({"allow_outside_root": True} if spec.allow_outside_root else {})
 
 
 def _item_part(item: SourceItem, num_parts: int) -> int:
     unit = f"{item.source}/{item.group}" if item.group else f"{item.source}/{item.path}"
-    return zlib.crc32(unit.encode()) % num_parts
+    return zlib.crc32(unit.encode("utf-8", "surrogateescape")) % num_parts
 
 
 def _item_to_json(item: SourceItem) -> dict[str, Any]:
@@ -138,7 +165,7 @@ def _item_to_json(item: SourceItem) -> dict[str, Any]:
     }
 
 
-def _item_from_json(d: dict[str, Any], reader_options: dict[str, Any]) -> SourceItem:
+def _item_from_json(d: dict[str, Any], reader_options: dict[str, Any], root: str | None = None) -> SourceItem:
     frame = tuple(d["frame"]) if isinstance(d["frame"], list) else d["frame"]
     return SourceItem(
         path=Path(d["path"]),
@@ -149,6 +176,7 @@ def _item_from_json(d: dict[str, Any], reader_options: dict[str, Any]) -> Source
         source=d["source"],
         modality=d["modality"],
         reader_options=reader_options,
+        root=None if root is None else Path(root),
     )
 
 
@@ -193,6 +221,122 @@ def _plan_chunks(
     return paths, batches()
 
 
+# --- source checks and channels ------------------------------------------------------------------
+
+
+def check_sources(sources: Sequence[SourceSpec], exclude: Sequence[SourceSpec]) -> None:
+    """Refuse a source that is an exclusion target (or lies inside one); warn about near misses.
+
+    ``--exclude A B C`` on a command line excludes A and makes B and C *sources*; listing a target
+    as a source is exactly the leak exclusion exists to prevent. A source in the same folder as a
+    target (``targets/busi`` next to ``targets/mias``) gets a ``CorpusWarning``.
+
+    Raises:
+        ValueError: a source root equals a target root or lies inside it.
+    """
+    for s in sources:
+        src = Path(s.root).resolve()
+        for t in exclude:
+            tgt = Path(t.root).resolve()
+            if src == tgt or tgt in src.parents:
+                raise ValueError(
+                    f"source '{s.name}' ({s.root}) is {'inside ' if src != tgt else ''}the exclusion target "
+                    f"'{t.name}' ({t.root}); a target must never be a pre-training source: drop it from the sources "
+                    "(several targets: --exclude A,B,C; '--exclude A B C' makes B and C sources)"
+                )
+            if src in tgt.parents:
+                _warn(f"source '{s.name}' ({s.root}) contains the exclusion target '{t.name}': its copies are "
+                      "excluded by hash, but point the source at its own files")
+            elif src.parent == tgt.parent:
+                _warn(f"source '{s.name}' ({s.root}) sits next to the exclusion target '{t.name}' in {src.parent}: "
+                      "if it is a target too, exclude it (--exclude A,B,C; '--exclude A B C' makes B and C sources)")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, CorpusWarning, stacklevel=3)
+
+
+def _census(plan_path: Path, specs: Sequence[SourceSpec], gray_tolerance: int) -> dict[str, dict[str, int]]:
+    """Per source: plan items, items in a test split, and gray/colour counts of an evenly spaced
+    sample of ``CHANNEL_SAMPLE`` items (first image of each; unreadable ones left out)."""
+    by_name = {s.name: s for s in specs}
+    counts = {n: {"items": 0, "test": 0, "gray": 0, "colour": 0} for n in by_name}
+    with open(plan_path, encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            if d["source"] in counts:
+                counts[d["source"]]["items"] += 1
+                counts[d["source"]]["test"] += normalise_split(d["split"]) == "test"
+    picks = {
+        n: {k * c["items"] // min(c["items"], CHANNEL_SAMPLE) for k in range(min(c["items"], CHANNEL_SAMPLE))}
+        for n, c in counts.items()
+    }
+    seen = dict.fromkeys(counts, 0)
+    with open(plan_path, encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            name = d["source"]
+            if name not in counts:
+                continue
+            seen[name] += 1
+            if seen[name] - 1 in picks[name]:
+                gray = _sample_is_gray(d, by_name[name], gray_tolerance)
+                if gray is not None:
+                    counts[name]["gray" if gray else "colour"] += 1
+    return counts
+
+
+def _sample_is_gray(d: dict[str, Any], spec: SourceSpec, gray_tolerance: int) -> bool | None:
+    """Whether an item's first image is gray (the source's hint wins); ``None`` if unreadable."""
+    if spec.channels is not None:
+        return spec.channels == 1
+    root = None if spec.allow_outside_root else str(spec.root)
+    try:
+        for arr, _ in read_item(_item_from_json(d, dict(spec.reader_options), root), on_skip=lambda s: None):
+            return is_gray_content(arr, tol=gray_tolerance)
+    except Exception:  # noqa: BLE001 - the decode stage reports this file; the sample only skips it
+        return None
+    return None
+
+
+def _resolve_channels(requested: int | str, census: dict[str, dict[str, int]]) -> int:
+    """The corpus channels: ``requested`` (1 or 3), or for ``"auto"`` the family of most images.
+
+    Sources of the other family get a ``CorpusWarning`` (their images will be skipped as
+    ``wrong_channels``).
+
+    Raises:
+        ValueError: explicit channels under which most of the input would be skipped.
+    """
+    est = {"gray": 0.0, "colour": 0.0}
+    for c in census.values():
+        sampled = c["gray"] + c["colour"]
+        for kind in est:
+            est[kind] += c["items"] * c[kind] / sampled if sampled else 0.0
+    channels = (1 if est["gray"] >= est["colour"] else 3) if requested == "auto" else int(requested)
+    other = "colour" if channels == 1 else "gray"
+    total = est["gray"] + est["colour"]
+    if requested != "auto" and total and est[other] > total / 2:
+        wrong = sorted(n for n, c in census.items() if c[other] > c["gray" if other == "colour" else "colour"])
+        raise ValueError(
+            f"channels={channels}: about {est[other]:,.0f} of {total:,.0f} images are {other} (sampled "
+            f"{CHANNEL_SAMPLE} per source; mostly {other}: {', '.join(wrong)}) and would be skipped as "
+            f"wrong_channels; build with channels={4 - channels} or 'auto' (--channels {4 - channels}/auto)"
+        )
+    for name, c in census.items():
+        if c[other] > c["gray" if other == "colour" else "colour"]:
+            _warn(f"source '{name}' looks {other} ({c[other]} of {c['gray'] + c['colour']} sampled images): "
+                  f"its {other} images are skipped as wrong_channels in this {channels}-channel corpus")
+    return channels
+
+
+def _warn_test_splits(census: dict[str, dict[str, int]]) -> None:
+    for name, c in census.items():
+        if c["test"]:
+            _warn(f"source '{name}' holds {c['test']:,} images in a test split: if it is an evaluation target, "
+                  "pass it to --exclude instead of as a source")
+
+
 # --- decode (runs in worker processes) ----------------------------------------------------------
 
 
@@ -217,6 +361,17 @@ def _file_key(path: Path, frame_tag: str) -> str:
     return base if frame_tag in ("", "0") else hashlib.sha1(f"{base}#{frame_tag}".encode()).hexdigest()
 
 
+def _check_content(arr: np.ndarray) -> None:
+    """Skip images that carry nothing to learn: a side under ``MIN_SIDE`` (``"too_small"``) or every
+    pixel equal (``"blank_image"``; NIfTI and DICOM frames get their own ``"empty_slice"`` test)."""
+    h, w = arr.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise SkipImage("too_small", f"{w}x{h} image; the corpus takes sides of at least {MIN_SIDE} pixels")
+    flat = arr.reshape(h * w, -1)
+    if bool((flat == flat[0]).all()):
+        raise SkipImage("blank_image", f"every pixel equals {flat[0].tolist()}: a blank image")
+
+
 def _route(arr: np.ndarray, hint: int | None, opts: _DecodeOptions) -> np.ndarray:
     """Apply the corpus channel rule; raises ``SkipImage("wrong_channels")`` for the other family."""
     if opts.channels is None:
@@ -233,8 +388,11 @@ def _process_chunk(
     reader_options: dict[str, dict[str, Any]],
     hints: dict[str, int | None],
     opts: _DecodeOptions,
+    roots: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """Decode, route, normalise and hash a chunk of plan items (worker side).
+
+    ``roots`` maps a source to the folder its files must resolve inside (``None``: anywhere).
 
     Returns:
         ``images`` ``(n, C, S, S)`` uint8, ``phash`` ``(n,)`` uint64 and ``records``: one dict per
@@ -242,11 +400,12 @@ def _process_chunk(
     """
     images, phashes, records = [], [], []
     for d in items:
-        item = _item_from_json(d, reader_options.get(d["source"], {}))
+        item = _item_from_json(d, reader_options.get(d["source"], {}), (roots or {}).get(d["source"]))
         skips: list[SkipImage] = []
         try:
             for arr, meta in read_item(item, on_skip=skips.append):
                 try:
+                    _check_content(arr)
                     routed = _route(arr, hints.get(item.source), opts)
                 except SkipImage as s:
                     skips.append(SkipImage(s.reason, s.message, item.path, meta.frame))
@@ -300,7 +459,7 @@ def _load_chunk(path: Path, with_images: bool = True) -> dict[str, Any]:
 def _run_chunks(
     paths: list[Path],
     batches: Iterator[list[dict[str, Any]]],
-    reader_options: dict[str, dict[str, Any]],
+    specs: Sequence[SourceSpec],
     hints: dict[str, int | None],
     opts: _DecodeOptions,
     workers: int,
@@ -308,7 +467,9 @@ def _run_chunks(
     progress: ProgressFn | None,
 ) -> None:
     """Decode every chunk whose file is missing (in a process pool); ``batches`` are the chunks'
-    items, read lazily from the plan."""
+    items, read lazily from the plan; ``specs`` give each source's reader options and root."""
+    reader_options = {s.name: dict(s.reader_options) for s in specs}
+    roots = {s.name: None if s.allow_outside_root else str(s.root) for s in specs}
     total = len(paths)
     todo = ((p, items) for p, items in zip(paths, batches) if not p.is_file())
     done = sum(p.is_file() for p in paths)
@@ -316,12 +477,12 @@ def _run_chunks(
         progress(stage, done, total)
     if workers <= 1:
         for p, items in todo:
-            _save_chunk(p, _process_chunk(items, reader_options, hints, opts))
+            _save_chunk(p, _process_chunk(items, reader_options, hints, opts, roots))
             done += 1
             if progress:
                 progress(stage, done, total)
         return
-    args = (reader_options, hints, opts)
+    args = (reader_options, hints, opts, roots)
     count = [done]
 
     def tick() -> None:
@@ -340,13 +501,47 @@ def _run_chunks(
             tick()
 
 
+def _worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool whose workers die with this process, even when it is killed with SIGKILL.
+
+    A killed parent never shuts its pool down, and a forked worker blocked on the task queue
+    never sees EOF (it holds the queue's write end itself): it would decode on, or wait, forever.
+    """
+    return ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),))
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: exit when ``parent`` dies (Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``;
+    elsewhere a thread that polls the parent id once a second)."""
+    if not _set_parent_death_signal():
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="parent-watch").start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _set_parent_death_signal() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def _pool_pass(
     todo: Iterator[tuple[Path, list[dict[str, Any]]]], args: tuple, workers: int, tick: Callable[[], Any]
 ) -> list[tuple[Path, list[dict[str, Any]]]]:
     """Run chunks in a process pool until done (returns ``[]``) or until a worker dies (returns
     the chunks that were in flight; ``todo`` keeps the rest)."""
     pending: dict[Future, tuple[Path, list[dict[str, Any]]]] = {}
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with _worker_pool(workers) as pool:
         while True:
             # keep at most 2 tasks per worker in flight so finished chunks never pile up in RAM
             while len(pending) < 2 * workers:
@@ -371,7 +566,7 @@ def _isolated(items: list[dict[str, Any]], args: tuple) -> dict[str, Any]:
     """Process each item in a fresh process; an item that kills its process becomes a skip."""
     parts = []
     for d in items:
-        with ProcessPoolExecutor(max_workers=1) as pool:
+        with _worker_pool(1) as pool:
             try:
                 parts.append(pool.submit(_process_chunk, [d], *args).result())
             except BrokenProcessPool:
@@ -421,10 +616,7 @@ def _hash_targets(
         p, b = _plan_chunks(plan, tdir, f"t{ti:03d}-chunk", CHUNK_ITEMS)
         paths += p
         batches.append(b)
-    options = {s.name: dict(s.reader_options) for s in specs}
-    _run_chunks(
-        paths, itertools.chain(*batches), options, {s.name: None for s in specs}, opts, workers, "targets", progress
-    )
+    _run_chunks(paths, itertools.chain(*batches), specs, {s.name: None for s in specs}, opts, workers, "targets", progress)
     builder = TableBuilder()
     image_names: list[str] = []
     target_idx: list[np.ndarray] = []
@@ -548,7 +740,8 @@ class _Stats:
         self.skipped[rec["skip"]] += 1
         self.skipped_by_source[rec["source"]][rec["skip"]] += 1
         if len(self.skip_examples[rec["skip"]]) < 5:
-            self.skip_examples[rec["skip"]].append(f"{rec['path']}: {rec.get('message', '')}"[:300])
+            # printable: a skipped file's name may be the undecodable bytes that caused the skip
+            self.skip_examples[rec["skip"]].append(f"{printable_path(rec['path'])}: {rec.get('message', '')}"[:300])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -584,7 +777,7 @@ def _check_params(work: Path, params: BuildParams) -> None:
 
 
 def _validate(
-    channels: int,
+    channels: int | str,
     image_size: int,
     resize_mode: str,
     shard_size: int,
@@ -593,8 +786,8 @@ def _validate(
     part: int,
     sources: Sequence[SourceSpec],
 ) -> None:
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (gray corpus) or 3 (colour corpus), got {channels}")
+    if channels not in (1, 3, "auto"):
+        raise ValueError(f"channels must be 1 (gray corpus), 3 (colour corpus) or 'auto', got {channels!r}")
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
     if resize_mode not in ("pad", "crop"):
@@ -603,6 +796,8 @@ def _validate(
         raise ValueError(f"shard_size and chunk_items must be positive, got {shard_size} and {chunk_items}")
     if num_parts < 1 or not 0 <= part < num_parts:
         raise ValueError(f"part must be in [0, num_parts), got part={part} with num_parts={num_parts}")
+    if num_parts > 1 and channels == "auto":
+        raise ValueError("channels='auto' would let parts choose differently; give every part --channels 1 or 3")
     names = [s.name for s in sources]
     if not names:
         raise ValueError("no sources given: pass at least one source folder")
@@ -615,7 +810,7 @@ def build_corpus(
     sources: Sequence[SourceSpec],
     out_dir: str | Path,
     *,
-    channels: Literal[1, 3],
+    channels: Literal[1, 3, "auto"],
     image_size: int = 256,
     resize_mode: Literal["pad", "crop"] = "pad",
     exclude: Sequence[SourceSpec] = (),
@@ -636,10 +831,13 @@ def build_corpus(
     Args:
         sources: the sources to include (``SourceSpec``; names must be unique).
         out_dir: corpus directory (created; an unfinished build there is resumed).
-        channels: 1 for a gray corpus, 3 for a colour corpus. Images are routed by content: an
-            RGB file with equal channels (within ``gray_tolerance``) is gray; images of the other
-            family are skipped with reason ``"wrong_channels"``. A source's ``channels`` hint,
-            when set, overrides the content test.
+        channels: 1 for a gray corpus, 3 for a colour corpus, ``"auto"`` for the family of most
+            images (from ``CHANNEL_SAMPLE`` decoded items per source, weighted by the sources'
+            sizes). Images are routed by content: an RGB file with equal channels (within
+            ``gray_tolerance``) is gray; images of the other family are skipped with reason
+            ``"wrong_channels"``. A source's ``channels`` hint, when set, overrides the content
+            test. Explicit channels under which most of the input would be skipped are refused
+            before decoding.
         image_size: side ``S`` of the stored ``(C, S, S)`` uint8 images.
         resize_mode: ``"pad"`` (whole image, longer side to ``S``, black borders) or ``"crop"``
             (shorter side to ``S``, centred crop); see ``openmednet.data.images.resize_to_square``.
@@ -659,15 +857,22 @@ def build_corpus(
         The manifest of the finished corpus (also in ``out_dir/manifest.json``; the report is in
         ``out_dir/report.md``).
 
+    Warns:
+        CorpusWarning: a source next to (or containing) a target, holding a test split, or of the
+            other channel family (see ``check_sources``).
+
     Raises:
-        ValueError: bad arguments, or an unfinished build in ``out_dir`` with other parameters.
+        ValueError: bad arguments, a source that is an exclusion target, explicit channels that
+            would skip most images, or an unfinished build in ``out_dir`` with other parameters.
         FileNotFoundError: a source or target root does not exist.
     """
     _validate(channels, image_size, resize_mode, shard_size, chunk_items, num_parts, part, sources)
+    check_sources(sources, exclude)
     out = Path(out_dir)
     work = out / _BUILD_DIR
+    fresh = not (work / "params.json").is_file()
     work.mkdir(parents=True, exist_ok=True)
-    if (out / "manifest.json").is_file() and not (work / "params.json").is_file():
+    if (out / "manifest.json").is_file() and fresh:
         raise ValueError(f"{out} already holds a finished corpus; choose a new --out or delete it")
     params = BuildParams(
         channels, image_size, resize_mode, near_threshold, seed, shard_size, num_parts, part, gray_tolerance,
@@ -680,6 +885,7 @@ def build_corpus(
     plan_path = work / "plan.jsonl"
     if not plan_path.is_file():
         _write_plan(plan_path, sources, num_parts, part, progress)
+    requested, channels = channels, _plan_channels(work, plan_path, sources, channels, gray_tolerance, fresh)
     opts = _DecodeOptions(channels, channels, image_size, resize_mode, gray_tolerance)
     targets = _hash_targets(
         exclude, work, _DecodeOptions(None, channels, image_size, resize_mode, gray_tolerance), workers, progress
@@ -688,10 +894,7 @@ def build_corpus(
     chunk_dir = work / "chunks"
     chunk_dir.mkdir(exist_ok=True)
     chunk_paths, batches = _plan_chunks(plan_path, chunk_dir, "chunk", chunk_items)
-    reader_options = {s.name: dict(s.reader_options) for s in sources}
-    _run_chunks(
-        chunk_paths, batches, reader_options, {s.name: s.channels for s in sources}, opts, workers, "decode", progress
-    )
+    _run_chunks(chunk_paths, batches, sources, {s.name: s.channels for s in sources}, opts, workers, "decode", progress)
 
     builder = TableBuilder(source_names=[s.name for s in sources])
     for path in chunk_paths:
@@ -724,11 +927,37 @@ def build_corpus(
         shards=shards,
         sources=[_source_entry(s) for s in sources],
         label_names=table.label_names,
-        build={k: v for k, v in asdict(params).items() if k not in ("sources",)} | {"decoded_images": len(table)},
+        build={k: v for k, v in asdict(params).items() if k not in ("sources",)}
+        | {"decoded_images": len(table), "channels": channels}
+        | ({"channels_requested": requested} if requested != channels else {}),
         stats=stats,
     )
     _finish(out, manifest, work, keep_work_files)
     return manifest
+
+
+def _plan_channels(
+    work: Path, plan_path: Path, sources: Sequence[SourceSpec], requested: int | str, gray_tolerance: int, fresh: bool
+) -> int:
+    """Resolve (``"auto"``) or check the channels once per build, from a census of the plan stored
+    in ``.build/census.json``; a resumed build reuses it (same sample, same answer, no decoding).
+
+    A refused first attempt removes its ``.build`` (parameters and plan only), so the command can
+    be re-run at once with other channels.
+    """
+    path = work / "census.json"
+    if path.is_file():
+        return int(json.loads(path.read_text())["channels"])
+    census = _census(plan_path, sources, gray_tolerance)
+    try:
+        channels = _resolve_channels(requested, census)
+    except ValueError:
+        if fresh:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    _warn_test_splits(census)
+    atomic_write_text(path, json.dumps({"channels": channels, "sources": census}, indent=1))
+    return channels
 
 
 def _source_entry(spec: SourceSpec) -> dict[str, Any]:

@@ -43,8 +43,12 @@ def normalise_split(split: str | None) -> str | None:
 
 
 def stable_u64(text: str) -> int:
-    """A stable (process- and machine-independent) 64-bit hash of a string; never 0."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") or 1
+    """A stable (process- and machine-independent) 64-bit hash of a string; never 0.
+
+    Surrogate escapes (file names that are not UTF-8) hash as their original bytes instead of
+    raising; valid text hashes exactly as before.
+    """
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big") or 1
 
 
 @dataclass
@@ -298,7 +302,8 @@ def decide(
     # rule 2: one representative per exact cluster among the non-excluded images
     rank = np.where(split >= 0, split, 3).astype(np.int64)
     order = np.lexsort((np.arange(n), rank, excluded, exact_comp))
-    first = np.r_[True, exact_comp[order][1:] != exact_comp[order][:-1]]
+    # n == 0 (every item of a build or part skipped): nothing to decide, no crash
+    first = np.r_[True, exact_comp[order][1:] != exact_comp[order][:-1]] if n else np.zeros(0, bool)
     rep = np.zeros(n, bool)
     rep[order[first]] = True
     dup = ~rep & ~excluded
