@@ -2,8 +2,8 @@
 
 Examples::
 
-    openmednet corpus build data/gray/pretrain/* --out corpus_gray64 --channels 1 --size 64 \\
-        --exclude data/gray/targets/busi --workers 8
+    openmednet corpus build data/gray/pretrain/* --out corpus_gray64 --size 64 \\
+        --exclude data/gray/targets/busi,data/gray/targets/openi_abd_vs_cxr --workers 8
     openmednet corpus build SRC... --out part0 --channels 1 --num-parts 4 --part 0   # one machine
     openmednet corpus merge part0 part1 part2 part3 --out corpus_gray
     openmednet corpus inspect corpus_gray64
@@ -11,10 +11,16 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -24,6 +30,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperCommand
 
 _STAGES = {
     "plan": "enumerating sources",
@@ -33,7 +40,48 @@ _STAGES = {
 }
 
 
-def _parse_sources(paths: list[str], modalities: list[str]) -> list:
+def _parse_channels(value: str) -> int | str:
+    if value not in ("auto", "1", "3"):
+        raise ValueError(f"--channels must be auto, 1 (gray) or 3 (colour), got {value!r}")
+    return value if value == "auto" else int(value)
+
+
+class _ArgvCommand(TyperCommand):
+    """Keeps the raw arguments in ``ctx.meta["argv"]``: only their order shows that a bare
+    ``--exclude A B C`` turned B and C into sources."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def _check_exclude_order(argv: list[str]) -> None:
+    """Refuse sources written right after an ``--exclude`` value (``--exclude A B C``).
+
+    Typer options take one value, so B and C there become pre-training *sources*: the very leak
+    the exclusion exists to prevent. Intent cannot be told apart, so the order is refused.
+    """
+    for i, token in enumerate(argv):
+        if token == "--exclude" and i + 1 < len(argv):
+            value, rest = argv[i + 1], argv[i + 2 :]
+        elif token.startswith("--exclude="):
+            value, rest = token.split("=", 1)[1], argv[i + 1 :]
+        else:
+            continue
+        stray = list(itertools.takewhile(lambda t: not t.startswith("-"), rest))
+        if stray:
+            raise ValueError(
+                f"{', '.join(stray)}: written after '--exclude {value}', read as pre-training SOURCES; exclude "
+                f"several targets with --exclude {','.join([value, *stray])}, and list sources before the options"
+            )
+
+
+def _split_exclude(values: list[str]) -> list[Path]:
+    """``--exclude A,B --exclude C`` -> ``[A, B, C]`` (Typer options take one value each)."""
+    return [Path(v.strip()) for value in values for v in value.split(",") if v.strip()]
+
+
+def _parse_sources(paths: list[str], modalities: list[str], allow_outside_root: bool = False) -> list:
     """``[NAME=]PATH`` arguments -> ``SourceSpec`` (name defaults to the folder name)."""
     from openmednet.data.sources import SourceSpec
 
@@ -52,7 +100,7 @@ def _parse_sources(paths: list[str], modalities: list[str]) -> list:
                 f"source not found: {root} (expected a folder with images or labels.csv, or a .npz)"
             )
         name = name or (root.stem if root.is_file() else root.name)
-        specs.append(SourceSpec(name=name, root=root, modality=mods.get(name, "")))
+        specs.append(SourceSpec(name=name, root=root, modality=mods.get(name, ""), allow_outside_root=allow_outside_root))
     unknown = set(mods) - {s.name for s in specs}
     if unknown:
         raise ValueError(f"--modality names {sorted(unknown)} match no source; sources are {[s.name for s in specs]}")
@@ -83,6 +131,26 @@ def _progress_bar() -> Progress:
     )
 
 
+@contextlib.contextmanager
+def _loud_warnings(console: Console) -> Iterator[None]:
+    """Print the builder's ``CorpusWarning``s in bold red as they come (above the progress bars):
+    a target used as a source must not scroll by as a log line."""
+    from openmednet.data.corpus import CorpusWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CorpusWarning)
+        default = warnings.showwarning
+
+        def show(message, category, *args, **kwargs) -> None:  # noqa: ANN001 - the warnings hook's signature
+            if issubclass(category, CorpusWarning):
+                console.print(f"[bold red]warning:[/] {escape(str(message))}", highlight=False)
+            else:
+                default(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 def _summary(manifest, out: Path) -> None:
     table = Table(title=str(out), show_header=False)
     table.add_row("images", f"{manifest.num_images:,}")
@@ -104,15 +172,22 @@ def register(app: typer.Typer) -> None:
     group = typer.Typer(help="Build, inspect and merge pre-training corpora.", no_args_is_help=True)
     app.add_typer(group, name="corpus")
 
-    @group.command("build")
+    @group.command("build", cls=_ArgvCommand)
     def build_cmd(
+        ctx: typer.Context,
         sources: list[str] = typer.Argument(..., help="Source folders or .npz files, optionally NAME=PATH."),
         out: Path = typer.Option(..., "--out", help="Corpus directory (an unfinished build there is resumed)."),
-        channels: int = typer.Option(1, help="1 = gray corpus, 3 = colour corpus (images routed by content)."),
+        channels: str = typer.Option(
+            "auto", help="auto (the family of most source images), 1 = gray, 3 = colour (images routed by content)."
+        ),
         size: int = typer.Option(256, help="Stored image side in pixels."),
         resize_mode: str = typer.Option("pad", help="pad (keep the whole image) or crop (centre crop)."),
-        exclude: list[Path] = typer.Option(
-            [], "--exclude", help="Target set (folder or .npz) whose images and near copies are kept out."
+        exclude: list[str] = typer.Option(
+            [], "--exclude", help="Target sets (folders or .npz) kept out, with their near copies: --exclude A,B,C "
+            "or repeat --exclude (a bare '--exclude A B C' makes B and C sources)."
+        ),
+        allow_outside_root: bool = typer.Option(
+            False, help="Read labels.csv rows and symlinks that lead outside their source folder (else skipped)."
         ),
         modality: list[str] = typer.Option([], "--modality", help="NAME=MODALITY for a source, e.g. knee_oa=XR."),
         workers: int = typer.Option(2, help="Decoding processes."),
@@ -125,13 +200,14 @@ def register(app: typer.Typer) -> None:
         """Build (or resume) a corpus of uint8 shards with a manifest and a report."""
         from openmednet.data.corpus import build_corpus, target_spec
 
-        specs = _parse_sources(sources, modality)
-        targets = [target_spec(t) for t in exclude]
-        with _progress_bar() as bar:
+        _check_exclude_order(ctx.meta.get("argv", []))
+        specs = _parse_sources(sources, modality, allow_outside_root)
+        targets = [target_spec(t) for t in _split_exclude(exclude)]
+        with _progress_bar() as bar, _loud_warnings(bar.console):
             manifest = build_corpus(
-                specs, out, channels=channels, image_size=size, resize_mode=resize_mode, exclude=targets, workers=workers,
-                shard_size=shard_size, num_parts=num_parts, part=part, seed=seed, near_threshold=near_threshold,
-                progress=_RichProgress(bar),
+                specs, out, channels=_parse_channels(channels), image_size=size, resize_mode=resize_mode,
+                exclude=targets, workers=workers, shard_size=shard_size, num_parts=num_parts, part=part, seed=seed,
+                near_threshold=near_threshold, progress=_RichProgress(bar),
             )  # fmt: skip
         _summary(manifest, out)
 
