@@ -6,9 +6,10 @@ A weight set is shipped by dropping two files, as written by
     <arch>.<tag>.safetensors    e.g. mednet_gray.sup_multisource_v1.safetensors
     <arch>.<tag>.json           its model card (architecture, model_args, input contract, sha256)
 
-At import, each card becomes a ``PretrainedCfg`` with ``source="package"`` registered as
-``<arch>.<tag>``, so ``create_model("mednet_gray", pretrained=True)`` loads the card marked
-``"default": true`` offline, verifying its checksum. ``$OPENMEDNET_WEIGHTS_DIR`` replaces the
+At the first lookup of weight sets (not at import: ``openmednet.models`` defers it), each card
+becomes a ``PretrainedCfg`` with ``source="package"`` registered as ``<arch>.<tag>``, so
+``create_model("mednet_gray", pretrained=True)`` loads the card marked ``"default": true``
+offline, verifying its checksum. ``$OPENMEDNET_WEIGHTS_DIR`` replaces the
 folder (tests, or weights kept outside the package).
 """
 
@@ -19,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from openmednet.models._builder import package_weights_dir
-from openmednet.models._registry import register_pretrained_cfgs
+from openmednet.models._registry import model_entrypoint, register_pretrained_cfgs
 from openmednet.models._weights import read_model_card
 
 __all__ = ["register_shipped_weights"]
@@ -62,8 +63,6 @@ def register_shipped_weights(weights_dir: str | Path | None = None, *, strict: b
 
 
 def _register_card(card_path: Path, defaults: dict[str, str]) -> str:
-    from openmednet.models._registry import model_entrypoint
-
     card = read_model_card(card_path)
     name = f"{card.architecture}.{card.tag}"
     if not card.tag or card_path.name != f"{name}.json":

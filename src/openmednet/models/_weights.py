@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from openmednet.models._pretrained import PretrainedCfg
+from openmednet.models._registry import model_entrypoint
 from openmednet.utils import atomic_write_bytes, atomic_write_text, sha256_file
 
 __all__ = [
@@ -344,8 +345,6 @@ def check_model_card(card: ModelCard, folder: str | Path, source: str = "model c
         KeyError: unknown architecture (with a suggestion).
         ValueError: any other disagreement, named.
     """
-    from openmednet.models._registry import model_entrypoint  # lazy: the registry imports this module
-
     entrypoint = model_entrypoint(card.architecture)
     channels = card.input_size[0]
     for key, value in (("in_chans", channels), ("num_classes", card.num_classes)):
