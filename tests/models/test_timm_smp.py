@@ -57,6 +57,13 @@ def test_mednet_is_in_timm_whichever_is_imported_first(order):
     assert out.strip() == f"{first_imported_timm} ['mednet_color', 'mednet_gray', 'mednet_test']"
 
 
+@pytest.mark.parametrize("name", ["mednet_gray", "mednet_color", "mednet_test"])
+def test_variant_cfg_is_what_the_entrypoint_sets(name):
+    from openmednet.models.mednet import variant_cfg
+
+    assert variant_cfg(name) == openmednet.create_model(name).pretrained_cfg
+
+
 def test_timm_default_cfg_is_the_input_contract():
     cfg = timm.models.get_pretrained_cfg("mednet_gray")
     assert (cfg.input_size, cfg.mean, cfg.std) == ((1, 64, 64), (0.5,), (0.25,))

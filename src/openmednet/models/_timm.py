@@ -38,13 +38,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import torch
 from torch import nn
 
 from openmednet.models._factory import create_model
 from openmednet.models._pretrained import PretrainedCfg
-from openmednet.models._registry import model_entrypoint
 from openmednet.models._weights import CARD_FILE, WEIGHTS_FILE, WeightsUnavailableError, read_model_card, save_pretrained
+from openmednet.models.mednet import variant_cfg
 from openmednet.utils import atomic_write_text
 
 __all__ = [
@@ -211,16 +210,10 @@ def register_in_timm() -> list[str]:
                 continue
             raise ValueError(f"timm already has a model named '{name}' ({model_entrypoint(name).__module__})")
         # timm's register_model reads the cfg of `name` from the entrypoint module's default_cfgs.
-        module.default_cfgs = {**getattr(module, "default_cfgs", {}), name: timm_pretrained_cfg(_default_cfg(name))}
+        module.default_cfgs = {**getattr(module, "default_cfgs", {}), name: timm_pretrained_cfg(variant_cfg(name))}
         register_model(fn)
         added.append(name)
     return added
-
-
-def _default_cfg(name: str) -> PretrainedCfg:
-    """The architecture's input contract (no weights): built on the meta device, allocating nothing."""
-    with torch.device("meta"):
-        return model_entrypoint(name)().pretrained_cfg
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):

@@ -442,6 +442,19 @@ def _create_mednet(variant: str, default_cfg: PretrainedCfg, **kwargs: Any) -> M
     return model
 
 
+def variant_cfg(variant: str) -> PretrainedCfg:
+    """The ``pretrained_cfg`` a variant's entrypoint sets at its default channels, without building it.
+
+    For registries that need the input contract cheaply (timm's, in ``_timm.py``); equal to
+    ``create_model(variant).pretrained_cfg`` (tested).
+    """
+    cfg = {"mednet_gray": _gray_cfg, "mednet_color": _color_cfg, "mednet_test": _gray_cfg}[variant]()
+    chans = cfg.input_size[0]
+    return cfg.replace(
+        min_input_size=(chans, MIN_INPUT_SIZE, MIN_INPUT_SIZE), meta={**cfg.meta, "architecture": variant}
+    )
+
+
 @register_model
 def mednet_gray(**kwargs: Any) -> MedNet:
     """Gray-MedNet: 1 input channel (X-ray, CT, MRI, ultrasound, mammography)."""
