@@ -117,6 +117,19 @@ def test_predict_passes_over_a_strip_quickly(tmp_path: Path) -> None:
     assert [Path(p.source).name for p in predictions] == ["ok.png"]
 
 
+def test_serve_upload_of_a_strip_is_refused_from_its_header(tmp_path: Path) -> None:
+    """serve reads uploads through the same readers (``predict_bytes``): refused before any resize."""
+    from openmednet.serve.predictor import Predictor
+
+    Image.new("L", (100_000, 1)).save(tmp_path / "strip.png")
+    predictor = Predictor(create_model("mednet_test", num_classes=2).eval())
+    start = time.perf_counter()
+    with pytest.raises(SkipImage) as info:
+        predictor.predict_bytes((tmp_path / "strip.png").read_bytes(), "strip.png", max_pixels=4096 * 4096)
+    assert time.perf_counter() - start < 1
+    assert info.value.reason == "decompression_bomb"
+
+
 def test_symlink_loop_and_dangling_link_are_reported(tmp_path: Path) -> None:
     """Probe (item 9): a symlink loop was missing from the skip report."""
     os.symlink("loop.png", tmp_path / "loop.png")

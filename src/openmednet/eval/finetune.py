@@ -150,6 +150,10 @@ class FinetuneConfig:
             precision").
         num_workers: DataLoader worker processes.
         device: ``cpu``, ``cuda`` or ``None`` (CUDA if available).
+        semi: ``none``, ``pseudo_label`` or ``fixmatch``; ``unlabelled`` (folders, or
+            ``rest_of_train``), ``rounds``, ``semi_threshold``, ``pseudo_selection``,
+            ``pseudo_fraction``, ``student_dropout``, ``mu``, ``lambda_u``, ``strong_magnitude``:
+            semi-supervised fine-tuning, see ``openmednet.eval.semi``.
     """
 
     data: Path
@@ -189,6 +193,16 @@ class FinetuneConfig:
     channels_last: bool | None = None
     num_workers: int = 0
     device: str | None = None
+    semi: str = "none"
+    unlabelled: tuple[str, ...] = ()
+    rounds: int = 1
+    semi_threshold: float = 0.95
+    pseudo_selection: str = "class_balanced"
+    pseudo_fraction: float = 0.5
+    student_dropout: float = 0.5
+    mu: int = 2
+    lambda_u: float = 1.0
+    strong_magnitude: int = 9
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
@@ -197,6 +211,9 @@ class FinetuneConfig:
         look_up_option(self.leakage, LEAKAGE_POLICIES, "leakage policy")
         look_up_option(self.precision, PRECISIONS, "precision")
         look_up_option(self.optimizer, OPTIMIZERS, "optimizer")
+        from openmednet.eval.semi import check_semi_config
+
+        check_semi_config(self)
         if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
             raise ValueError(f"epochs, patience and batch_size must be >= 1, got {self.epochs}, {self.patience}, {self.batch_size}")
         if self.freeze_k < 0 or self.warmup_epochs < 0 or self.num_workers < 0:
@@ -441,10 +458,11 @@ def _class_weights(y_train: np.ndarray, k: int) -> Tensor:
 
 
 def _train(model, loaders, cfg: FinetuneConfig, weights: Tensor | None, dist: DistEnv,
-           precision: str, channels_last: bool) -> tuple[list[dict], int]:
+           precision: str, channels_last: bool, loss_fn=None) -> tuple[list[dict], int]:
     """Epoch loop with early stopping; leaves the best weights in ``model``. Returns (history, best epoch).
 
-    ``precision`` and ``channels_last`` are the resolved values (``resolve_precision``).
+    ``precision`` and ``channels_last`` are the resolved values (``resolve_precision``); ``loss_fn``
+    replaces the cross-entropy ``compute_loss`` (FixMatch, ``openmednet.eval.semi``).
     """
     optimizer = build_optimizer(
         model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -463,7 +481,7 @@ def _train(model, loaders, cfg: FinetuneConfig, weights: Tensor | None, dist: Di
     history, best, best_state, best_epoch, stale = [], None, None, 0, 0
     for epoch in range(1, cfg.epochs + 1):
         train_metrics = train_one_epoch(
-            model, loaders["train"], optimizer, compute_loss, epoch=epoch, dist=dist,
+            model, loaders["train"], optimizer, loss_fn or compute_loss, epoch=epoch, dist=dist,
             scheduler=scheduler, scaler=scaler, precision=precision, channels_last=channels_last,
         )
         probs, y = predict_proba(model, loaders["val"], dist.device)
@@ -601,7 +619,14 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
     model.to(dist.device)
     loaders = _make_loaders(cfg, target, idx, model, channels, size)
     weights = _class_weights(target.y[idx["train"]], len(target.label_names)) if cfg.class_weighted else None
-    history, best_epoch = _train(model, loaders, cfg, weights, dist, precision, channels_last)
+    if cfg.semi == "none":
+        history, best_epoch = _train(model, loaders, cfg, weights, dist, precision, channels_last)
+    else:  # pseudo-labelling rounds or FixMatch on this loop; model choice on validation as above
+        from openmednet.eval.semi import run_semi
+
+        history, best_epoch, semi_info = run_semi(
+            cfg, target, splits, idx, model, loaders, weights, device=dist.device,
+            train=lambda m, ls, w, loss_fn=None: _train(m, ls, cfg, w, dist, precision, channels_last, loss_fn))
     atomic_write_text(out / "history.json", json.dumps(history, indent=1) + "\n")
 
     # The only time the test split is looked at.
@@ -625,6 +650,7 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
         },
         "model": model_info,
         "config": to_dict(cfg),
+        **({"semi": semi_info} if cfg.semi != "none" else {}),
     }
     save_pretrained(
         model.cpu(), out / "model", data=(str(cfg.data),), objective=f"finetune:{cfg.strategy}",
