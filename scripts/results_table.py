@@ -10,6 +10,8 @@ Usage::
     python scripts/results_table.py runs/study_strategies64/report.json --columns strategy
     python scripts/results_table.py runs/study_*/report.json --metric balanced_accuracy --no-ci
     python scripts/results_table.py runs/survey/*/report.json --columns study          # one column per study
+    python scripts/results_table.py runs/probe_v2_gray_*/report.json --mean-row \
+        --label runs/pt_gray128_v2/backbone="MedNet v2" --label mednet_gray.sup_cpu64_v1="MedNet v1"
 """
 
 from __future__ import annotations
@@ -22,8 +24,14 @@ from pathlib import Path
 METRICS = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "ece")
 
 
+#: ``--label INIT=NAME`` column names, which win over ``init_role``'s defaults.
+LABELS: dict[str, str] = {}
+
+
 def init_role(init: str) -> str:
     """A column name that is the same for the gray and colour studies (``auto`` -> "MedNet pre-trained")."""
+    if init in LABELS:
+        return LABELS[init]
     if init == "auto" or init.startswith("mednet_"):
         return "MedNet pre-trained"
     if init.startswith("scratch:mednet_"):
@@ -48,7 +56,17 @@ def _cell(stats: dict, ci: bool) -> str:
     return text + (f" [{stats['ci_low']:.3f}, {stats['ci_high']:.3f}]" if ci else "")
 
 
-def table(reports: list[dict], metric: str, columns: str, ci: bool) -> str:
+def _mean_row(rows: dict[tuple[str, str], dict[str, dict]], headers: list[str], metric: str) -> str:
+    """Mean over targets of each column's mean, over the rows that have every column (a column
+    missing in a row would make the means incomparable)."""
+    full = [cells for cells in rows.values() if all(h in cells for h in headers)]
+    means = [sum(c[h][metric]["mean"] for c in full) / len(full) for h in headers] if full else []
+    best = max(round(m, 3) for m in means) if means else None
+    text = [f"**{m:.3f}**" if round(m, 3) == best else f"{m:.3f}" for m in means]
+    return f"| mean of {len(full)} rows | | {' | '.join(text)} |"
+
+
+def table(reports: list[dict], metric: str, columns: str, ci: bool, mean_row: bool = False) -> str:
     """One markdown table: rows target x budget, one column per ``columns`` value (init or strategy);
     or, for ``columns="study"``, rows target x init and one column per report."""
     rows: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
@@ -82,6 +100,8 @@ def table(reports: list[dict], metric: str, columns: str, ci: bool) -> str:
             text = _cell(cells[h][metric], ci)
             out.append(f"**{text}**" if means[h] == best_value and len(cells) > 1 else text)
         lines.append(f"| {target} ({n_test[target]}) | {budget} | {' | '.join(out)} |")
+    if mean_row:
+        lines.append(_mean_row(rows, headers, metric))
     refused = [r for report in reports for r in report.get("refused", [])]
     for r in refused:
         lines.append(f"\nRefused: {r}")
@@ -95,9 +115,12 @@ def main() -> None:
     parser.add_argument("--columns", default="init", choices=("init", "strategy", "study"),
                         help="what the columns are; 'study': one per report (rows target x init)")
     parser.add_argument("--no-ci", dest="ci", action="store_false", help="leave out the bootstrap intervals")
+    parser.add_argument("--mean-row", action="store_true", help="add the mean over rows of each column")
+    parser.add_argument("--label", action="append", default=[], metavar="INIT=NAME", help="column name of an init")
     args = parser.parse_args()
+    LABELS.update(item.split("=", 1) for item in args.label)
     reports = [json.loads(p.read_text()) for p in args.reports]
-    print(table(reports, args.metric, args.columns, args.ci))
+    print(table(reports, args.metric, args.columns, args.ci, args.mean_row))
 
 
 if __name__ == "__main__":
