@@ -64,6 +64,7 @@ from openmednet.data.datasets import LabelledDataset
 from openmednet.data.loader import build_loader
 from openmednet.data.transforms import build_transform
 from openmednet.engine.distributed import DistEnv
+from openmednet.engine.inputs import EvalInputs
 from openmednet.engine.optim import OPTIMIZERS, build_optimizer, build_scheduler
 from openmednet.engine.precision import resolve_precision
 from openmednet.engine.trainer import PRECISIONS, LossOutput, train_one_epoch
@@ -92,8 +93,8 @@ from openmednet.models import (
 )
 from openmednet.utils import atomic_write_text, seed_everything
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "build_init", "check_init_corpus", "check_input_contract", "predict_proba", "prepare_for_transfer", "prepare_splits", "run_finetune",
-           "training_device"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "build_init", "check_init_corpus", "check_input_contract", "predict_proba", "prepare_for_transfer", "prepare_splits", "run_contract",
+           "run_finetune", "training_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -554,26 +555,38 @@ def _build_model(cfg: FinetuneConfig, target: TargetSet) -> tuple[nn.Module, int
     return model, channels, size, info
 
 
+def run_contract(model: nn.Module, channels: int, size: int) -> Any:
+    """The input contract of a run: the init's ``pretrained_cfg`` at the run's channels and size.
+
+    It is what the fine-tuned model's card records (``save_pretrained(input_size=...)``), so
+    ``EvalInputs(run_contract(...))`` here and ``EvalInputs(card)`` in ``openmednet predict`` are
+    the same pipeline.
+    """
+    return model.pretrained_cfg.replace(input_size=(channels, size, size))
+
+
 def _make_loaders(cfg: FinetuneConfig, target: TargetSet, idx: dict[str, np.ndarray], model: nn.Module,
                   channels: int, size: int) -> dict[str, DataLoader]:
-    """Train (augmented, shuffled with the run seed), val and test loaders over the decoded images."""
+    """Train (augmented, shuffled with the run seed), val and test loaders over the decoded images.
+
+    Every image is prepared once by ``EvalInputs.prepare`` (channels, shorter side to the model's
+    size, centre square), as ``openmednet predict`` prepares a file; validation and test then get
+    ``EvalInputs.normalize``, training the augmentation. Channel conversions were warned once by
+    ``check_input_contract``.
+    """
+    contract = run_contract(model, channels, size)
+    inputs = EvalInputs(contract)
     augment = "gray" if target.channels == 1 else "auto"  # no colour jitter for gray content
-    transforms = {
-        True: build_transform(model.pretrained_cfg, train=True, channels=channels, image_size=size,
-                              augment=augment, hflip=cfg.hflip),
-        False: build_transform(model.pretrained_cfg, train=False, channels=channels, image_size=size),
-    }
+    transforms = {True: build_transform(contract, train=True, augment=augment, hflip=cfg.hflip),
+                  False: inputs.normalize}
     loaders = {}
     for name, train in (("train", True), ("val", False), ("test", False)):
-        # "crop": the shorter side to the model's size and a centre square, as the evaluation
-        # transform (and `openmednet predict`) prepare an image. Channels were checked (and the
-        # conversion warned) by check_input_contract: do not warn again for every split.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"converted \d+ of \d+ images to", category=UserWarning)
-            ds = LabelledDataset(
-                [(target.images[i], target.labels[i]) for i in idx[name]], channels=channels, image_size=size,
-                transform=transforms[train], class_names=list(target.label_names), resize_mode="crop",
-            )
+        # Already prepared: the dataset's own channel conversion and resize are identities here,
+        # it only caches the (C, S, S) uint8 arrays.
+        ds = LabelledDataset(
+            [(inputs.prepare(target.images[i])[0], target.labels[i]) for i in idx[name]], channels=channels,
+            image_size=size, transform=transforms[train], class_names=list(target.label_names), resize_mode="crop",
+        )
         # build_loader: the epoch order and every image's augmentation are drawn from (run seed,
         # epoch, position), so a run is reproducible whatever num_workers is.
         loaders[name] = build_loader(

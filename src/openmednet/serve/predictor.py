@@ -10,12 +10,13 @@ Input contract. The model's ``PretrainedCfg`` (its model card) says how training
 prepared: channels and size, ``mean``/``std`` after scaling to [0, 1], and the intensity pipeline.
 Prediction applies exactly that: readers turn each file into 8-bit gray or RGB (DICOM windowing,
 MONOCHROME1 inversion, NIfTI slices), then the images are converted to the model's channels and
-go through the evaluation pipeline of fine-tuning (``resize_to_square(mode="crop")`` then
-``build_transform(cfg, train=False)``: resize of the short side, centre crop to ``input_size``,
-normalisation). A channel conversion is never silent: it is recorded in ``Prediction.notes`` (and
-so in the CSV and the web service's JSON), logged with the image's name, and raises a
-:class:`ChannelConversionWarning` whose text names only the conversion (a per-file text would
-add an entry to ``__warningregistry__`` for every upload of a long-running server).
+go through the evaluation pipeline of fine-tuning (``openmednet.engine.inputs.EvalInputs``: resize
+of the short side, centre crop to ``input_size``, normalisation; the same object prepares a
+fine-tuning run's validation and test images). A channel conversion is never silent: it is
+recorded in ``Prediction.notes`` (and so in the CSV and the web service's JSON), logged with the
+image's name, and raises a :class:`ChannelConversionWarning` whose text names only the
+conversion (a per-file text would add an entry to ``__warningregistry__`` for every upload of a
+long-running server).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from openmednet.data.images import resize_to_square, to_channels
+from openmednet.data.images import to_channels
 from openmednet.data.readers import (
     SUPPORTED_READERS,
     NoReaderError,
@@ -43,7 +44,7 @@ from openmednet.data.readers import (
     get_reader,
     read_images,
 )
-from openmednet.data.transforms import build_transform
+from openmednet.engine.inputs import EvalInputs
 from openmednet.explain.gradcam import GradCAM, overlay_png
 from openmednet.models import InitSpec, PretrainedCfg, create_model, get_pretrained_cfg, is_model, load_pretrained
 from openmednet.utils import atomic_write_bytes, atomic_write_text
@@ -256,7 +257,7 @@ class Predictor:
         self.label_names = names
         self.device = torch.device(device)
         self.cam = GradCAM(self.model, cam_layer, input_size=cfg.input_size)
-        self._transform = build_transform(cfg, train=False)
+        self._inputs = EvalInputs(cfg)
         self._mean = torch.tensor(cfg.mean, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(cfg.std, dtype=torch.float32).view(-1, 1, 1)
 
@@ -314,14 +315,8 @@ class Predictor:
         """
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
             raise ValueError(f"{source}: expected uint8 (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
-        image, notes = self._fit_channels(image, source)
-        # Same steps as fine-tuning's evaluation data (LabelledDataset(resize_mode="crop") then the
-        # eval transform): Pillow resizes the short side and crops the centre square, after which
-        # the transform's own resize and crop are no-ops.
-        image = resize_to_square(image, self.cfg.input_size[-1], mode="crop")
-        chw = torch.from_numpy(np.require(image, requirements=["C", "W"]))  # readers may hand out read-only views
-        chw = chw[None] if chw.ndim == 2 else chw.permute(2, 0, 1)
-        return self._transform(chw), notes
+        image, notes = self._fit_channels(image, source)  # noted and warned here; then a no-op in EvalInputs
+        return self._inputs(image), notes
 
     def model_view(self, x: Tensor) -> np.ndarray:
         """Undo the normalisation of a preprocessed ``(C, H, W)`` input: the uint8 image the model saw.
