@@ -39,18 +39,29 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debu
     )
 
 
-def _register_commands() -> None:
-    for name in COMMAND_MODULES:
+def _register_commands(target: typer.Typer, names: tuple[str, ...] = COMMAND_MODULES) -> None:
+    """Import each command module and let it add its command to ``target``.
+
+    A module that fails to import is an error, not a missing command: skipping it made
+    ``openmednet predict`` answer "No such command" on a broken install, which points nowhere near
+    the cause.
+
+    Raises:
+        ImportError: a command module is missing or fails to import (the message names the command
+            and the fix; the original error is chained).
+    """
+    for name in names:
         try:
             module = importlib.import_module(f"openmednet.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"openmednet.cli.{name}":
-                continue  # command not built yet
-            raise
-        module.register(app)
+        except ImportError as e:
+            raise ImportError(
+                f"the '{name}' command could not be loaded ({type(e).__name__}: {e}); the installation is "
+                f"broken or incomplete: reinstall with pip install -e . (or pip install --force-reinstall openmednet)"
+            ) from e
+        module.register(target)
 
 
-_register_commands()
+_register_commands(app)
 
 
 def main() -> None:
