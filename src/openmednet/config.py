@@ -1,15 +1,17 @@
-"""Frozen configuration dataclasses and ``load_config``: defaults < YAML file < ``--set`` overrides.
+"""Frozen configuration dataclasses and ``load_config``: defaults < YAML file < ``--set`` < flags.
 
 A config object stops at the composition root (the CLI command or ``run_*`` function), which builds
 the parts and passes them plain arguments; nothing deeper reads a config.
 
 Example:
     >>> cfg = load_config(MyConfig, "run.yaml", ["optim.lr=0.1", "epochs=3"])
+    >>> cfg = load_config(MyConfig, "run.yaml", cli_overrides(["epochs=3"], {"out": Path("runs/a #1")}))
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -123,6 +125,36 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         key, text = item.split("=", 1)
         _set_dotted(tree, key.strip(), _parse_scalar(text))
     return from_dict(cls, tree)
+
+
+def cli_overrides(set_: Sequence[str] = (), flags: Mapping[str, Any] | None = None) -> list[str]:
+    """Overrides for ``load_config`` under the command line's one precedence rule:
+    dataclass defaults < YAML file < ``--set key=value`` < explicit flags (``--out``, ``--epochs``).
+
+    A flag is the most specific thing a user typed, so it wins over a ``--set`` of the same key
+    (``openmednet finetune --set epochs=5 --epochs 2`` runs 2 epochs, as ``pretrain`` does). Every
+    command builds its overrides here, so they cannot disagree again.
+
+    Args:
+        set_: the ``--set`` items, in the order given (a later one wins).
+        flags: config key (dotted for sections: ``"objective.kind"``) -> flag value; ``None`` and
+            an empty repeated option mean "not given" and are left out.
+
+    Returns:
+        ``key=value`` items: ``set_`` first, then the flags. Flag values are JSON-encoded, which
+        YAML reads back verbatim: strings and paths stay strings (``"2024"``, ``"runs/a #1"``),
+        lists stay lists of strings, booleans and numbers stay themselves.
+    """
+    out = list(set_)
+    for key, value in (flags or {}).items():
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue
+        if isinstance(value, (list, tuple)):
+            value = [str(v) if isinstance(v, Path) else v for v in value]
+        elif isinstance(value, Path):
+            value = str(value)
+        out.append(f"{key}={json.dumps(value)}")
+    return out
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -13,13 +12,10 @@ _FLAGS = ("data", "out", "init", "arch", "strategy", "freeze_k", "epochs", "lr",
 
 
 def _overrides(values: dict, set_: list[str]) -> list[str]:
-    """Explicit flags as ``key=value`` overrides (strings JSON-quoted so paths stay strings), then ``--set``."""
-    out = []
-    for key in _FLAGS:
-        value = values[key]
-        if value is not None:
-            out.append(f"{key}={json.dumps(str(value)) if isinstance(value, (str, Path)) else value}")
-    return out + list(set_)
+    """``--set`` items, then the explicit flags, which win (``openmednet.config.cli_overrides``)."""
+    from openmednet.config import cli_overrides
+
+    return cli_overrides(set_, {key: values[key] for key in _FLAGS})
 
 
 def register(app: typer.Typer) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -11,16 +10,12 @@ import typer
 
 
 def _overrides(corpus: Path | None, out: Path | None, objective: str | None, resume: bool, set_: list[str]) -> list[str]:
-    """``--set`` values, then the explicit flags as ``key=value`` overrides (later wins).
+    """``--set`` values, then the explicit flags, which win (``openmednet.config.cli_overrides``:
+    JSON-quoted, so ``runs/a #1`` keeps its tail and ``2024`` stays a string)."""
+    from openmednet.config import cli_overrides
 
-    Strings are JSON-quoted: the config reads override values as YAML, where ``runs/a #1`` would lose
-    its comment-like tail and ``2024`` would become an int; a quoted value stays the string given.
-    """
-    result = list(set_)
-    for key, value in (("corpus", corpus), ("out", out), ("objective.kind", objective)):
-        if value is not None:
-            result.append(f"{key}={json.dumps(str(value))}")
-    return result + (["resume=true"] if resume else [])
+    flags = {"corpus": corpus, "out": out, "objective.kind": objective, "resume": True if resume else None}
+    return cli_overrides(set_, flags)
 
 
 def register(app: typer.Typer) -> None:
