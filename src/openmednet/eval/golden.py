@@ -18,7 +18,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -43,17 +42,13 @@ def golden_images(channels: int) -> list[Path]:
 
 
 def _preprocess(path: Path, cfg: Any) -> torch.Tensor:
-    """``(C, H, W)`` input exactly as ``predict`` builds it (see ``openmednet.serve.predictor``)."""
-    from openmednet.data.images import resize_to_square, to_channels
+    """``(C, H, W)`` input exactly as ``predict`` builds it: the first image of the file through
+    the one evaluation pipeline (``openmednet.engine.inputs.EvalInputs``)."""
     from openmednet.data.readers import read_images
-    from openmednet.data.transforms import build_transform
+    from openmednet.engine.inputs import EvalInputs
 
     image, _ = next(iter(read_images(path)))
-    image, _ = to_channels(image, int(cfg.input_size[0]))
-    image = resize_to_square(image, int(cfg.input_size[-1]), mode="crop")
-    chw = torch.from_numpy(np.array(image))  # a writable copy (readers may hand out read-only views)
-    chw = chw[None] if chw.ndim == 2 else chw.permute(2, 0, 1)
-    return build_transform(cfg, train=False)(chw)
+    return EvalInputs(cfg)(image)
 
 
 @torch.no_grad()
