@@ -8,7 +8,7 @@ import typer
 
 # CLI flag -> FinetuneConfig field, for the flags that are just config values.
 _FLAGS = ("data", "out", "init", "arch", "strategy", "freeze_k", "epochs", "lr", "batch_size", "image_size",
-          "label_fraction", "per_class", "seed")
+          "label_fraction", "per_class", "seed", "semi", "unlabelled", "rounds")
 
 
 def _overrides(values: dict, set_: list[str]) -> list[str]:
@@ -36,6 +36,10 @@ def register(app: typer.Typer) -> None:
         label_fraction: float = typer.Option(None, "--label-fraction", help="Train on this fraction of each class."),
         per_class: int = typer.Option(None, "--per-class", help="Train on N images per class (few-shot)."),
         seed: int = typer.Option(None),
+        semi: str = typer.Option(None, help="none | pseudo_label | fixmatch: also learn from unlabelled images."),
+        unlabelled: list[str] = typer.Option(None, help="Unlabelled images: a folder/.npz any reader accepts "
+                                             "(repeat for several), or rest_of_train (train images outside the budget)."),
+        rounds: int = typer.Option(None, help="pseudo_label: teacher-student rounds (a larger value extends a run)."),
         config: Path = typer.Option(None, exists=True, dir_okay=False, help="YAML with FinetuneConfig fields."),
         set_: list[str] = typer.Option([], "--set", help="Override any config field: --set leakage=error."),
     ) -> None:
@@ -46,7 +50,8 @@ def register(app: typer.Typer) -> None:
 
         values = {"data": data, "out": out, "init": init, "arch": arch, "strategy": strategy, "freeze_k": freeze_k,
                   "epochs": epochs, "lr": lr, "batch_size": batch_size, "image_size": image_size,
-                  "label_fraction": label_fraction, "per_class": per_class, "seed": seed}
+                  "label_fraction": label_fraction, "per_class": per_class, "seed": seed, "semi": semi,
+                  "unlabelled": unlabelled, "rounds": rounds}
         try:
             cfg = load_config(FinetuneConfig, config, _overrides(values, set_))
         except TypeError as e:

@@ -64,6 +64,7 @@ from openmednet.engine.trainer import NonFiniteLossError
 from openmednet.eval import report
 from openmednet.engine.precision import resolve_precision
 from openmednet.eval.finetune import FinetuneConfig, prepare_splits, run_finetune, training_device
+from openmednet.eval.semi import has_unlabelled, semi_neutral, split_study_strategy, study_strategies
 from openmednet.eval.leakage import (
     check_pretraining_leakage,
     shipped_corpus_fingerprint,
@@ -110,6 +111,11 @@ class StudyConfig:
         pretraining_corpora: init -> corpus directory it was pre-trained on.
         finetune: ``FinetuneConfig`` fields shared by every arm (epochs, image_size, lr...).
         near_threshold: pHash bits for near-copies (fine-tuning and pre-training checks).
+        semi: ``FinetuneConfig.semi`` values, a grid axis (``[none, pseudo_label, fixmatch]``); arms
+            other than ``none`` are labelled ``<strategy>+<semi>`` in the report and run folders.
+        unlabelled: their unlabelled images: ``[rest_of_train]`` (the train images outside each
+            budget, labels hidden; budgets with every label are skipped) or folders
+            (``openmednet.eval.semi``).
     """
 
     out: Path
@@ -122,6 +128,8 @@ class StudyConfig:
     pretraining_corpora: dict[str, str] = field(default_factory=dict)
     finetune: dict[str, Any] = field(default_factory=dict)
     near_threshold: int = 6
+    semi: tuple[str, ...] = ("none",)
+    unlabelled: tuple[str, ...] = ()
 
     def target_specs(self) -> list[TargetSpec]:
         """``targets`` as ``TargetSpec`` objects (unknown keys are errors with a suggestion)."""
@@ -155,6 +163,7 @@ def arm_dir(out: Path, target: str, init: str, strategy: str, budget: str, seed:
 _STUDY_OWNED = {
     "data": "targets[].data", "out": "out", "init": "inits", "strategy": "strategies", "seed": "seeds",
     "label_fraction": "label_fractions", "per_class": "per_class", "near_threshold": "near_threshold",
+    "semi": "semi", "unlabelled": "unlabelled",
     **{k: f"targets[].{k}" for k in ("given_splits", "format", "csv_file", "columns", "label_map", "classes")},
 }
 
@@ -172,6 +181,7 @@ def _arm_config(cfg: StudyConfig, spec: TargetSpec, init: str, strategy: str, bu
         "given_splits": spec.given_splits, "format": spec.format, "csv_file": spec.csv_file,
         "columns": dict(spec.columns), "label_map": dict(spec.label_map), "classes": spec.classes,
         "near_threshold": cfg.near_threshold, "label_fraction": None, "per_class": None, **budget,
+        **split_study_strategy(strategy, cfg.unlabelled),  # "full+fixmatch" -> strategy full, semi fixmatch
     }
     return from_dict(FinetuneConfig, fields, prefix="finetune.")
 
@@ -197,7 +207,7 @@ def _result_config(config: Mapping[str, Any], precision: tuple[str, bool]) -> di
     # do not depend on them) is the same run. Precision compares by what ran: "auto" that resolved
     # to bf16 is the same run as an explicit bf16 (and an AVX2 machine does not reuse bf16 arms for
     # an "auto" that means fp32 there).
-    out = {k: v for k, v in config.items() if k not in _RESULT_NEUTRAL}
+    out = semi_neutral({k: v for k, v in config.items() if k not in _RESULT_NEUTRAL})  # runs made before `semi`
     out["precision"], out["channels_last"] = precision
     return out
 
@@ -219,13 +229,16 @@ def _check_grid(cfg: StudyConfig) -> None:
     from openmednet.models import InitSpec, get_pretrained_cfg
     from openmednet.models._registry import model_entrypoint
 
-    for name in ("inits", "strategies", "label_fractions", "per_class", "seeds"):
+    for name in ("inits", "strategies", "label_fractions", "per_class", "seeds", "semi"):
         values = list(getattr(cfg, name))
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:
             raise ValueError(f"{name} repeats {repeated}: each arm would run twice and count as two seeds")
     for strategy in cfg.strategies:
         look_up_option(strategy, STRATEGIES, "strategy")
+    study_strategies(cfg.strategies, cfg.semi)  # unknown semi methods fail here
+    if set(cfg.semi) - {"none"} and not cfg.unlabelled:
+        raise ValueError(f"semi {list(cfg.semi)} needs unlabelled images: add unlabelled: [rest_of_train] or folders")
     for init in cfg.inits:
         spec = InitSpec.parse(init)  # a missing weights path fails here
         if spec.kind == "scratch":
@@ -317,8 +330,10 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
                 logger.warning("refused: %s on %s: %s", init, spec.name, refusals[init])
                 refused.append({"target": spec.name, "init": init, "reason": refusals[init]})
                 continue
-            for strategy in cfg.strategies:
+            for strategy in study_strategies(cfg.strategies, cfg.semi):
                 for budget_name, budget in _budgets(cfg):
+                    if not has_unlabelled(strategy, cfg.unlabelled, budget):
+                        continue
                     try:
                         for seed in cfg.seeds:
                             arms.append(_run_arm(cfg, spec, target, init, strategy, budget_name, budget, seed))

@@ -1,0 +1,459 @@
+"""Semi-supervised fine-tuning: few labels, many unlabelled images.
+
+``run_finetune`` hands its run here when ``FinetuneConfig.semi`` is not ``"none"``; splits, leakage
+checks on the labelled data, the label budget, the test evaluation and every output stay
+``run_finetune``'s. Unlabelled images come from ``FinetuneConfig.unlabelled`` (folders, or
+``rest_of_train``; ``openmednet.eval.unlabelled``), without near-copies of test images.
+
+Methods:
+
+- ``pseudo_label``: teacher-student self-training (Noisy Student, Xie et al. 2020, CVPR).
+  Round 0: the teacher is the supervised fine-tuned model (exactly what ``semi: none`` trains).
+  Round k: the teacher predicts the unlabelled images without noise (eval mode, evaluation
+  transform); confident predictions are kept by ``select_pseudo_labels`` so that a majority class
+  cannot swallow the rest; a student is built from the same init and trained, with noise
+  (RandAugment on every image, dropout at least ``student_dropout``), on the labels plus the pseudo
+  labels; it becomes the next teacher. ``rounds`` rounds in all.
+  Model choice: the round whose model has the best labelled-validation score (macro AUROC, ties to
+  the lower loss, then to the earlier round), so a round that hurts is not kept; every round's
+  teacher, pseudo-label counts per class and validation AUROC are in ``metrics.json``
+  (``semi.rounds``).
+- ``fixmatch`` (Sohn et al. 2020, NeurIPS): one run from the init; each step a labelled batch of
+  ``batch_size`` and an unlabelled batch of ``mu * batch_size``, each unlabelled image seen as a
+  weak view (the run's usual augmentation) and a strong one (``StrongAugment``: RandAugment + the
+  usual augmentation + Cutout). Loss = cross-entropy on the labels + ``lambda_u`` x cross-entropy of
+  the strong view against the weak view's argmax, for images whose weak confidence is at least
+  ``semi_threshold`` (0.95 in the paper). An epoch is one pass over the larger of the two sets (the
+  other is cycled). Deviations from the paper, for CPU-sized targets: ``mu`` 2 (paper 7: with a few
+  hundred unlabelled images that would leave 1-2 steps per epoch), the run's optimizer and
+  schedule (AdamW, warm-up + cosine over the epochs) instead of SGD with Nesterov momentum, and
+  early stopping / model choice on the labelled validation split, like every fine-tuning run.
+
+The test split is scored once, by ``run_finetune``, after the choice.
+
+Resume (``pseudo_label``): each finished round is kept in ``out/semi/round<k>/`` (``model.safetensors``,
+``pseudo_labels.csv``, then ``round.json`` as the completion marker). Re-running the same
+configuration reuses the finished rounds (a killed run continues where it stopped; a larger
+``rounds`` extends a run) and gives the same result as an uninterrupted run: each round re-seeds
+from ``(seed, round)``. A different configuration in that folder is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from openmednet._errors import look_up_option
+from openmednet.config import to_dict
+from openmednet.data.datasets import LabelledDataset
+from openmednet.data.loader import build_loader
+from openmednet.data.semi import StrongAugment, UnlabelledDataset
+from openmednet.data.transforms import MultiViewTransform
+from openmednet.engine.trainer import LossOutput, set_loader_epoch
+from openmednet.eval.unlabelled import REST_OF_TRAIN, UnlabelledSet, drop_test_near_copies, load_unlabelled, rest_of_train
+from openmednet.utils import atomic_write, atomic_write_text, seed_everything
+
+__all__ = ["PSEUDO_SELECTIONS", "SEMI_FIELDS", "SEMI_METHODS", "FixMatchLoss", "PairedLoader", "check_semi_config",
+           "gather_unlabelled", "has_unlabelled", "run_semi", "select_pseudo_labels", "semi_neutral",
+           "split_study_strategy", "study_strategies"]
+
+logger = logging.getLogger(__name__)
+
+SEMI_METHODS = ("none", "pseudo_label", "fixmatch")
+#: How confident teacher predictions become pseudo labels (``select_pseudo_labels``).
+PSEUDO_SELECTIONS = ("class_balanced", "per_class_threshold", "threshold")
+#: FinetuneConfig fields that only matter when ``semi`` is not ``"none"``.
+SEMI_FIELDS = ("unlabelled", "rounds", "semi_threshold", "pseudo_selection", "pseudo_fraction", "student_dropout",
+               "mu", "lambda_u", "strong_magnitude")
+#: Fields a finished round does not depend on (``rounds``: a longer run reuses the earlier rounds).
+_ROUND_NEUTRAL = ("out", "device", "num_workers", "rounds", "n_boot")
+
+
+# ------------------------------------------------------------------------------------ config
+def check_semi_config(cfg: Any) -> None:
+    """Validate the semi-supervised fields of a ``FinetuneConfig`` (called by its ``__post_init__``).
+
+    Raises:
+        KeyError: unknown method or selection (with a suggestion).
+        ValueError: out-of-range values, or ``unlabelled`` without ``semi`` (or the reverse).
+    """
+    look_up_option(cfg.semi, SEMI_METHODS, "semi method")
+    look_up_option(cfg.pseudo_selection, PSEUDO_SELECTIONS, "pseudo_selection")
+    if cfg.semi != "none" and not cfg.unlabelled:
+        raise ValueError(f"semi={cfg.semi!r} needs unlabelled images: give --unlabelled DIR (several allowed) or "
+                         f"--unlabelled {REST_OF_TRAIN}")
+    if cfg.semi == "none" and cfg.unlabelled:
+        raise ValueError(f"unlabelled images were given but semi='none' would ignore them: choose --semi "
+                         f"pseudo_label or fixmatch")
+    if REST_OF_TRAIN in cfg.unlabelled and len(cfg.unlabelled) > 1:
+        raise ValueError(f"'{REST_OF_TRAIN}' cannot be combined with folders: give one or the other")
+    if cfg.rounds < 1 or cfg.mu < 1:
+        raise ValueError(f"rounds and mu must be >= 1, got {cfg.rounds}, {cfg.mu}")
+    if not 0 <= cfg.semi_threshold < 1 or not 0 < cfg.pseudo_fraction <= 1 or not 0 <= cfg.student_dropout < 1:
+        raise ValueError(f"need 0 <= semi_threshold < 1, 0 < pseudo_fraction <= 1 and 0 <= student_dropout < 1, got "
+                         f"{cfg.semi_threshold}, {cfg.pseudo_fraction}, {cfg.student_dropout}")
+    if cfg.lambda_u < 0 or not 0 <= cfg.strong_magnitude <= 30:
+        raise ValueError(f"need lambda_u >= 0 and 0 <= strong_magnitude <= 30, got {cfg.lambda_u}, {cfg.strong_magnitude}")
+
+
+def semi_neutral(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` without the semi-supervised fields when ``semi`` is ``"none"`` (or absent), so runs
+    made before these fields existed compare equal to today's supervised runs."""
+    if config.get("semi", "none") != "none":
+        return dict(config)
+    return {k: v for k, v in config.items() if k not in ("semi", *SEMI_FIELDS)}
+
+
+# ------------------------------------------------------------------------------------ studies
+def study_strategies(strategies: tuple[str, ...], semi: tuple[str, ...]) -> list[str]:
+    """A study's strategy x semi axis as arm labels: ``full`` (``semi: none``, the directory studies
+    used before), ``full+fixmatch``, ``full+pseudo_label``; reports group and plot by this label."""
+    for method in semi:
+        look_up_option(method, SEMI_METHODS, "semi method")
+    return [s if m == "none" else f"{s}+{m}" for s in strategies for m in semi]
+
+
+def split_study_strategy(label: str, unlabelled: tuple[str, ...]) -> dict[str, Any]:
+    """``FinetuneConfig`` fields of an arm label from :func:`study_strategies`."""
+    strategy, _, method = label.partition("+")
+    return {"strategy": strategy, "semi": method or "none", "unlabelled": tuple(unlabelled) if method else ()}
+
+
+def has_unlabelled(label: str, unlabelled: tuple[str, ...], budget: Mapping[str, Any]) -> bool:
+    """Whether a semi arm has unlabelled images: ``rest_of_train`` is empty when every label is used
+    (budget ``frac1``), so such arms are skipped instead of failing."""
+    return "+" not in label or tuple(unlabelled) != (REST_OF_TRAIN,) or bool(budget.get("per_class") or budget.get("label_fraction"))
+
+
+# ------------------------------------------------------------------------------------ selection
+def select_pseudo_labels(probs: np.ndarray, *, threshold: float, selection: str = "class_balanced",
+                         fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Which teacher predictions become pseudo labels.
+
+    Args:
+        probs: ``(N, K)`` teacher probabilities of the unlabelled images.
+        threshold: confidence (max probability) a prediction needs (``class_balanced``, ``threshold``).
+        selection:
+            - ``"class_balanced"`` (default; Noisy Student's balancing, sec. 3): the same number of
+              images per class, the most confident ones above ``threshold``; that number is the
+              smallest class's count of confident predictions. A teacher that calls nearly
+              everything the majority class therefore adds no more majority than minority images.
+            - ``"per_class_threshold"`` (class-balanced self-training, Zou et al. 2018, ECCV): each
+              class ``c`` gets its own threshold, the confidence of its ``fraction`` most
+              confident predictions, so classes the teacher is less sure of still contribute;
+              shares follow the teacher's predicted class shares.
+            - ``"threshold"``: every prediction above ``threshold`` (Lee 2013); the majority class
+              usually dominates. For comparison.
+        fraction: share of each class's predictions kept by ``per_class_threshold``.
+
+    Returns:
+        ``(indices, labels, info)``: sorted indices into ``probs``, their ``(M,)`` class indices,
+        and ``{"threshold_per_class", "confident_per_class", "kept_per_class"}`` (lists over classes;
+        a threshold is ``None`` for a class no image is predicted as).
+    """
+    look_up_option(selection, PSEUDO_SELECTIONS, "pseudo_selection")
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise ValueError(f"probs must be (N, K) with K >= 2 classes, got shape {probs.shape}")
+    pred, conf = probs.argmax(axis=1), probs.max(axis=1)
+    k = probs.shape[1]
+    members = [np.flatnonzero(pred == c) for c in range(k)]
+    confident = [m[conf[m] >= threshold] for m in members]
+    thresholds = [float(threshold)] * k
+    if selection == "threshold":
+        kept = confident
+    elif selection == "class_balanced":
+        per_class = min(len(c) for c in confident)
+        kept = [c[np.argsort(-conf[c], kind="stable")[:per_class]] for c in confident]
+    else:
+        kept, thresholds = [], []
+        for m in members:
+            if not len(m):
+                kept.append(m)
+                thresholds.append(None)  # the teacher predicts this class for no image
+                continue
+            n = max(1, int(round(fraction * len(m))))
+            order = m[np.argsort(-conf[m], kind="stable")]
+            kept.append(order[:n])
+            thresholds.append(float(conf[order[n - 1]]))
+    idx = np.sort(np.concatenate(kept)).astype(np.int64)
+    info = {"threshold_per_class": thresholds, "confident_per_class": [int(len(c)) for c in confident],
+            "kept_per_class": [int(len(c)) for c in kept]}
+    return idx, pred[idx], info
+
+
+# ------------------------------------------------------------------------------------ data
+def gather_unlabelled(cfg: Any, target: Any, splits: np.ndarray, used: np.ndarray) -> tuple[UnlabelledSet, dict[str, Any]]:
+    """The run's unlabelled images (``rest_of_train`` or folders) without near-copies of test images.
+
+    Returns:
+        The images, and what ``metrics.json`` records about them (sources, counts, dropped ids).
+    """
+    if tuple(cfg.unlabelled) == (REST_OF_TRAIN,):
+        unl = rest_of_train(target, splits, used)
+    else:
+        unl = load_unlabelled(cfg.unlabelled, channels=target.channels, max_side=cfg.max_side)
+    found = len(unl)
+    unl, dropped = drop_test_near_copies(unl, target, splits, near_threshold=cfg.near_threshold, leakage=cfg.leakage)
+    info = {"sources": list(unl.sources), "n_found": found, "n_used": len(unl), "labels_hidden": unl.labels_hidden,
+            "skipped": unl.skipped, "dropped": {"near_copies_of_test": dropped}}
+    logger.info("unlabelled images: %d used of %d found (%d near-copies of test images dropped)", len(unl), found, len(dropped))
+    return unl, info
+
+
+class PairedLoader:
+    """Zips a labelled and an unlabelled loader for FixMatch: one epoch is a pass over the longer one,
+    the shorter restarts (with a new epoch seed) when it runs out.
+
+    Yields ``((x, y), (views, -1))`` batches; ``len`` is the longer loader's length. ``set_epoch``
+    (called by ``train_one_epoch`` through ``.sampler``) seeds both loaders' orders.
+    """
+
+    def __init__(self, labelled: Any, unlabelled: Any):
+        self.labelled, self.unlabelled = labelled, unlabelled
+        self.sampler = self  # engine.trainer.set_loader_epoch looks for loader.sampler.set_epoch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` of both loaders."""
+        self.epoch = epoch
+        set_loader_epoch(self.labelled, epoch)
+        set_loader_epoch(self.unlabelled, epoch)
+
+    def __len__(self) -> int:
+        return max(len(self.labelled), len(self.unlabelled))
+
+    def _cycle(self, loader: Any) -> Iterator[Any]:
+        restart = 0
+        while True:
+            yield from loader
+            restart += 1  # a distinct order for every restart within the epoch
+            set_loader_epoch(loader, self.epoch * 1000 + restart)
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        labelled, unlabelled = self._cycle(self.labelled), self._cycle(self.unlabelled)
+        for _ in range(len(self)):
+            yield next(labelled), next(unlabelled)
+
+
+class FixMatchLoss:
+    """``compute_loss`` of a FixMatch step (Sohn et al. 2020, eq. 2-4), for ``train_one_epoch``.
+
+    Labelled images and both unlabelled views go through the model in one forward pass (so
+    BatchNorm sees them together, as in the reference implementation).
+
+    Args:
+        weights: ``(K,)`` class weights of the supervised term, or ``None``.
+        threshold: weak-view confidence needed for an unlabelled image to count (tau).
+        lambda_u: weight of the unlabelled term.
+        num_classes: K, for the per-class counts of accepted pseudo labels.
+
+    Attributes:
+        accepted: ``(K,)`` counts of accepted pseudo labels per class over the run; ``seen``:
+            unlabelled images seen.
+    """
+
+    def __init__(self, weights: Tensor | None, threshold: float, lambda_u: float, num_classes: int):
+        self.weights, self.threshold, self.lambda_u = weights, threshold, lambda_u
+        self.accepted = np.zeros(num_classes, dtype=np.int64)
+        self.seen = 0
+
+    def __call__(self, model: nn.Module, batch: Any) -> LossOutput:
+        (x, y), (views, _) = batch
+        weak, strong = views
+        logits = model(torch.cat([x, weak, strong]))
+        logits_x, logits_w, logits_s = logits.split([len(x), len(weak), len(strong)])
+        loss_x = F.cross_entropy(logits_x, y, weight=None if self.weights is None else self.weights.to(logits.device))
+        with torch.no_grad():
+            conf, pseudo = torch.softmax(logits_w.detach().float(), dim=1).max(dim=1)
+            mask = (conf >= self.threshold).float()
+        loss_u = (F.cross_entropy(logits_s, pseudo, reduction="none") * mask).mean()
+        self.accepted += np.bincount(pseudo[mask.bool()].cpu().numpy(), minlength=len(self.accepted))
+        self.seen += len(weak)
+        return LossOutput(loss_x + self.lambda_u * loss_u, n=len(y),
+                          metrics={"loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "mask_rate": mask.mean()})
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _transforms(loaders: Mapping[str, Any]) -> tuple[Any, Any, int, int]:
+    """The run's training and evaluation transforms and its cached channels and size."""
+    val = loaders["val"].dataset
+    channels, size = int(val.images.shape[1]), int(val.images.shape[-1])
+    return loaders["train"].dataset.transform, val.transform, channels, size
+
+
+def _add_noise(model: nn.Module, p: float) -> float:
+    """Student noise: every dropout at least ``p`` (MedNet's head dropout; timm's ``drop_rate``)."""
+    highest = 0.0
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = max(m.p, p)
+            highest = max(highest, m.p)
+        if hasattr(m, "drop_rate") and isinstance(m.drop_rate, float):
+            m.drop_rate = max(m.drop_rate, p)
+            highest = max(highest, m.drop_rate)
+    if highest == 0.0:
+        warnings.warn(f"the student has no dropout layer: student_dropout={p} is not applied", stacklevel=3)
+    return highest
+
+
+def _round_key(cfg: Any) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(cfg).items() if k not in _ROUND_NEUTRAL}
+
+
+def _load_round(folder: Path, key: dict[str, Any], model: nn.Module) -> dict[str, Any] | None:
+    """A finished round's record, its weights loaded into ``model``; ``None`` if not finished."""
+    marker = folder / "round.json"
+    if not marker.is_file():
+        return None
+    record = json.loads(marker.read_text())
+    if record.get("config") != key:
+        raise ValueError(f"{folder} holds a round of a run with a different configuration: use a new --out "
+                         f"directory, or delete {folder.parent} to redo the rounds")
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    logger.info("round %d: done before, reusing it (%s)", record["round"], folder)
+    return record
+
+
+def _save_round(folder: Path, model: nn.Module, record: dict[str, Any], pseudo_rows: list[list[Any]]) -> dict[str, Any]:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(folder / "model.safetensors", lambda f: f.write(save(state)))
+    buf = io.StringIO()
+    csv.writer(buf).writerows([["id", "pseudo_label", "confidence"], *pseudo_rows])
+    atomic_write_text(folder / "pseudo_labels.csv", buf.getvalue())
+    atomic_write_text(folder / "round.json", json.dumps(record, indent=1, allow_nan=True) + "\n")  # marker, last
+    return record
+
+
+def _best_round(records: list[dict[str, Any]]) -> dict[str, Any]:
+    from openmednet.eval.finetune import _better
+
+    best, chosen = None, records[0]
+    for r in records:
+        if _better((r["val_auroc"], r["val_loss"]), best):
+            best, chosen = (r["val_auroc"], r["val_loss"]), r
+    return chosen
+
+
+# ------------------------------------------------------------------------------------ methods
+def _pseudo_label(cfg, target, idx, model, loaders, weights, train, unl: UnlabelledSet, device) -> tuple[list, int, dict]:
+    """Teacher-student rounds (module docstring); leaves the chosen round's weights in ``model``."""
+    from openmednet.eval.finetune import _build_model, _class_weights, predict_proba
+
+    train_tf, eval_tf, channels, size = _transforms(loaders)
+    unl_loader = build_loader(UnlabelledDataset(unl.images, channels=channels, image_size=size, transform=eval_tf),
+                              batch_size=cfg.batch_size, shuffle=False, seed=cfg.seed)
+    root, key, records = cfg.out / "semi", _round_key(cfg), []
+    names = list(target.label_names)
+    teacher = model
+    for k in range(cfg.rounds + 1):
+        folder = root / f"round{k}"
+        student = model if k == 0 else _build_model(cfg, target)[0].to(device)
+        record = _load_round(folder, key, student)
+        if record is None:
+            if k > 0:  # each student from its own seed, so a resumed run replays it (round 0 is `semi: none`'s run)
+                seed_everything(cfg.seed + 1009 * k)
+            if k == 0:
+                history, best_epoch = train(model, loaders, weights)
+                counts, rows = {}, []
+                noise = None
+            else:
+                probs, _ = predict_proba(teacher, unl_loader, device)
+                chosen, labels, counts = select_pseudo_labels(probs, threshold=cfg.semi_threshold,
+                                                              selection=cfg.pseudo_selection, fraction=cfg.pseudo_fraction)
+                if not len(chosen):
+                    warnings.warn(f"round {k}: no pseudo label kept ({counts['confident_per_class']} confident per class "
+                                  f"{names}); the student learns from the labels alone. Lower semi_threshold or use "
+                                  f"pseudo_selection=per_class_threshold", stacklevel=2)
+                rows = [[unl.ids[i], names[c], repr(float(probs[i].max()))] for i, c in zip(chosen, labels)]
+                noise = _add_noise(student, cfg.student_dropout)
+                student_loaders = {**loaders, "train": _student_loader(cfg, target, idx, unl, chosen, labels, train_tf, channels, size)}
+                y = np.concatenate([target.y[idx["train"]], labels])
+                history, best_epoch = train(student, student_loaders, _class_weights(y, len(names)) if weights is not None else None)
+            best = next(h for h in history if h["epoch"] == best_epoch)
+            record = _save_round(folder, student, {
+                "round": k, "teacher": None if k == 0 else f"round{k - 1}", "best_epoch": best_epoch,
+                "val_auroc": best["val_auroc"], "val_loss": best["val_loss"], "student_dropout": noise,
+                "pseudo": {**{n: dict(zip(names, v)) for n, v in counts.items()}, "n_kept": len(rows)} if k else None,
+                "history": history, "config": key,
+            }, rows)
+            logger.info("round %d: validation AUROC %.4f, pseudo labels kept per class %s", k, record["val_auroc"],
+                        (record["pseudo"] or {}).get("kept_per_class"))
+        records.append(record)
+        teacher = student
+    chosen = _best_round(records)
+    model.load_state_dict(load_file(str(root / f"round{chosen['round']}" / "model.safetensors")))
+    info = {"chosen_round": chosen["round"],
+            "rounds": [{k: v for k, v in r.items() if k not in ("history", "config")} for r in records]}
+    return chosen["history"], chosen["best_epoch"], info
+
+
+def _student_loader(cfg, target, idx, unl, chosen, labels, train_tf, channels, size):
+    """Labels + pseudo labels, with Noisy Student's input noise (RandAugment before the usual augmentation)."""
+    names = list(target.label_names)
+    pairs = [(target.images[i], target.labels[i]) for i in idx["train"]]
+    pairs += [(unl.images[i], names[c]) for i, c in zip(chosen, labels)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"converted \d+ of \d+ images to", category=UserWarning)
+        ds = LabelledDataset(pairs, channels=channels, image_size=size, class_names=names, resize_mode="crop",
+                             transform=StrongAugment(train_tf, magnitude=cfg.strong_magnitude, cutout=False))
+    return build_loader(ds, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True,
+                        drop_last=len(ds) % cfg.batch_size == 1 and len(ds) > 1)
+
+
+def _fixmatch(cfg, target, model, loaders, weights, train, unl: UnlabelledSet) -> tuple[list, int, dict]:
+    """One FixMatch run from the init (module docstring); leaves the best epoch's weights in ``model``."""
+    train_tf, _, channels, size = _transforms(loaders)
+    views = MultiViewTransform([train_tf, StrongAugment(train_tf, magnitude=cfg.strong_magnitude)])
+    ds = UnlabelledDataset(unl.images, channels=channels, image_size=size, transform=views)
+    batch = cfg.mu * cfg.batch_size
+    unl_loader = build_loader(ds, batch_size=batch, seed=cfg.seed + 1, shuffle=True,
+                              drop_last=len(ds) % batch == 1 and len(ds) > 1)
+    loss = FixMatchLoss(weights, cfg.semi_threshold, cfg.lambda_u, len(target.label_names))
+    history, best_epoch = train(model, {**loaders, "train": PairedLoader(loaders["train"], unl_loader)}, weights, loss)
+    info = {"mu": cfg.mu, "threshold": cfg.semi_threshold, "lambda_u": cfg.lambda_u, "unlabelled_seen": loss.seen,
+            "accepted_per_class": dict(zip(target.label_names, loss.accepted.tolist())),
+            "mask_rate": float(loss.accepted.sum() / max(loss.seen, 1))}
+    return history, best_epoch, info
+
+
+def run_semi(cfg: Any, target: Any, splits: np.ndarray, idx: Mapping[str, np.ndarray], model: nn.Module,
+             loaders: Mapping[str, Any], weights: Tensor | None, train: Any, device: torch.device) -> tuple[list, int, dict]:
+    """Semi-supervised training of ``model`` (the module docstring), called by ``run_finetune``.
+
+    Args:
+        cfg: the run's ``FinetuneConfig`` (``semi`` is ``pseudo_label`` or ``fixmatch``).
+        target, splits, idx: the cleaned target, its split names and the index arrays
+            (``idx["train"]`` is the label budget).
+        model: the initialised model on ``device``; left holding the chosen weights.
+        loaders: the run's ``train``/``val``/``test`` loaders (their transforms are reused).
+        weights: class weights of the supervised loss, or ``None``.
+        train: ``(model, loaders, weights, loss_fn=None) -> (history, best_epoch)``, the run's epoch
+            loop with early stopping and model choice on validation (``run_finetune``'s).
+        device: the training device.
+
+    Returns:
+        ``(history, best epoch, info)``: the chosen model's epoch history, and ``metrics.json``'s
+        ``semi`` entry (method, unlabelled images and their leakage counts, rounds or FixMatch
+        counts).
+    """
+    unl, unl_info = gather_unlabelled(cfg, target, splits, idx["train"])
+    if cfg.semi == "pseudo_label":
+        history, best_epoch, info = _pseudo_label(cfg, target, idx, model, loaders, weights, train, unl, device)
+    else:
+        history, best_epoch, info = _fixmatch(cfg, target, model, loaders, weights, train, unl)
+    return history, best_epoch, {"method": cfg.semi, "unlabelled": unl_info, **info}

@@ -1,0 +1,182 @@
+"""Unlabelled images for semi-supervised fine-tuning: read, hashed, and checked against the test split.
+
+Where they come from (``FinetuneConfig.unlabelled``):
+
+- folders or files any reader accepts (flat folders, class folders, ``labels.csv``, ``.npz``,
+  DICOM and NIfTI trees; see ``openmednet.data.sources``), several allowed. Labels they may carry are
+  ignored (hidden) and counted;
+- ``rest_of_train``: the target's training images outside the label budget (``per_class`` or
+  ``label_fraction``), labels hidden: the standard protocol of semi-supervised benchmarks
+  (FixMatch, Sohn et al. 2020, sec. 4.1), and already cleaned by ``prepare_splits``.
+
+Leakage: an unlabelled image that is a near-copy of a test image is dropped by the rule that drops
+training images (``find_near_duplicates`` on the 64-bit pHash within ``near_threshold`` bits,
+confirmed by the 256-bit pHash; ``leakage="error"`` refuses instead), and listed in
+``metrics.json`` (``semi.unlabelled.dropped.near_copies_of_test``). A test image seen without its
+label still shapes the model (pseudo labels, consistency), so the test score would be inflated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from openmednet.data.dedupe import phash64, phash256
+from openmednet.data.images import to_channels
+from openmednet.data.sources import SourceSpec, iter_source, read_item
+from openmednet.eval.splits import find_near_duplicates
+from openmednet.eval.targets import TargetSet, _shrink
+
+__all__ = ["REST_OF_TRAIN", "UnlabelledSet", "drop_test_near_copies", "load_unlabelled", "rest_of_train"]
+
+logger = logging.getLogger(__name__)
+
+#: ``unlabelled`` value meaning "the training images outside the label budget, labels hidden".
+REST_OF_TRAIN = "rest_of_train"
+
+
+@dataclass
+class UnlabelledSet:
+    """Decoded unlabelled images.
+
+    Attributes:
+        images: ``N`` uint8 arrays, ``(H, W)`` or ``(H, W, 3)`` (the target's channels).
+        ids: ``N`` stable ids (``<source>/<relative path>[#frame]``, or the target's id).
+        hashes: ``(N,)`` uint64 64-bit pHashes; ``fine_hashes``: ``(N, 4)`` uint64 256-bit pHashes.
+        sources: where they came from (folders, or ``rest_of_train``).
+        skipped: undecodable files per reason.
+        labels_hidden: images whose source carried a label, ignored here.
+    """
+
+    images: list[np.ndarray]
+    ids: list[str]
+    hashes: np.ndarray
+    fine_hashes: np.ndarray
+    sources: list[str]
+    skipped: dict[str, int] = field(default_factory=dict)
+    labels_hidden: int = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, keep: np.ndarray) -> UnlabelledSet:
+        """The items at indices ``keep``."""
+        keep = np.asarray(keep, dtype=np.int64)
+        return UnlabelledSet([self.images[i] for i in keep], [self.ids[i] for i in keep], self.hashes[keep],
+                             self.fine_hashes[keep], self.sources, dict(self.skipped), self.labels_hidden)
+
+
+def _check_readable(root: Path) -> None:
+    if not root.exists():
+        raise FileNotFoundError(f"unlabelled images: {root} does not exist (give a folder, .npz or labels.csv folder, "
+                                f"or '{REST_OF_TRAIN}')")
+    if root.is_dir() and not os.access(root, os.R_OK | os.X_OK):
+        raise ValueError(f"unlabelled images: cannot read folder {root} (permission denied): fix its permissions")
+
+
+def _read_source(root: Path, channels: int, max_side: int | None, skipped: Counter) -> tuple[list, list[str], int]:
+    """Decode every image of one source: ``(images, ids, labelled count)``."""
+    _check_readable(root)
+    try:
+        items = list(iter_source(SourceSpec(name=root.stem, root=root)))
+    except PermissionError as e:
+        raise ValueError(f"unlabelled images: cannot read {root} ({e}): fix its permissions") from None
+    except ValueError as e:
+        raise ValueError(f"no unlabelled images found in {root}: {e}") from None
+    base = root.parent if root.is_file() else root
+    images, ids, labelled = [], [], 0
+    for item in items:
+        labelled += item.label is not None
+        try:
+            decoded = list(read_item(item, on_skip=lambda s: skipped.update([s.reason])))
+        except PermissionError:
+            skipped.update(["permission_denied"])
+            continue
+        for array, meta in decoded:
+            images.append(np.require(_shrink(to_channels(array, channels)[0], max_side), requirements=["C", "W"]))
+            rel = item.path.relative_to(base) if item.path.is_relative_to(base) else item.path
+            ids.append(f"{root.name}/{rel}" + (f"#{meta.frame}" if len(decoded) > 1 else ""))
+    return images, ids, labelled
+
+
+def load_unlabelled(sources: Sequence[str | Path], *, channels: int, max_side: int | None = 256) -> UnlabelledSet:
+    """Read unlabelled images from folders or files, converted to the target's ``channels``.
+
+    Images are stored as ``load_target`` stores a target's (shorter side at most ``max_side``) and
+    hashed the same way, so the near-copy check compares like with like.
+
+    Raises:
+        FileNotFoundError: a source does not exist.
+        ValueError: a folder that cannot be read, or no decodable image in a source (the message
+            gives the counts of skipped files per reason).
+    """
+    if not sources:
+        raise ValueError(f"no unlabelled source given: pass --unlabelled DIR (several allowed) or '{REST_OF_TRAIN}'")
+    images, ids, labelled, skipped = [], [], 0, Counter()
+    for source in sources:
+        root = Path(source)
+        before = sum(skipped.values())
+        got, got_ids, n_labelled = _read_source(root, channels, max_side, skipped)
+        if not got:
+            reasons = {k: v for k, v in skipped.items()}
+            raise ValueError(f"no unlabelled images found in {root}: {sum(skipped.values()) - before} file(s) could not "
+                             f"be decoded (by reason: {reasons}); give a folder of readable images")
+        images += got
+        ids += got_ids
+        labelled += n_labelled
+    if skipped:
+        warnings.warn(f"unlabelled images: skipped {sum(skipped.values())} undecodable files {dict(skipped)}", stacklevel=2)
+    if labelled:
+        logger.info("unlabelled images: %d items carried labels; the labels are hidden (not used)", labelled)
+    return UnlabelledSet(images=images, ids=ids, hashes=np.asarray([phash64(a) for a in images], dtype=np.uint64),
+                         fine_hashes=np.stack([phash256(a) for a in images]), sources=[str(s) for s in sources],
+                         skipped=dict(skipped), labels_hidden=labelled)
+
+
+def rest_of_train(target: TargetSet, splits: np.ndarray, used: np.ndarray) -> UnlabelledSet:
+    """The training images outside the label budget ``used``, labels hidden.
+
+    Raises:
+        ValueError: no such image (no budget was given, so every training image is labelled).
+    """
+    rest = np.setdiff1d(np.flatnonzero(splits == "train"), used)
+    if not rest.size:
+        raise ValueError(f"no unlabelled images found: '{REST_OF_TRAIN}' is empty because every training image is "
+                         f"already labelled; give a label budget (per_class or label_fraction) or --unlabelled DIR")
+    return UnlabelledSet(images=[target.images[i] for i in rest], ids=[target.ids[i] for i in rest],
+                         hashes=target.hashes[rest], fine_hashes=target.fine_hashes[rest], sources=[REST_OF_TRAIN],
+                         labels_hidden=int(rest.size))
+
+
+def drop_test_near_copies(unlabelled: UnlabelledSet, target: TargetSet, splits: np.ndarray, *,
+                          near_threshold: int, leakage: str) -> tuple[UnlabelledSet, list[str]]:
+    """Drop unlabelled images that are near-copies of test images (the training images' rule).
+
+    Returns:
+        The kept images and the ids of the dropped ones.
+
+    Raises:
+        ValueError: near-copies found and ``leakage == "error"``.
+    """
+    test = np.flatnonzero(splits == "test")
+    pairs = find_near_duplicates(target.hashes[test], unlabelled.hashes, near_threshold,
+                                 query_fine=target.fine_hashes[test], reference_fine=unlabelled.fine_hashes)
+    if not pairs:
+        return unlabelled, []
+    copies = sorted({j for _, j, _ in pairs})
+    examples = [f"{target.ids[test[i]]} ~ {unlabelled.ids[j]} ({d} bits)" for i, j, d in pairs[:3]]
+    if leakage == "error":
+        raise ValueError(f"{len(copies)} unlabelled images are near-copies of test images (e.g. {examples}): the test "
+                         f"score would be inflated. Remove them from the unlabelled folders, or set leakage='drop'")
+    warnings.warn(f"left out {len(copies)} unlabelled images that are near-copies of test images (within "
+                  f"{near_threshold} of 64 pHash bits, confirmed by the 256-bit hash), e.g. {examples}", stacklevel=2)
+    if len(copies) == len(unlabelled):
+        raise ValueError(f"no unlabelled images left: all {len(copies)} are near-copies of test images")
+    return unlabelled.subset(np.setdiff1d(np.arange(len(unlabelled)), copies)), [unlabelled.ids[j] for j in copies]

@@ -1,0 +1,214 @@
+"""Semi-supervised fine-tuning (issue 12): pseudo-label selection, leakage of unlabelled images,
+resume of multi-round runs, FixMatch end to end and the CLI errors, on a tiny real brain MRI target."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from openmednet.cli.app import app
+from openmednet.data.semi import StrongAugment, UnlabelledDataset
+from openmednet.data.transforms import build_transform
+from openmednet.eval import finetune as ft
+from openmednet.eval.finetune import FinetuneConfig, prepare_splits, run_finetune
+from openmednet.eval.semi import gather_unlabelled, select_pseudo_labels
+from openmednet.eval.targets import load_target
+
+BRAIN = "gray/targets/brain_mri_yes_no"
+
+
+def _rows(shared_data: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((shared_data / BRAIN / "labels.csv").read_text().splitlines()))
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 24-image labelled target (12 per class, drawn splits) and a folder of 10 other images of the set."""
+    tmp = tmp_path_factory.mktemp("semi")
+    rows = _rows(shared_data)
+    by_class = {c: [r for r in rows if r["label"] == c] for c in ("no", "yes")}
+    with open(tmp / "labels.csv", "w", newline="") as f:  # copies: paths outside the target's folder are refused
+        f.write("path,label,split,group\n")
+        for c, members in by_class.items():
+            for k, r in enumerate(members[:12]):
+                name = f"{c}{k}{Path(r['path']).suffix}"
+                (tmp / name).write_bytes((shared_data / BRAIN / r["path"]).read_bytes())
+                f.write(f"{name},{c},,\n")
+    extra = tmp / "unlabelled"
+    extra.mkdir()
+    for c, members in by_class.items():
+        for r in members[12:17]:
+            Image.open(shared_data / BRAIN / r["path"]).convert("L").save(extra / f"{c}_{Path(r['path']).stem}.png")
+    return tmp, extra
+
+
+def _cfg(data: Path, out: Path, **kw) -> FinetuneConfig:
+    base = dict(data=data, out=out, init="scratch:mednet_test", epochs=1, patience=1, image_size=32, batch_size=8,
+                lr=1e-3, n_boot=0, max_side=64, given_splits=False, test_fraction=0.25, per_class=3)
+    return FinetuneConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------ selection
+def _probs(n_major: int, n_minor: int, conf: float = 0.99) -> np.ndarray:
+    p = np.full((n_major + n_minor, 2), 1 - conf)
+    p[:n_major, 0] = conf
+    p[n_major:, 1] = conf
+    return p
+
+
+def test_threshold_keeps_confident_predictions_only() -> None:
+    probs = np.array([[0.96, 0.04], [0.95, 0.05], [0.94, 0.06], [0.10, 0.90], [0.02, 0.98]])
+    idx, labels, info = select_pseudo_labels(probs, threshold=0.95, selection="threshold")
+    assert idx.tolist() == [0, 1, 4] and labels.tolist() == [0, 0, 1]  # the threshold itself is kept
+    assert info["confident_per_class"] == [2, 1] and info["threshold_per_class"] == [0.95, 0.95]
+
+
+def test_class_balanced_selection_stops_a_majority_class_swallowing_the_rest() -> None:
+    probs = _probs(90, 5)
+    probs[:90, 0] -= np.linspace(0, 0.03, 90)  # distinct confidences: the most confident are kept
+    probs[:90, 1] = 1 - probs[:90, 0]
+    _, labels, _ = select_pseudo_labels(probs, threshold=0.9, selection="threshold")
+    assert np.bincount(labels).tolist() == [90, 5]
+    idx, labels, info = select_pseudo_labels(probs, threshold=0.9, selection="class_balanced")
+    assert np.bincount(labels).tolist() == [5, 5] and info["kept_per_class"] == [5, 5]
+    assert set(idx[labels == 0].tolist()) == {0, 1, 2, 3, 4}
+    # No confident minority prediction: nothing is kept rather than majority-only pseudo labels.
+    idx, _, info = select_pseudo_labels(_probs(90, 5, conf=0.6), threshold=0.9, selection="class_balanced")
+    assert idx.size == 0 and info["confident_per_class"] == [0, 0]
+
+
+def test_per_class_threshold_keeps_the_top_fraction_of_each_class() -> None:
+    probs = np.concatenate([_probs(8, 0, conf=0.99), _probs(0, 4, conf=0.7)])
+    probs[8:, 1] = [0.55, 0.6, 0.7, 0.8]
+    probs[8:, 0] = 1 - probs[8:, 1]
+    idx, labels, info = select_pseudo_labels(probs, threshold=0.95, selection="per_class_threshold", fraction=0.5)
+    assert np.bincount(labels).tolist() == [4, 2]
+    assert sorted(idx[labels == 1].tolist()) == [10, 11]  # the minority's 2 most confident, below 0.95
+    assert info["threshold_per_class"][1] == pytest.approx(0.7)
+
+
+def test_strong_augment_is_seeded_and_keeps_gray_gray() -> None:
+    base = build_transform({"input_size": (3, 32, 32), "mean": (0.5,), "std": (0.25,)}, train=True, augment="gray")
+    strong = StrongAugment(base)
+    gray = torch.randint(0, 255, (4, 1, 40, 40), dtype=torch.uint8).repeat(1, 3, 1, 1)
+    a, b = strong.batch(gray, [1, 2, 3, 4]), strong.batch(gray, [1, 2, 3, 4])
+    assert torch.equal(a, b) and a.shape == (4, 3, 32, 32)
+    assert torch.equal(a[:, 0], a[:, 1]) and torch.equal(a[:, 1], a[:, 2])
+    ds = UnlabelledDataset([np.zeros((50, 40), np.uint8)] * 3, channels=1, image_size=32, transform=strong)
+    assert [y for _, y in ds.__getitems__([(0, 5), (1, 6)])] == [-1, -1]
+
+
+# ------------------------------------------------------------------------------------ leakage
+def test_unlabelled_near_copies_of_test_images_are_dropped_and_counted(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    data, extra = tiny
+    folder = tmp_path / "with_copies"
+    folder.mkdir()
+    for p in extra.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    cfg = _cfg(data, tmp_path / "run", semi="fixmatch", unlabelled=(str(folder),), semi_threshold=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target, splits, _ = prepare_splits(load_target(data, max_side=64), cfg)
+    test = np.flatnonzero(splits == "test")[:2]
+    for i in test:  # near-copies: resized and re-encoded as JPEG
+        img = Image.fromarray(target.images[i])
+        img.resize((img.width - 3, img.height - 2)).save(folder / f"copy_{i}.jpg", quality=85)
+
+    with pytest.raises(ValueError, match="2 unlabelled images are near-copies of test images"):
+        gather_unlabelled(FinetuneConfig(**{**cfg.__dict__, "leakage": "error"}), target, splits, np.flatnonzero(splits == "train"))
+    metrics = run_finetune(cfg).metrics  # FixMatch end to end
+    unl = metrics["semi"]["unlabelled"]
+    assert sorted(unl["dropped"]["near_copies_of_test"]) == sorted(f"with_copies/copy_{i}.jpg" for i in test)
+    assert unl["n_found"] == 12 and unl["n_used"] == 10
+    assert metrics["semi"]["method"] == "fixmatch" and metrics["semi"]["unlabelled_seen"] >= 10
+    assert sum(metrics["data"]["counts"]["train_used"].values()) == 6  # labels: the budget only
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["semi"]["unlabelled"] == unl
+
+
+# ------------------------------------------------------------------------------------ rounds
+def test_multi_round_run_resumes_and_extends_with_the_same_result(tiny: tuple[Path, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    data, _ = tiny
+    kw = dict(semi="pseudo_label", unlabelled=("rest_of_train",), pseudo_selection="per_class_threshold")
+    full = run_finetune(_cfg(data, tmp_path / "full", rounds=2, **kw)).metrics
+    rounds = full["semi"]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and [r["teacher"] for r in rounds] == [None, "round0", "round1"]
+    assert all(sum(r["pseudo"]["kept_per_class"].values()) == r["pseudo"]["n_kept"] > 0 for r in rounds[1:])
+    assert full["val"]["auroc_macro"] == rounds[full["semi"]["chosen_round"]]["val_auroc"]
+    assert full["semi"]["unlabelled"]["sources"] == ["rest_of_train"]
+
+    trained = []
+    real_train = ft._train
+    monkeypatch.setattr(ft, "_train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    run_finetune(_cfg(data, tmp_path / "part", rounds=1, **kw))
+    assert len(trained) == 2
+    (tmp_path / "part/semi/round1/round.json").unlink()  # as if killed while saving round 1
+    resumed = run_finetune(_cfg(data, tmp_path / "part", rounds=2, **kw)).metrics
+    assert len(trained) == 4  # round 0 reused; rounds 1 and 2 trained
+    assert resumed["semi"]["rounds"] == rounds
+    assert resumed["test"]["auroc_macro"] == full["test"]["auroc_macro"]
+    with pytest.raises(ValueError, match="different configuration"):
+        run_finetune(_cfg(data, tmp_path / "part", rounds=2, **{**kw, "pseudo_fraction": 0.6}))
+
+
+# ------------------------------------------------------------------------------------ CLI errors
+def _cli(data: Path, out: Path, *extra: str):
+    return CliRunner().invoke(app, ["finetune", "--data", str(data), "--out", str(out), "--init", "scratch:mednet_test",
+                                    "--epochs", "1", "--image-size", "32", "--per-class", "3", "--semi", "fixmatch",
+                                    "--set", "given_splits=false", "--set", "max_side=64", *extra])
+
+
+def test_cli_errors_name_the_unlabelled_problem(tiny: tuple[Path, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    data, _ = tiny
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    cases = {
+        (): "needs unlabelled images",
+        ("--unlabelled", str(tmp_path / "missing")): "does not exist",
+        ("--unlabelled", str(empty)): "no unlabelled images found in",
+        ("--unlabelled", str(broken)): "could not be decoded",
+        ("--unlabelled", "rest_of_train", "--unlabelled", str(broken)): "cannot be combined",
+    }
+    for args, message in cases.items():
+        result = _cli(data, tmp_path / "run", *args)
+        assert result.exit_code != 0 and message in str(result.exception), (args, result.exception)
+    monkeypatch.setattr("openmednet.eval.unlabelled.os.access", lambda path, mode: Path(path) != empty)
+    result = _cli(data, tmp_path / "run", "--unlabelled", str(empty))
+    assert "permission denied" in str(result.exception)
+
+
+# ------------------------------------------------------------------------------------ study
+def test_study_semi_axis_maps_arms_and_keeps_earlier_runs_reusable(tmp_path: Path) -> None:
+    from openmednet.config import to_dict
+    from openmednet.eval import study
+    from openmednet.eval.semi import SEMI_FIELDS, has_unlabelled, study_strategies
+
+    cfg = study.StudyConfig(out=tmp_path, targets=({"name": "t", "data": str(tmp_path)},), inits=("auto",),
+                            semi=("none", "fixmatch"), unlabelled=("rest_of_train",), per_class=(10,))
+    study._check_grid(cfg)
+    assert study_strategies(cfg.strategies, cfg.semi) == ["full", "full+fixmatch"]
+    spec = cfg.target_specs()[0]
+    run = study._arm_config(cfg, spec, "auto", "full+fixmatch", {"per_class": 10}, 0, tmp_path / "a")
+    assert (run.strategy, run.semi, run.unlabelled) == ("full", "fixmatch", ("rest_of_train",))
+    assert has_unlabelled("full+fixmatch", cfg.unlabelled, {"per_class": 10})
+    assert not has_unlabelled("full+fixmatch", cfg.unlabelled, {"label_fraction": None})  # frac1: nothing hidden
+    plain = to_dict(study._arm_config(cfg, spec, "auto", "full", {"per_class": 10}, 0, tmp_path / "b"))
+    before_semi = {k: v for k, v in plain.items() if k not in ("semi", *SEMI_FIELDS)}  # a metrics.json of earlier runs
+    assert study._result_config(before_semi, ("fp32", False)) == study._result_config(plain, ("fp32", False))
+    with pytest.raises(ValueError, match="needs unlabelled images"):
+        study._check_grid(study.StudyConfig(out=tmp_path, targets=(), inits=("auto",), semi=("fixmatch",)))
+    with pytest.raises(KeyError, match="fixmatch"):
+        study._check_grid(study.StudyConfig(out=tmp_path, targets=(), inits=("auto",), semi=("fixmach",),
+                                            unlabelled=("rest_of_train",)))
