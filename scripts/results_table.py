@@ -57,11 +57,11 @@ def _cell(stats: dict, ci: bool) -> str:
 
 
 def _mean_row(rows: dict[tuple[str, str], dict[str, dict]], headers: list[str], metric: str) -> str:
-    """Mean over targets of each column's mean, over the rows that have every column (a column
-    missing in a row would make the means incomparable)."""
+    """Mean over rows (target x budget) of each column's mean, over the rows that have every
+    column (a column missing in a row would make the means incomparable)."""
     full = [cells for cells in rows.values() if all(h in cells for h in headers)]
     means = [sum(c[h][metric]["mean"] for c in full) / len(full) for h in headers] if full else []
-    best = max(round(m, 3) for m in means) if means else None
+    best = (min if metric == "ece" else max)(round(m, 3) for m in means) if means else None
     text = [f"**{m:.3f}**" if round(m, 3) == best else f"{m:.3f}" for m in means]
     return f"| mean of {len(full)} rows | | {' | '.join(text)} |"
 
@@ -108,6 +108,13 @@ def table(reports: list[dict], metric: str, columns: str, ci: bool, mean_row: bo
     return "\n".join(lines)
 
 
+def _label(text: str) -> tuple[str, str]:
+    init, sep, name = text.partition("=")
+    if not sep or not init or not name:
+        raise argparse.ArgumentTypeError(f"expected INIT=NAME, got {text!r}")
+    return init, name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", type=Path, help="report.json files of openmednet study")
@@ -116,9 +123,10 @@ def main() -> None:
                         help="what the columns are; 'study': one per report (rows target x init)")
     parser.add_argument("--no-ci", dest="ci", action="store_false", help="leave out the bootstrap intervals")
     parser.add_argument("--mean-row", action="store_true", help="add the mean over rows of each column")
-    parser.add_argument("--label", action="append", default=[], metavar="INIT=NAME", help="column name of an init")
+    parser.add_argument("--label", action="append", default=[], type=_label, metavar="INIT=NAME",
+                        help="column name of an init")
     args = parser.parse_args()
-    LABELS.update(item.split("=", 1) for item in args.label)
+    LABELS.update(args.label)
     reports = [json.loads(p.read_text()) for p in args.reports]
     print(table(reports, args.metric, args.columns, args.ci, args.mean_row))
 

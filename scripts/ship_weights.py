@@ -29,14 +29,10 @@ import yaml
 
 from openmednet.data.fingerprint import save_corpus_fingerprint
 from openmednet.data.shards import CorpusManifest
+from openmednet.engine.precision import cpu_capability
 from openmednet.models import load_pretrained, save_pretrained
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "openmednet" / "assets" / "weights"
-
-LICENSE = (
-    "research use only: trained on public data whose licences include CC BY-NC 4.0 (HAM10000) and "
-    "research-only terms (see provenance.details.sources and each source's SOURCE.md)"
-)
 
 
 def _epochs(run: Path) -> list[dict]:
@@ -65,12 +61,6 @@ def _comparison(reports: list[Path]) -> list[dict]:
     return rows
 
 
-def _cpu_capability() -> str:
-    import torch
-
-    return torch.backends.cpu.get_cpu_capability()
-
-
 def _clear_other_defaults(out: Path, architecture: str, tag: str) -> None:
     """Unset ``default`` on the other shipped cards of ``architecture`` (one default per arch)."""
     for card_path in sorted(out.glob(f"{architecture}.*.json")):
@@ -92,11 +82,10 @@ def main() -> None:
                         help="make it the architecture's default weight set (pretrained=True)")
     parser.add_argument("--build", default="scripts/build_release_corpora.sh", help="script that built the corpus")
     parser.add_argument("--command", default=None, help="command that pre-trained it (default: the v1 script)")
-    parser.add_argument("--init-run", type=Path, default=None,
-                        help="the run whose backbone started this one (a progressive schedule's earlier stage)")
     parser.add_argument("--selection", default="linear probe on the public targets (scripts/compare_objectives.sh), "
                         "mean test AUROC over 3 seeds", help="how this weight set was chosen")
-    parser.add_argument("--license", default=LICENSE, help="licence line of the card (name the sources' terms)")
+    parser.add_argument("--license", required=True,
+                        help="licence line of the card, naming the terms of the sources it was trained on")
     args = parser.parse_args()
 
     model = load_pretrained(args.run / "backbone")
@@ -104,6 +93,9 @@ def main() -> None:
     manifest = CorpusManifest.load(args.corpus)
     config = yaml.safe_load((args.run / "config.yaml").read_text())
     epochs = _epochs(args.run)
+    # A progressive schedule's earlier stage: the run whose backbone started this one (model.init).
+    init = (config.get("model") or {}).get("init")
+    args.init_run = Path(init).parent if init else None
     last = epochs[-1]
     details = {
         "corpus": {
@@ -126,7 +118,7 @@ def main() -> None:
                 "epochs": len(_epochs(args.init_run)),
                 "wall_time_s": round(sum(e.get("time_s", 0.0) for e in _epochs(args.init_run)), 1),
             },
-            "hardware": f"{os.cpu_count()} CPU cores ({_cpu_model()}, torch CPU capability {_cpu_capability()}), no GPU",
+            "hardware": f"{os.cpu_count()} CPU cores ({_cpu_model()}, torch CPU capability {cpu_capability()}), no GPU",
             "precision": config.get("train", {}).get("precision"),
         },
         "selection": {

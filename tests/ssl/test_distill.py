@@ -64,6 +64,7 @@ def test_loss_is_smooth_l1_to_the_layer_normed_teacher_features(teacher: torch.n
 
 def test_teacher_stays_frozen_in_eval_mode_and_out_of_the_state_dict(teacher: torch.nn.Module):
     objective = FeatureDistillation(teacher, 16, (0.5,), (0.25,), loss="cosine")
+    teacher.train()  # whatever mode it arrives in, the objective's train() keeps it in eval mode
     objective.train()
     assert objective.projector.training and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())

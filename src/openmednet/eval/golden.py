@@ -77,6 +77,8 @@ class GoldenRecord:
 def golden_record(weight_set: str, model: nn.Module) -> GoldenRecord:
     """Compute the record of ``model`` (loaded as ``weight_set``) on its channel's demo images."""
     paths = golden_images(int(model.pretrained_cfg.input_size[0]))
+    if not paths:
+        raise FileNotFoundError(f"no demo images in {golden_dir()} (the package's assets are incomplete)")
     feats = golden_features(model, paths)
     images = {
         p.name: {
@@ -103,6 +105,8 @@ def check_golden(weight_set: str, model: nn.Module, record_path: Path | None = N
     errors = []
     if list(now.input_size) != stored["input_size"]:
         errors.append(f"input_size {list(now.input_size)} != recorded {stored['input_size']}")
+    if set(now.images) != set(stored["images"]) or not stored["images"]:
+        errors.append(f"demo images {sorted(now.images)} differ from the recorded {sorted(stored['images'])}")
     atol = float(stored.get("atol", GOLDEN_ATOL))
     for name, want in stored["images"].items():
         got = now.images.get(name)

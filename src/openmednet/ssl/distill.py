@@ -139,7 +139,9 @@ class FeatureDistillation(nn.Module):
         if first.device != images.device:
             teacher.to(images.device)
         x = renormalize(images.float(), *self.student_norm, *self.teacher_norm, self.teacher_chans)
-        feats = teacher(x).float()
+        # fp32 whatever the training precision: the target must not depend on the machine's bf16.
+        with torch.autocast(images.device.type, enabled=False):
+            feats = teacher(x).float()
         return nn.functional.layer_norm(feats, feats.shape[-1:])
 
     def forward(self, images: Tensor, features: Tensor) -> Tensor:
