@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -17,7 +18,9 @@ def test_finetune_cli_runs_and_reports(shared_data: Path, tmp_path: Path) -> Non
     rows = [r for r in rows if r["label"] == "chest"][:8] + [r for r in rows if r["label"] == "abdomen"][:8]
     with open(tmp_path / "labels.csv", "w", newline="") as f:
         f.write("path,label,split,group\n")
-        f.writelines(f"{root / r['path']},{r['label']},,\n" for r in rows)
+        f.writelines(f"{Path(r['path']).name},{r['label']},,\n" for r in rows)
+    for r in rows:  # copies: a source's paths must stay inside its folder (issue 14 item 6)
+        shutil.copyfile(root / r["path"], tmp_path / Path(r["path"]).name)
     result = CliRunner().invoke(app, [
         "finetune", "--data", str(tmp_path), "--init", "scratch:mednet_test", "--out", str(tmp_path / "run"),
         "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--strategy", "linear_probe",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -33,14 +34,19 @@ def _rows(shared_data: Path, folder: str) -> list[dict[str, str]]:
 
 
 def _write_labels(tmp: Path, rows: list[dict[str, str]], root: Path) -> Path:
-    """A labels.csv in ``tmp`` pointing (absolute paths) at real images; no data is copied."""
+    """A labels.csv in ``tmp`` over copies of real images (a few small files): a source's paths
+    must stay inside its folder (``outside_root`` skip, issue 14 item 6)."""
     tmp.mkdir(parents=True, exist_ok=True)
     with open(tmp / "labels.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "label", "split", "group"])
         writer.writeheader()
         for r in rows:
-            path = r["path"] if Path(r["path"]).is_absolute() else str(root / r["path"])
-            writer.writerow({"path": path, "label": r["label"], "split": r.get("split", ""), "group": r.get("group", "")})
+            src = Path(r["path"]) if Path(r["path"]).is_absolute() else root / r["path"]
+            rel = Path("images") / src.relative_to(src.anchor)
+            if src.is_file():  # a missing path stays missing (test_missing_paths_are_listed)
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, tmp / rel)
+            writer.writerow({"path": rel.as_posix(), "label": r["label"], "split": r.get("split", ""), "group": r.get("group", "")})
     return tmp
 
 
@@ -206,8 +212,10 @@ def test_load_target_from_another_csv(shared_data: Path, tmp_path: Path) -> None
     root = shared_data / OPENI
     rows = [r for r in _rows(shared_data, OPENI) if r["split"] == "train"]
     rows = rows[:5] + rows[-5:]  # both classes
+    for r in rows:  # copies: a source's paths must stay inside its folder (issue 14 item 6)
+        shutil.copyfile(root / r["path"], tmp_path / Path(r["path"]).name)
     (tmp_path / "meta.csv").write_text(
-        "image_id,dx,patient\n" + "".join(f"{root / r['path']},{r['label']},p{i // 2}\n" for i, r in enumerate(rows))
+        "image_id,dx,patient\n" + "".join(f"{Path(r['path']).name},{r['label']},p{i // 2}\n" for i, r in enumerate(rows))
     )
     target = load_target(tmp_path, format="csv", csv_file="meta.csv",
                          columns={"path": "image_id", "label": "dx", "group": "patient"})

@@ -25,7 +25,9 @@ def _target(shared_data: Path, tmp: Path, per_class: int = 12) -> Path:
     (tmp / "target").mkdir()
     with open(tmp / "target/labels.csv", "w", newline="") as f:
         f.write("path,label,split,group\n")
-        f.writelines(f"{root / r['path']},{r['label']},,\n" for r in rows)
+        f.writelines(f"{Path(r['path']).name},{r['label']},,\n" for r in rows)
+    for r in rows:  # copies: a source's paths must stay inside its folder (issue 14 item 6)
+        shutil.copyfile(root / r["path"], tmp / "target" / Path(r["path"]).name)
     return tmp / "target"
 
 
