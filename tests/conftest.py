@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,32 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data tree not found at {SHARED_DATA} (set OPENMEDNET_SHARED_DATA)")
     return SHARED_DATA
+
+
+# ------------------------------------------------------------------------------------ segmentation
+def _seg_subset(shared: Path, dst: Path, name: str = "gray/lgg_flair", patients: int = 4,
+                per_patient: int = 4, rows_filter=None) -> Path:
+    """A folder whose masks.csv lists real pairs of ``seg/<name>`` (absolute paths) for the first
+    ``patients`` groups (or first ``patients * per_patient`` rows when the set has no groups)."""
+    src = shared / "seg" / name
+    rows = list(csv.DictReader((src / "masks.csv").open()))
+    if rows[0]["group"]:
+        keep_groups = sorted({r["group"] for r in rows})[:patients]
+        rows = [r for r in rows if r["group"] in keep_groups]
+    else:
+        rows = rows[: patients * per_patient]
+    rows = rows_filter(rows) if rows_filter else rows
+    dst.mkdir(parents=True, exist_ok=True)
+    with (dst / "masks.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["path", "mask", "split", "group"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "path": str(src / r["path"]), "mask": str(src / r["mask"])})
+    shutil.copy(src / "classes.txt", dst / "classes.txt")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def seg_subset(shared_data):
+    """``seg_subset(dst, name="gray/lgg_flair", patients=4, ...)``: a masks.csv folder of real pairs."""
+    return lambda dst, *args, **kwargs: _seg_subset(shared_data, dst, *args, **kwargs)

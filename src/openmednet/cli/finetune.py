@@ -8,7 +8,7 @@ import typer
 
 # CLI flag -> FinetuneConfig field, for the flags that are just config values.
 _FLAGS = ("data", "out", "init", "arch", "strategy", "freeze_k", "epochs", "lr", "batch_size", "image_size",
-          "label_fraction", "per_class", "seed", "semi", "unlabelled", "rounds")
+          "label_fraction", "per_class", "seed", "semi", "unlabelled", "rounds", "task")
 
 
 def _overrides(values: dict, set_: list[str]) -> list[str]:
@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
         unlabelled: list[str] = typer.Option(None, help="Unlabelled images: a folder/.npz any reader accepts "
                                              "(repeat for several), or rest_of_train (train images outside the budget)."),
         rounds: int = typer.Option(None, help="pseudo_label: teacher-student rounds (a larger value extends a run)."),
+        task: str = typer.Option(None, help="classification | segmentation (--data: masks.csv + classes.txt; a U-Net on the init)."),
         config: Path = typer.Option(None, exists=True, dir_okay=False, help="YAML with FinetuneConfig fields."),
         set_: list[str] = typer.Option([], "--set", help="Override any config field: --set leakage=error."),
     ) -> None:
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
         values = {"data": data, "out": out, "init": init, "arch": arch, "strategy": strategy, "freeze_k": freeze_k,
                   "epochs": epochs, "lr": lr, "batch_size": batch_size, "image_size": image_size,
                   "label_fraction": label_fraction, "per_class": per_class, "seed": seed, "semi": semi,
-                  "unlabelled": unlabelled, "rounds": rounds}
+                  "unlabelled": unlabelled, "rounds": rounds, "task": task}
         try:
             cfg = load_config(FinetuneConfig, config, _overrides(values, set_))
         except TypeError as e:
@@ -61,5 +62,9 @@ def register(app: typer.Typer) -> None:
         result = run_finetune(cfg)
         test = result.metrics["test"]
         typer.echo(f"test set: {test['n']} images, best epoch {result.metrics['best_epoch']}")
-        typer.echo(metrics_table_md(test), nl=False)
+        if cfg.task == "segmentation":  # the headline is Dice/IoU; per class in metrics.json
+            from openmednet.eval.segmentation import SEGMENTATION_HEADLINE as headline
+        else:
+            headline = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "ece")
+        typer.echo(metrics_table_md(test, headline), nl=False)
         typer.echo(f"outputs: {result.out}")

@@ -99,6 +99,8 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "build_init", "check_init_corpus"
 logger = logging.getLogger(__name__)
 
 LEAKAGE_POLICIES = ("drop", "error")
+#: ``classification`` (labels.csv targets) or ``segmentation`` (masks.csv targets, ``eval.segmentation``).
+TASKS = ("classification", "segmentation")
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,8 @@ class FinetuneConfig:
             precision").
         num_workers: DataLoader worker processes.
         device: ``cpu``, ``cuda`` or ``None`` (CUDA if available).
+        task: ``classification`` or ``segmentation`` (``data`` holds masks.csv + classes.txt; a
+            U-Net on the init's encoder, see ``openmednet.eval.segmentation``; strategy ``full``).
         semi: ``none``, ``pseudo_label`` or ``fixmatch``; ``unlabelled`` (folders, or
             ``rest_of_train``), ``rounds``, ``semi_threshold``, ``pseudo_selection``,
             ``pseudo_fraction``, ``student_dropout``, ``mu``, ``lambda_u``, ``strong_magnitude``:
@@ -194,6 +198,7 @@ class FinetuneConfig:
     channels_last: bool | None = None
     num_workers: int = 0
     device: str | None = None
+    task: str = "classification"
     semi: str = "none"
     unlabelled: tuple[str, ...] = ()
     rounds: int = 1
@@ -209,6 +214,7 @@ class FinetuneConfig:
         object.__setattr__(self, "data", Path(self.data))
         object.__setattr__(self, "out", Path(self.out))
         look_up_option(self.strategy, STRATEGIES, "strategy")
+        look_up_option(self.task, TASKS, "task")
         look_up_option(self.leakage, LEAKAGE_POLICIES, "leakage policy")
         look_up_option(self.precision, PRECISIONS, "precision")
         look_up_option(self.optimizer, OPTIMIZERS, "optimizer")
@@ -443,6 +449,13 @@ def _val_score(y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
     return auroc, loss
 
 
+def _auroc_val_score(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Classification's model-choice score: ``{"val_auroc", "val_loss"}`` (``_val_score``)."""
+    probs, y = predict_proba(model, loader, device)
+    auroc, loss = _val_score(y, probs)
+    return {"val_auroc": auroc, "val_loss": loss}
+
+
 def _better(score: tuple[float, float], best: tuple[float, float] | None) -> bool:
     # Higher AUROC wins; ties (tiny validation sets often reach 1.0) go to the lower loss.
     if best is None:
@@ -459,11 +472,14 @@ def _class_weights(y_train: np.ndarray, k: int) -> Tensor:
 
 
 def _train(model, loaders, cfg: FinetuneConfig, weights: Tensor | None, dist: DistEnv,
-           precision: str, channels_last: bool, loss_fn=None) -> tuple[list[dict], int]:
+           precision: str, channels_last: bool, loss_fn=None, val_score=None) -> tuple[list[dict], int]:
     """Epoch loop with early stopping; leaves the best weights in ``model``. Returns (history, best epoch).
 
     ``precision`` and ``channels_last`` are the resolved values (``resolve_precision``); ``loss_fn``
-    replaces the cross-entropy ``compute_loss`` (FixMatch, ``openmednet.eval.semi``).
+    replaces the cross-entropy ``compute_loss`` (FixMatch, ``openmednet.eval.semi``; segmentation's
+    Dice + cross-entropy). ``val_score(model, loader, device)`` returns ``{"val_<score>": higher is
+    better, "val_loss": tie-break}`` for the history and the model choice (default: macro AUROC;
+    segmentation: foreground Dice, ``openmednet.eval.segmentation``).
     """
     optimizer = build_optimizer(
         model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -485,13 +501,13 @@ def _train(model, loaders, cfg: FinetuneConfig, weights: Tensor | None, dist: Di
             model, loaders["train"], optimizer, loss_fn or compute_loss, epoch=epoch, dist=dist,
             scheduler=scheduler, scaler=scaler, precision=precision, channels_last=channels_last,
         )
-        probs, y = predict_proba(model, loaders["val"], dist.device)
-        auroc, loss = _val_score(y, probs)
-        history.append({"epoch": epoch, "train_loss": train_metrics["loss"], "val_loss": loss,
-                        "val_auroc": auroc, "lr": train_metrics["lr"]})
-        logger.info("epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f", epoch, train_metrics["loss"], loss, auroc)
-        if _better((auroc, loss), best):
-            best, best_epoch, stale = (auroc, loss), epoch, 0
+        scores = (val_score or _auroc_val_score)(model, loaders["val"], dist.device)
+        history.append({"epoch": epoch, "train_loss": train_metrics["loss"], **scores, "lr": train_metrics["lr"]})
+        logger.info("epoch %d: train loss %.4f, %s", epoch, train_metrics["loss"],
+                    ", ".join(f"{name} {value:.4f}" for name, value in scores.items()))
+        score = (next(v for name, v in scores.items() if name != "val_loss"), scores["val_loss"])
+        if _better(score, best):
+            best, best_epoch, stale = score, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
@@ -608,6 +624,10 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
     Raises:
         FileNotFoundError, KeyError, ValueError: bad data, init, or configuration (clear messages).
     """
+    if cfg.task == "segmentation":  # the same splits, leakage checks and _train; a U-Net and Dice
+        from openmednet.eval.segmentation import run_segmentation
+
+        return run_segmentation(cfg, target)
     seed_everything(cfg.seed)
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ from sklearn.metrics import (
 __all__ = [
     "BOOTSTRAP_METRICS",
     "bootstrap_ci",
+    "bootstrap_resamples",
     "calibration_bins",
     "classification_metrics",
     "evaluate_predictions",
@@ -273,25 +274,52 @@ def bootstrap_ci(
     for name in names:
         if name not in BOOTSTRAP_METRICS:
             raise KeyError(f"unknown bootstrap metric '{name}' (valid: {', '.join(BOOTSTRAP_METRICS)})")
-    rng = np.random.default_rng(seed)
-    clusters = _clusters(groups, y)
+    method, resamples = bootstrap_resamples(y, n_boot, seed, groups)
     values = np.empty((n_boot, len(names)))
-    if clusters is None:
-        by_class = [np.flatnonzero(y == c) for c in np.unique(y)]
-        for b in range(n_boot):
-            idx = np.concatenate([rng.choice(members, size=members.size, replace=True) for members in by_class])
-            values[b] = [BOOTSTRAP_METRICS[name](y[idx], p[idx]) for name in names]
-    else:
-        members, strata = clusters
-        for b in range(n_boot):
-            chosen = np.concatenate([rng.choice(s, size=s.size, replace=True) for s in strata])
-            idx = np.concatenate([members[g] for g in chosen])
-            values[b] = [BOOTSTRAP_METRICS[name](y[idx], p[idx]) for name in names]
+    for b, idx in enumerate(resamples):
+        values[b] = [BOOTSTRAP_METRICS[name](y[idx], p[idx]) for name in names]
     lo, hi = np.nanquantile(values, [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
     out: dict[str, Any] = {name: {"low": float(lo[i]), "high": float(hi[i])} for i, name in enumerate(names)}
-    method = "stratified percentile" if clusters is None else "stratified cluster percentile (groups)"
     out["_meta"] = {"n_boot": n_boot, "seed": seed, "confidence": confidence, "method": method}
     return out
+
+
+def bootstrap_resamples(
+    strata: Any, n_boot: int, seed: int = 0, groups: Sequence[Any] | None = None
+) -> tuple[str, Iterator[np.ndarray]]:
+    """The resampled index sets of ``bootstrap_ci``, for any per-item statistic.
+
+    Each of the ``n_boot`` resamples draws, within each stratum, as many items as it holds, with
+    replacement; when some group holds several items, whole groups are drawn instead (stratified
+    by each group's most frequent stratum). Segmentation (``openmednet.eval.segmentation``)
+    recomputes its Dice/IoU from per-image pixel counts over the same resamples.
+
+    Args:
+        strata: ``(N,)`` integer strata (class labels for classification).
+        n_boot: number of resamples.
+        seed: seed of the NumPy generator (same seed, same resamples).
+        groups: ``(N,)`` patient ids (``None``/empty = the item alone).
+
+    Returns:
+        ``(method, iterator of index arrays)``; ``method`` names the scheme for the report.
+    """
+    y = np.asarray(strata)
+    rng = np.random.default_rng(seed)
+    clusters = _clusters(groups, y)
+
+    def draw() -> Iterator[np.ndarray]:
+        if clusters is None:
+            by_class = [np.flatnonzero(y == c) for c in np.unique(y)]
+            for _ in range(n_boot):
+                yield np.concatenate([rng.choice(members, size=members.size, replace=True) for members in by_class])
+        else:
+            members, groups_by_stratum = clusters
+            for _ in range(n_boot):
+                chosen = np.concatenate([rng.choice(s, size=s.size, replace=True) for s in groups_by_stratum])
+                yield np.concatenate([members[g] for g in chosen])
+
+    method = "stratified percentile" if clusters is None else "stratified cluster percentile (groups)"
+    return method, draw()
 
 
 def _clusters(groups: Sequence[Any] | None, y: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]] | None:

@@ -40,23 +40,27 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     return Path(path)
 
 
-def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: str | Path, best_epoch: int | None = None) -> Path:
-    """Training/validation loss and validation AUROC per epoch.
+def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: str | Path, best_epoch: int | None = None,
+                         score: str = "val_auroc", score_label: str = "macro AUROC", loss_label: str = "cross-entropy") -> Path:
+    """Training/validation loss and the validation score per epoch.
 
     Args:
-        history: one mapping per epoch with ``epoch``, ``train_loss``, ``val_loss``, ``val_auroc``.
+        history: one mapping per epoch with ``epoch``, ``train_loss``, ``val_loss`` and ``score``.
         path: PNG to write.
         best_epoch: marked with a vertical line (the checkpoint kept).
+        score, score_label: the model-choice score's history key and axis name (segmentation:
+            ``val_dice``, "foreground Dice").
+        loss_label: what the loss is.
     """
     fig = Figure(figsize=(9, 3.5))
     ax_loss, ax_auc = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
     ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    ax_loss.set(xlabel="epoch", ylabel=loss_label, title="Loss")
     ax_loss.legend()
-    ax_auc.plot(epochs, [h["val_auroc"] for h in history], marker="o", color="C2")
-    ax_auc.set(xlabel="epoch", ylabel="macro AUROC", title="Validation AUROC", ylim=(0, 1.02))
+    ax_auc.plot(epochs, [h[score] for h in history], marker="o", color="C2")
+    ax_auc.set(xlabel="epoch", ylabel=score_label, title=f"Validation {score_label}", ylim=(0, 1.02))
     if best_epoch is not None:
         for ax in (ax_loss, ax_auc):
             ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1)
@@ -162,9 +166,11 @@ def plot_label_efficiency(rows: Sequence[Mapping[str, Any]], path: str | Path, m
     return save_figure(fig, path)
 
 
-def plot_study_learning_curves(arms: Sequence[Mapping[str, Any]], path: str | Path, budget: str = "frac1", title: str = "") -> Path:
-    """Validation AUROC per epoch of every arm at one label budget (default: all labels), read
-    from each arm's ``history.json``; one colour per init x strategy, one line per seed."""
+def plot_study_learning_curves(arms: Sequence[Mapping[str, Any]], path: str | Path, budget: str = "frac1", title: str = "",
+                               score: str = "val_auroc", score_label: str = "macro AUROC") -> Path:
+    """The validation score (``score``: AUROC, or ``val_dice`` for segmentation) per epoch of every
+    arm at one label budget (default: all labels), read from each arm's ``history.json``; one
+    colour per init x strategy, one line per seed."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     colours: dict[str, str] = {}
@@ -176,9 +182,9 @@ def plot_study_learning_curves(arms: Sequence[Mapping[str, Any]], path: str | Pa
         name = f"{a['init']} / {a['strategy']}"
         first = name not in colours
         colours.setdefault(name, f"C{len(colours)}")
-        ax.plot([h["epoch"] for h in history], [h["val_auroc"] for h in history], color=colours[name],
+        ax.plot([h["epoch"] for h in history], [h[score] for h in history], color=colours[name],
                 alpha=0.8, label=name if first else None)
-    ax.set(xlabel="epoch", ylabel="validation macro AUROC", title=f"Learning curves ({budget}) {title}".strip())
+    ax.set(xlabel="epoch", ylabel=f"validation {score_label}", title=f"Learning curves ({budget}) {title}".strip())
     if colours:
         ax.legend(fontsize="small")
     return save_figure(fig, path)

@@ -71,6 +71,7 @@ from openmednet.eval.leakage import (
 )
 from openmednet.eval.splits import BudgetTooLargeError
 from openmednet.eval.strategies import STRATEGIES
+from openmednet.eval.segmentation import SEGMENTATION_HEADLINE
 from openmednet.eval.targets import TargetSet, load_target
 from openmednet.utils import atomic_write_text
 
@@ -79,6 +80,13 @@ __all__ = ["StudyConfig", "TargetSpec", "arm_dir", "check_pretraining_leakage", 
 logger = logging.getLogger(__name__)
 
 HEADLINE = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "ece")
+#: Per task: headline metrics, report columns (title, metric), validation score in history.json.
+TASK_REPORTS = {
+    "classification": (HEADLINE, (("AUROC (macro)", "auroc_macro"), ("balanced accuracy", "balanced_accuracy"), ("ECE", "ece")),
+                       ("val_auroc", "macro AUROC")),
+    "segmentation": (SEGMENTATION_HEADLINE, (("Dice (foreground)", "dice_mean"), ("IoU (foreground)", "iou_mean"),
+                                             ("Dice per image", "dice_image_mean")), ("val_dice", "foreground Dice")),
+}
 MIN_SEEDS = 3
 
 
@@ -116,6 +124,8 @@ class StudyConfig:
         unlabelled: their unlabelled images: ``[rest_of_train]`` (the train images outside each
             budget, labels hidden; budgets with every label are skipped) or folders
             (``openmednet.eval.semi``).
+        task: ``classification`` or ``segmentation`` (targets are masks.csv folders; U-Net arms,
+            Dice/IoU in the report; ``openmednet.eval.segmentation``).
     """
 
     out: Path
@@ -130,6 +140,7 @@ class StudyConfig:
     near_threshold: int = 6
     semi: tuple[str, ...] = ("none",)
     unlabelled: tuple[str, ...] = ()
+    task: str = "classification"
 
     def target_specs(self) -> list[TargetSpec]:
         """``targets`` as ``TargetSpec`` objects (unknown keys are errors with a suggestion)."""
@@ -163,7 +174,7 @@ def arm_dir(out: Path, target: str, init: str, strategy: str, budget: str, seed:
 _STUDY_OWNED = {
     "data": "targets[].data", "out": "out", "init": "inits", "strategy": "strategies", "seed": "seeds",
     "label_fraction": "label_fractions", "per_class": "per_class", "near_threshold": "near_threshold",
-    "semi": "semi", "unlabelled": "unlabelled",
+    "semi": "semi", "unlabelled": "unlabelled", "task": "task",
     **{k: f"targets[].{k}" for k in ("given_splits", "format", "csv_file", "columns", "label_map", "classes")},
 }
 
@@ -180,7 +191,7 @@ def _arm_config(cfg: StudyConfig, spec: TargetSpec, init: str, strategy: str, bu
         **cfg.finetune, "data": spec.data, "out": out, "init": init, "strategy": strategy, "seed": seed,
         "given_splits": spec.given_splits, "format": spec.format, "csv_file": spec.csv_file,
         "columns": dict(spec.columns), "label_map": dict(spec.label_map), "classes": spec.classes,
-        "near_threshold": cfg.near_threshold, "label_fraction": None, "per_class": None, **budget,
+        "near_threshold": cfg.near_threshold, "label_fraction": None, "per_class": None, **budget, "task": cfg.task,
         **split_study_strategy(strategy, cfg.unlabelled),  # "full+fixmatch" -> strategy full, semi fixmatch
     }
     return from_dict(FinetuneConfig, fields, prefix="finetune.")
@@ -322,8 +333,13 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     arms, refused, checks = [], [], []
     for spec in cfg.target_specs():
         probe = _arm_config(cfg, spec, "auto", "full", {}, cfg.seeds[0], Path(cfg.out))
-        target = load_target(spec.data, format=spec.format, csv_file=spec.csv_file, columns=spec.columns,
-                             label_map=spec.label_map, classes=spec.classes, max_side=probe.max_side)
+        if cfg.task == "segmentation":  # image + mask pairs; the same splits and checks below
+            from openmednet.data.segmentation import load_segmentation
+
+            target = load_segmentation(spec.data, max_side=probe.max_side)
+        else:
+            target = load_target(spec.data, format=spec.format, csv_file=spec.csv_file, columns=spec.columns,
+                                 label_map=spec.label_map, classes=spec.classes, max_side=probe.max_side)
         refusals = _refusals(cfg, spec, target, probe, checks)
         for init in cfg.inits:
             if init in refusals:
@@ -375,7 +391,8 @@ def _run_arm(cfg, spec, target, init, strategy, budget_name, budget, seed) -> di
         "n_val": sum(metrics["data"]["counts"]["val"].values()),
         "best_epoch": metrics["best_epoch"], "run_dir": str(run.out),
         "dropped": {k: len(v) for k, v in metrics["data"]["dropped"].items()},
-        **{m: test[m] for m in HEADLINE}, "ci": {m: test["ci"][m] for m in HEADLINE if m in test.get("ci", {})},
+        **{m: test[m] for m in TASK_REPORTS[run.task][0]},
+        "ci": {m: test["ci"][m] for m in TASK_REPORTS[run.task][0] if m in test.get("ci", {})},
     }
 
 
@@ -391,7 +408,7 @@ def summarize(arms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                "n_train": float(np.mean([m["n_train"] for m in members]))}
         if all("n_val" in m for m in members):
             row["n_val"] = float(np.mean([m["n_val"] for m in members]))
-        for name in HEADLINE:
+        for name in [m for m in HEADLINE + SEGMENTATION_HEADLINE if m in members[0]]:
             values = np.array([m[name] for m in members], dtype=float)
             row[name] = {"mean": float(np.nanmean(values)),
                          "sd": float(np.nanstd(values, ddof=1)) if len(values) > 1 else float("nan")}
@@ -415,21 +432,24 @@ def _write_report(out: Path, result: dict[str, Any]) -> None:
     lines = ["# Transfer study report", "",
              "Test metrics: mean ± standard deviation over seeds, [mean of the seeds' bootstrap 95% intervals].",
              "Each arm's test split is the same for all inits and budgets of its target.", ""]
+    _, columns, (score, score_label) = TASK_REPORTS[result["config"].get("task", "classification")]
     for target in dict.fromkeys(r["target"] for r in result["summary"]):
         rows = [r for r in result["summary"] if r["target"] == target]
         dropped = next(a["dropped"] for a in result["arms"] if a["target"] == target)
         left_out = (f"Left out of every arm: {dropped['label_conflicts']} images with conflicting labels, "
                     f"{dropped['near_copies_of_test']} training/validation near-copies of test images.")
         lines += [f"## {target}", "", left_out, "",
-                  "| init | strategy | budget | train images | validation images | seeds | AUROC (macro) | balanced accuracy | ECE |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| init | strategy | budget | train images | validation images | seeds | "
+                  + " | ".join(title for title, _ in columns) + " |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['init']} | {r['strategy']} | {r['budget']} | {r['n_train']:.0f} | {r.get('n_val', float('nan')):.0f} | {r['seeds']} | "
-                  f"{_fmt(r['auroc_macro'])} | {_fmt(r['balanced_accuracy'])} | {_fmt(r['ece'])} |" for r in rows]
-        eff = report.plot_label_efficiency(rows, out / "plots" / f"label_efficiency_{_slug(target)}.png", title=target)
+                  + " | ".join(_fmt(r[m]) for _, m in columns) + " |" for r in rows]
+        eff = report.plot_label_efficiency(rows, out / "plots" / f"label_efficiency_{_slug(target)}.png",
+                                           metric=columns[0][1], title=target)
         target_arms = [a for a in result["arms"] if a["target"] == target]
         largest = max(target_arms, key=lambda a: a["n_train"])["budget"]  # the curves of the most labels
         curves = report.plot_study_learning_curves(
-            target_arms, out / "plots" / f"learning_curves_{_slug(target)}.png", budget=largest, title=target)
+            target_arms, out / "plots" / f"learning_curves_{_slug(target)}.png", budget=largest, title=target,
+            score=score, score_label=score_label)
         lines += ["", f"![label efficiency]({eff.relative_to(out)})", f"![learning curves]({curves.relative_to(out)})", ""]
     if result["refused"]:
         lines += ["## Refused arms", "", "| target | init | reason |", "|---|---|---|"]

@@ -10,7 +10,7 @@ from functools import partial
 from openmednet.models import baselines  # noqa: F401  (registers the timm baselines)
 from openmednet.models._builder import corpus_fingerprint_file, package_weights_dir
 from openmednet.models._factory import create_model, load_pretrained
-from openmednet.models._features import MedNetFeatures
+from openmednet.models._features import MedNetFeatures, to_features
 from openmednet.models._init_spec import InitSpec
 from openmednet.models._pretrained import PretrainedCfg
 from openmednet.models._registry import (
@@ -63,4 +63,5 @@ __all__ = [
     "register_shipped_weights",
     "save_for_timm",
     "save_pretrained",
+    "to_features",
 ]

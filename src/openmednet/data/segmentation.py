@@ -1,0 +1,373 @@
+"""Segmentation targets: image + mask pairs read once into memory, joint augmentation, a dataset.
+
+A segmentation folder (``../shared/data/seg/*/*``) holds::
+
+    masks.csv     path,mask,split,group   (paths relative to the folder; split/group may be empty)
+    classes.txt   "index name" per line, 0 = background
+    images/       any format the readers decode (JPEG, PNG, DICOM...)
+    masks/        single-channel PNGs (mode L or P), pixel value = class index, same size as the image
+
+``load_segmentation`` decodes every pair (image through ``openmednet.data.readers``, the same
+decoding as classification; mask through Pillow, values kept exactly) into a ``SegmentationSet``.
+That object has the attributes the fine-tuning splits and leakage checks read from a
+classification ``TargetSet`` (``labels``, ``label_names``, ``groups``, ``given_splits``, ``ids``,
+``hashes``, ``fine_hashes``, ``channels``, ``subset``), so the segmentation task runs through the
+same ``prepare_splits`` (group-aware stratified splits, near-copy checks), pre-training leakage
+check and few-shot subsampling as classification (``openmednet.eval.segmentation``); ``data``
+cannot import ``eval``, so the match is by attribute, and the tests pin it.
+
+Its ``labels`` are not classes but **strata** (``mask_strata``): ``"empty"`` for an image
+without foreground, else ``"<class>:small"`` / ``"<class>:large"`` by the largest foreground
+class's share of the image (split at that class's median). Splits stratified by them keep the
+share of empty slices and the lesion sizes alike in train, validation and test (Dice depends
+strongly on object size), and a few-shot budget ``per_class=N`` takes N images per stratum.
+
+Augmentation (``build_joint_transform``) uses torchvision.transforms.v2 with ``tv_tensors.Image``
+and ``tv_tensors.Mask``: every geometric operation moves image and mask together, the mask with
+nearest-neighbour interpolation (class indices are never blended), photometric ones touch the
+image only.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from openmednet.data.dedupe import phash64, phash256
+from openmednet.data.images import is_gray_content, to_channels
+
+__all__ = [
+    "MASKS_CSV",
+    "SegmentationDataset",
+    "SegmentationSet",
+    "build_joint_transform",
+    "collate_eval",
+    "load_segmentation",
+    "mask_strata",
+    "read_classes",
+    "read_mask",
+]
+
+logger = logging.getLogger(__name__)
+
+MASKS_CSV = "masks.csv"
+CLASSES_TXT = "classes.txt"
+EMPTY = "empty"
+# JPEG chroma noise makes "gray saved as RGB" differ by a level or two between channels
+# (the classification loader's tolerance, openmednet.eval.targets.GRAY_TOLERANCE).
+GRAY_TOLERANCE = 3
+
+
+# ------------------------------------------------------------------------------------ reading
+def read_classes(path: str | Path) -> tuple[str, ...]:
+    """Class names by mask value from ``classes.txt`` (``"index name"`` per line, 0 = background).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: indices that are not ``0..K-1`` in order, a missing name, or fewer than 2 classes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a segmentation folder needs classes.txt ('0 background' per line)")
+    names = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        index, _, name = line.strip().partition(" ")
+        if not index.isdigit() or int(index) != len(names) or not name.strip():
+            raise ValueError(f"{path}:{n}: expected '{len(names)} <name>', got {line!r}")
+        names.append(name.strip())
+    if len(names) < 2:
+        raise ValueError(f"{path}: a segmentation task needs background and at least one class, got {names}")
+    return tuple(names)
+
+
+def read_mask(path: str | Path, num_classes: int) -> np.ndarray:
+    """A class-index mask as uint8 ``(H, W)``, values exactly as stored.
+
+    Accepts single-channel PNG/TIFF (Pillow modes ``L``, ``P``, ``1``, ``I;16``); palette masks keep
+    their indices (not the palette colours).
+
+    Raises:
+        ValueError: a colour mask, or values outside ``[0, num_classes)``.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode not in ("L", "P", "1", "I;16", "I"):
+            raise ValueError(f"{path}: mask mode {im.mode} is not a class-index image; save masks as "
+                             f"single-channel PNGs whose pixel value is the class index")
+        mask = np.asarray(im)
+    bad = np.unique(mask[mask >= num_classes]) if mask.size else []
+    if len(bad):
+        raise ValueError(f"{path}: mask values {bad[:5].tolist()} are not classes 0..{num_classes - 1} of "
+                         f"classes.txt (a 0/255 mask? map 255 to 1 first)")
+    return mask.astype(np.uint8)
+
+
+def mask_strata(masks: Sequence[np.ndarray], class_names: Sequence[str]) -> np.ndarray:
+    """One stratum per mask: ``"empty"``, or ``"<class>:small"`` / ``"<class>:large"``.
+
+    ``<class>`` is the foreground class covering most pixels; small/large splits that class's
+    images at the median of its pixel share (ties go to ``small``), so the sizes are spread
+    evenly over the splits. A class with a single image stays unsplit (``"<class>"``): a stratum
+    of one image cannot be in both training and test.
+    """
+    fractions, dominant = [], []
+    for m in masks:
+        counts = np.bincount(m.ravel(), minlength=len(class_names))[1:]
+        k = int(counts.argmax()) + 1
+        dominant.append(k if counts.max() > 0 else 0)
+        fractions.append(counts.max() / m.size)
+    dominant, fractions = np.asarray(dominant), np.asarray(fractions)
+    out = np.full(len(masks), EMPTY, dtype=object)
+    for k in sorted(set(dominant.tolist()) - {0}):
+        members = dominant == k
+        if members.sum() < 2:
+            out[members] = class_names[k]
+            continue
+        median = np.median(fractions[members])
+        out[members] = np.where(fractions[members] > median, f"{class_names[k]}:large", f"{class_names[k]}:small")
+    return out
+
+
+@dataclass
+class SegmentationSet:
+    """Decoded image + mask pairs of one segmentation target.
+
+    Attributes:
+        images: ``N`` uint8 arrays, ``(H, W)`` (gray content) or ``(H, W, 3)``.
+        masks: ``N`` uint8 ``(H, W)`` class-index masks, each the size of its image.
+        class_names: names by mask value (``classes.txt``), 0 = background.
+        groups: ``N`` patient ids (``None`` when unknown).
+        given_splits: ``N`` split names from ``masks.csv`` (``None`` when not given).
+        ids: ``N`` image paths relative to the folder.
+        channels: 1 if most images have gray content, else 3 (the minority is converted, warned).
+        hashes, fine_hashes: ``(N,)`` 64-bit and ``(N, 4)`` 256-bit perceptual hashes of the images
+            (``data.dedupe``), for the near-copy checks.
+        root: the folder.
+        skipped: count of undecodable images per reason.
+        labels: ``(N,)`` strata (``mask_strata``), what splits are stratified by.
+    """
+
+    images: list[np.ndarray]
+    masks: list[np.ndarray]
+    class_names: tuple[str, ...]
+    groups: list[str | None]
+    given_splits: list[str | None]
+    ids: list[str]
+    channels: int
+    hashes: np.ndarray
+    fine_hashes: np.ndarray
+    root: Path
+    skipped: dict[str, int] = field(default_factory=dict)
+    labels: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.labels is None:
+            self.labels = mask_strata(self.masks, self.class_names)
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """Sorted strata present (the ``TargetSet.label_names`` the split checks compare with)."""
+        return tuple(sorted(set(self.labels.tolist())))
+
+    @property
+    def y(self) -> np.ndarray:
+        """``(N,)`` int64 stratum indices into ``label_names``."""
+        index = {name: k for k, name in enumerate(self.label_names)}
+        return np.asarray([index[v] for v in self.labels], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, keep: Sequence[int] | np.ndarray) -> SegmentationSet:
+        """A copy holding only the items ``keep`` (indices or a boolean mask); strata are kept."""
+        idx = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep, dtype=np.int64)
+        return SegmentationSet(
+            images=[self.images[i] for i in idx], masks=[self.masks[i] for i in idx], class_names=self.class_names,
+            groups=[self.groups[i] for i in idx], given_splits=[self.given_splits[i] for i in idx],
+            ids=[self.ids[i] for i in idx], channels=self.channels, hashes=self.hashes[idx],
+            fine_hashes=self.fine_hashes[idx], root=self.root, skipped=dict(self.skipped), labels=self.labels[idx],
+        )
+
+
+def _rows(root: Path) -> list[dict[str, str]]:
+    manifest = root / MASKS_CSV
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found: a segmentation folder needs masks.csv "
+                                f"(path,mask,split,group) and classes.txt")
+    with manifest.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing_cols = {"path", "mask"} - set(rows[0] if rows else {})
+    if missing_cols:
+        raise ValueError(f"{manifest}: columns {sorted(missing_cols)} missing (expected path,mask,split,group)")
+    missing = [r[c] for r in rows for c in ("path", "mask") if not (root / r[c]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} files listed in {manifest} do not exist (e.g. {missing[:3]}): "
+                                f"paths are relative to its folder")
+    return rows
+
+
+def _shrink_pair(image: np.ndarray, mask: np.ndarray, max_side: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Shorter side to at most ``max_side``: image bilinear, mask nearest (bounded memory)."""
+    if max_side is None or min(image.shape[:2]) <= max_side:
+        return image, mask
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = max_side / min(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return (np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)),
+            np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST)))
+
+
+def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> SegmentationSet:
+    """Read and check every image + mask pair of a segmentation folder (see the module docstring).
+
+    Args:
+        data: the folder with ``masks.csv`` and ``classes.txt``.
+        max_side: shorter-side cap of the stored pairs (``None`` keeps the originals).
+
+    Raises:
+        FileNotFoundError: the folder, its manifest or listed files are missing.
+        ValueError: a mask whose size differs from its image, values outside the classes, colour
+            masks, or no decodable pair.
+    """
+    from openmednet.data.readers import read_images
+
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"segmentation data not found: {root} (expected a folder with masks.csv)")
+    rows = _rows(root)
+    class_names = read_classes(root / CLASSES_TXT)
+    skipped: Counter[str] = Counter()
+    images, masks, groups, splits, ids = [], [], [], [], []
+    for row in rows:
+        decoded = list(read_images(root / row["path"], on_skip=lambda s: skipped.update([s.reason])))
+        if not decoded:
+            continue
+        image = decoded[0][0]
+        mask = read_mask(root / row["mask"], len(class_names))
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"{row['mask']}: mask {mask.shape} and image {image.shape[:2]} differ in size; "
+                             f"masks must be drawn on the image as stored")
+        images.append(image)
+        masks.append(mask)
+        groups.append(row.get("group") or None)
+        splits.append(row.get("split") or None)
+        ids.append(row["path"])
+    if skipped:
+        warnings.warn(f"{root}: skipped {sum(skipped.values())} undecodable images {dict(skipped)}", stacklevel=2)
+    if not images:
+        raise ValueError(f"no image of {root} could be decoded ({dict(skipped)})")
+    n_gray = sum(is_gray_content(a, tol=GRAY_TOLERANCE) for a in images)
+    channels = 1 if 2 * n_gray >= len(images) else 3
+    pairs = [_shrink_pair(to_channels(a, channels)[0], m, max_side) for a, m in zip(images, masks)]
+    images = [np.require(a, requirements=["C", "W"]) for a, _ in pairs]
+    masks = [np.require(m, requirements=["C", "W"]) for _, m in pairs]
+    out = SegmentationSet(
+        images=images, masks=masks, class_names=class_names, groups=groups, given_splits=splits, ids=ids,
+        channels=channels, hashes=np.asarray([phash64(a) for a in images], dtype=np.uint64),
+        fine_hashes=np.stack([phash256(a) for a in images]), root=root, skipped=dict(skipped),
+    )
+    logger.info("%s: %d pairs, classes %s, strata %s, %d channel(s)", root, len(out), class_names,
+                dict(Counter(out.labels.tolist())), channels)
+    return out
+
+
+# ------------------------------------------------------------------------------------ transforms
+def build_joint_transform(
+    mean: Sequence[float],
+    std: Sequence[float],
+    size: int,
+    *,
+    train: bool,
+    hflip: bool = True,
+    color: bool = False,
+    crop_scale: tuple[float, float] = (0.5, 1.0),
+) -> Callable[[Any], tuple[Tensor, Tensor]]:
+    """Image + mask pipeline (torchvision.transforms.v2) to ``(float32 (C, S, S), int64 mask)``.
+
+    Input: ``(tv_tensors.Image uint8 (C, H, W), tv_tensors.Mask uint8 (H, W))``.
+
+    Training: ``RandomResizedCrop(S, crop_scale)`` and (``hflip``) horizontal flips move image and
+    mask together (v2 resizes ``Mask`` with nearest-neighbour interpolation, so class values are
+    kept exactly), then (``color``) brightness/contrast jitter on the image only. Evaluation: the
+    image is resized to ``S x S`` (the whole field of view, no crop: a centre crop would drop
+    annotated pixels at the border) and the mask is returned at its stored resolution (scores
+    are computed there, see ``openmednet.eval.segmentation``). Both end with ``x / 255`` and
+    ``(x - mean) / std`` on the image.
+    """
+    from torchvision.transforms import v2
+
+    ops: list[Any] = []
+    if train:
+        ops.append(v2.RandomResizedCrop((size, size), scale=crop_scale, antialias=True))
+        if hflip:
+            ops.append(v2.RandomHorizontalFlip())
+        if color:
+            ops.append(v2.ColorJitter(brightness=0.2, contrast=0.2))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    pipeline = v2.Compose(ops)
+    resize = None if train else v2.Resize((size, size), antialias=True)
+
+    def apply(pair: Any) -> tuple[Tensor, Tensor]:
+        image, mask = pair
+        if resize is not None:
+            image = resize(image)  # the mask keeps its resolution
+        image, mask = pipeline(image, mask)
+        return image.as_subclass(Tensor), mask.as_subclass(Tensor).long()
+
+    return apply
+
+
+class SegmentationDataset(Dataset):
+    """Image + mask pairs in RAM through a joint transform; keys may be ``(index, seed)``.
+
+    Args:
+        images: ``N`` uint8 ``(H, W)`` or ``(H, W, 3)`` arrays, already with the model's channels.
+        masks: ``N`` uint8 ``(H, W)`` class-index masks.
+        transform: ``build_joint_transform(...)``.
+
+    Items are ``(image float32 (C, S, S), mask int64)``; with ``build_loader`` each position's
+    augmentation is seeded from ``(seed, epoch, position)``, as for ``LabelledDataset``.
+    """
+
+    #: ``build_loader`` may pass ``(index, seed)`` keys.
+    supports_seeded_keys = True
+
+    def __init__(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], transform: Callable[[Any], Any]):
+        if len(images) != len(masks):
+            raise ValueError(f"{len(images)} images but {len(masks)} masks")
+        from torchvision import tv_tensors
+
+        self.images = [tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))))
+                       for a in images]
+        self.masks = [tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(m))) for m in masks]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor]:
+        from openmednet.data.datasets import apply_transform
+
+        i, seed = (key if isinstance(key, tuple) else (key, None))
+        return apply_transform(self.transform, (self.images[int(i)], self.masks[int(i)]), seed)
+
+
+def collate_eval(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[Tensor]]:
+    """Stack the ``(C, S, S)`` inputs, keep the masks (stored resolutions differ) as a list."""
+    return torch.stack([x for x, _ in batch]), [m for _, m in batch]

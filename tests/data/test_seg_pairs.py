@@ -1,0 +1,83 @@
+"""Segmentation pairs from the real lgg_flair / kvasir_seg folders: reading, strata, joint augmentation."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from openmednet.data.segmentation import (
+    SegmentationDataset,
+    build_joint_transform,
+    load_segmentation,
+    mask_strata,
+    read_classes,
+)
+
+
+@pytest.fixture(scope="module")
+def lgg(seg_subset, tmp_path_factory):
+    return load_segmentation(seg_subset(tmp_path_factory.mktemp("lgg")))
+
+
+def test_reads_real_pairs_with_mask_values_exactly(lgg, shared_data):
+    assert read_classes(shared_data / "seg/gray/lgg_flair/classes.txt") == ("background", "flair_abnormality")
+    assert lgg.channels == 1 and len(lgg) >= 12
+    for image, mask, image_id in zip(lgg.images, lgg.masks, lgg.ids):
+        stored = np.asarray(Image.open(str(image_id).replace("/images/", "/masks/").replace(".jpg", ".png")))
+        np.testing.assert_array_equal(mask, stored)  # 256 px <= max_side: no resize, values untouched
+        assert image.shape == mask.shape and image.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    assert all(g and g.startswith("TCGA_") for g in lgg.groups)
+
+
+def test_strata_follow_the_masks(lgg):
+    fractions = np.array([m.mean() for m in lgg.masks])
+    strata = mask_strata(lgg.masks, lgg.class_names)
+    np.testing.assert_array_equal(strata == "empty", fractions == 0)
+    positive = fractions > 0
+    median = np.median(fractions[positive])
+    np.testing.assert_array_equal(strata[positive] == "flair_abnormality:large", fractions[positive] > median)
+    sub = lgg.subset([0, 2])
+    assert sub.ids == [lgg.ids[0], lgg.ids[2]] and list(sub.labels) == [lgg.labels[0], lgg.labels[2]]
+
+
+def test_joint_augmentation_moves_mask_with_image_and_keeps_its_values(lgg):
+    i = int(np.argmax([m.sum() for m in lgg.masks]))
+    mask = lgg.masks[i]
+    # The image is the mask itself (0/255): after the same geometric draw, both must still agree.
+    image = (mask * 255).astype(np.uint8)
+    tf = build_joint_transform((0.0,), (1.0,), 64, train=True)
+    ds = SegmentationDataset([image], [mask], tf)
+    for seed in range(6):
+        x, m = ds[(0, seed)]
+        assert x.shape == (1, 64, 64) and m.shape == (64, 64) and m.dtype == torch.int64
+        assert set(m.unique().tolist()) <= {0, 1}  # nearest: no blended class values
+        agree = ((x[0] > 0.5).long() == m).float().mean().item()
+        assert agree > 0.97, f"seed {seed}: image and mask disagree on {1 - agree:.1%} of pixels"
+        x2, m2 = ds[(0, seed)]
+        assert torch.equal(x, x2) and torch.equal(m, m2)  # seeded per position: reproducible
+    eval_ds = SegmentationDataset([lgg.images[i]], [mask], build_joint_transform((0.5,), (0.25,), 64, train=False))
+    x, m = eval_ds[0]
+    assert x.shape == (1, 64, 64) and torch.equal(m, torch.from_numpy(mask).long())  # stored resolution, exact
+
+
+def test_colour_set_and_bad_masks_are_refused_clearly(seg_subset, tmp_path):
+    kv = load_segmentation(seg_subset(tmp_path / "kv", "color/kvasir_seg", patients=2, per_patient=3))
+    assert kv.channels == 3 and kv.images[0].ndim == 3 and set(kv.given_splits) <= {"train", "val"}
+    bad = tmp_path / "bad"
+    seg_subset(bad, patients=1)
+    rows = list(csv.DictReader((bad / "masks.csv").open()))
+    wrong = np.asarray(Image.open(rows[0]["mask"])) * 255  # a 0/255 mask
+    Image.fromarray(wrong.astype(np.uint8)).save(bad / "m255.png")
+    rows[0]["mask"] = str(bad / "m255.png")
+    with (bad / "masks.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, ["path", "mask", "split", "group"])
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(ValueError, match="map 255 to 1"):
+        load_segmentation(bad)
+    with pytest.raises(FileNotFoundError, match="masks.csv"):
+        load_segmentation(tmp_path)
