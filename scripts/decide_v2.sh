@@ -13,6 +13,6 @@ if [ "$WHAT" = probe ] || [ "$WHAT" = all ]; then
 fi
 for size in 64 128; do
   if [ "$WHAT" = "fewshot$size" ] || [ "$WHAT" = all ]; then
-    for c in fewshot_gray$size fewshot_color$size fewshot_bccd$size; do study $c; done
+    for c in brain_mri_yes_no busi openi_abd_vs_cxr pneumoniamnist color bccd; do study fewshot_$c$size; done
   fi
 done
