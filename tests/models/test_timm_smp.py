@@ -32,8 +32,8 @@ def _run(code: str, **env: str) -> str:
     return result.stdout
 
 
-def _shipped_gray() -> dict[str, torch.Tensor]:
-    cfg = openmednet.get_pretrained_cfg("mednet_gray")
+def _shipped_gray(name: str = "mednet_gray") -> dict[str, torch.Tensor]:
+    cfg = openmednet.get_pretrained_cfg(name)
     return load_weights(cfg.file, sha256=cfg.sha256)
 
 
@@ -82,11 +82,11 @@ def test_timm_features_only_loads_the_shipped_weights_offline():
     assert [tuple(m.shape) for m in maps] == [(2, 32, 32, 32), (2, 48, 16, 16), (2, 96, 8, 8), (2, 224, 4, 4)]
 
 
-def test_timm_tagged_name_and_classifier_equal_openmednet():
-    (tag,) = openmednet.list_models("mednet_gray.*", pretrained=True)
+@pytest.mark.parametrize("tag", openmednet.list_models("mednet_gray.*", pretrained=True))
+def test_timm_tagged_name_and_classifier_equal_openmednet(tag: str):
     ours = openmednet.create_model(tag, num_classes=2)
     via_timm = timm.create_model(tag, pretrained=True, num_classes=2)
-    shipped = _shipped_gray()
+    shipped = _shipped_gray(tag)
     trunk = {k: v for k, v in via_timm.state_dict().items() if not k.startswith("head.")}
     assert trunk.keys() == {k for k in shipped if not k.startswith("head.")}
     assert all(torch.equal(v, shipped[k]) for k, v in trunk.items())

@@ -74,7 +74,7 @@ class EvalInputs:
     def to_tensor(prepared: np.ndarray) -> Tensor:
         """A prepared ``(S, S)`` / ``(S, S, 3)`` uint8 image as a uint8 ``(C, S, S)`` tensor."""
         chw = prepared[None] if prepared.ndim == 2 else prepared.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(chw))  # readers may hand out read-only views
+        return torch.from_numpy(np.require(chw, requirements=["C", "W"]))  # readers may hand out read-only views
 
     def __call__(self, image: np.ndarray) -> Tensor:
         """``prepare``, ``to_tensor``, ``normalize``: the float32 ``(C, S, S)`` model input."""
