@@ -37,15 +37,21 @@ def defer_pretrained_cfgs(fn: Callable[[], object]) -> None:
 
 
 def _run_deferred() -> None:
-    """Run the queued registrations once, in order (each is taken off the queue before it runs).
+    """Run the queued registrations once, in order (each is taken off the queue before it runs, so
+    a lookup made by a registration itself does not run it again).
 
-    A lock makes a concurrent first lookup wait until the registrations are complete.
+    Every lookup takes the lock (re-entrant), so a concurrent first lookup waits until the
+    registrations are complete instead of seeing an empty queue while one still runs; a
+    registration that raises goes back on the queue for the next lookup.
     """
-    if not _deferred:
-        return
     with _deferred_lock:
         while _deferred:
-            _deferred.pop(0)()
+            fn = _deferred.pop(0)
+            try:
+                fn()
+            except BaseException:
+                _deferred.insert(0, fn)
+                raise
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
