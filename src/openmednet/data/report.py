@@ -39,30 +39,31 @@ def _save_plot(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A figure on its own Agg canvas, not through ``pyplot``: the caller's global matplotlib
+    backend is left alone (as ``engine.plots`` does), and nothing needs closing."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
 def _bar_plot(counts: Mapping[str, int], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     items = sorted(counts.items(), key=lambda kv: -kv[1])
-    fig, ax = plt.subplots(figsize=(7, 0.35 * max(len(items), 3) + 1))
+    fig, ax = _figure((7, 0.35 * max(len(items), 3) + 1))
     ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#4c72b0")
     ax.set_xlabel("images")
     ax.set_title(title)
     _save_plot(fig, path)
-    plt.close(fig)
 
 
 def _size_plot(bins: Sequence[int], hist: Mapping[str, Sequence[int]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     import numpy as np
 
     labels = [f">={b}" for b in bins]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = _figure((8, 4))
     bottom = np.zeros(len(bins))
     for name, counts in sorted(hist.items()):
         ax.bar(labels, counts, bottom=bottom, label=name)
@@ -72,7 +73,6 @@ def _size_plot(bins: Sequence[int], hist: Mapping[str, Sequence[int]], path: Pat
     ax.set_title("Original image sizes (kept images)")
     ax.legend(fontsize=7, ncol=2)
     _save_plot(fig, path)
-    plt.close(fig)
 
 
 def _duplicates(stats: Mapping[str, Any]) -> str:
