@@ -8,6 +8,7 @@ Every file here is real and written to ``tmp_path``.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -146,3 +147,18 @@ def test_file_name_that_is_not_utf8_is_one_skip_naming_its_bytes(tmp_path: Path)
     images, (skip,) = _skips(path)
     assert images == [] and skip.reason == "bad_file_name" and "caf\\xe9.png" in skip.message
     str(skip).encode("utf-8")  # the message itself is printable
+
+
+@pytest.mark.parametrize("layout,real", [("dicom", "pydicom-3.0.2/693_J2KI.dcm"), ("nifti", "debian-mricron-data-1.2.20211006/ch2bet.nii.gz")])
+def test_broken_links_in_dicom_and_nifti_folders_are_listed_not_dropped(shared_data: Path, tmp_path: Path, layout: str, real: str) -> None:
+    """Review finding: the DICOM and NIfTI enumerators dropped broken links silently (images did not)."""
+    from openmednet.data.sources import SourceSpec, iter_source
+
+    src = shared_data / "formats" / real
+    shutil.copyfile(src, tmp_path / src.name)  # a readable file (a link out of the folder is refused)
+    os.symlink(tmp_path / "gone" / src.name, tmp_path / f"dangling_{src.name}")
+    items = list(iter_source(SourceSpec(name="x", root=tmp_path, format=layout)))
+    assert sorted(Path(i.path).name for i in items) == sorted([src.name, f"dangling_{src.name}"])
+    broken = next(i for i in items if Path(i.path).name.startswith("dangling"))
+    images, (skip,) = _skips(Path(broken.path), layout)
+    assert images == [] and skip.reason == "broken_link"

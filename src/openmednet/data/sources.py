@@ -252,7 +252,7 @@ def _image_files(folder: Path) -> Iterator[Path]:
     """
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        usable = path.is_file() or (path.is_symlink() and not path.exists())
+        usable = path.is_file() or _is_broken_link(path)
         if usable and _is_image_name(path) and not any(part.startswith(".") for part in rel.parts):
             yield path
 
@@ -371,11 +371,26 @@ def _iter_npz(spec: SourceSpec) -> Iterator[SourceItem]:
                 yield _item(spec, path, (split, row), label, split)
 
 
+def _is_broken_link(path: Path) -> bool:
+    """A link that leads nowhere (missing target or a loop)."""
+    return path.is_symlink() and not path.exists()
+
+
+def _candidate_files(root: Path) -> list[Path]:
+    """Files under ``root`` (or ``root`` itself), broken links included, so that reading them
+    reports a ``"broken_link"`` skip instead of the file silently vanishing."""
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.is_file() or _is_broken_link(p))
+
+
 def _iter_dicom(spec: SourceSpec) -> Iterator[SourceItem]:
     dicom = DicomReader()
-    paths = [spec.root] if spec.root.is_file() else sorted(p for p in spec.root.rglob("*") if p.is_file())
-    for path in paths:
-        if dicom.can_read(path):
+    for path in _candidate_files(spec.root):
+        # DICOM files often have no suffix: a broken link cannot be told apart, so it is listed.
+        if _is_broken_link(path):
+            yield _item(spec, path)
+        elif dicom.can_read(path):
             yield _item(spec, path, group=_patient_id(path))
 
 
@@ -392,8 +407,7 @@ def _patient_id(path: Path) -> str | None:
 
 def _iter_nifti(spec: SourceSpec) -> Iterator[SourceItem]:
     nifti = NiftiReader()
-    paths = [spec.root] if spec.root.is_file() else sorted(p for p in spec.root.rglob("*") if p.is_file())
-    for path in paths:
+    for path in _candidate_files(spec.root):
         if nifti.verify_suffix(path):
             yield _item(spec, path)
 
