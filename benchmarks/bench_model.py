@@ -1,7 +1,7 @@
 """Model benchmark: MedNet vs timm ResNet-18/50 -- parameters, FLOPs, training and inference speed.
 
 For each input size (64, 224 px), precision mode and phase it measures images/s and the achieved
-FLOP/s of every model *in the same run*, and divides the latter by a bf16 matmul measured right
+FLOP/s of every model *in the same run*, and divides the latter by a matmul in the machine's fastest native dtype (bf16 where the CPU runs it natively, else fp32) measured right
 after each timed step (``_common.time_paired``). That fraction is comparable across
 models and more robust to the load of a shared machine than absolute images/s.
 
@@ -45,6 +45,7 @@ from _common import MatmulReference, count_flops, environment, markdown_table, t
 from torch import nn
 
 import openmednet
+from openmednet.engine.precision import cpu_capability
 from openmednet.utils import atomic_write_text
 
 MODES = {"fp32": (False, False), "bf16cl": (True, True), "fp32cl": (False, True)}  # (bf16, channels_last)
@@ -62,7 +63,7 @@ class Row:
     batch: int
     gflops_per_img: float
     img_per_s: float
-    fraction: float  # achieved FLOP/s / bf16 matmul FLOP/s, per timed step, median
+    fraction: float  # achieved FLOP/s / reference matmul FLOP/s (bf16 or fp32), per timed step, median
 
     @property
     def gflop_per_s(self) -> float:
@@ -145,7 +146,7 @@ def prepare(base: str, kind: str, phase: str, mode: str, batch: int, size: int) 
 
 def measure(step: Callable[[], None], gflops_img: float, batch: int, ref: MatmulReference,
             args: argparse.Namespace) -> tuple[float, float, float]:
-    """Images/s, fraction of the bf16 matmul rate, and the median matmul FLOP/s, for one row.
+    """Images/s, fraction of the reference matmul rate, and the median matmul FLOP/s, for one row.
 
     The load of a shared machine drifts: every timed step is paired with a matmul measured right
     after it, and the fraction is the median of the per-pair ratios.
@@ -254,13 +255,13 @@ def report(rows: list[Row], compile_s: dict, ablation: list, ref: MatmulReferenc
         f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip(),
         "",
         f"Environment: {environment()}; run time {seconds:.0f} s" + (
-            f"; bf16 matmul reference (n={ref.n}) median {ref.median / 1e9:.0f} GFLOP/s, range "
+            f"; torch CPU capability {cpu_capability()}; {_dtype_name(ref)} matmul reference (n={ref.n}) median {ref.median / 1e9:.0f} GFLOP/s, range "
             f"{min(ref.history) / 1e9:.0f}-{max(ref.history) / 1e9:.0f} over {len(ref.history)} measurements "
             f"(one after every timed step)." if ref.history else "."
         ),
     ]
     if rows:
-        parts += _grid_tables(rows, args)
+        parts += _grid_tables(rows, args, _dtype_name(ref))
     if ablation:
         parts += ["", ("Ablation, training step: four branch convs separate (as shipped) vs merged into one "
                        "zero-padded 7x7 conv in every block, or in stage 1 only (interleaved rounds, medians; "
@@ -273,7 +274,7 @@ def report(rows: list[Row], compile_s: dict, ablation: list, ref: MatmulReferenc
     return "\n".join(parts) + "\n"
 
 
-def _grid_tables(rows: list[Row], args: argparse.Namespace) -> list[str]:
+def _grid_tables(rows: list[Row], args: argparse.Namespace, ref_dtype: str) -> list[str]:
     """Params/FLOPs, every row, MedNet vs ResNet-18, and MedNet before/after tables."""
     parts = ["", markdown_table(["model", "params (M)"] + [f"GFLOPs/img {s} px" for s in args.sizes],
                                 [[m, f"{sum(p.numel() for p in build(m).parameters()) / 1e6:.2f}"]
@@ -282,7 +283,7 @@ def _grid_tables(rows: list[Row], args: argparse.Namespace) -> list[str]:
                                  for m in args.models]) if "infer" in args.phases else "",
              "",
              markdown_table(
-                 ["model", "px", "mode", "phase", "batch", "img/s", "GFLOP/s", "fraction of bf16 matmul"],
+                 ["model", "px", "mode", "phase", "batch", "img/s", "GFLOP/s", f"fraction of {ref_dtype} matmul"],
                  [[r.model, r.size, r.mode, r.phase, r.batch, f"{r.img_per_s:.1f}", f"{r.gflop_per_s:.1f}",
                    f"{r.fraction:.3f}"] for r in rows],
              )]
@@ -318,11 +319,23 @@ def _size_map(text: str) -> dict[int, int]:
         raise argparse.ArgumentTypeError(f"expected 'size:batch,...' such as '64:32,224:8', got '{text}'") from None
 
 
+def _bf16_native() -> bool:
+    from openmednet.engine.precision import bf16_support
+
+    return bf16_support("cpu")[0]
+
+
+def _dtype_name(ref: MatmulReference) -> str:
+    return "bf16" if ref.dtype == torch.bfloat16 else "fp32"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="mednet_color,resnet18,resnet50", type=lambda s: s.split(","))
     p.add_argument("--sizes", default="64,224", type=lambda s: [int(v) for v in s.split(",")])
-    p.add_argument("--modes", default="fp32,bf16cl", type=lambda s: s.split(","))
+    p.add_argument("--modes", default=None, type=lambda s: s.split(","),
+                   help="default: fp32,bf16cl where bf16 is native (AMX/AVX512-BF16), else fp32 only "
+                        "(emulated bf16 is ~9x slower and would not finish)")
     p.add_argument("--phases", default="infer,train", type=lambda s: s.split(","))
     p.add_argument("--infer-batch", default="64:32,224:8", type=_size_map, help="size:batch pairs")
     p.add_argument("--train-batch", default="64:32,224:8", type=_size_map, help="size:batch pairs")
@@ -336,6 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ablate-only", action="store_true", help="run only the ablation, not the grid")
     p.add_argument("--out", type=Path, help="also write the markdown report here")
     args = p.parse_args(argv)
+    if args.modes is None:
+        args.modes = ["fp32", "bf16cl"] if _bf16_native() else ["fp32"]
     for mode in args.modes:
         if mode not in MODES:
             p.error(f"unknown mode '{mode}', expected one of {', '.join(MODES)}")
@@ -354,7 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # progress on stderr
     start = time.perf_counter()
-    ref = MatmulReference(dtype=torch.bfloat16)
+    # The reference is the machine's fastest native dtype: a bf16 matmul on an AVX2-only CPU is
+    # emulated (one 2048x2048 took 57 s) and would make every fraction meaningless.
+    ref = MatmulReference(dtype=torch.bfloat16 if _bf16_native() else torch.float32)
     rows, compile_s = ([], {}) if args.ablate_only else run_grid(args, ref, log)
     ablation = run_ablation(args, log) if args.ablate or args.ablate_only else []
     text = report(rows, compile_s, ablation, ref, args, time.perf_counter() - start)
