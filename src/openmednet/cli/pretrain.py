@@ -25,7 +25,9 @@ def register(app: typer.Typer) -> None:
     def pretrain_cmd(
         corpus: Path = typer.Option(None, help="Corpus directory (from `openmednet corpus build`)."),
         out: Path = typer.Option(None, help="Run directory: checkpoints, metrics.jsonl, loss.png, backbone/."),
-        objective: str = typer.Option(None, help="supervised | simclr | combined (default: the config's)."),
+        objective: str = typer.Option(
+            None, help="supervised | simclr | combined | distill, or parts joined by + (supervised+distill); default: the config's."
+        ),
         config: Path = typer.Option(None, exists=True, dir_okay=False, help="YAML config, e.g. configs/pretrain_gray64.yaml."),
         set_: list[str] = typer.Option([], "--set", help="Override a config key: --set optim.lr=0.1 (repeatable)."),
         resume: bool = typer.Option(False, help="Continue the run in --out from checkpoint-last.pt."),
