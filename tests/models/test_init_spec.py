@@ -34,12 +34,10 @@ def test_existing_paths_win_and_missing_paths_are_errors(tmp_path: Path, monkeyp
     assert InitSpec.parse(str(tmp_path / "run" / "model")) == InitSpec("path", path=tmp_path / "run" / "model",
                                                                       text=str(tmp_path / "run" / "model"))
     assert InitSpec.parse(tmp_path / "w.safetensors").kind == "path"
-    # A bare folder name in the working directory is a path too (`openmednet predict model scans/`),
-    # even when it looks like a registered name: what is on disk is what the user points at.
+    # A bare folder name in the working directory is a path too (`openmednet predict model scans/`);
+    # one named like a registered model is ambiguous (test_a_folder_named_like_a_registered_model...).
     monkeypatch.chdir(tmp_path / "run")
     assert InitSpec.parse("model").kind == "path"
-    (tmp_path / "run" / "mednet_gray").mkdir()
-    assert InitSpec.parse("mednet_gray").kind == "path"
     for missing in ("runs/nothing/here", "weights.safetensors", "card.json", "old.pth", "C:\\w\\m.pt"):
         with pytest.raises(FileNotFoundError, match="init weights not found"):
             InitSpec.parse(missing)
@@ -93,3 +91,14 @@ def test_prediction_refuses_inits_that_name_no_trained_model(init: str) -> None:
 
     with pytest.raises(ValueError, match=f"not which trained model to use.*--init {init} --out runs/x"):
         load_model(init)
+
+
+def test_a_folder_named_like_a_registered_model_is_ambiguous(tmp_path, monkeypatch):
+    """Review finding: ``--init resnet18`` silently loaded ./resnet18/ when such a run folder existed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet18").mkdir()
+    with pytest.raises(ValueError, match=r"both a registered model and a folder .* write ./resnet18"):
+        InitSpec.parse("resnet18")
+    assert InitSpec.parse("./resnet18").kind == "path"
+    (tmp_path / "my_run").mkdir()  # not a model name: a plain path, as before
+    assert InitSpec.parse("my_run").kind == "path"

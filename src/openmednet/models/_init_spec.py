@@ -12,12 +12,13 @@ Here is the single rule, and each of them calls it:
 ``scratch:<arch>.<tag>``        random weights shaped like weight set ``<arch>.<tag>`` (its width)
 ``<name>`` / ``<name>.<tag>``   a registered model's pre-trained weights (default or named tag)
 ``<path>``                      an existing file or folder (``save_pretrained`` output, its model
-                                card, or a bare weights file); an existing path wins over a
-                                registered name, a missing one is an error, never a name
+                                card, or a bare weights file); a bare name that is both an
+                                existing folder and a registered model is refused as ambiguous
+                                (write ``./name``); a missing path is an error, never a name
 =============================== ==============================================================
 
-Parsing checks the grammar and the file system only; whether a name is registered is the
-registry's question (``create_model`` / ``get_pretrained_cfg`` raise with a suggestion).
+Parsing checks the grammar and the file system (and, for that ambiguity, whether the name is a
+registered architecture); whether a weight set is registered is the registry's question (``create_model`` / ``get_pretrained_cfg`` raise with a suggestion).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from openmednet.models._registry import is_model
 
 __all__ = ["AUTO_BY_CHANNELS", "InitSpec"]
 
@@ -80,6 +83,13 @@ class InitSpec:
             return cls("scratch", name=name, text=text)
         path = Path(text).expanduser()
         if path.exists():
+            if _NAME.match(text) and is_model(text):
+                # A run folder named like a model in the working directory must not silently
+                # replace the registered weights (or the reverse): make the user say which.
+                raise ValueError(
+                    f"init {raw!r} is both a registered model and a folder in {Path.cwd()}: write "
+                    f"./{text} for the folder, or rename it to use the registered weights"
+                )
             return cls("path", path=path, text=text)
         if "/" in text or "\\" in text or text.lower().endswith(WEIGHT_FILE_SUFFIXES):
             raise FileNotFoundError(f"init weights not found: {text} (no such file or folder)")
