@@ -603,14 +603,21 @@ def _make_loaders(cfg: FinetuneConfig, target: TargetSet, idx: dict[str, np.ndar
             [(inputs.prepare(target.images[i])[0], target.labels[i]) for i in idx[name]], channels=channels,
             image_size=size, transform=transforms[train], class_names=list(target.label_names), resize_mode="crop",
         )
-        # build_loader: the epoch order and every image's augmentation are drawn from (run seed,
-        # epoch, position), so a run is reproducible whatever num_workers is.
-        loaders[name] = build_loader(
-            ds, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=train, num_workers=cfg.num_workers,
-            # A last batch of one image breaks BatchNorm in train mode.
-            drop_last=train and len(ds) % cfg.batch_size == 1 and len(ds) > 1,
-        )
+        loaders[name] = split_loader(ds, cfg, train)
     return loaders
+
+
+def split_loader(ds: Any, cfg: Any, train: bool, **kwargs: Any) -> Any:
+    """The loader of one split, for classification and segmentation alike.
+
+    ``build_loader`` draws the epoch order and every image's augmentation from (run seed, epoch,
+    position), so a run is reproducible whatever ``num_workers`` is. Training drops a last batch
+    of one image, which breaks BatchNorm in train mode. ``kwargs`` go to ``build_loader``.
+    """
+    return build_loader(
+        ds, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=train, num_workers=cfg.num_workers,
+        drop_last=train and len(ds) % cfg.batch_size == 1 and len(ds) > 1, **kwargs,
+    )
 
 
 def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> FinetuneResult:

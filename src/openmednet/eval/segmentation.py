@@ -63,7 +63,6 @@ from torch.utils.data import DataLoader
 
 from openmednet.config import save_config, to_dict
 from openmednet.data.images import to_channels
-from openmednet.data.loader import build_loader
 from openmednet.data.segmentation import (
     SegmentationDataset,
     SegmentationSet,
@@ -399,17 +398,15 @@ def _check_config(cfg: Any) -> None:
 def _make_loaders(cfg: Any, target: SegmentationSet, idx: dict[str, np.ndarray], model: SegmentationNet,
                   channels: int, size: int) -> dict[str, DataLoader]:
     """Augmented train loader (joint transform, seeded per position) and val/test loaders."""
+    from openmednet.eval.finetune import split_loader
+
     mean, std = model.pretrained_cfg.mean, model.pretrained_cfg.std
     loaders = {}
     for name, train in (("train", True), ("val", False), ("test", False)):
         transform = build_joint_transform(mean, std, size, train=train, hflip=cfg.hflip, color=channels == 3 and target.channels == 3)
         ds = SegmentationDataset([to_channels(target.images[i], channels)[0] for i in idx[name]],
                                  [target.masks[i] for i in idx[name]], transform)
-        loaders[name] = build_loader(
-            ds, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=train, num_workers=cfg.num_workers,
-            drop_last=train and len(ds) % cfg.batch_size == 1 and len(ds) > 1,
-            **({} if train else {"collate_fn": collate_eval}),
-        )
+        loaders[name] = split_loader(ds, cfg, train, **({} if train else {"collate_fn": collate_eval}))
     return loaders
 
 
