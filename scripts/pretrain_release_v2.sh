@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Pre-train one MedNet v2 weight set (issue 11; docs/pretraining.md, "v2"), exactly as shipped:
 # - gray:  objective `distill` (chosen by scripts/pilot_v2.sh), progressive: 5 epochs at 64 px,
-#          then 3 epochs at 128 px started from the 64 px backbone (model.init);
+#          then 3 epochs at 128 px started from the 64 px backbone (model.init), then 4 more epochs
+#          at 128 px as a warm restart (a new cosine cycle from the 3-epoch backbone): feature
+#          distillation keeps improving with longer schedules ("a good teacher is patient and
+#          consistent", Beyer et al. 2022), and a restart keeps each stage a finished, usable run;
 # - color: objective `supervised+distill`, 2 epochs at 128 px.
 # Width 0.5 (width 1.0 costs twice the time per image: half the epochs in the same hours).
 # Resumable: run the same command again after a kill and each stage continues from its
@@ -20,6 +23,7 @@ stage() {  # stage OUT [--set k=v ...]
 if [ "$VERSION" = gray ]; then
   stage "$OUT_ROOT/pt_gray_v2_stage64" --set data.image_size=64 --set train.epochs=5
   stage "$OUT_ROOT/pt_gray128_v2" --set train.epochs=3 --set model.init="$OUT_ROOT/pt_gray_v2_stage64/backbone"
+  stage "$OUT_ROOT/pt_gray128_v2_long" --set train.epochs=4 --set model.init="$OUT_ROOT/pt_gray128_v2/backbone"
 else
   stage "$OUT_ROOT/pt_color128_v2" --set train.epochs=2
 fi
