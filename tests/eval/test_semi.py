@@ -212,3 +212,21 @@ def test_study_semi_axis_maps_arms_and_keeps_earlier_runs_reusable(tmp_path: Pat
     with pytest.raises(KeyError, match="fixmatch"):
         study._check_grid(study.StudyConfig(out=tmp_path, targets=(), inits=("auto",), semi=("fixmach",),
                                             unlabelled=("rest_of_train",)))
+
+
+def test_max_unlabelled_draws_a_seeded_subset_after_the_leakage_drop(tiny: tuple[Path, Path]) -> None:
+    data, extra = tiny
+    cfg = _cfg(data, Path("unused"), semi="fixmatch", unlabelled=(str(extra),), max_unlabelled=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target, splits, _ = prepare_splits(load_target(data, max_side=64), cfg)
+    used = np.flatnonzero(splits == "train")
+    unl, info = gather_unlabelled(cfg, target, splits, used)
+    again, _ = gather_unlabelled(cfg, target, splits, used)
+    other, _ = gather_unlabelled(FinetuneConfig(**{**cfg.__dict__, "seed": 1}), target, splits, used)
+    everything, _ = gather_unlabelled(FinetuneConfig(**{**cfg.__dict__, "max_unlabelled": None}), target, splits, used)
+    assert (info["n_found"], info["n_clean"], info["n_used"]) == (10, 10, 4) and len(unl) == 4
+    assert unl.ids == again.ids and set(unl.ids) <= set(everything.ids) and len(everything) == 10
+    assert other.ids != unl.ids  # the draw follows the run's seed
+    with pytest.raises(ValueError, match="max_unlabelled must be >= 1"):
+        _cfg(data, Path("unused"), semi="fixmatch", unlabelled=(str(extra),), max_unlabelled=0)

@@ -157,8 +157,8 @@ class FinetuneConfig:
             U-Net on the init's encoder, see ``openmednet.eval.segmentation``; strategy ``full``).
         semi: ``none``, ``pseudo_label`` or ``fixmatch``; ``unlabelled`` (folders, or
             ``rest_of_train``), ``rounds``, ``semi_threshold``, ``pseudo_selection``,
-            ``pseudo_fraction``, ``student_dropout``, ``mu``, ``lambda_u``, ``strong_magnitude``:
-            semi-supervised fine-tuning, see ``openmednet.eval.semi``.
+            ``pseudo_fraction``, ``student_dropout``, ``mu``, ``lambda_u``, ``strong_magnitude``,
+            ``max_unlabelled``: semi-supervised fine-tuning, see ``openmednet.eval.semi``.
     """
 
     data: Path
@@ -209,6 +209,7 @@ class FinetuneConfig:
     mu: int = 2
     lambda_u: float = 1.0
     strong_magnitude: int = 9
+    max_unlabelled: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))

@@ -77,7 +77,7 @@ SEMI_METHODS = ("none", "pseudo_label", "fixmatch")
 PSEUDO_SELECTIONS = ("class_balanced", "per_class_threshold", "threshold")
 #: FinetuneConfig fields that only matter when ``semi`` is not ``"none"``.
 SEMI_FIELDS = ("unlabelled", "rounds", "semi_threshold", "pseudo_selection", "pseudo_fraction", "student_dropout",
-               "mu", "lambda_u", "strong_magnitude")
+               "mu", "lambda_u", "strong_magnitude", "max_unlabelled")
 #: Fields a finished round does not depend on (``rounds``: a longer run reuses the earlier rounds).
 _ROUND_NEUTRAL = ("out", "device", "num_workers", "rounds", "n_boot")
 
@@ -105,6 +105,8 @@ def check_semi_config(cfg: Any) -> None:
     if not 0 <= cfg.semi_threshold < 1 or not 0 < cfg.pseudo_fraction <= 1 or not 0 <= cfg.student_dropout < 1:
         raise ValueError(f"need 0 <= semi_threshold < 1, 0 < pseudo_fraction <= 1 and 0 <= student_dropout < 1, got "
                          f"{cfg.semi_threshold}, {cfg.pseudo_fraction}, {cfg.student_dropout}")
+    if cfg.max_unlabelled is not None and cfg.max_unlabelled < 1:
+        raise ValueError(f"max_unlabelled must be >= 1 (or None for all), got {cfg.max_unlabelled}")
     if cfg.lambda_u < 0 or not 0 <= cfg.strong_magnitude <= 30:
         raise ValueError(f"need lambda_u >= 0 and 0 <= strong_magnitude <= 30, got {cfg.lambda_u}, {cfg.strong_magnitude}")
 
@@ -199,6 +201,10 @@ def select_pseudo_labels(probs: np.ndarray, *, threshold: float, selection: str 
 def gather_unlabelled(cfg: Any, target: Any, splits: np.ndarray, used: np.ndarray) -> tuple[UnlabelledSet, dict[str, Any]]:
     """The run's unlabelled images (``rest_of_train`` or folders) without near-copies of test images.
 
+    With ``cfg.max_unlabelled``, at most that many of the remaining images, drawn uniformly with
+    ``cfg.seed`` (the size of the unlabelled pool is a standard axis of semi-supervised benchmarks;
+    on a CPU it bounds the cost of a FixMatch epoch, which is a pass over the unlabelled pool).
+
     Returns:
         The images, and what ``metrics.json`` records about them (sources, counts, dropped ids).
     """
@@ -208,7 +214,12 @@ def gather_unlabelled(cfg: Any, target: Any, splits: np.ndarray, used: np.ndarra
         unl = load_unlabelled(cfg.unlabelled, channels=target.channels, max_side=cfg.max_side)
     found = len(unl)
     unl, dropped = drop_test_near_copies(unl, target, splits, near_threshold=cfg.near_threshold, leakage=cfg.leakage)
-    info = {"sources": list(unl.sources), "n_found": found, "n_used": len(unl), "labels_hidden": unl.labels_hidden,
+    n_clean = len(unl)
+    if cfg.max_unlabelled is not None and n_clean > cfg.max_unlabelled:
+        keep = np.random.default_rng([cfg.seed, 7919]).choice(n_clean, size=cfg.max_unlabelled, replace=False)
+        unl = unl.subset(np.sort(keep))
+    info = {"sources": list(unl.sources), "n_found": found, "n_clean": n_clean, "n_used": len(unl),
+            "labels_hidden": unl.labels_hidden,
             "skipped": unl.skipped, "dropped": {"near_copies_of_test": dropped}}
     logger.info("unlabelled images: %d used of %d found (%d near-copies of test images dropped)", len(unl), found, len(dropped))
     return unl, info
