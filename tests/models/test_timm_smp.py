@@ -94,6 +94,23 @@ def test_timm_tagged_name_and_classifier_equal_openmednet(tag: str):
     assert _same_outputs(ours, via_timm, torch.randn(2, 1, 64, 64))
 
 
+
+# Regression (review finding): timm's data-config resolution read model.pretrained_cfg with
+# .get(), which the PretrainedCfg dataclass lacked (AttributeError for every MedNet).
+@pytest.mark.parametrize("via", ["timm", "openmednet"])
+@pytest.mark.parametrize("features_only", [False, True])
+def test_timm_resolves_the_data_config_of_a_shipped_mednet(via, features_only):
+    create = timm.create_model if via == "timm" else openmednet.create_model
+    model = create("mednet_gray", pretrained=True, features_only=features_only)
+    card = openmednet.get_pretrained_cfg("mednet_gray")  # (1, 128, 128), bilinear, 0.5 / 0.25 today
+    expected = dict(input_size=card.input_size, interpolation=card.interpolation, mean=card.mean, std=card.std,
+                    crop_pct=1.0, crop_mode="center")  # crop_pct 1: resize the short side, crop it whole
+    assert timm.data.resolve_data_config(model=model) == expected
+    assert timm.data.resolve_model_data_config(model) == expected
+    assert model.default_cfg["input_size"] == model.pretrained_cfg.input_size  # timm's alias
+    transform = timm.data.create_transform(**expected)  # timm's eval pipeline accepts it as is
+    assert transform.transforms[-1].mean.tolist() == [0.5]
+
 # --------------------------------------------------------------------------------- smp
 @pytest.mark.parametrize("encoder_weights", [None, True])
 def test_smp_unet_with_a_mednet_encoder_trains_on_64_and_128(encoder_weights):

@@ -29,6 +29,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from openmednet.models._pretrained import PretrainedCfg
 from openmednet.models.mednet import MedNet, check_input, run_blocks, take_indices
 
 __all__ = ["EXTRA_LEVEL_MODULE", "MedNetFeatures", "to_features"]
@@ -105,6 +106,11 @@ class MedNetFeatures(nn.Module):
             pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if output_stride == 32 else nn.Identity()
             self.add_module(EXTRA_LEVEL_MODULE, pool)
         self.feature_info = _feature_info(levels, take)
+
+    @property
+    def default_cfg(self) -> PretrainedCfg | None:
+        """timm's backwards-compatible alias of ``pretrained_cfg``."""
+        return self.pretrained_cfg
 
     def check_input(self, x: Tensor) -> None:
         """MedNet's input contract (``mednet.check_input``): raises ``ValueError`` with the fix."""

@@ -2,18 +2,27 @@
 
 One cfg per weight set, named ``arch.tag`` as in timm. The input contract travels with the weights:
 channels and size, normalisation, and the intensity pipeline that produced the training images.
+
+timm keeps ``model.pretrained_cfg`` as a dict and reads it with ``.get`` / ``[...]`` (e.g.
+``timm.data.resolve_data_config(model=model)``), so a ``PretrainedCfg`` is also a read-only
+mapping: its items are timm's view of the contract (``to_timm_dict``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 
 @dataclass(frozen=True)
-class PretrainedCfg:
+class PretrainedCfg(Mapping[str, Any]):
     """Description of one set of weights and the inputs they expect.
+
+    Read its fields as attributes (``cfg.input_size``); read as a mapping (``cfg["mean"]``,
+    ``cfg.get("crop_pct")``, ``dict(cfg)``) it is timm's ``pretrained_cfg`` dict
+    (:meth:`to_timm_dict`), so timm's helpers work on OpenMedNet models unchanged.
 
     Attributes:
         file: weights file name inside the package's ``assets/weights`` folder (shipped weights).
@@ -74,3 +83,35 @@ class PretrainedCfg:
     def replace(self, **changes: Any) -> PretrainedCfg:
         """A copy with fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def to_timm_dict(self) -> dict[str, Any]:
+        """The fields timm's ``pretrained_cfg`` dict has for this input contract and head.
+
+        Evaluation in OpenMedNet resizes the short side to the input size and centre-crops it
+        whole (``EvalInputs``), which is timm's ``crop_pct=1.0``. Where the weights come from is
+        left out: a local path means nothing to timm (``save_for_hf`` writes these items).
+        """
+        return dict(
+            input_size=tuple(self.input_size),
+            min_input_size=tuple(self.min_input_size),
+            mean=tuple(self.mean),
+            std=tuple(self.std),
+            interpolation=self.interpolation,
+            crop_pct=1.0,
+            crop_mode="center",
+            first_conv=self.first_conv,
+            classifier=self.classifier,
+            num_classes=self.num_classes,
+            label_names=tuple(self.label_names),
+            license=self.license,
+        )
+
+    # Mapping protocol (timm's dict view); dataclass equality and hashing stay field-wise.
+    def __getitem__(self, key: str) -> Any:
+        return self.to_timm_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_timm_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_timm_dict())

@@ -168,23 +168,9 @@ def _from_hub(hub_id: str, cache_dir: str | Path | None) -> str:
 
 # --------------------------------------------------------------------------------- registration
 def timm_pretrained_cfg(cfg: PretrainedCfg) -> dict[str, Any]:
-    """OpenMedNet's ``PretrainedCfg`` as timm's ``pretrained_cfg`` fields (input contract only).
-
-    Evaluation in OpenMedNet resizes the short side and centre-crops the full size, so
-    ``crop_pct`` is 1.0.
-    """
+    """MedNet's ``PretrainedCfg`` as timm's ``pretrained_cfg`` dict (``cfg.to_timm_dict()`` + the paper)."""
     return dict(
-        input_size=tuple(cfg.input_size),
-        min_input_size=tuple(cfg.min_input_size),
-        mean=tuple(cfg.mean),
-        std=tuple(cfg.std),
-        interpolation=cfg.interpolation,
-        crop_pct=1.0,
-        crop_mode="center",
-        first_conv=cfg.first_conv,
-        classifier=cfg.classifier,
-        num_classes=cfg.num_classes,
-        license=cfg.license,
+        cfg.to_timm_dict(),
         paper_ids="arXiv:2110.06512",
         paper_name="MedNet: Pre-trained Convolutional Neural Network Model for the Medical Imaging Tasks",
     )

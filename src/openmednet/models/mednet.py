@@ -328,6 +328,11 @@ class MedNet(nn.Module):
             global_pool=self.global_pool,
         )
 
+    @property
+    def default_cfg(self) -> PretrainedCfg | None:
+        """timm's backwards-compatible alias of ``pretrained_cfg`` (timm's own models carry both)."""
+        return self.pretrained_cfg
+
 
 def count_convs(model: nn.Module) -> int:
     """Number of ``nn.Conv2d`` layers in ``model``."""
