@@ -1,0 +1,173 @@
+"""Pinned fine-tuning outputs (issue 10, "one training engine"): tiny real runs whose every number is
+hard-coded, so a refactor of the training loop must reproduce them bit for bit.
+
+The values were generated with the pre-refactor code (``eval.finetune._train``, its own epoch loop
+over ``engine.trainer.train_one_epoch``) and checked to be identical run to run on the 2-core AVX2
+CPU (fp32, one intra-op thread: ``tests/conftest.py``). Each run checks its per-epoch history
+(train loss, validation score and loss, learning rate: exact floats, as ``history.json`` stores
+them), the best epoch, a SHA-256 of the saved weights (every tensor, in key order) and a SHA-256 of
+the test outputs (``predictions.csv`` or ``per_image.csv``). They cover classification ``full``,
+FixMatch and one pseudo-label round (teacher and a noisy student), both of which restore an
+earlier best epoch's weights, and segmentation (Dice model choice), which early stopping ends
+before its last epoch.
+
+If a change is meant to alter the numbers (a new default, a fixed defect), regenerate them with
+``python tests/eval/test_finetune_pinned.py`` and say why in the commit.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from openmednet.eval.finetune import FinetuneConfig, run_finetune
+
+BRAIN = "gray/targets/brain_mri_yes_no"
+
+
+def _brain_subset(shared_data: Path, tmp: Path) -> tuple[Path, Path]:
+    """24 labelled images (12 per class, drawn splits) and a folder of 10 other images of the set."""
+    rows = list(csv.DictReader((shared_data / BRAIN / "labels.csv").read_text().splitlines()))
+    by_class = {c: [r for r in rows if r["label"] == c] for c in ("no", "yes")}
+    with open(tmp / "labels.csv", "w", newline="") as f:  # copies: paths outside the folder are refused
+        f.write("path,label,split,group\n")
+        for c, members in by_class.items():
+            for k, r in enumerate(members[:12]):
+                name = f"{c}{k}{Path(r['path']).suffix}"
+                (tmp / name).write_bytes((shared_data / BRAIN / r["path"]).read_bytes())
+                f.write(f"{name},{c},,\n")
+    extra = tmp / "unlabelled"
+    extra.mkdir()
+    for c, members in by_class.items():
+        for r in members[12:17]:
+            Image.open(shared_data / BRAIN / r["path"]).convert("L").save(extra / f"{c}_{Path(r['path']).stem}.png")
+    return tmp, extra
+
+
+def _configs(brain: Path, unlabelled: Path, lgg: Path, out: Path) -> dict[str, FinetuneConfig]:
+    base = {"init": "scratch:mednet_test", "image_size": 32, "batch_size": 8, "lr": 1e-3, "n_boot": 0, "max_side": 64,
+            "seed": 0}
+    cls = {**base, "data": brain, "given_splits": False, "test_fraction": 0.25}
+    return {
+        "full": FinetuneConfig(**cls, out=out / "full", epochs=4, patience=1, warmup_epochs=1),
+        "fixmatch": FinetuneConfig(**cls, out=out / "fixmatch", epochs=2, patience=2, per_class=3, semi="fixmatch",
+                                   unlabelled=(str(unlabelled),), semi_threshold=0.5),
+        "pseudo_label": FinetuneConfig(**cls, out=out / "pseudo", epochs=2, patience=2, per_class=3, semi="pseudo_label",
+                                       unlabelled=(str(unlabelled),), semi_threshold=0.5, rounds=1),
+        "segmentation": FinetuneConfig(**base, data=lgg, out=out / "seg", task="segmentation", epochs=4, patience=1),
+    }
+
+
+def _sha256_weights(path: Path) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(load_file(str(path)).items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _plain(value):
+    # NaN != NaN: compare a validation AUROC of a one-class split by its name.
+    return "nan" if isinstance(value, float) and math.isnan(value) else value
+
+
+def observe(out: Path) -> dict:
+    """The pinned quantities of one finished run directory."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = [{k: _plain(v) for k, v in h.items()} for h in json.loads((out / "history.json").read_text())]
+    test_file = out / ("per_image.csv" if metrics.get("task") == "segmentation" else "predictions.csv")
+    return {
+        "history": history,
+        "best_epoch": metrics["best_epoch"],
+        "weights_sha256": _sha256_weights(out / "model" / "model.safetensors"),
+        "test_sha256": hashlib.sha256(test_file.read_bytes()).hexdigest(),
+    }
+
+
+PINNED: dict[str, dict] = {
+    "full": {
+        "history": [
+            {"epoch": 1, "train_loss": 0.750966455255236, "val_auroc": 1.0, "val_loss": 0.7006475085009534, "lr": 0.001},
+            {"epoch": 2, "train_loss": 0.5952229584966388, "val_auroc": 1.0, "val_loss": 0.6174252619782454, "lr": 0.00075},
+            {"epoch": 3, "train_loss": 0.9073911734989711, "val_auroc": 1.0, "val_loss": 0.48274916079581154, "lr": 0.0002500000000000001},
+            {"epoch": 4, "train_loss": 0.8875354698726109, "val_auroc": 1.0, "val_loss": 0.4432529736199083, "lr": 0.0},
+        ],
+        "best_epoch": 4,
+        "weights_sha256": "2878e09bfcf0185d880936b53a7a9461daf8c1745edcc3b9e037e065bd528deb",
+        "test_sha256": "ad72b9ce753974716f4a44718597713a7ea98b299d630ae0a20c6c6073889333",
+    },
+    "fixmatch": {
+        "history": [
+            {"epoch": 1, "train_loss": 1.3266327381134033, "val_auroc": 0.75, "val_loss": 0.6456979301910221, "lr": 0.001},
+            {"epoch": 2, "train_loss": 1.3453969955444336, "val_auroc": 0.0, "val_loss": 2.3779489086344547, "lr": 0.0},
+        ],
+        "best_epoch": 1,
+        "weights_sha256": "81fbee42ff552e7ba6f0dc2fde85ea97d3b6d8d1adbcd786b86fc84c916ea9a9",
+        "test_sha256": "44b2e74d556087e77356c9c58d9bbe14f058ad3860dc1b9b27dc98a7262c44bf",
+    },
+    "pseudo_label": {
+        "history": [
+            {"epoch": 1, "train_loss": 0.7080612182617188, "val_auroc": 1.0, "val_loss": 0.5568107597332858, "lr": 0.001},
+            {"epoch": 2, "train_loss": 0.5367291569709778, "val_auroc": 0.0, "val_loss": 0.897272946078734, "lr": 0.0},
+        ],
+        "best_epoch": 1,
+        "weights_sha256": "f1e1a0d4b85b746f4172dfc839937ae88d818ea2608223d7d20f34ada68ad2f1",
+        "test_sha256": "0aa8a452c5a43d033cade7bf02f2a71d0392d22811762bfad0fb4cbb87f5ca71",
+    },
+    "segmentation": {
+        "history": [
+            {"epoch": 1, "train_loss": 2.40905233224233, "val_dice": 0.0, "val_loss": 1.1366276126354933, "lr": 0.001},
+            {"epoch": 2, "train_loss": 1.1678600112597148, "val_dice": 0.0, "val_loss": 10.33194477314828, "lr": 0.00075},
+        ],
+        "best_epoch": 1,
+        "weights_sha256": "14de3e872d5f9ef3fa8c0a91bcc287d51c1abfea7b2b5843c57a2272ec2330a4",
+        "test_sha256": "fb32c9a53b1032e4c400f83909a9ad7617a4036e499c0077127c04dc45716bdd",
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def data(shared_data: Path, seg_subset, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    brain, unlabelled = _brain_subset(shared_data, tmp_path_factory.mktemp("brain"))
+    return brain, unlabelled, seg_subset(tmp_path_factory.mktemp("lgg"), patients=5)
+
+
+@pytest.mark.parametrize("name", ["full", "fixmatch", "pseudo_label", "segmentation"])
+def test_finetune_outputs_are_pinned(name: str, data, tmp_path: Path) -> None:
+    cfg = _configs(*data, tmp_path)[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_finetune(cfg)
+    assert observe(cfg.out) == PINNED[name]
+
+
+if __name__ == "__main__":  # regenerate: python tests/eval/test_finetune_pinned.py [name ...]
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import SHARED_DATA, _seg_subset
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "brain").mkdir()
+        brain, unlabelled = _brain_subset(SHARED_DATA, root / "brain")
+        configs = _configs(brain, unlabelled, _seg_subset(SHARED_DATA, root / "lgg", patients=5), root / "runs")
+        found = {}
+        for name in sys.argv[1:] or list(configs):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run_finetune(configs[name])
+            found[name] = observe(configs[name].out)
+        print(json.dumps(found, indent=1))
