@@ -13,14 +13,18 @@ Modes:
 
 Variants (MedNet only): ``+fused`` is ``MedNet.fuse_for_inference()`` (BatchNorm folded; inference
 rows), ``+compile`` is ``torch.compile`` (``--compile``; compile time is reported separately), and
-``--ablate`` times the idea of merging each block's four branch convs into one zero-padded 7x7
-conv (a training-step A/B, interleaved, the model's own code left untouched).
+``--ablate`` times the training step with each block's four branch convs separate (as shipped) and
+merged into one zero-padded 7x7 conv in the ``--merge-stages`` (``MedNet.set_branch_merge``), next
+to ResNet-18, in interleaved rounds. Its default mode is the machine's training precision
+(``bf16cl`` where bf16 is native, else ``fp32``); the merged arm's fraction counts the separate
+model's FLOPs (the useful work), so it compares directly.
 
 Usage::
 
     python benchmarks/bench_model.py                       # default grid, ~5 min on 1 busy core
     python benchmarks/bench_model.py --sizes 64 --ablate   # + branch-merge A/B
     python benchmarks/bench_model.py --repeats 3 --iters 5 --out bench.md   # longer, steadier
+    python benchmarks/bench_model.py --ablate-only --sizes 128,224 --iters 5   # issue 15 item 1
 
 FLOPs come from ``torch.utils.flop_counter`` (1 multiply-add = 2 FLOPs; convolutions and matmuls
 only). Training FLOPs are forward + backward; a training step also runs SGD with momentum.
@@ -33,7 +37,6 @@ import copy
 import statistics
 import sys
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +44,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from _common import MatmulReference, count_flops, environment, markdown_table, time_fn, time_paired
+from _common import MatmulReference, count_flops, environment, markdown_table, time_paired
 from torch import nn
 
 import openmednet
@@ -196,54 +199,49 @@ def run_grid(args: argparse.Namespace, ref: MatmulReference, log: Callable[[str]
 
 
 # --------------------------------------------------------------------------------- ablation
-def _merged_branches_forward(self: nn.Module, x: torch.Tensor, connections=()) -> torch.Tensor:
-    """``MultiBranchBlock.forward`` with the four branch convs run as one zero-padded 7x7 conv.
+def machine_mode() -> str:
+    """The precision training should use here (``engine.precision``'s ``auto``): bf16 + channels_last
+    where bf16 is native, else fp32."""
+    return "bf16cl" if _bf16_native() else "fp32"
 
-    Same function in train mode (each BN normalises its own channels, so one BN over the merged
-    channels with the concatenated affine terms is identical; running statistics are not updated
-    here, which is fine for timing). 49 / (1 + 9 + 25 + 49) * 4 = 2.33x the branch FLOPs.
+
+def run_ablation(args: argparse.Namespace, ref: MatmulReference, log: Callable[[str], None]) -> list[list[object]]:
+    """Training step: MedNet with branches separate vs merged in ``args.merge_stages``, and ResNet-18.
+
+    The arms are timed in interleaved rounds (``--ablate-rounds``), each step paired with the
+    matmul reference (``measure``); per arm the medians over rounds of img/s and of the fraction
+    of the reference, that fraction over ResNet-18's, and the speed-up over the separate arm with
+    the number of rounds it won.
     """
-    convs = [b.conv for b in self.branches]
-    weight = torch.cat([F.pad(c.weight, [(7 - c.kernel_size[0]) // 2] * 4) for c in convs])
-    gamma = torch.cat([b.bn.weight for b in self.branches])
-    beta = torch.cat([b.bn.bias for b in self.branches])
-    y = F.conv2d(x, weight, None, convs[0].stride, 3)
-    y = F.relu(F.batch_norm(y, None, None, gamma, beta, training=True))
-    return self.bn(torch.cat([y, *connections], dim=1))
-
-
-def _merged_copy(model: nn.Module, blocks: slice) -> nn.Module:
-    """A copy of ``model`` whose ``blocks`` run their branches as one conv (instance-level override:
-    the library class is untouched)."""
-    merged = copy.deepcopy(model)
-    for block in list(merged.blocks)[blocks]:
-        block.forward = types.MethodType(_merged_branches_forward, block)
-    return merged
-
-
-def run_ablation(args: argparse.Namespace, log: Callable[[str], None]) -> list[list[object]]:
-    """Interleaved A/B/C: separate branch convs vs merged in all blocks vs merged in stage 1 only
-    (the 8-channel branches on the largest maps), training step, per size and mode."""
-    out = []
     base = next((m for m in args.models if m.startswith("mednet")), "mednet_color")
+    merged = f"stage {','.join(map(str, args.merge_stages))} merged"
+    out = []
     for size in args.sizes:
-        for mode in args.modes:
+        for mode in args.ablate_modes:
             batch = args.train_batch[size]
-            sep = build(base)
-            arms = {"separate": sep, "merged": _merged_copy(sep, slice(None)), "stage 1 merged": _merged_copy(sep, slice(0, 2))}
-            steps = {k: make_step(m, "train", mode, batch, size) for k, m in arms.items()}
-            times: dict[str, list[float]] = {k: [] for k in steps}
-            for _ in range(max(5, args.repeats)):
-                for k, step in steps.items():
-                    times[k].append(time_fn(step, warmup=args.warmup, iters=args.iters).median)
-            t_sep = statistics.median(times["separate"])
-            row: list[object] = [base, size, mode, batch, f"{batch / t_sep:.1f}"]
-            for arm in ("merged", "stage 1 merged"):
-                t_arm = statistics.median(times[arm])
-                wins = sum(b < a for a, b in zip(times["separate"], times[arm]))
-                row += [f"{batch / t_arm:.1f}", f"{t_sep / t_arm:.2f}x ({wins}/{len(times[arm])})"]
-            out.append(row)
-            log(f"ablation {size}px {mode}: {row[5:]}")
+            gflops = {m: flops_per_image(build(m), size, "train") for m in (base, "resnet18")}
+            separate = build(base)
+            arms = {
+                f"{base} separate": (copy.deepcopy(separate), base),
+                f"{base} {merged}": (copy.deepcopy(separate).set_branch_merge(args.merge_stages), base),
+                "resnet18": (build("resnet18"), "resnet18"),
+            }
+            steps = {label: make_step(model, "train", mode, batch, size) for label, (model, _) in arms.items()}
+            samples: dict[str, list[tuple[float, float]]] = {label: [] for label in steps}
+            for rnd in range(args.ablate_rounds):
+                for label, step in steps.items():
+                    img_s, frac, matmul = measure(step, gflops[arms[label][1]], batch, ref, args)
+                    samples[label].append((img_s, frac))
+                    log(f"ablation [{rnd + 1}/{args.ablate_rounds}] {label:28s} {size:4d}px {mode:6s} b{batch:<3d} "
+                        f"{img_s:8.1f} img/s  fraction {frac:.3f}  (matmul {matmul / 1e9:.0f} GFLOP/s)")
+            sep_label, resnet_frac = f"{base} separate", statistics.median(f for _, f in samples["resnet18"])
+            for label, values in samples.items():
+                img_s = statistics.median(v[0] for v in values)
+                frac = statistics.median(v[1] for v in values)
+                wins = sum(a > b for (a, _), (b, _) in zip(values, samples[sep_label]))
+                speed = statistics.median(a / b for (a, _), (b, _) in zip(values, samples[sep_label]))
+                vs_sep = "" if label == sep_label or label == "resnet18" else f"{speed:.2f}x ({wins}/{len(values)})"
+                out.append([label, size, mode, batch, f"{img_s:.1f}", f"{frac:.3f}", f"{frac / resnet_frac:.2f}", vs_sep])
     return out
 
 
@@ -263,11 +261,13 @@ def report(rows: list[Row], compile_s: dict, ablation: list, ref: MatmulReferenc
     if rows:
         parts += _grid_tables(rows, args, _dtype_name(ref))
     if ablation:
-        parts += ["", ("Ablation, training step: four branch convs separate (as shipped) vs merged into one "
-                       "zero-padded 7x7 conv in every block, or in stage 1 only (interleaved rounds, medians; "
-                       "speed-up > 1x means merging is faster; in brackets, rounds where it was faster):"), "",
-                  markdown_table(["model", "px", "mode", "batch", "img/s separate", "img/s merged", "speed-up",
-                                  "img/s stage 1 merged", "speed-up"], ablation)]
+        parts += ["", (f"Ablation, training step: MedNet's four branch convs separate (as shipped) vs merged into "
+                       f"one zero-padded 7x7 conv in stage(s) {','.join(map(str, args.merge_stages))} "
+                       f"(`MedNet.set_branch_merge`), and ResNet-18; {args.ablate_rounds} interleaved rounds of "
+                       f"{args.iters} timed steps, medians. Fractions count the separate model's FLOPs; speed-up > 1x "
+                       f"means merging is faster, in brackets the rounds where it was:"), "",
+                  markdown_table(["arm", "px", "mode", "batch", "img/s", f"fraction of {_dtype_name(ref)} matmul",
+                                  "fraction / ResNet-18's", "speed-up vs separate"], ablation)]
     if compile_s:
         parts += ["", "torch.compile time (first call): "
                   + ", ".join(f"{k[0]} {k[1]}px {k[2]} {k[3]}: {v:.0f} s" for k, v in compile_s.items())]
@@ -337,8 +337,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default: fp32,bf16cl where bf16 is native (AMX/AVX512-BF16), else fp32 only "
                         "(emulated bf16 is ~9x slower and would not finish)")
     p.add_argument("--phases", default="infer,train", type=lambda s: s.split(","))
-    p.add_argument("--infer-batch", default="64:32,224:8", type=_size_map, help="size:batch pairs")
-    p.add_argument("--train-batch", default="64:32,224:8", type=_size_map, help="size:batch pairs")
+    p.add_argument("--infer-batch", default="64:32,128:16,224:8", type=_size_map, help="size:batch pairs")
+    p.add_argument("--train-batch", default="64:32,128:16,224:8", type=_size_map, help="size:batch pairs")
     p.add_argument("--iters", type=int, default=3, help="timed calls per row (median taken)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1, help="repeat the whole grid; medians over repeats")
@@ -347,8 +347,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="add torch.compile rows for MedNet (slow to compile)")
     p.add_argument("--ablate", action="store_true", help="A/B of merging the four branch convs into one")
     p.add_argument("--ablate-only", action="store_true", help="run only the ablation, not the grid")
+    p.add_argument("--ablate-rounds", type=int, default=5, help="interleaved rounds of the ablation")
+    p.add_argument("--merge-stages", default="1", type=lambda s: tuple(int(v) for v in s.split(",")),
+                   help="MedNet stages merged in the ablation's merged arm (MedNet.set_branch_merge)")
     p.add_argument("--out", type=Path, help="also write the markdown report here")
     args = p.parse_args(argv)
+    # The ablation answers "in the precision training uses here" unless modes are asked for.
+    args.ablate_modes = args.modes or [machine_mode()]
     if args.modes is None:
         args.modes = ["fp32", "bf16cl"] if _bf16_native() else ["fp32"]
     for mode in args.modes:
@@ -357,6 +362,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for phase in args.phases:
         if phase not in ("infer", "train"):
             p.error(f"unknown phase '{phase}', expected infer or train")
+    if args.ablate_rounds < 1 or not set(args.merge_stages) <= {1, 2, 3, 4}:
+        p.error(f"need --ablate-rounds >= 1 and --merge-stages within 1-4, got {args.ablate_rounds} and {args.merge_stages}")
     for size in args.sizes:
         if size not in args.infer_batch or size not in args.train_batch:
             p.error(f"no batch size for {size} px: add '{size}:<batch>' to --infer-batch and --train-batch")
@@ -372,8 +379,10 @@ def main(argv: list[str] | None = None) -> None:
     # The reference is the machine's fastest native dtype: a bf16 matmul on an AVX2-only CPU is
     # emulated (one 2048x2048 took 57 s) and would make every fraction meaningless.
     ref = MatmulReference(dtype=torch.bfloat16 if _bf16_native() else torch.float32)
+    log(f"torch CPU capability {cpu_capability()}; reference matmul {_dtype_name(ref)}; "
+        f"ablation mode(s) {','.join(args.ablate_modes)}")
     rows, compile_s = ([], {}) if args.ablate_only else run_grid(args, ref, log)
-    ablation = run_ablation(args, log) if args.ablate or args.ablate_only else []
+    ablation = run_ablation(args, ref, log) if args.ablate or args.ablate_only else []
     text = report(rows, compile_s, ablation, ref, args, time.perf_counter() - start)
     print(text)
     if args.out:

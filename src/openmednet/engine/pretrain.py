@@ -2,7 +2,7 @@
 
 ``run_pretraining(cfg)`` is the only place that reads a ``PretrainConfig``: it builds the backbone,
 the objective, the loaders, the optimizer and schedule, the k-NN monitor, and hands plain arguments
-to ``engine.trainer.fit``. The same call runs in one process or under torchrun::
+to ``engine.loop.fit``. The same call runs in one process or under torchrun::
 
     openmednet pretrain --corpus corpora/gray64 --out runs/gray-sup --objective supervised
     torchrun --nproc_per_node 8 -m openmednet pretrain --corpus ... --out ... --config configs/x.yaml
@@ -45,9 +45,10 @@ from torch import Tensor, nn
 
 from openmednet._errors import look_up_option
 from openmednet.config import save_config, to_dict
+from openmednet.engine.callbacks import CHECKPOINT_LAST
 from openmednet.engine.distributed import DistEnv, unwrap_model
+from openmednet.engine.loop import fit
 from openmednet.engine.pretrain_module import PretrainModule, SupervisedHeads, pretrain_loss
-from openmednet.engine.trainer import CHECKPOINT_LAST, fit
 
 __all__ = [
     "OBJECTIVES",
@@ -76,11 +77,16 @@ class ModelSection:
 
     ``init``: a saved backbone (a run's ``backbone/`` folder or a weight set's card) whose weights
     start this run, e.g. the 64 px stage of a progressive 64 -> 128 px schedule; the objective's
-    heads start fresh. Its architecture and width must match ``name`` and ``width_mult``."""
+    heads start fresh. Its architecture and width must match ``name`` and ``width_mult``.
+
+    ``branch_merge``: MedNet stages whose four branch convs run as one conv
+    (``MedNet.set_branch_merge``): the same network and checkpoints, computed faster where
+    ``benchmarks/bench_model.py --ablate-only`` shows it; ``()`` (default) runs them separately."""
 
     name: str = "mednet_gray"
     width_mult: float | None = None
     init: str | None = None
+    branch_merge: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,11 @@ def build_backbone(cfg: PretrainConfig, channels: int) -> nn.Module:
                 f"'{cfg.model.name}' with {backbone.model_args()}: set model.name/width_mult to match"
             )
         backbone.load_state_dict(start.state_dict())
+    if cfg.model.branch_merge:
+        if not hasattr(backbone, "set_branch_merge"):
+            raise ValueError(f"model.branch_merge merges MedNet's branch convs; '{cfg.model.name}' has none: "
+                             f"remove model.branch_merge")
+        backbone.set_branch_merge(cfg.model.branch_merge)
     in_chans = getattr(backbone, "in_chans", channels)
     if in_chans != channels:
         raise ValueError(

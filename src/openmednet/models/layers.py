@@ -5,7 +5,10 @@ Shapes are written ``(B, C, H, W)``. All convolutions are bias-free because a Ba
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -59,6 +62,10 @@ class MultiBranchBlock(nn.Module):
     result is batch-normalised (as in the authors' predecessor model). A down-sampling block uses
     ``stride=2`` in all four branches.
 
+    ``merge_branches`` (default ``False``; set it through ``MedNet.set_branch_merge``) runs the
+    four branch convolutions as one: the same network computed another way, see
+    ``merged_branches``. It is a plain attribute, so the ``state_dict`` does not change.
+
     Args:
         in_chs: channels of the main input.
         width: total channels of the four branches (``width // 4`` each).
@@ -83,11 +90,102 @@ class MultiBranchBlock(nn.Module):
         self.connection_chs = tuple(connection_chs)
         self.out_chs = width + sum(self.connection_chs)
         self.bn = nn.BatchNorm2d(self.out_chs)
+        self.merge_branches = False
+
+    def merged_branches(self, x: Tensor) -> Tensor:
+        """The four branches' concatenated outputs, computed with one convolution.
+
+        The conv weight is built from the branch weights at every call (each kernel zero-padded
+        to 7x7, centred), so gradients reach the branch parameters and nothing new is stored. One
+        ``batch_norm`` call then normalises all branch channels with the branch BNs' parameters
+        and statistics (``branch_batch_norm``), and the ReLU follows. Wider convs run closer to
+        the kernels' peak on narrow branches (8 channels each in stage 1 at width 1), at 2.33x the
+        branch FLOPs (``4 * 49 / (1 + 9 + 25 + 49)``); ``docs/benchmarks.md`` says where it pays.
+
+        ``(B, in_chs, H, W) -> (B, width, ceil(H/stride), ceil(W/stride))``, equal to
+        ``torch.cat([branch(x) for branch in self.branches], 1)`` up to float rounding.
+
+        Raises:
+            ValueError: a branch BatchNorm was folded (``fuse_for_inference`` copies run the
+                branches separately) or the branch BNs' settings differ.
+        """
+        convs = [branch.conv for branch in self.branches]
+        bns = [branch.bn for branch in self.branches]
+        if not all(isinstance(bn, nn.BatchNorm2d) for bn in bns):
+            raise ValueError("merged branches need the branch BatchNorms: this block's were folded "
+                             "(fuse_for_inference); set merge_branches = False on the folded copy")
+        y = F.conv2d(x, merged_branch_weight(convs), None, convs[0].stride, max(self.kernel_sizes) // 2)
+        return F.relu(branch_batch_norm(y, bns), inplace=True)
 
     def forward(self, x: Tensor, connections: list[Tensor] | tuple[Tensor, ...] = ()) -> Tensor:
         """Run the branches on ``x`` and join them with ``connections`` (see class docstring)."""
-        out = torch.cat([branch(x) for branch in self.branches] + list(connections), dim=1)
+        branches = [self.merged_branches(x)] if self.merge_branches else [branch(x) for branch in self.branches]
+        out = torch.cat(branches + list(connections), dim=1)
         return self.bn(out)
+
+
+def merged_branch_weight(convs: Sequence[nn.Conv2d]) -> Tensor:
+    """One conv weight from bias-free branch convs with odd kernels: ``(sum C_out, C_in, K, K)``.
+
+    Each kernel is zero-padded (centred) to the largest ``K`` and the kernels are concatenated on
+    the output axis. With padding ``K // 2`` and the branches' common stride, the merged conv
+    computes every branch at once: a centred ``k x k`` kernel with padding ``k // 2`` sees the
+    same input pixels as its zero-padded ``K x K`` copy with padding ``K // 2``.
+    """
+    size = max(c.kernel_size[0] for c in convs)
+    return torch.cat([F.pad(c.weight, [(size - c.kernel_size[0]) // 2] * 4) for c in convs])
+
+
+def branch_batch_norm(y: Tensor, bns: Sequence[nn.BatchNorm2d]) -> Tensor:
+    """``torch.cat([bn(part) for bn, part in zip(bns, y.split(...))], 1)`` in one ``batch_norm`` call.
+
+    Batch normalisation is per channel, so one call over the concatenated channels, given the
+    concatenated affine terms and running statistics, computes what the separate BNs compute. In
+    training mode the updated running statistics are copied back into each BN and every
+    ``num_batches_tracked`` counts the batch, as ``nn.BatchNorm2d.forward`` does (including
+    ``momentum=None``, the cumulative average). Source: ``torch.nn.modules.batchnorm._BatchNorm``.
+
+    Args:
+        y: ``(B, sum(bn.num_features), H, W)``, channels in the order of ``bns``.
+        bns: the branch BNs; they must agree on mode, eps, momentum, affine, running statistics
+            and (for ``momentum=None``) ``num_batches_tracked``.
+
+    Raises:
+        ValueError: the BNs' settings differ (one call cannot apply two of them).
+    """
+    first = bns[0]
+    settings = lambda bn: (bn.training, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    if any(settings(bn) != settings(first) for bn in bns[1:]):
+        raise ValueError(
+            "merged branches run one batch_norm, so the branch BatchNorms must share mode, eps, momentum, "
+            f"affine and track_running_stats; got {[settings(bn) for bn in bns]}: set merge_branches = False "
+            f"to run them separately"
+        )
+    tracking = first.training and first.track_running_stats
+    factor = 0.0 if first.momentum is None else first.momentum
+    if tracking:
+        if first.momentum is None and any(not torch.equal(bn.num_batches_tracked, first.num_batches_tracked) for bn in bns):
+            raise ValueError("momentum=None averages over num_batches_tracked, which differs between the branch "
+                             "BatchNorms: set merge_branches = False to run them separately")
+        for bn in bns:
+            bn.num_batches_tracked.add_(1)
+        if first.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(first.num_batches_tracked)
+    # As _BatchNorm: batch statistics in training, or always when no running statistics are kept.
+    use_batch_stats = first.training or first.running_mean is None
+    has_stats = first.running_mean is not None and (not first.training or first.track_running_stats)
+    mean = torch.cat([bn.running_mean for bn in bns]) if has_stats else None
+    var = torch.cat([bn.running_var for bn in bns]) if has_stats else None
+    weight = torch.cat([bn.weight for bn in bns]) if first.affine else None
+    bias = torch.cat([bn.bias for bn in bns]) if first.affine else None
+    out = F.batch_norm(y, mean, var, weight, bias, use_batch_stats, factor, first.eps)
+    if tracking:  # batch_norm updated the concatenated copies in place: hand each BN its part
+        sizes = [bn.num_features for bn in bns]
+        with torch.no_grad():
+            for bn, m, v in zip(bns, mean.split(sizes), var.split(sizes)):
+                bn.running_mean.copy_(m)
+                bn.running_var.copy_(v)
+    return out
 
 
 class SkipConnector(nn.Module):

@@ -15,6 +15,8 @@ Layout (``width_mult=1``; ``s`` = output stride, widths are output channels)::
 
 Each block runs four parallel conv-BN-ReLU branches (1x1, 3x3, 5x5, 7x7) of ``width/4`` channels
 and concatenates them with its incoming connections, followed by BN (``MultiBranchBlock``).
+``MedNet.set_branch_merge`` can run a stage's branch convs as one conv, an execution option that
+leaves the network and its ``state_dict`` as they are.
 
 Connections (12, see ``CONNECTIONS``): every block receives the output of the block two before it
 (the stem counting as "block 0" for blocks 1 and 2) -- eight short connections -- plus four long
@@ -281,6 +283,47 @@ class MedNet(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes)
 
+    # ----------------------------------------------------------------------------- execution options
+    def set_branch_merge(self, stages: Sequence[int] = (1,)) -> MedNet:
+        """Run the four branch convs of the blocks in ``stages`` as one conv (``()``: none); returns self.
+
+        The same network computed another way (``MultiBranchBlock.merged_branches``): one
+        zero-padded 7x7 conv whose weight is rebuilt from the branch weights at every call, and
+        one ``batch_norm`` that uses and updates each branch BN's statistics exactly as the
+        separate BNs do. Parameters, ``state_dict``, ``model_args`` and checkpoints are unchanged,
+        and so is the setting's absence from them: a loaded model runs its branches separately
+        until this is called again. Outputs and gradients match the separate branches to float
+        rounding (``tests/models/test_branch_merge.py``).
+
+        When it pays: merging costs 2.33x the branch FLOPs and buys wider convs. It helped only on
+        stage 1 (blocks 1-2, whose branches have ``8 * width_mult`` channels on the largest maps),
+        in training at 224 px and in bf16 at 64 px (1.17-1.23x); it was even at 64 px fp32 and
+        slower in the later stages (``docs/benchmarks.md``, "stage 1"). Measure with
+        ``benchmarks/bench_model.py --ablate-only`` on your hardware before turning it on. Off by
+        default; ``fuse_for_inference`` copies run the branches separately.
+
+        Args:
+            stages: 1-based stage numbers (1-4; each stage is two blocks).
+
+        Raises:
+            ValueError: a stage outside 1-4.
+            TypeError: an int instead of a sequence.
+        """
+        num_stages = len(self.blocks) // BLOCKS_PER_STAGE
+        if isinstance(stages, int):
+            raise TypeError(f"stages is a sequence of stage numbers, e.g. ({stages},), got {stages}")
+        stages = tuple(sorted(set(stages)))
+        if any(not isinstance(s, int) or not 1 <= s <= num_stages for s in stages):
+            raise ValueError(f"branch-merge stages are 1..{num_stages} (two blocks each), got {stages}")
+        for b, block in enumerate(self.blocks):
+            block.merge_branches = b // BLOCKS_PER_STAGE + 1 in stages
+        return self
+
+    @property
+    def branch_merge_stages(self) -> tuple[int, ...]:
+        """The stages whose branches run merged (``set_branch_merge``); ``()`` = all separate."""
+        return tuple(sorted({b // BLOCKS_PER_STAGE + 1 for b, block in enumerate(self.blocks) if block.merge_branches}))
+
     # ----------------------------------------------------------------------------- inference path
     def fuse_for_inference(self) -> MedNet:
         """An eval-only copy with every conv-BN pair folded into one conv (same outputs, faster).
@@ -296,7 +339,7 @@ class MedNet(nn.Module):
         Returns:
             A new ``MedNet`` in eval mode with gradients disabled; calling ``.train()`` on it raises.
         """
-        fused = copy.deepcopy(self).eval()
+        fused = copy.deepcopy(self).eval().set_branch_merge(())  # the branch BNs are folded away
         for m in fused.modules():
             if isinstance(m, (ConvBnAct, SkipConnector)):
                 m.fold_bn_()
