@@ -104,6 +104,53 @@ def test_npz_rows_are_bounded(tmp_path: Path) -> None:
     assert images == [] and skip.reason == "extreme_aspect"
 
 
+def _write_zero_npz(path: Path, shape: tuple[int, ...]) -> None:
+    """A MedMNIST-layout .npz whose ``train_images`` are ``shape`` zeros, deflated while streamed
+    (a zip bomb: 17-18 MB declared, 1028 times less on disk; never held in memory here)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        with zf.open("train_images.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            left, chunk = int(np.prod(shape)), bytes(1 << 20)
+            while left:
+                member.write(chunk[: min(left, len(chunk))])
+                left -= min(left, len(chunk))
+        with zf.open("train_labels.npy", "w") as member:
+            np.lib.format.write_array(member, np.zeros((shape[0], 1), np.uint8))
+
+
+# Regression (review finding): the npz reader decompressed every array before checking the row
+# geometry, so a small archive inflated to its declared size before being refused.
+@pytest.mark.parametrize(
+    ("shape", "reason", "says"),
+    [
+        ((1, 16_385, 1_025), "decompression_bomb", "a side of 16385 pixels"),  # a row over the geometry bound
+        ((1_100, 128, 128), "decompression_bomb", "limit 200:1"),  # fine rows, 18 MB declared from 18 kB
+    ],
+)
+def test_npz_bomb_is_refused_from_its_headers_without_inflating(tmp_path: Path, shape, reason, says) -> None:
+    import tracemalloc
+
+    path = tmp_path / "bomb.npz"
+    _write_zero_npz(path, shape)
+    assert path.stat().st_size * 500 < np.prod(shape)  # over 500:1
+    tracemalloc.start()
+    try:
+        images, (skip,) = _skips(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert images == [] and skip.reason == reason and says in skip.message
+    assert peak < 4_000_000  # numpy reports its buffers to tracemalloc: the array was never allocated
+
+
+def test_npz_labels_must_match_the_image_rows(tmp_path: Path) -> None:
+    np.savez(tmp_path / "m.npz", train_images=np.zeros((3, 8, 8), np.uint8), train_labels=np.zeros((2, 1)))
+    images, (skip,) = _skips(tmp_path / "m.npz")
+    assert images == [] and skip.reason == "unsupported_image" and "2 label rows for 3 images" in skip.message
+
+
 def test_predict_passes_over_a_strip_quickly(tmp_path: Path) -> None:
     """predict DIR uses the same readers: the strip becomes one warned skip, the good image a row."""
     from openmednet.serve.predictor import Predictor
