@@ -72,10 +72,10 @@ def to_channels(img: np.ndarray, channels: Literal[1, 3]) -> tuple[np.ndarray, b
 def resize_to_square(
     img: np.ndarray,
     size: int,
-    mode: Literal["pad", "crop"] = "pad",
+    mode: Literal["pad", "crop", "stretch"] = "pad",
     resample: Image.Resampling = Image.Resampling.BILINEAR,
 ) -> np.ndarray:
-    """Resize to ``size x size`` keeping the aspect ratio.
+    """Resize to ``size x size``, keeping the aspect ratio (``pad``, ``crop``) or not (``stretch``).
 
     - ``"pad"``: scale so the *longer* side is ``size``, then centre on a black (0) square. When
       the free space is odd, the extra row/column of padding goes to the bottom/right
@@ -83,6 +83,9 @@ def resize_to_square(
       background of most medical images.
     - ``"crop"``: scale so the *shorter* side is ``size``, then take the centred ``size x size``
       window (top = ``(h - size) // 2``). Loses the borders of elongated images.
+    - ``"stretch"``: scale each side to ``size`` (the aspect ratio changes). Keeps the whole field
+      of view at full scale, so a pixel maps back to the original by the inverse resize alone:
+      what segmentation needs, whose masks must cover every pixel of the image.
 
     The scaled side is ``round(side * scale)`` (at least 1). When no scaling is needed the pixels
     are copied unchanged (exact). Scaling uses Pillow's antialiased filters (``resample``).
@@ -90,7 +93,7 @@ def resize_to_square(
     Args:
         img: ``(H, W)`` or ``(H, W, 3)`` uint8.
         size: output side in pixels (``>= 1``).
-        mode: ``"pad"`` or ``"crop"``.
+        mode: ``"pad"``, ``"crop"`` or ``"stretch"``.
         resample: Pillow resampling filter.
 
     Returns:
@@ -99,11 +102,11 @@ def resize_to_square(
     a = _check_image(img)
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
-    if mode not in ("pad", "crop"):
-        raise ValueError(f"mode must be 'pad' or 'crop', got {mode!r}")
+    if mode not in ("pad", "crop", "stretch"):
+        raise ValueError(f"mode must be 'pad', 'crop' or 'stretch', got {mode!r}")
     h, w = a.shape[:2]
     scale = size / (max(h, w) if mode == "pad" else min(h, w))
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    nh, nw = (size, size) if mode == "stretch" else (max(1, round(h * scale)), max(1, round(w * scale)))
     if (nh, nw) != (h, w):
         a = np.asarray(Image.fromarray(a).resize((nw, nh), resample=resample))
     if mode == "crop":

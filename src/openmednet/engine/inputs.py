@@ -10,7 +10,9 @@ write the steps twice (with a comment saying they must match); both now call thi
       -> to_channels(C)                           gray repeated to RGB, or RGB to BT.601 luma
       -> resize_to_square(S, mode="crop")         shorter side to S (Pillow, antialiased bilinear),
                                                   centred S x S window: what fine-tuning caches
-                                                  per image, for training too (``prepare``)
+                                                  per image, for training too (``prepare``);
+                                                  segmentation: mode="stretch", the whole field of
+                                                  view (``resize``, see eval.segmentation)
       -> uint8 (C, S, S) tensor                   (``to_tensor``)
       -> build_transform(contract, train=False)   float32, (x / 255 - mean) / std (``normalize``)
 
@@ -28,7 +30,7 @@ match training, not the weight set's ImageNet recipe.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,16 +48,21 @@ class EvalInputs:
     Args:
         contract: ``model.pretrained_cfg`` (or a mapping with ``input_size``, ``mean``, ``std``):
             channels ``C = input_size[0]``, side ``S = input_size[-1]`` (square inputs).
+        resize: ``resize_to_square`` mode: ``"crop"`` (classification: shorter side to ``S``,
+            centred window) or ``"stretch"`` (segmentation: both sides to ``S``, nothing cut off,
+            so a prediction maps back onto every pixel of the original).
 
     Raises:
-        ValueError: a non-square ``input_size`` or channels other than 1 or 3.
+        ValueError: a non-square ``input_size``, channels other than 1 or 3, or another ``resize``.
     """
 
-    def __init__(self, contract: Any):
+    def __init__(self, contract: Any, resize: Literal["crop", "stretch"] = "crop"):
         input_size = tuple(contract["input_size"] if isinstance(contract, Mapping) else contract.input_size)
         if len(input_size) != 3 or input_size[1] != input_size[2] or input_size[0] not in (1, 3):
             raise ValueError(f"input_size must be (1 or 3, S, S), got {input_size}")
-        self.channels, self.size = int(input_size[0]), int(input_size[-1])
+        if resize not in ("crop", "stretch"):
+            raise ValueError(f"resize must be 'crop' or 'stretch', got {resize!r}")
+        self.channels, self.size, self.resize = int(input_size[0]), int(input_size[-1]), resize
         self.normalize = build_transform(contract, train=False)
         """uint8 ``(C, S, S)`` tensor -> float32 ``(C, S, S)`` normalised with the contract's mean/std."""
 
@@ -68,7 +75,7 @@ class EvalInputs:
             image: ``uint8`` ``(H, W)`` or ``(H, W, 3)``.
         """
         image, converted = to_channels(image, self.channels)
-        return resize_to_square(image, self.size, mode="crop"), converted
+        return resize_to_square(image, self.size, mode=self.resize), converted
 
     @staticmethod
     def to_tensor(prepared: np.ndarray) -> Tensor:
