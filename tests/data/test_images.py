@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from openmednet.data.images import is_gray_content, resize_to_square, to_channels
 from openmednet.data.readers import read_images
@@ -84,10 +85,18 @@ def test_upscale_crop_constant_stays_constant() -> None:
     np.testing.assert_array_equal(out, np.full((6, 6), 200))
 
 
+def test_stretch_is_one_pillow_resize_of_both_sides() -> None:
+    """Segmentation's mode: the whole image, aspect ratio not kept (2 x 3 -> 6 x 6), no padding."""
+    img = np.arange(6, dtype=np.uint8).reshape(2, 3) * 40
+    expected = np.asarray(Image.fromarray(img).resize((6, 6), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(resize_to_square(img, 6, mode="stretch"), expected)
+    np.testing.assert_array_equal(resize_to_square(img[:, :2], 2, mode="stretch"), img[:, :2])  # no scaling: exact
+
+
 def test_resize_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="expected a uint8 image, got dtype float32"):
         resize_to_square(np.zeros((2, 2), dtype=np.float32), 4)
-    with pytest.raises(ValueError, match="mode must be 'pad' or 'crop'"):
-        resize_to_square(np.zeros((2, 2), dtype=np.uint8), 4, mode="stretch")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mode must be 'pad', 'crop' or 'stretch'"):
+        resize_to_square(np.zeros((2, 2), dtype=np.uint8), 4, mode="fill")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"expected shape \(H, W\) or \(H, W, 3\)"):
         is_gray_content(np.zeros((2, 2, 4), dtype=np.uint8))
