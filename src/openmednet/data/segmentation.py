@@ -25,7 +25,7 @@ strongly on object size), and a few-shot budget ``per_class=N`` takes N images p
 Augmentation (``build_joint_transform``) uses torchvision.transforms.v2 with ``tv_tensors.Image``
 and ``tv_tensors.Mask``: every geometric operation moves image and mask together, the mask with
 nearest-neighbour interpolation (class indices are never blended), photometric ones touch the
-image only.
+image only. Evaluation inputs come from ``engine.inputs.EvalInputs`` (``eval.segmentation``).
 """
 
 from __future__ import annotations
@@ -293,40 +293,33 @@ def build_joint_transform(
     std: Sequence[float],
     size: int,
     *,
-    train: bool,
     hflip: bool = True,
     color: bool = False,
     crop_scale: tuple[float, float] = (0.5, 1.0),
 ) -> Callable[[Any], tuple[Tensor, Tensor]]:
-    """Image + mask pipeline (torchvision.transforms.v2) to ``(float32 (C, S, S), int64 mask)``.
+    """Training image + mask pipeline (torchvision.transforms.v2) to ``(float32 (C, S, S), int64 (S, S))``.
 
     Input: ``(tv_tensors.Image uint8 (C, H, W), tv_tensors.Mask uint8 (H, W))``.
 
-    Training: ``RandomResizedCrop(S, crop_scale)`` and (``hflip``) horizontal flips move image and
-    mask together (v2 resizes ``Mask`` with nearest-neighbour interpolation, so class values are
-    kept exactly), then (``color``) brightness/contrast jitter on the image only. Evaluation: the
-    image is resized to ``S x S`` (the whole field of view, no crop: a centre crop would drop
-    annotated pixels at the border) and the mask is returned at its stored resolution (scores
-    are computed there, see ``openmednet.eval.segmentation``). Both end with ``x / 255`` and
-    ``(x - mean) / std`` on the image.
+    ``RandomResizedCrop(S, crop_scale)`` and (``hflip``) horizontal flips move image and mask
+    together (v2 resizes ``Mask`` with nearest-neighbour interpolation, so class values are kept
+    exactly), then (``color``) brightness/contrast jitter on the image only, ``x / 255`` and
+    ``(x - mean) / std``. Evaluation inputs are not made here but by the one evaluation pipeline
+    (``openmednet.engine.inputs.EvalInputs``, see ``openmednet.eval.segmentation``), which the
+    ``data`` layer cannot import.
     """
     from torchvision.transforms import v2
 
-    ops: list[Any] = []
-    if train:
-        ops.append(v2.RandomResizedCrop((size, size), scale=crop_scale, antialias=True))
-        if hflip:
-            ops.append(v2.RandomHorizontalFlip())
-        if color:
-            ops.append(v2.ColorJitter(brightness=0.2, contrast=0.2))
+    ops: list[Any] = [v2.RandomResizedCrop((size, size), scale=crop_scale, antialias=True)]
+    if hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    if color:
+        ops.append(v2.ColorJitter(brightness=0.2, contrast=0.2))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     pipeline = v2.Compose(ops)
-    resize = None if train else v2.Resize((size, size), antialias=True)
 
     def apply(pair: Any) -> tuple[Tensor, Tensor]:
         image, mask = pair
-        if resize is not None:
-            image = resize(image)  # the mask keeps its resolution
         image, mask = pipeline(image, mask)
         return image.as_subclass(Tensor), mask.as_subclass(Tensor).long()
 
@@ -339,7 +332,7 @@ class SegmentationDataset(Dataset):
     Args:
         images: ``N`` uint8 ``(H, W)`` or ``(H, W, 3)`` arrays, already with the model's channels.
         masks: ``N`` uint8 ``(H, W)`` class-index masks.
-        transform: ``build_joint_transform(...)``.
+        transform: ``build_joint_transform(...)`` or any callable on ``(tv_tensors.Image, tv_tensors.Mask)``.
 
     Items are ``(image float32 (C, S, S), mask int64)``; with ``build_loader`` each position's
     augmentation is seeded from ``(seed, epoch, position)``, as for ``LabelledDataset``.

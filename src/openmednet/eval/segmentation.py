@@ -24,8 +24,12 @@ whose weights load offline (``efficientnet_lite0``); init strings are parsed by 
 and the new decoder and 1x1 output convolution ``head.*``, so the head gets
 ``head_lr_mult`` x the learning rate as a classifier's new head does.
 
-Scores are computed at each test image's stored resolution (the logits are bilinearly upsampled
-to the mask's size before the argmax), not at the network's input size:
+Evaluation inputs come from the one evaluation pipeline, ``engine.inputs.EvalInputs``, with
+``resize="stretch"`` (``EVAL_RESIZE``: the whole image to ``S x S``, nothing cut off), the
+pipeline ``openmednet predict`` and the web service apply to a segmentation model's inputs
+(``serve.segmenter``). Scores are computed at each test image's stored resolution (the logits
+are bilinearly upsampled to the mask's size before the argmax, ``upsample_logits``), not at the
+network's input size:
 
 - ``dice[k] = 2 TP / (2 TP + FP + FN)`` and ``iou[k] = TP / (TP + FP + FN)`` with the pixel counts
   summed over all test images (dataset-level: an image without class ``k`` contributes its false
@@ -43,8 +47,9 @@ Outputs in ``cfg.out``: ``config.yaml``, ``splits.csv``, ``history.json`` (as cl
 ``val_dice``), ``per_image.csv`` (per test image and class: TP, FP, FN, Dice; metrics.json is
 recomputable from it), ``predictions/`` (the predicted masks as PNGs, class index = pixel value),
 ``metrics.json``, ``plots/learning_curves.png``, ``plots/overlays.png`` (ground truth vs
-prediction on a few test images) and ``model/`` (``model.safetensors`` + ``model_card.json``,
-``load_segmentation_model``).
+prediction on a few test images, ``mask_overlay``) and ``model/`` (``model.safetensors`` +
+``model_card.json`` with ``"task": "segmentation"``, the run's input size and classes;
+``load_segmentation_model``, ``is_segmentation_model``).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ from openmednet.data.segmentation import (
     load_segmentation,
 )
 from openmednet.engine.distributed import DistEnv
+from openmednet.engine.inputs import EvalInputs
 from openmednet.engine.precision import resolve_precision
 from openmednet.engine.trainer import LossOutput
 from openmednet.eval import report
@@ -84,11 +90,15 @@ __all__ = [
     "DiceCELoss",
     "SegmentationNet",
     "build_segmentation_model",
+    "is_segmentation_model",
     "load_segmentation_model",
+    "mask_overlay",
     "pixel_stats",
     "run_segmentation",
+    "segmentation_inputs",
     "segmentation_metrics",
     "segmentation_scores",
+    "upsample_logits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,6 +112,13 @@ DECODER_CHANNELS = (128, 64, 32, 16, 16)
 SIZE_MULTIPLE = 32
 #: Test images shown in ``plots/overlays.png``.
 N_OVERLAYS = 6
+#: ``EvalInputs`` resize of evaluation and prediction inputs: the whole field of view (a centre
+#: crop would leave border pixels without a prediction).
+EVAL_RESIZE = "stretch"
+#: ``model_card.json["task"]`` of a saved segmentation model.
+TASK = "segmentation"
+#: Class colours (RGB) of prediction overlays, by class index - 1 (background is not drawn).
+CLASS_COLOURS = ((255, 0, 0), (0, 120, 255), (255, 200, 0), (255, 0, 255), (0, 220, 220), (255, 128, 0))
 # model_args that shape a classifier's head, not its feature maps.
 _HEAD_ARGS = ("num_classes", "pretrained", "in_chans", "drop_rate", "head_hidden_size", "global_pool")
 
@@ -120,6 +137,9 @@ class SegmentationNet(nn.Module):
     Shapes:
         ``(B, C, H, W)`` float, ``H`` and ``W`` multiples of 32 -> logits ``(B, K, H, W)``.
     """
+
+    #: What ``serve.predictor.load_predictor`` dispatches on (a classifier has no ``task``).
+    task = TASK
 
     def __init__(self, unet: nn.Module, pretrained_cfg: Any, card: dict[str, Any]):
         super().__init__()
@@ -186,28 +206,83 @@ def build_segmentation_model(init: str, num_classes: int, data_channels: int, ar
 
 
 def save_segmentation_model(model: SegmentationNet, out: Path, **card: Any) -> None:
-    """``out/model.safetensors`` and ``out/model_card.json`` (the rebuild card plus ``card``)."""
+    """``out/model.safetensors`` and ``out/model_card.json`` (the rebuild card plus ``card``).
+
+    The card names the task (``"task": "segmentation"``, how ``openmednet predict``, ``serve`` and
+    ``export`` tell a segmenter from a classifier) and the input contract: ``input_size`` (the
+    run's), ``mean``/``std``, ``intensity`` and ``resize`` (``EvalInputs`` mode).
+    """
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     cfg = model.pretrained_cfg
-    full = {**model.card, "input_size": list(cfg.input_size), "mean": list(cfg.mean), "std": list(cfg.std), **card}
+    full = {"task": TASK, **model.card, "input_size": list(cfg.input_size), "mean": list(cfg.mean),
+            "std": list(cfg.std), "intensity": "uint8/255", "resize": EVAL_RESIZE, **card}
     atomic_write_text(out / "model_card.json", json.dumps(full, indent=1) + "\n")
 
 
+def _read_card(folder: Path) -> dict[str, Any] | None:
+    """The segmentation card in ``folder``, or ``None`` when ``folder`` holds no such card."""
+    path = folder / "model_card.json"
+    if not path.is_file():
+        return None
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(card, dict):
+        return None
+    # Cards written before "task" existed are recognised by their U-Net rebuild fields.
+    return card if card.get("task") == TASK or {"encoder", "decoder_channels"} <= card.keys() else None
+
+
+def is_segmentation_model(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a model saved by ``save_segmentation_model`` (its card says so)."""
+    return Path(folder).is_dir() and _read_card(Path(folder)) is not None
+
+
 def load_segmentation_model(folder: str | Path) -> SegmentationNet:
-    """Rebuild a fine-tuned ``SegmentationNet`` from ``save_segmentation_model``'s folder (offline)."""
+    """Rebuild a fine-tuned ``SegmentationNet`` from ``save_segmentation_model``'s folder (offline).
+
+    ``model.card`` is the saved card (``class_names``...), ``model.pretrained_cfg`` its input contract.
+
+    Raises:
+        FileNotFoundError: ``folder`` holds no segmentation model card or no weights.
+        ValueError: the weights do not fit the card.
+    """
     from safetensors.torch import load_file
 
     from openmednet.models import PretrainedCfg
 
     folder = Path(folder)
-    card = json.loads((folder / "model_card.json").read_text())
-    cfg = PretrainedCfg(input_size=tuple(card["input_size"]), mean=tuple(card["mean"]), std=tuple(card["std"]))
+    card = _read_card(folder) if folder.is_dir() else None
+    if card is None:
+        raise FileNotFoundError(f"{folder} holds no segmentation model (model_card.json with \"task\": \"{TASK}\", "
+                                f"written by `openmednet finetune --task segmentation --out RUN` as RUN/model)")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: the segmentation model card has no weights next to it")
+    names = tuple(card.get("class_names") or (f"class_{k}" for k in range(card["num_classes"])))
+    cfg = PretrainedCfg(input_size=tuple(card["input_size"]), mean=tuple(card["mean"]), std=tuple(card["std"]),
+                        label_names=names)
     model = SegmentationNet(_unet(card), cfg, card)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{weights} does not fit its model card ({str(e).splitlines()[0]})") from None
     return model.eval()
+
+
+def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """Logits ``(B, K, h, w)`` resized to an image's size ``(H, W)``: ``(B, K, H, W)`` float32.
+
+    Bilinear on the logits (``align_corners=False``), then the caller takes the argmax: class
+    boundaries fall between the network's pixels instead of following the blocky grid that a
+    nearest-neighbour resize of the argmax gives. Fine-tuning's scores and ``openmednet predict``
+    both map predictions back to the image this way.
+    """
+    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
 
 
 # ------------------------------------------------------------------------------------ loss, metrics
@@ -316,7 +391,7 @@ def predict_masks(model: nn.Module, loader: DataLoader, device: torch.device, nu
     for x, masks in loader:
         logits = model(x.to(device)).float()
         for i, mask in enumerate(masks):
-            up = F.interpolate(logits[i:i + 1], size=tuple(mask.shape), mode="bilinear", align_corners=False)
+            up = upsample_logits(logits[i:i + 1], tuple(mask.shape))
             pred = up.argmax(1)[0].cpu()
             if loss_fn is not None:
                 losses.append(float(loss_fn(up, mask[None].to(device))))
@@ -354,21 +429,42 @@ def _write_predictions(out: Path, ids: list[str], preds: list[np.ndarray]) -> No
         Image.fromarray(pred).save(path)
 
 
+def mask_overlay(image: np.ndarray, mask: np.ndarray, colours: Sequence[tuple[int, int, int]] = CLASS_COLOURS,
+                 alpha: float = 0.45) -> np.ndarray:
+    """The image with each foreground class blended in its colour: uint8 ``(H, W, 3)``.
+
+    Args:
+        image: uint8 ``(H, W)`` or ``(H, W, 3)``.
+        mask: ``(H, W)`` class indices, the image's size; 0 (background) is left as is.
+        colours: RGB per class ``1, 2, ...`` (cycled when there are more classes).
+        alpha: weight of the class colour.
+
+    Raises:
+        ValueError: the mask's size differs from the image's.
+    """
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"mask {mask.shape} and image {image.shape[:2]} differ in size")
+    rgb = (image if image.ndim == 3 else np.stack([image] * 3, -1)).astype(np.float32)
+    for k in np.unique(mask[mask > 0]).tolist():
+        where = mask == k
+        rgb[where] = (1 - alpha) * rgb[where] + alpha * np.asarray(colours[(k - 1) % len(colours)], np.float32)
+    return np.round(rgb).astype(np.uint8)
+
+
 def plot_overlays(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], preds: Sequence[np.ndarray],
                   titles: Sequence[str], path: Path) -> Path:
-    """One row per image: the image, ground truth (green) and prediction (red) over it."""
-    from matplotlib.colors import ListedColormap
+    """One row per image: the image, ground truth (green) and prediction (class colours) over it
+    (``mask_overlay``, the overlay ``openmednet predict`` writes)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 2.5 * len(images)))
     axes = np.asarray(fig.subplots(len(images), 3, squeeze=False))
     for row, (img, mask, pred, title) in enumerate(zip(images, masks, preds, titles)):
-        shown = img if img.ndim == 3 else np.stack([img] * 3, -1)
-        for col, (layer, colour, name) in enumerate(((None, None, "image"), (mask, "lime", "ground truth"), (pred, "red", "prediction"))):
+        layers = (img if img.ndim == 3 else np.stack([img] * 3, -1), mask_overlay(img, mask, [(0, 255, 0)]),
+                  mask_overlay(img, pred))
+        for col, (shown, name) in enumerate(zip(layers, ("image", "ground truth", "prediction"))):
             ax = axes[row, col]
-            ax.imshow(shown)
-            if layer is not None:
-                ax.imshow(np.ma.masked_equal(layer, 0), cmap=ListedColormap([colour]), alpha=0.45, interpolation="nearest")
+            ax.imshow(shown, interpolation="nearest")
             ax.set_title(f"{name}" + (f"\n{title}" if col == 0 else ""), fontsize=8)
             ax.axis("off")
     fig.tight_layout()
@@ -395,17 +491,41 @@ def _check_config(cfg: Any) -> None:
         raise ValueError(f"task segmentation has no semi-supervised mode yet, got semi '{cfg.semi}'")
 
 
+def segmentation_inputs(contract: Any) -> EvalInputs:
+    """The evaluation and prediction input pipeline of a segmentation model's contract.
+
+    ``EvalInputs`` with ``resize=EVAL_RESIZE``: fine-tuning's validation and test images and
+    ``openmednet predict`` / ``serve`` (``serve.segmenter``) all go through this one object.
+    """
+    return EvalInputs(contract, resize=EVAL_RESIZE)
+
+
+def _eval_pair(inputs: EvalInputs) -> Any:
+    """``(prepared uint8 image, mask)`` -> ``(EvalInputs.normalize(image), int64 mask)`` (mask as stored)."""
+    def apply(pair: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        image, mask = pair
+        return inputs.normalize(image.as_subclass(Tensor)), mask.as_subclass(Tensor).long()
+
+    return apply
+
+
 def _make_loaders(cfg: Any, target: SegmentationSet, idx: dict[str, np.ndarray], model: SegmentationNet,
                   channels: int, size: int) -> dict[str, DataLoader]:
-    """Augmented train loader (joint transform, seeded per position) and val/test loaders."""
+    """Augmented train loader (joint transform, seeded per position) and val/test loaders.
+
+    Validation and test images are prepared once by ``segmentation_inputs`` (as ``openmednet
+    predict`` prepares a file) and keep their masks at the stored resolution.
+    """
     from openmednet.eval.finetune import split_loader
 
-    mean, std = model.pretrained_cfg.mean, model.pretrained_cfg.std
+    inputs = segmentation_inputs(model.pretrained_cfg)  # the run's contract (run_segmentation)
+    augment = build_joint_transform(model.pretrained_cfg.mean, model.pretrained_cfg.std, size, hflip=cfg.hflip,
+                                    color=channels == 3 and target.channels == 3)
     loaders = {}
     for name, train in (("train", True), ("val", False), ("test", False)):
-        transform = build_joint_transform(mean, std, size, train=train, hflip=cfg.hflip, color=channels == 3 and target.channels == 3)
-        ds = SegmentationDataset([to_channels(target.images[i], channels)[0] for i in idx[name]],
-                                 [target.masks[i] for i in idx[name]], transform)
+        images = [to_channels(target.images[i], channels)[0] if train else inputs.prepare(target.images[i])[0]
+                  for i in idx[name]]
+        ds = SegmentationDataset(images, [target.masks[i] for i in idx[name]], augment if train else _eval_pair(inputs))
         loaders[name] = split_loader(ds, cfg, train, **({} if train else {"collate_fn": collate_eval}))
     return loaders
 
@@ -428,6 +548,7 @@ def run_segmentation(cfg: Any, target: SegmentationSet | None = None) -> Any:
         check_input_contract,
         prepare_for_transfer,
         prepare_splits,
+        run_contract,
         training_device,
     )
 
@@ -453,6 +574,8 @@ def run_segmentation(cfg: Any, target: SegmentationSet | None = None) -> Any:
     if size % SIZE_MULTIPLE:
         raise ValueError(f"image_size {size} is not a multiple of {SIZE_MULTIPLE} (the U-Net halves it 5 times): use e.g. "
                          f"{max(SIZE_MULTIPLE, round(size / SIZE_MULTIPLE) * SIZE_MULTIPLE)}")
+    # The run's contract, which the saved card records: the card used to keep the init's size.
+    model.pretrained_cfg = run_contract(model, channels, size)
     info.update(prepare_for_transfer(model), input_size=[channels, size, size],
                 mean=list(model.pretrained_cfg.mean), std=list(model.pretrained_cfg.std))
     dist = DistEnv(device=training_device(cfg))
