@@ -69,3 +69,22 @@ def _seg_subset(shared: Path, dst: Path, name: str = "gray/lgg_flair", patients:
 def seg_subset(shared_data):
     """``seg_subset(dst, name="gray/lgg_flair", patients=4, ...)``: a masks.csv folder of real pairs."""
     return lambda dst, *args, **kwargs: _seg_subset(shared_data, dst, *args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def seg_model_dir(tmp_path_factory) -> Path:
+    """A fine-tuning run folder as `finetune --task segmentation` leaves it (``RUN/model``: weights +
+    card), holding an untrained 2-class U-Net on ``scratch:mednet_test`` at 32 px (seed 0): the
+    serving and export tests need the format, not a trained network."""
+    from openmednet.eval.finetune import run_contract
+    from openmednet.eval.segmentation import (
+        build_segmentation_model,
+        save_segmentation_model,
+    )
+
+    torch.manual_seed(0)
+    model, _ = build_segmentation_model("scratch:mednet_test", 2, 1)
+    model.pretrained_cfg = run_contract(model, 1, 32)
+    run = tmp_path_factory.mktemp("seg_run")
+    save_segmentation_model(model.eval(), run / "model", class_names=["background", "flair_abnormality"])
+    return run

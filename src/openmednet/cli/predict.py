@@ -1,6 +1,8 @@
-"""``openmednet predict``: class probabilities (and Grad-CAM overlays) for image files and folders.
+"""``openmednet predict``: class probabilities (and Grad-CAM overlays) for image files and folders,
+or, for a segmentation model (recognised from its saved card), one mask and one overlay PNG per
+image plus a CSV of per-class pixel fractions (``serve.segmenter``).
 
-Exit codes: 0 every input file was predicted; 3 some files could not be read and were skipped
+Exit codes (both tasks): 0 every input file was predicted; 3 some files could not be read and were skipped
 (the others are predicted and written, the skipped ones are listed as warnings); 2 an error
 (nothing readable, bad model...). Files in a folder that no reader handles (``labels.csv``) are
 passed over, not skipped.
@@ -12,6 +14,7 @@ import logging
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from openmednet.serve.predictor import Prediction
+    from openmednet.serve.segmenter import Segmenter
 
 #: Rows of the printed table; the CSV (--out) has them all.
 TABLE_ROWS = 50
@@ -36,11 +40,15 @@ def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict_cmd(
         model: str = typer.Argument(
-            ..., help="A fine-tuned model folder, e.g. runs/busi/model (written by `openmednet finetune --out "
-            "runs/busi`), or a registered weight set with a classifier head."
+            ..., help="A fine-tuned run or its model folder, e.g. runs/busi or runs/busi/model (written by "
+            "`openmednet finetune --out runs/busi`, classification or segmentation), or a registered weight "
+            "set with a classifier head."
         ),
         inputs: list[Path] = typer.Argument(..., help="Image files (PNG/JPEG/TIFF), DICOM, NIfTI or folders."),
-        out: Path | None = typer.Option(None, "--out", help="Write predictions to this CSV file."),
+        out: Path | None = typer.Option(
+            None, "--out", help="Classifier: write predictions to this CSV file. Segmentation model (required): "
+            "a folder for masks/, overlays/ and predictions.csv."
+        ),
         cam: Path | None = typer.Option(None, "--cam", help="Write Grad-CAM overlays (PNG) to this folder."),
         batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
         cam_layer: str | None = typer.Option(
@@ -53,6 +61,11 @@ def register(app: typer.Typer) -> None:
 
         openmednet predict runs/busi/model scans/ --out preds.csv
 
+        A segmentation run writes OUT/masks/*_mask.png (class index per pixel, the image's size),
+        OUT/overlays/*_overlay.png and OUT/predictions.csv:
+
+        openmednet predict runs/lgg scans/ --out lgg_masks/
+
         Exit codes: 0 all files predicted; 3 some files unreadable and skipped (the rest predicted); 2 error.
         """
         # Predictions stream: each batch's overlays are written as it is produced and its images
@@ -60,28 +73,20 @@ def register(app: typer.Typer) -> None:
         # TABLE_ROWS rows.
         from rich.console import Console
 
-        from openmednet.serve.predictor import Predictor, SkippedFileWarning, predictions_csv
+        from openmednet.serve.predictor import load_predictor, predictions_csv
 
-        predictor = Predictor.from_spec(model, cam_layer=cam_layer)
+        predictor = load_predictor(model, cam_layer=cam_layer)
+        if predictor.task == "segmentation":
+            _segment(predictor, inputs, out, cam, batch_size)
+            return
         shown: list[Prediction] = []  # the first TABLE_ROWS predictions, for the printed table
-        warned: Counter[str] = Counter()  # conversions and skipped files: counted, not stored
-        skipped: list[str] = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-
-            def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
-                warned.update([str(message)])
-                if issubclass(category, SkippedFileWarning):
-                    skipped.append(str(message))
-
-            warnings.showwarning = show
+        with _collect_warnings() as skipped:
             stream = _stream(predictor.predict_path(inputs, cam=cam is not None, batch_size=batch_size), cam, shown)
             # Consumed one prediction at a time: overlays are written and images dropped as they come.
             if out is not None:
                 text, count = predictions_csv(stream, predictor.label_names)
             else:
                 count = sum(1 for _ in stream)
-        _log_warnings(warned)
         if not count:
             raise ValueError(f"no readable image in {', '.join(map(str, inputs))}")
         if out is not None:
@@ -91,10 +96,68 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"first {len(shown)} of {count} predictions shown" + ("" if out else "; pass --out FILE for all"))
         if out is not None:
             typer.echo(f"{count} predictions written to {out}" + (f", overlays in {cam}" if cam else ""))
-        if skipped:
-            typer.secho(f"{len(skipped)} input file(s) skipped as unreadable (see the warnings); "
-                        f"exit code {EXIT_SKIPPED}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(EXIT_SKIPPED)
+        _exit_if_skipped(skipped)
+
+
+def _segment(segmenter: Segmenter, inputs: list[Path], out: Path | None, cam: Path | None, batch_size: int) -> None:
+    """``predict`` for a segmentation model: masks, overlays and CSV in ``out`` (module docstring)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from openmednet.serve.segmenter import rows_csv, write_segmentation
+
+    if out is None or out.suffix.lower() == ".csv":
+        raise ValueError(f"'{segmenter.card()['architecture']}' is a segmentation model: pass --out DIR, a folder for "
+                         "masks/, overlays/ and predictions.csv" + (f" (got {out})" if out else ""))
+    if cam is not None:
+        raise ValueError("--cam is for classifiers: a segmentation model's overlays are written to OUT/overlays")
+    names = segmenter.label_names
+    table = Table("source", "frame", "size", *names, "notes")
+    with _collect_warnings() as skipped:
+        def rows() -> Iterator[list[str]]:
+            for p, row in write_segmentation(segmenter.predict_path(inputs, batch_size=batch_size), out, names):
+                if table.row_count < TABLE_ROWS:
+                    table.add_row(Path(p.source).name, str(p.frame), "x".join(map(str, p.mask.shape[::-1])),
+                                  *(f"{p.fractions[n]:.3f}" for n in names), "; ".join(p.notes))
+                yield row
+
+        text, count = rows_csv(rows(), names)
+    if not count:
+        raise ValueError(f"no readable image in {', '.join(map(str, inputs))}")
+    atomic_write_text(out / "predictions.csv", text)
+    Console().print(table)
+    typer.echo(f"{count} masks (uint8, class index per pixel; fractions shown) in {out / 'masks'}, overlays in "
+               f"{out / 'overlays'}, table {out / 'predictions.csv'}")
+    _exit_if_skipped(skipped)
+
+
+@contextmanager
+def _collect_warnings() -> Iterator[list[str]]:
+    """Count warnings (logged once each on exit) and collect the skipped-file ones (yielded list)."""
+    from openmednet.serve.predictor import SkippedFileWarning
+
+    warned: Counter[str] = Counter()  # conversions and skipped files: counted, not stored
+    skipped: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+
+        def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+            warned.update([str(message)])
+            if issubclass(category, SkippedFileWarning):
+                skipped.append(str(message))
+
+        warnings.showwarning = show
+        try:
+            yield skipped
+        finally:
+            _log_warnings(warned)
+
+
+def _exit_if_skipped(skipped: list[str]) -> None:
+    if skipped:
+        typer.secho(f"{len(skipped)} input file(s) skipped as unreadable (see the warnings); "
+                    f"exit code {EXIT_SKIPPED}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_SKIPPED)
 
 
 def _stream(predictions: Iterable[Prediction], cam_dir: Path | None, shown: list[Prediction]) -> Iterator[Prediction]:

@@ -11,8 +11,9 @@ def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve_cmd(
         model: str = typer.Argument(
-            ..., help="A fine-tuned model folder, e.g. runs/busi/model (written by `openmednet finetune --out "
-            "runs/busi`), or a registered weight set with a classifier head."
+            ..., help="A fine-tuned run or its model folder, e.g. runs/busi or runs/busi/model (written by "
+            "`openmednet finetune --out runs/busi`, classification or segmentation), or a registered weight "
+            "set with a classifier head."
         ),
         host: str = typer.Option("127.0.0.1", help="Interface to bind; anything but loopback exposes the service."),
         port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
@@ -29,7 +30,7 @@ def register(app: typer.Typer) -> None:
             None, help="Grad-CAM layer, e.g. blocks.5 (default: deepest stage with a map of at least 7x7)."
         ),
     ) -> None:
-        """Serve a drag-and-drop page with predictions and Grad-CAM overlays, plus /api/predict.
+        """Serve a drag-and-drop page with predictions and Grad-CAM (or mask) overlays, plus /api/predict.
 
         Example, after `openmednet finetune --data DIR --out runs/busi`: openmednet serve runs/busi/model
         """
@@ -38,12 +39,12 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         from openmednet.serve.app import create_app
-        from openmednet.serve.predictor import Predictor
+        from openmednet.serve.predictor import load_predictor
 
         if host not in ("127.0.0.1", "localhost", "::1"):
             logging.getLogger(__name__).warning(
                 "binding %s: anyone who can reach this machine can upload images; there is no authentication", host)
-        predictor = Predictor.from_spec(model, cam_layer=cam_layer)
+        predictor = load_predictor(model, cam_layer=cam_layer)
         application = create_app(predictor, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                                  max_pixels=max_pixels, max_frames=max_frames, max_concurrent=workers,
                                  max_voxels=max_voxels, max_queue=max_queue, body_timeout=body_timeout)

@@ -1,8 +1,9 @@
 """Export a model to ONNX (dynamic batch) and check it against PyTorch with onnxruntime.
 
 The ONNX graph takes ``input`` ``(batch, C, H, W)`` float32, already normalised as the model card
-says, and returns ``logits`` ``(batch, num_classes)`` (no softmax, as in PyTorch). Only the batch
-axis is dynamic: the image size is fixed to the card's ``input_size`` so tools that need static
+says, and returns ``logits`` ``(batch, num_classes)`` (no softmax, as in PyTorch); a segmentation
+U-Net (``eval.segmentation.SegmentationNet``) returns ``logits`` ``(batch, num_classes, H, W)``,
+whose argmax over classes is the mask at the input size. Only the batch axis is dynamic: the image size is fixed to the card's ``input_size`` so tools that need static
 spatial shapes (MATLAB's ``importNetworkFromONNX``, TensorRT) import it as is.
 
 Two exporters (``torch.onnx.export``):
@@ -104,8 +105,10 @@ def _check_opset(data: bytes, opset: int, exporter: str) -> None:
 
 
 def check_onnx(model: nn.Module, onnx_model: str | Path | bytes, input_size: tuple[int, int, int] | None = None,
-               batch_sizes: tuple[int, ...] = (1, 3), atol: float = 1e-4, seed: int = 0) -> float:
-    """Compare onnxruntime's outputs with PyTorch's on random inputs of several batch sizes.
+               batch_sizes: tuple[int, ...] = (1, 3), atol: float = 1e-4, seed: int = 0,
+               inputs: torch.Tensor | None = None) -> float:
+    """Compare onnxruntime's outputs with PyTorch's on random inputs of several batch sizes
+    (and on ``inputs``: real images prepared by the model's input pipeline).
 
     Args:
         model: the PyTorch model (eval mode is set).
@@ -114,6 +117,8 @@ def check_onnx(model: nn.Module, onnx_model: str | Path | bytes, input_size: tup
         batch_sizes: batch sizes to run (two different ones prove the batch axis is dynamic).
         atol: largest allowed absolute difference of logits.
         seed: seed of the random inputs (standard normal, i.e. the normalised input range).
+        inputs: ``(B, C, H, W)`` model inputs compared as well, e.g. real images through
+            ``EvalInputs``: random noise is not what the network sees in use.
 
     Returns:
         The largest absolute difference seen.
@@ -131,8 +136,12 @@ def check_onnx(model: nn.Module, onnx_model: str | Path | bytes, input_size: tup
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
     model.eval()
-    for b in batch_sizes:
-        x = torch.randn(b, c, h, w, generator=generator)
+    batches = [torch.randn(b, c, h, w, generator=generator) for b in batch_sizes]
+    if inputs is not None:
+        if tuple(inputs.shape[1:]) != (c, h, w):
+            raise ValueError(f"check inputs of shape {tuple(inputs.shape)} do not fit the model's (B, {c}, {h}, {w})")
+        batches.append(inputs.float())
+    for x in batches:
         with torch.no_grad():
             expected = model(x).numpy()
         (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
@@ -152,11 +161,12 @@ def export_onnx(
     exporter: str | None = None,
     check: bool = True,
     atol: float = 1e-4,
+    check_inputs: torch.Tensor | None = None,
 ) -> Path:
     """Export ``model`` to an ONNX file with a dynamic batch axis.
 
     Args:
-        model: a classifier; exported in eval mode (its mode is restored afterwards).
+        model: a classifier or segmentation U-Net; exported in eval mode (its mode is restored afterwards).
         path: output ``.onnx`` file, written atomically.
         input_size: ``(C, H, W)``; default ``model.pretrained_cfg.input_size``.
         opset: ONNX opset version; the file is guaranteed to have it (else ``ValueError``).
@@ -164,6 +174,7 @@ def export_onnx(
             and ``opset >= 18``, else torchscript (see the module docstring).
         check: run :func:`check_onnx` (onnxruntime vs PyTorch within ``atol``) before writing.
         atol: tolerance of the check.
+        check_inputs: ``(B, C, H, W)`` real model inputs the check compares too (``check_onnx(inputs=)``).
 
     Returns:
         ``path``.
@@ -188,7 +199,7 @@ def export_onnx(
         data = _export_bytes(model, torch.zeros(2, c, h, w), opset, exporter)
         _check_opset(data, opset, exporter)
         if check:  # before writing, so a failed check leaves no file behind
-            worst = check_onnx(model, data, (c, h, w), atol=atol)
+            worst = check_onnx(model, data, (c, h, w), atol=atol, inputs=check_inputs)
             logger.info("ONNX check passed: max |onnxruntime - torch| = %.2e (atol %g)", worst, atol)
         atomic_write_bytes(path, data)
     finally:

@@ -1,4 +1,4 @@
-"""The web service: a drop-an-image page and a JSON API over a :class:`Predictor`.
+"""The web service: a drop-an-image page and a JSON API over a :class:`Predictor` or a ``Segmenter``.
 
 Routes:
     ``GET /``             the page (``serve/static``: plain HTML + JS, no CDN, works offline).
@@ -8,6 +8,10 @@ Routes:
                           true). Returns ``{"filename", "model", "label_names", "results": [{"frame",
                           "label", "probabilities", "notes", "overlay_png"}]}``, where ``overlay_png``
                           is the base64 PNG of the Grad-CAM over the model's view of the image.
+                          For a segmentation model (``serve.segmenter``) each result has
+                          ``{"frame", "size", "fractions", "notes", "mask_png", "overlay_png"}``:
+                          per-class pixel fractions, the mask (base64 PNG, class index per pixel,
+                          the image's size) and, with ``cam``, the classes coloured over the image.
     ``GET /openapi.json`` the API schema. There is no ``/docs`` or ``/redoc``: FastAPI's pages load
                           Swagger UI / ReDoc from a CDN, so offline (where this service is meant to
                           run) they were blank pages.
@@ -36,7 +40,7 @@ import asyncio
 import base64
 import logging
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -45,6 +49,9 @@ from starlette.concurrency import run_in_threadpool
 
 from openmednet.data.readers import NoReaderError, SkipImage
 from openmednet.serve.predictor import Predictor, TooManyImagesError
+
+if TYPE_CHECKING:
+    from openmednet.serve.segmenter import Segmenter
 
 __all__ = [
     "DEFAULT_BODY_TIMEOUT", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_QUEUE", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_VOXELS",
@@ -79,7 +86,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def create_app(
-    predictor: Predictor,
+    predictor: Predictor | Segmenter,
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -92,7 +99,7 @@ def create_app(
     """Build the FastAPI application around ``predictor``.
 
     Args:
-        predictor: the model and its input contract.
+        predictor: the model and its input contract (``serve.predictor.load_predictor``).
         max_upload_bytes: largest accepted file.
         max_pixels: largest accepted image (width x height).
         max_frames: most images (frames, slices) accepted from one file.
@@ -146,6 +153,7 @@ def create_app(
         return {"status": "ok"}
 
     card = predictor.card()  # fixed for the app's life; computed once
+    task = getattr(predictor, "task", "classification")  # duck-typed predictors are classifiers
 
     @app.get("/api/model")
     async def model_card() -> dict[str, Any]:
@@ -154,7 +162,8 @@ def create_app(
 
     @app.post("/api/predict")
     async def predict(file: UploadFile = File(...), cam: bool = Query(True)) -> dict[str, Any]:
-        """Class probabilities (and Grad-CAM overlays) for every image in the uploaded file."""
+        """Class probabilities (and Grad-CAM overlays), or masks with pixel fractions (and mask
+        overlays) for a segmentation model, for every image in the uploaded file."""
         data = await file.read(max_upload_bytes + 1)
         name = file.filename or "upload"
         if len(data) > max_upload_bytes:
@@ -167,7 +176,7 @@ def create_app(
                 _predict, predictor, data, name, cam, max_pixels=max_pixels, max_frames=max_frames,
                 max_voxels=max_voxels,
             )
-        return {"filename": name, "model": card["architecture"],
+        return {"filename": name, "model": card["architecture"], "task": task,
                 "label_names": list(predictor.label_names), "results": results}
 
     app.mount("/static", StaticFiles(directory=_static_dir()), name="static")
@@ -265,10 +274,14 @@ class _Slots:
         self._semaphore.release()
 
 
-def _predict(predictor: Predictor, data: bytes, name: str, cam: bool, **limits: int) -> list[dict[str, Any]]:
+def _predict(predictor: Predictor | Segmenter, data: bytes, name: str, cam: bool, **limits: int) -> list[dict[str, Any]]:
     """The JSON results of ``predictor.predict_bytes``, with reader failures turned into HTTP errors."""
+    segment = getattr(predictor, "task", "classification") == "segmentation"
     try:
-        preds = predictor.predict_bytes(data, name, cam=cam, **limits)
+        if segment:
+            preds = predictor.predict_bytes(data, name, **limits)
+        else:
+            preds = predictor.predict_bytes(data, name, cam=cam, **limits)
     except TooManyImagesError as e:
         raise HTTPException(413, f"{e}: split the volume or use `openmednet predict`") from None
     except SkipImage as e:
@@ -284,6 +297,8 @@ def _predict(predictor: Predictor, data: bytes, name: str, cam: bool, **limits: 
     for p in preds:
         item = p.to_dict()
         del item["source"]
+        if segment:
+            item["mask_png"] = base64.b64encode(p.mask_png()).decode("ascii")
         if cam:
             item["overlay_png"] = base64.b64encode(p.overlay_png()).decode("ascii")
         results.append(item)

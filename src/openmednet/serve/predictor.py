@@ -6,6 +6,10 @@ The same object backs ``openmednet predict``, the web service and the Python API
     for pred in predictor.predict_path("scans/", cam=True):
         print(pred.source, pred.label, pred.probabilities)
 
+``load_predictor(spec)`` reads the saved model's card and returns a ``Predictor`` for a classifier
+or a ``serve.segmenter.Segmenter`` for a segmentation model (``"task": "segmentation"``); both
+read files with the helpers here (``iter_batches``, ``read_upload``, ``fit_channels``).
+
 Input contract. The model's ``PretrainedCfg`` (its model card) says how training images were
 prepared: channels and size, ``mean``/``std`` after scaling to [0, 1], and the intensity pipeline.
 Prediction applies exactly that: readers turn each file into 8-bit gray or RGB (DICOM windowing,
@@ -46,12 +50,21 @@ from openmednet.data.readers import (
 )
 from openmednet.engine.inputs import EvalInputs
 from openmednet.explain.gradcam import GradCAM, overlay_png
-from openmednet.models import InitSpec, PretrainedCfg, create_model, get_pretrained_cfg, is_model, load_pretrained
+from openmednet.models import (
+    InitSpec,
+    PretrainedCfg,
+    create_model,
+    get_pretrained_cfg,
+    is_model,
+    load_pretrained,
+)
+from openmednet.models._weights import CARD_FILE, resolve_card_path
 from openmednet.utils import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "UPLOAD_READERS", "ChannelConversionWarning", "Prediction", "Predictor", "SkippedFileWarning", "TooManyImagesError",
-    "load_model", "predictions_csv", "save_predictions_csv", "write_cam_overlays",
+    "fit_channels", "iter_batches", "load_model", "load_predictor", "output_name", "predictions_csv", "read_upload",
+    "save_predictions_csv", "write_cam_overlays",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,26 +140,26 @@ def load_model(spec: str | Path) -> nn.Module:
 
     Args:
         spec: a directory holding ``model.safetensors`` and its model card (written by
-            ``save_pretrained``; ``openmednet finetune --out RUN`` writes ``RUN/model``), or the
-            ``.safetensors`` file itself, or a registered weight set (``"mednet_gray.<tag>"``, or
-            ``"mednet_gray"`` for its default weights).
+            ``save_pretrained``; ``openmednet finetune --out RUN`` writes ``RUN/model``), the run
+            folder ``RUN`` itself, the ``.safetensors`` file, or a registered weight set
+            (``"mednet_gray.<tag>"``, or ``"mednet_gray"`` for its default weights). A
+            segmentation run (``finetune --task segmentation``) is recognised from its card.
 
     Returns:
-        The model in eval mode with ``model.pretrained_cfg`` set.
+        The model in eval mode with ``model.pretrained_cfg`` set: a classifier, or an
+        ``eval.segmentation.SegmentationNet`` (``model.task == "segmentation"``).
 
     Raises:
         FileNotFoundError: ``spec`` is neither a registered name nor an existing path.
-        ValueError: ``spec`` is an architecture without registered weights.
+        ValueError: ``spec`` is an architecture without registered weights, or a path that holds
+            no saved model.
     """
     try:
         init = InitSpec.parse(spec)  # the init grammar of fine-tuning: one parser
     except (FileNotFoundError, ValueError):
         init = None  # reported below with what prediction accepts
     if init is not None and init.kind == "path":
-        path = init.path
-        if path.is_file() and path.suffix == ".safetensors":
-            path = path.parent  # the card sits next to its weights (save_pretrained's layout)
-        return load_pretrained(path).eval()  # verifies the checksum the card records
+        return _load_saved(init.path, spec)
     if init is not None and init.kind in ("auto", "scratch"):
         raise ValueError(f"'{spec}' says how to start fine-tuning, not which trained model to use: fine-tune first "
                          f"(openmednet finetune --data DIR --init {spec} --out runs/x) and pass runs/x/model")
@@ -162,6 +175,59 @@ def load_model(spec: str | Path) -> nn.Module:
         f"model '{spec}' is neither a registered model (see `openmednet models list`) nor an existing "
         "directory/file with model.safetensors and its model card"
     )
+
+
+def _model_folder(path: Path) -> Path:
+    """The folder of a saved model: ``path`` itself, a weights file's folder, or ``RUN/model``."""
+    if path.is_file() and path.suffix == ".safetensors":
+        return path.parent  # the card sits next to its weights (save_pretrained's layout)
+    if path.is_dir() and not (path / CARD_FILE).is_file() and (path / "model" / CARD_FILE).is_file():
+        return path / "model"  # a fine-tuning run folder
+    return path
+
+
+def _load_saved(path: Path, spec: str | Path) -> nn.Module:
+    """A saved classifier or segmenter, told apart by its card (see :func:`load_model`)."""
+    from openmednet.eval.segmentation import (
+        is_segmentation_model,
+        load_segmentation_model,
+    )
+
+    folder = _model_folder(path)
+    if is_segmentation_model(folder):
+        return load_segmentation_model(folder)
+    if not resolve_card_path(folder).is_file():
+        raise FileNotFoundError(f"'{spec}' holds no saved model: expected a fine-tuning run folder RUN or RUN/model "
+                                f"(written by `openmednet finetune --out RUN`, classification or segmentation), "
+                                f"its model.safetensors, or a {CARD_FILE}")
+    try:
+        return load_pretrained(folder).eval()  # verifies the checksum the card records
+    except ValueError:
+        if folder.is_file() and folder.suffix != ".json":
+            raise ValueError(f"'{spec}' is not a saved model (no classification or segmentation model card): pass a "
+                             f"fine-tuning run folder RUN or RUN/model, its model.safetensors or a {CARD_FILE}") from None
+        raise
+
+
+def load_predictor(spec: str | Path, *, cam_layer: str | None = None, device: str | torch.device = "cpu") -> Any:
+    """:func:`load_model`, then the object that predicts with it, chosen by the saved card's task.
+
+    Returns:
+        A :class:`Predictor` for a classifier, a ``serve.segmenter.Segmenter`` for a segmentation model.
+
+    Raises:
+        ValueError: ``cam_layer`` for a segmentation model (Grad-CAM explains class scores);
+            the errors of :func:`load_model`.
+    """
+    model = load_model(spec)
+    if getattr(model, "task", None) == "segmentation":
+        from openmednet.serve.segmenter import Segmenter
+
+        if cam_layer is not None:
+            raise ValueError(f"'{spec}' is a segmentation model: it has no Grad-CAM (its overlays show the predicted "
+                             "mask); drop --cam-layer")
+        return Segmenter(model, device=device)
+    return Predictor(model, cam_layer=cam_layer, device=device)
 
 
 def _read_images(
@@ -208,6 +274,95 @@ def _list_files(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def iter_batches(inputs: str | Path | Iterable[str | Path],
+                 batch_size: int) -> Iterator[tuple[list[np.ndarray], list[str], list[int]]]:
+    """``(images, sources, frames)`` batches of every 2D image in files and folders, lazily.
+
+    Folders are walked recursively and files no reader handles (``labels.csv``...) are passed
+    over. A file that fails to read is skipped with a :class:`SkippedFileWarning`, so one bad file
+    does not stop a folder; it contributes no image (not the frames read before the failure).
+    """
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    batch: list[tuple[np.ndarray, str, int]] = []
+    for path in _list_files(inputs):
+        # Only the reading is guarded: a file's images join the batch once all are read, and the
+        # caller's inference runs outside the try, so its errors are not reported as a skipped file.
+        try:
+            images = list(_read_images(path))
+        except (SkipImage, ValueError, OSError) as e:
+            warnings.warn(f"skipped {path}: {e}", SkippedFileWarning, stacklevel=2)
+            continue
+        for array, frame in images:
+            batch.append((array, str(path), frame))
+            if len(batch) == batch_size:
+                yield _unzip(batch)
+    if batch:
+        yield _unzip(batch)
+
+
+def _unzip(batch: list[tuple[np.ndarray, str, int]]) -> tuple[list[np.ndarray], list[str], list[int]]:
+    images, sources, frames = (list(v) for v in zip(*batch))
+    batch.clear()
+    return images, sources, frames
+
+
+def read_upload(data: bytes, filename: str, max_pixels: int | None = None, max_frames: int | None = None,
+                max_voxels: int | None = None) -> tuple[list[np.ndarray], list[int]]:
+    """The images and frame indices of an uploaded file (see :meth:`Predictor.predict_bytes`).
+
+    Raises:
+        SkipImage: the file is not a usable image (``reason`` says why).
+        TooManyImagesError: more than ``max_frames`` images.
+        NoReaderError: no reader handles the file (a ``ValueError``).
+    """
+    if max_voxels is None and max_pixels is not None and max_frames is not None:
+        max_voxels = max_pixels * max_frames
+    images: list[tuple[np.ndarray, int]] = []
+    with tempfile.TemporaryDirectory(prefix="openmednet-upload-") as tmp:
+        path = Path(tmp) / f"upload{_upload_suffix(filename)}"  # never trust the name as a path
+        path.write_bytes(data)
+        # Lazily, so a file of thousands of frames costs at most max_frames + 1 decoded images.
+        try:
+            with closing(_read_images(path, max_pixels, max_frames, max_voxels)) as stream:
+                for image in stream:
+                    images.append(image)
+                    if max_frames is not None and len(images) > max_frames:
+                        raise TooManyImagesError(
+                            f"{filename} holds {max_frames + 1} or more images, more than the limit of {max_frames}"
+                        )
+        except (SkipImage, ValueError) as e:
+            raise _hide_path(e, path, filename) from None
+    if not images:
+        raise SkipImage("unsupported_image", f"{filename}: no usable 2D image in the file")
+    arrays, frames = zip(*images)
+    return list(arrays), list(frames)
+
+
+def fit_channels(image: np.ndarray, channels: int, source: str) -> tuple[np.ndarray, list[str]]:
+    """Convert ``image`` to ``channels``; note, log and warn any conversion.
+
+    Returns:
+        ``(converted image, notes)``: ``notes`` is ``[]`` or one of ``"rgb->gray"``,
+        ``"rgb->gray (colour discarded)"``, ``"gray->rgb"``.
+    """
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise ValueError(f"{source}: expected uint8 (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
+    converted, changed = to_channels(image, channels)
+    if not changed:
+        return converted, []
+    if image.ndim == 3:
+        lossless = bool((image == image[..., :1]).all())  # gray content saved as RGB
+        note = "rgb->gray" + ("" if lossless else " (colour discarded)")
+    else:
+        note = "gray->rgb"
+    message = f"model expects {channels} channel(s), image has {3 if image.ndim == 3 else 1}: converted {note}"
+    logger.info("%s: %s", source, message)
+    # No file name in the warning text: the set of texts stays bounded (see the module docstring).
+    warnings.warn(message, ChannelConversionWarning, stacklevel=4)
+    return converted, [note]
+
+
 # ----------------------------------------------------------------------------------- predictor
 class Predictor:
     """Class probabilities (and optional Grad-CAMs) for images, under a model's input contract.
@@ -223,6 +378,8 @@ class Predictor:
     Thread-safe: the web service calls one instance from several worker threads.
     """
 
+    task = "classification"
+
     def __init__(
         self,
         model: nn.Module,
@@ -231,6 +388,9 @@ class Predictor:
         cam_layer: str | None = None,
         device: str | torch.device = "cpu",
     ):
+        if getattr(model, "task", None) == "segmentation":
+            raise ValueError("a segmentation model predicts masks, not classes: use load_predictor(spec) or "
+                             "openmednet.serve.segmenter.Segmenter(model)")
         cfg = cfg if cfg is not None else getattr(model, "pretrained_cfg", None)
         if cfg is None:
             raise ValueError("model has no pretrained_cfg (input contract): pass cfg=PretrainedCfg(...)")
@@ -275,6 +435,7 @@ class Predictor:
         """The model card as plain types (architecture, classes, input contract)."""
         cfg = self.cfg
         return {
+            "task": self.task,
             "architecture": cfg.meta.get("architecture", type(self.model).__name__),
             "label_names": list(self.label_names),
             "input_contract": {
@@ -285,22 +446,6 @@ class Predictor:
         }
 
     # ------------------------------------------------------------------------------- contract
-    def _fit_channels(self, image: np.ndarray, source: str) -> tuple[np.ndarray, list[str]]:
-        """Convert ``image`` to the model's channels; note, log and warn any conversion."""
-        converted, changed = to_channels(image, self.in_chans)
-        if not changed:
-            return converted, []
-        if image.ndim == 3:
-            lossless = bool((image == image[..., :1]).all())  # gray content saved as RGB
-            note = "rgb->gray" + ("" if lossless else " (colour discarded)")
-        else:
-            note = "gray->rgb"
-        message = f"model expects {self.in_chans} channel(s), image has {3 if image.ndim == 3 else 1}: converted {note}"
-        logger.info("%s: %s", source, message)
-        # No file name in the warning text: the set of texts stays bounded (see the module docstring).
-        warnings.warn(message, ChannelConversionWarning, stacklevel=4)
-        return converted, [note]
-
     def preprocess(self, image: np.ndarray, source: str = "<array>") -> tuple[Tensor, list[str]]:
         """Apply the input contract to one 8-bit image: the evaluation transform of training.
 
@@ -313,9 +458,7 @@ class Predictor:
             side, then centre crop), normalised with the card's mean/std; and the list of
             conversion notes.
         """
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
-            raise ValueError(f"{source}: expected uint8 (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
-        image, notes = self._fit_channels(image, source)  # noted and warned here; then a no-op in EvalInputs
+        image, notes = fit_channels(image, self.in_chans, source)  # noted and warned here; a no-op in EvalInputs
         return self._inputs(image), notes
 
     def model_view(self, x: Tensor) -> np.ndarray:
@@ -370,34 +513,11 @@ class Predictor:
     ) -> Iterator[Prediction]:
         """Predict every 2D image in files and folders (PNG/JPEG/DICOM/NIfTI; volumes give slices).
 
-        Folders are walked recursively and files no reader handles (``labels.csv``...) are passed
-        over. A file that fails to read is skipped with a :class:`SkippedFileWarning`, so one bad
-        file does not stop a folder; it contributes no image (not the frames read before the
-        failure). Errors of the model itself are not input errors: they propagate.
+        Files are read by :func:`iter_batches` (unreadable ones skipped with a
+        :class:`SkippedFileWarning`). Errors of the model itself are not input errors: they propagate.
         """
-        if isinstance(inputs, (str, Path)):
-            inputs = [inputs]
-        batch: list[tuple[np.ndarray, str, int]] = []
-        for path in _list_files(inputs):
-            # Only the reading is guarded: a file's images join the batch once all are read, and
-            # inference runs outside the try, so its errors are not reported as a skipped file.
-            try:
-                images = list(_read_images(path))
-            except (SkipImage, ValueError, OSError) as e:
-                warnings.warn(f"skipped {path}: {e}", SkippedFileWarning, stacklevel=2)
-                continue
-            for array, frame in images:
-                batch.append((array, str(path), frame))
-                if len(batch) == batch_size:
-                    yield from self._flush(batch, cam)
-        yield from self._flush(batch, cam)
-
-    def _flush(self, batch: list[tuple[np.ndarray, str, int]], cam: bool) -> list[Prediction]:
-        if not batch:
-            return []
-        images, sources, frames = zip(*batch)
-        batch.clear()
-        return self.predict_arrays(list(images), list(sources), list(frames), cam=cam)
+        for images, sources, frames in iter_batches(inputs, batch_size):
+            yield from self.predict_arrays(images, sources, frames, cam=cam)
 
     def predict_bytes(self, data: bytes, filename: str, cam: bool = True,
                       max_pixels: int | None = None, max_frames: int | None = None,
@@ -423,27 +543,8 @@ class Predictor:
             TooManyImagesError: more than ``max_frames`` images.
             NoReaderError: no reader handles the file (a ``ValueError``).
         """
-        if max_voxels is None and max_pixels is not None and max_frames is not None:
-            max_voxels = max_pixels * max_frames
-        images: list[tuple[np.ndarray, int]] = []
-        with tempfile.TemporaryDirectory(prefix="openmednet-upload-") as tmp:
-            path = Path(tmp) / f"upload{_upload_suffix(filename)}"  # never trust the name as a path
-            path.write_bytes(data)
-            # Lazily, so a file of thousands of frames costs at most max_frames + 1 decoded images.
-            try:
-                with closing(_read_images(path, max_pixels, max_frames, max_voxels)) as stream:
-                    for image in stream:
-                        images.append(image)
-                        if max_frames is not None and len(images) > max_frames:
-                            raise TooManyImagesError(
-                                f"{filename} holds {max_frames + 1} or more images, more than the limit of {max_frames}"
-                            )
-            except (SkipImage, ValueError) as e:
-                raise _hide_path(e, path, filename) from None
-        if not images:
-            raise SkipImage("unsupported_image", f"{filename}: no usable 2D image in the file")
-        arrays, frames = zip(*images)
-        return self.predict_arrays(list(arrays), [filename] * len(arrays), list(frames), cam=cam)
+        arrays, frames = read_upload(data, filename, max_pixels, max_frames, max_voxels)
+        return self.predict_arrays(arrays, [filename] * len(arrays), frames, cam=cam)
 
 
 def _hide_path(error: Exception, path: Path, filename: str) -> Exception:
@@ -506,11 +607,25 @@ def save_predictions_csv(predictions: Iterable[Prediction], path: str | Path, la
     return rows
 
 
+def output_name(source: str, frame: int, suffix: str, used: dict[str, int] | None = None) -> str:
+    """``<name>[_f<frame>][_<n>]<suffix>``: one output file name per image.
+
+    ``scan.nii.gz`` slice 3 with ``suffix="_cam.png"`` -> ``scan_f3_cam.png``. With ``used`` (name
+    -> times used, updated in place) a name already given gets ``_2``, ``_3``... (same file names
+    in different folders).
+    """
+    name = Path(source).name
+    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+    stem = f"{stem}{'' if frame == 0 else f'_f{frame}'}"
+    if used is None:
+        return stem + suffix
+    used[stem] = used.get(stem, 0) + 1
+    return f"{stem}{'' if used[stem] == 1 else f'_{used[stem]}'}{suffix}"
+
+
 def cam_file_name(pred: Prediction) -> str:
     """``<name>[_f<frame>]_cam.png``: one overlay name per image (``scan.nii.gz`` slice 3 -> ``scan_f3_cam.png``)."""
-    name = Path(pred.source).name
-    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
-    return f"{stem}{'' if pred.frame == 0 else f'_f{pred.frame}'}_cam.png"
+    return output_name(pred.source, pred.frame, "_cam.png")
 
 
 def write_cam_overlays(predictions: Iterable[Prediction], out_dir: str | Path,
@@ -533,10 +648,7 @@ def write_cam_overlays(predictions: Iterable[Prediction], out_dir: str | Path,
     used = {} if used is None else used
     paths = []
     for pred in predictions:
-        name = cam_file_name(pred)
-        used[name] = used.get(name, 0) + 1
-        if used[name] > 1:
-            name = name.replace("_cam.png", f"_{used[name]}_cam.png")
+        name = output_name(pred.source, pred.frame, "_cam.png", used)
         atomic_write_bytes(out_dir / name, pred.overlay_png())
         paths.append(out_dir / name)
     return paths

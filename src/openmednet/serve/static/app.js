@@ -1,4 +1,5 @@
-// OpenMedNet page: upload one file to /api/predict and show probabilities + Grad-CAM overlays.
+// OpenMedNet page: upload one file to /api/predict and show probabilities + Grad-CAM overlays
+// (a segmentation model: pixel fractions per class + the mask overlay).
 // Plain DOM code, no framework or CDN, so the page works offline.
 "use strict";
 
@@ -23,14 +24,15 @@ function el(tag, attrs = {}, text = "") {
 function renderResult(filename, item) {
   const box = el("div", { class: "result", "data-frame": item.frame });
   if (item.overlay_png) {
-    box.appendChild(el("img", { src: "data:image/png;base64," + item.overlay_png, alt: "Grad-CAM of " + item.label }));
+    const alt = item.label ? "Grad-CAM of " + item.label : "predicted mask";
+    box.appendChild(el("img", { src: "data:image/png;base64," + item.overlay_png, alt: alt }));
   }
   const info = el("div");
   const title = filename + (item.frame ? " (frame " + item.frame + ")" : "");
   info.appendChild(el("h2", {}, title));
-  info.appendChild(el("p", { class: "label" }, item.label));
+  info.appendChild(el("p", { class: "label" }, item.label || "share of pixels per class"));
   const table = el("table");
-  Object.entries(item.probabilities).sort((a, b) => b[1] - a[1]).forEach(([name, p]) => {
+  Object.entries(item.probabilities || item.fractions).sort((a, b) => b[1] - a[1]).forEach(([name, p]) => {
     const row = el("tr");
     row.appendChild(el("td", {}, name));
     row.appendChild(el("td", { class: "prob" }, p.toFixed(3)));
