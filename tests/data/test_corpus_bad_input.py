@@ -122,13 +122,13 @@ def test_a_crashing_decoder_process_skips_only_its_file(shared_data, tmp_path, m
     """A decoder that kills its worker process (segfault, out of memory) costs one file, not the build."""
     import os
 
-    from openmednet.data import corpus
+    from openmednet.data.corpus import _decode
 
     src = tmp_path / "files"
     src.mkdir()
     for i, p in enumerate(sorted((shared_data / "gray/pretrain/covid_cxr_figure1/images").glob("*.jpg"))[:5]):
         (src / (f"crash_me_{i}.jpg" if i == 2 else f"ok_{i}.jpg")).write_bytes(p.read_bytes())
-    original = corpus._process_chunk
+    original = _decode.process_chunk
 
     def crashing(items, *args):
         if any("crash_me" in d["path"] for d in items):
@@ -137,7 +137,7 @@ def test_a_crashing_decoder_process_skips_only_its_file(shared_data, tmp_path, m
 
     # the pool pickles the function by name: make the stand-in importable under the original name
     crashing.__module__, crashing.__qualname__ = original.__module__, original.__qualname__
-    monkeypatch.setattr(corpus, "_process_chunk", crashing)
+    monkeypatch.setattr(_decode, "process_chunk", crashing)
     manifest = build_corpus(
         [SourceSpec("files", src, format="flat")], tmp_path / "c", channels=1, image_size=32, workers=2, chunk_items=2
     )

@@ -15,7 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from openmednet.cli.app import app
-from openmednet.data.corpus import _item_part, build_corpus
+from openmednet.data.corpus import build_corpus
+from openmednet.data.corpus._plan import BuildParams, check_params, item_part
 from openmednet.data.shards import CorpusArrays, complete_shards
 from openmednet.data.sources import SourceItem, SourceSpec, iter_source
 
@@ -24,19 +25,17 @@ from openmednet.data.sources import SourceItem, SourceSpec, iter_source
 _CHILD = """
 import sys, time
 from pathlib import Path
-from openmednet.data import corpus
+from openmednet.data.corpus import _decode, _write, build_corpus
 from openmednet.data.sources import SourceItem, SourceSpec, iter_source
 stage, root, out = sys.argv[1], sys.argv[2], sys.argv[3]
-if stage == "decode":
-    slow, name = corpus._process_chunk, "_process_chunk"
-else:
-    slow, name = corpus.write_shard, "write_shard"
+module, name = (_decode, "process_chunk") if stage == "decode" else (_write, "write_shard")
+slow = getattr(module, name)
 def paused(*args, **kwargs):
     result = slow(*args, **kwargs)
     time.sleep(0.25)
     return result
-setattr(corpus, name, paused)
-corpus.build_corpus([SourceSpec("covid", Path(root))], Path(out), channels=1, image_size=32, workers=1, shard_size=4, chunk_items=8)
+setattr(module, name, paused)
+build_corpus([SourceSpec("covid", Path(root))], Path(out), channels=1, image_size=32, workers=1, shard_size=4, chunk_items=8)
 """
 
 BUILD_ARGS = {"channels": 1, "image_size": 32, "workers": 1, "shard_size": 4, "chunk_items": 8}
@@ -100,9 +99,7 @@ def test_resume_refuses_other_parameters(reference, tmp_path):
     (out / ".build").mkdir(parents=True)
     build_args = dict(BUILD_ARGS)
     # a params file from an unfinished build with another image size
-    from openmednet.data import corpus
-
-    corpus._check_params(out / ".build", corpus.BuildParams(1, 64, "pad", 6, 0, 4, 1, 0, 8, [], []))
+    check_params(out / ".build", BuildParams(1, 64, "pad", 6, 0, 4, 1, 0, 8, [], []))
     with pytest.raises(ValueError, match="unfinished build with different parameters"):
         build_corpus([SourceSpec("covid", root)], out, **build_args)
 
@@ -112,13 +109,13 @@ def test_cli_parts_merge_equal_a_single_build(reference, tmp_path):
     # a second source holding a byte copy of a covid image, placed in the other part than the
     # original, so only the merge can see the duplicate
     original = next(iter_source(SourceSpec("covid", root)))
-    original_part = _item_part(original, 2)
+    original_part = item_part(original, 2)
     copies = tmp_path / "copies"
     copies.mkdir()
     name = next(
         f"copy_{k}.jpg"
         for k in range(1000)
-        if _item_part(SourceItem(copies / f"copy_{k}.jpg", source="copies"), 2) != original_part
+        if item_part(SourceItem(copies / f"copy_{k}.jpg", source="copies"), 2) != original_part
     )
     shutil.copy(original.path, copies / name)
 
