@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,18 @@ def test_two_rank_crash_and_resume_gives_identical_weights(tiny_corpus: Path, tm
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# Regression (review finding): only the CLI warned; the Python API started from scratch silently.
+def test_resume_without_a_checkpoint_warns_from_the_api(tiny_corpus: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    out.mkdir()
+    short = [*_overrides(tiny_corpus, out), "objective.kind=supervised", "train.epochs=1",
+             "train.max_steps_per_epoch=1", "monitor.enabled=false", "resume=true"]
+    with pytest.warns(UserWarning, match=re.escape(f"{out} holds no checkpoint-last.pt, so this run starts from scratch")):
+        run_pretraining(load_config(PretrainConfig, None, short))
+    assert (out / "checkpoint-last.pt").is_file()
+    with warnings.catch_warnings(record=True) as caught:  # a real resume says nothing of the kind
+        warnings.simplefilter("always")
+        run_pretraining(load_config(PretrainConfig, None, short))
+    assert not [w for w in caught if "starts from scratch" in str(w.message)]

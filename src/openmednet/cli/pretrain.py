@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -35,16 +34,11 @@ def register(app: typer.Typer) -> None:
         """Pre-train a MedNet backbone (one process, or one rank under torchrun)."""
         from openmednet.config import load_config
         from openmednet.engine.pretrain import PretrainConfig, run_pretraining
-        from openmednet.engine.trainer import CHECKPOINT_LAST, NonFiniteLossError
+        from openmednet.engine.trainer import NonFiniteLossError
 
         # Command-line flags win over the config file and --set, as the most explicit choice.
         cfg = load_config(PretrainConfig, config, _overrides(corpus, out, objective, resume, set_))
-        fresh = cfg.resume and cfg.out and not (Path(cfg.out) / CHECKPOINT_LAST).is_file()
-        if fresh and os.environ.get("RANK", "0") == "0":
-            # The trainer starts afresh then; say so, a mistyped --out would otherwise look like a resume.
-            logging.getLogger("openmednet.pretrain").warning(
-                "--resume: %s holds no %s, so this run starts from scratch", cfg.out, CHECKPOINT_LAST)
-        try:
+        try:  # --resume on a run directory without a checkpoint: run_pretraining warns that it starts afresh
             history = run_pretraining(cfg)
         except NonFiniteLossError as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)

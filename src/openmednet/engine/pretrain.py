@@ -223,6 +223,13 @@ def _check_paths(cfg: PretrainConfig) -> tuple[Path, Path]:
     return corpus, out
 
 
+def _warn_if_starting_afresh(cfg: PretrainConfig, out: Path) -> None:
+    """``resume`` without a checkpoint in ``out``: ``fit`` then starts from scratch; say so, because a
+    mistyped ``--out`` would otherwise look like a resume (the one place, for the API and the CLI)."""
+    if cfg.resume and not (out / CHECKPOINT_LAST).is_file():
+        warnings.warn(f"resume: {out} holds no {CHECKPOINT_LAST}, so this run starts from scratch", stacklevel=3)
+
+
 def build_backbone(cfg: PretrainConfig, channels: int) -> nn.Module:
     """The backbone with pooled-feature output, checked against the corpus' channel count."""
     from openmednet.models import create_model, load_pretrained
@@ -370,6 +377,9 @@ def run_pretraining(cfg: PretrainConfig, *, callbacks: tuple = ()) -> list[dict[
         FileNotFoundError: corpus missing.
         ValueError: bad settings (channels mismatch, existing run without ``resume``...).
         NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+
+    Warns:
+        UserWarning: ``resume`` is set but ``out`` holds no checkpoint, so the run starts from scratch.
     """
     from openmednet.data.datasets import CorpusDataset
     from openmednet.data.loader import build_loader
@@ -380,6 +390,8 @@ def run_pretraining(cfg: PretrainConfig, *, callbacks: tuple = ()) -> list[dict[
     corpus, out = _check_paths(cfg)
     t = cfg.train
     dist = DistEnv.from_env(device=t.device)
+    if dist.is_main:
+        _warn_if_starting_afresh(cfg, out)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     # Deterministic cuBLAS needs a fixed workspace, configured before its first matmul (torch raises
     # there otherwise; unused on CPU). A value already in the environment wins.
