@@ -12,7 +12,7 @@
    refused (``check_sources``, ``_checks``).
 2. **Decode** (``_decode``, ``_pool``, ``_targets``). The plan is cut into chunks of
    ``CHUNK_ITEMS`` items; a pool of ``workers`` processes (which die with the build, even on
-   SIGKILL; a worker killed by a decoder costs only its item) decodes,
+   SIGKILL, under any start method; a worker killed by a decoder costs only its item) decodes,
    skips tiny and blank images, routes by channel content, normalises and hashes each chunk and
    the build process stores the result as ``chunks/chunk-XXXXX.npz`` (atomically). Chunks already
    on disk are not decoded again. Exclusion targets are hashed the same way into ``targets/``.

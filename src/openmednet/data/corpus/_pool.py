@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.context import BaseContext
 from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ R = TypeVar("R")
 Items = list[dict[str, Any]]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+#: Seconds between liveness checks of the build where no pidfd can be waited on.
+_POLL_SECONDS = 1.0
 
 
 def run_isolated(
@@ -108,18 +112,52 @@ def _run_alone(work: Callable[..., R], items: Items, args: tuple) -> R | None:
             return None
 
 
-def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """A pool whose workers die with this process, even when it is killed with SIGKILL."""
-    return ProcessPoolExecutor(max_workers=workers, initializer=die_with_build, initargs=(os.getpid(),))
+def worker_pool(workers: int, mp_context: BaseContext | None = None) -> ProcessPoolExecutor:
+    """A pool whose workers die with this process, even when it is killed with SIGKILL.
+
+    Args:
+        workers: number of worker processes.
+        mp_context: the multiprocessing start method's context (default: Python's default,
+            ``fork`` on Linux up to Python 3.13, ``forkserver`` from 3.14, ``spawn`` on macOS).
+    """
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=mp_context, initializer=die_with_build, initargs=(os.getpid(),)
+    )
 
 
-def die_with_build(parent: int) -> None:
-    """Worker initializer: exit when ``parent`` dies (Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``;
-    elsewhere a thread that polls the parent id once a second)."""
-    if not _set_parent_death_signal():
-        threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="parent-watch").start()
-    if os.getppid() != parent:  # the parent died before the signal was armed
+def die_with_build(build_pid: int) -> None:
+    """Worker initializer: exit when the build process ``build_pid`` ends.
+
+    The build is not always the worker's parent: under ``fork`` and ``spawn`` it is, under
+    ``forkserver`` the parent is the fork server. So the build's pid is passed in explicitly and
+    never inferred from ``os.getppid()``.
+
+    - Parent is the build, on Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, the kernel kills the
+      worker when the build dies. Its limits: Linux only; it fires when the *thread* that
+      started the worker ends, not the process (the pools here are created and used by the
+      build's calling thread, which outlives them); it would watch the wrong process when the
+      parent is a fork server.
+    - Otherwise: a daemon thread waits for the build to end, on a pidfd (Linux >= 5.3; immune
+      to pid reuse) or, without one, by polling once a second (the parent id changes when the
+      parent is the build; else ``kill(build_pid, 0)``, which cannot see a build that died but
+      was not reaped yet).
+    """
+    parent_is_build = os.getppid() == build_pid
+    if parent_is_build and _set_parent_death_signal():
+        if os.getppid() != build_pid:  # the build died before the signal was armed
+            os._exit(1)
+        return
+    try:
+        pidfd = os.pidfd_open(build_pid)
+    except ProcessLookupError:  # the build is gone already
         os._exit(1)
+    except (AttributeError, OSError):  # no pidfd here: poll
+        pidfd = None
+    if pidfd is None and _build_ended(build_pid, parent_is_build):
+        os._exit(1)
+    threading.Thread(
+        target=_exit_when_build_ends, args=(build_pid, parent_is_build, pidfd), daemon=True, name="build-watch"
+    ).start()
 
 
 def _set_parent_death_signal() -> bool:
@@ -132,7 +170,24 @@ def _set_parent_death_signal() -> bool:
         return False
 
 
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1.0)
+def _exit_when_build_ends(build_pid: int, parent_is_build: bool, pidfd: int | None) -> None:
+    if pidfd is not None:
+        poll = select.poll()
+        poll.register(pidfd, select.POLLIN)
+        poll.poll()  # a pidfd turns readable when its process has exited
+    else:
+        while not _build_ended(build_pid, parent_is_build):
+            time.sleep(_POLL_SECONDS)
     os._exit(1)
+
+
+def _build_ended(build_pid: int, parent_is_build: bool) -> bool:
+    if parent_is_build:
+        return os.getppid() != build_pid  # an orphan is re-parented at once, even before reaping
+    try:
+        os.kill(build_pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # the pid now belongs to another user's process: the build is gone
+        return True
+    return False
