@@ -1,4 +1,9 @@
-"""``openmednet study``: run (or resume) a transfer study from a YAML grid and write its report."""
+"""``openmednet study``: run (or resume) a transfer study from a YAML grid and write its report.
+
+    openmednet study --config study.yaml --jobs 2                    # 2 arms at once, half the threads each
+    openmednet study --config study.yaml --num-parts 2 --part 0      # machine 1 (--part 1 on machine 2)
+    openmednet study --config study.yaml --report-only               # report every finished arm in out
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,22 @@ def register(app: typer.Typer) -> None:
     def study_cmd(
         config: Path = typer.Option(..., exists=True, dir_okay=False, help="Study YAML (see openmednet.eval.study)."),
         set_: list[str] = typer.Option([], "--set", help="Override a field: --set seeds=[0,1,2] --set finetune.epochs=20."),
+        jobs: int = typer.Option(1, help="Arms trained at once, each in its own process with 1/N of the threads "
+                                         "(OMP_NUM_THREADS; at least 1). Same metrics as a sequential run with as "
+                                         "many threads per arm, e.g. OMP_NUM_THREADS=1 with and without --jobs."),
+        num_parts: int = typer.Option(1, help="Split the grid over this many machines (same config and out)..."),
+        part: int = typer.Option(0, help="...and train this part (0-based: every num_parts-th arm from this one); "
+                                         "its report goes to out/parts/; join with --report-only."),
+        report_only: bool = typer.Option(False, "--report-only", help="Train nothing: report the finished arms in "
+                                         "out (e.g. of every part); unfinished ones are listed as missing."),
     ) -> None:
         """Targets x inits x strategies x label budgets x seeds; resumable; writes report.md/json."""
         from openmednet.config import load_config
         from openmednet.eval.study import StudyConfig, run_study
 
         cfg = load_config(StudyConfig, config, set_)
-        result = run_study(cfg)
-        typer.echo(f"{len(result['arms'])} arms, {len(result['refused'])} refused; report: {Path(cfg.out) / 'report.md'}")
+        result = run_study(cfg, jobs=jobs, num_parts=num_parts, part=part, report_only=report_only)
+        where = Path(cfg.out) / (f"parts/part{part}-of-{num_parts}" if num_parts > 1 else "")
+        missing = f", {len(result['missing'])} missing" if report_only else ""
+        typer.echo(f"{len(result['arms'])} arms, {len(result['failed'])} failed, {len(result['refused'])} refused"
+                   f"{missing}; report: {where / 'report.md'}")

@@ -29,6 +29,17 @@ Leakage, refused rather than reported:
   nor a fingerprint is refused too: its test scores could not be trusted. ImageNet inits (natural
   photos) and inits from scratch need none. ``report.json["leakage_checks"]`` lists every check.
 
+Faster, or on several machines (each arm seeds itself: the metrics do not change, given the same
+threads per arm, see ``openmednet.engine.jobs``):
+
+- ``jobs=N`` (``--jobs N``) trains N arms at once, each in its own process with 1/N of the threads
+  (``openmednet.engine.jobs``);
+- ``num_parts=K, part=k`` (``--num-parts K --part k``, 0-based) trains every K-th arm of the ordered
+  grid starting at arm k, so K machines with the same config and ``out`` cover the grid once; each
+  part reports its own arms in ``out/parts/part<k>-of-<K>/``. ``report_only=True``
+  (``--report-only``), once the parts' run directories are in one ``out``, reports every finished
+  arm there without training; arms not finished are listed as missing.
+
 Example ``study.yaml``::
 
     out: runs/study-gray
@@ -48,10 +59,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import warnings
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,33 +69,24 @@ import numpy as np
 
 from openmednet._errors import look_up_option
 from openmednet.config import from_dict, save_config, to_dict
-from openmednet.engine.trainer import NonFiniteLossError
-from openmednet.eval import report
+from openmednet.engine.jobs import run_jobs
 from openmednet.engine.precision import resolve_precision
+from openmednet.engine.trainer import NonFiniteLossError
 from openmednet.eval.finetune import FinetuneConfig, prepare_splits, run_finetune, training_device
-from openmednet.eval.semi import has_unlabelled, semi_neutral, split_study_strategy, study_strategies
 from openmednet.eval.leakage import (
     check_pretraining_leakage,
     shipped_corpus_fingerprint,
 )
-from openmednet.eval.splits import BudgetTooLargeError
+from openmednet.eval.semi import has_unlabelled, semi_neutral, split_study_strategy, study_strategies
+from openmednet.eval.splits import BudgetTooLargeError, subsample_train
 from openmednet.eval.strategies import STRATEGIES
-from openmednet.eval.segmentation import SEGMENTATION_HEADLINE
-from openmednet.eval.targets import TargetSet, load_target
-from openmednet.utils import atomic_write_text
+from openmednet.eval.study_report import TASK_REPORTS, slug, summarize, write_report
+from openmednet.eval.targets import load_target
 
 __all__ = ["StudyConfig", "TargetSpec", "arm_dir", "check_pretraining_leakage", "run_study", "shipped_corpus_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
-HEADLINE = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "ece")
-#: Per task: headline metrics, report columns (title, metric), validation score in history.json.
-TASK_REPORTS = {
-    "classification": (HEADLINE, (("AUROC (macro)", "auroc_macro"), ("balanced accuracy", "balanced_accuracy"), ("ECE", "ece")),
-                       ("val_auroc", "macro AUROC")),
-    "segmentation": (SEGMENTATION_HEADLINE, (("Dice (foreground)", "dice_mean"), ("IoU (foreground)", "iou_mean"),
-                                             ("Dice per image", "dice_image_mean")), ("val_dice", "foreground Dice")),
-}
 MIN_SEEDS = 3
 
 
@@ -152,10 +152,6 @@ class StudyConfig:
 
 
 # ------------------------------------------------------------------------------------ arms
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
-
-
 def _budgets(cfg: StudyConfig) -> list[tuple[str, dict[str, Any]]]:
     """``(name, FinetuneConfig fields)`` per label budget: ``frac0.25`` or ``10shot``."""
     out = [(f"frac{f:g}", {"label_fraction": None if f == 1.0 else float(f)}) for f in cfg.label_fractions]
@@ -167,7 +163,7 @@ def _budgets(cfg: StudyConfig) -> list[tuple[str, dict[str, Any]]]:
 
 def arm_dir(out: Path, target: str, init: str, strategy: str, budget: str, seed: int) -> Path:
     """Run directory of one arm."""
-    return Path(out) / "runs" / _slug(target) / _slug(init) / strategy / budget / f"seed{seed}"
+    return Path(out) / "runs" / slug(target) / slug(init) / strategy / budget / f"seed{seed}"
 
 
 #: FinetuneConfig fields a study sets per arm, and where a study config gives them instead.
@@ -275,26 +271,22 @@ def _needs_corpus(init: str, channels: int) -> bool:
     return cfg is None or cfg.source not in ("timm", "pypi")
 
 
-def _refusals(cfg: StudyConfig, spec: TargetSpec, target: TargetSet, probe: FinetuneConfig,
+def _refusals(cfg: StudyConfig, spec: TargetSpec, channels: int, test_hashes: np.ndarray, test_fine: np.ndarray,
               checks: list[dict[str, Any]]) -> dict[str, str]:
     """init -> reason, for the inits whose pre-training may have seen this target's test images.
 
-    ``probe`` is an arm configuration of this target: all its arms share the split settings, so the
-    check sees exactly the test split every arm will be scored on. Every corpus check made is
-    appended to ``checks`` (target, init, corpus, test images, leaked).
+    ``test_hashes``/``test_fine`` are the target's test split as every arm will be scored on it (all
+    arms of a target share the split settings). Every corpus check made is appended to ``checks``
+    (target, init, corpus, test images, leaked).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # each run warns about its own drops
-        cleaned, splits, _ = prepare_splits(target, probe)
-    test_hashes, test_fine = cleaned.hashes[splits == "test"], cleaned.fine_hashes[splits == "test"]
     refused = {}
     for init in cfg.inits:
-        if not _needs_corpus(init, target.channels):
+        if not _needs_corpus(init, channels):
             continue
         corpus = cfg.pretraining_corpora.get(init)
         if corpus is None:
             try:
-                corpus = shipped_corpus_fingerprint(init, target.channels)
+                corpus = shipped_corpus_fingerprint(init, channels)
             except (FileNotFoundError, ValueError) as e:
                 refused[init] = f"its shipped corpus fingerprint cannot be trusted: {e}"
                 continue
@@ -317,156 +309,192 @@ def _refusals(cfg: StudyConfig, spec: TargetSpec, target: TargetSet, probe: Fine
     return refused
 
 
-# ------------------------------------------------------------------------------------ run
-def run_study(cfg: StudyConfig) -> dict[str, Any]:
-    """Run (or resume) every arm, then write ``report.json``, ``report.md`` and plots.
+# ------------------------------------------------------------------------------------ plan
+@dataclass(frozen=True)
+class _Arm:
+    """One arm of the grid: its labels and run configuration (picklable: no decoded data)."""
 
-    Returns:
-        The content of ``report.json``.
-    """
-    _check_grid(cfg)
-    if len(cfg.seeds) < MIN_SEEDS:
-        warnings.warn(f"{len(cfg.seeds)} seed(s): a study needs at least {MIN_SEEDS} for seed spread", stacklevel=2)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "study.yaml")
-    arms, refused, checks = [], [], []
-    for spec in cfg.target_specs():
-        probe = _arm_config(cfg, spec, "auto", "full", {}, cfg.seeds[0], Path(cfg.out))
-        if cfg.task == "segmentation":  # image + mask pairs; the same splits and checks below
+    spec: TargetSpec
+    init: str
+    strategy: str
+    budget: str
+    seed: int
+    run: FinetuneConfig
+
+    def labels(self) -> dict[str, Any]:
+        return {"target": self.spec.name, "init": self.init, "strategy": self.strategy, "budget": self.budget,
+                "seed": self.seed, "run_dir": str(self.run.out)}
+
+
+#: This process's decoded target, ``{key: TargetSet}``: arms come grouped by target, so one is kept.
+#: The study decodes each target once to plan it; a ``--jobs`` worker decodes it again on its first
+#: arm of that target (arms carry the target's spec, not its pixels).
+_DECODED: dict[str, Any] = {}
+
+
+def _decoded_target(spec: TargetSpec, task: str, max_side: int | None) -> Any:
+    key = repr((spec, task, max_side))
+    if key not in _DECODED:
+        _DECODED.clear()
+        if task == "segmentation":  # image + mask pairs; the same splits and checks
             from openmednet.data.segmentation import load_segmentation
 
-            target = load_segmentation(spec.data, max_side=probe.max_side)
+            _DECODED[key] = load_segmentation(spec.data, max_side=max_side)
         else:
-            target = load_target(spec.data, format=spec.format, csv_file=spec.csv_file, columns=spec.columns,
-                                 label_map=spec.label_map, classes=spec.classes, max_side=probe.max_side)
-        refusals = _refusals(cfg, spec, target, probe, checks)
+            _DECODED[key] = load_target(spec.data, format=spec.format, csv_file=spec.csv_file, columns=spec.columns,
+                                        label_map=spec.label_map, classes=spec.classes, max_side=max_side)
+    return _DECODED[key]
+
+
+def _budget_refusal(labels: np.ndarray, train_idx: np.ndarray, budget: Mapping[str, Any]) -> str | None:
+    """Why a few-shot budget cannot be drawn (a class smaller than ``per_class``), else ``None``:
+    the draw ``run_finetune`` makes, done once at planning, so every seed, part and report agrees."""
+    if budget.get("per_class") is None:
+        return None
+    try:
+        subsample_train(labels, train_idx, per_class=budget["per_class"])
+    except BudgetTooLargeError as e:
+        return str(e)
+    return None
+
+
+def _plan(cfg: StudyConfig, refused: list[dict[str, Any]], checks: list[dict[str, Any]]) -> Iterator[_Arm]:
+    """The grid's arms in order (target, init, strategy, budget, seed), lazily, one target at a time.
+
+    Refused arms (leakage, infeasible budgets) are not yielded but appended to ``refused`` as their
+    target is reached, and every pre-training corpus check to ``checks``.
+    """
+    budgets = _budgets(cfg)
+    for spec in cfg.target_specs():
+        probe = _arm_config(cfg, spec, "auto", "full", {}, cfg.seeds[0], Path(cfg.out))
+        target = _decoded_target(spec, cfg.task, probe.max_side)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # each run warns about its own drops
+            cleaned, splits, _ = prepare_splits(target, probe)
+        test = splits == "test"
+        refusals = _refusals(cfg, spec, target.channels, cleaned.hashes[test], cleaned.fine_hashes[test], checks)
         for init in cfg.inits:
             if init in refusals:
                 logger.warning("refused: %s on %s: %s", init, spec.name, refusals[init])
                 refused.append({"target": spec.name, "init": init, "reason": refusals[init]})
                 continue
             for strategy in study_strategies(cfg.strategies, cfg.semi):
-                for budget_name, budget in _budgets(cfg):
+                for budget_name, budget in budgets:
                     if not has_unlabelled(strategy, cfg.unlabelled, budget):
                         continue
-                    try:
-                        for seed in cfg.seeds:
-                            arms.append(_run_arm(cfg, spec, target, init, strategy, budget_name, budget, seed))
-                    except BudgetTooLargeError as e:
-                        # One infeasible budget (a class smaller than per_class) refuses its arms,
-                        # not the whole study.
-                        logger.warning("refused: %s %s %s on %s: %s", init, strategy, budget_name, spec.name, e)
-                        refused.append({"target": spec.name, "init": init, "reason": f"{strategy} {budget_name}: {e}"})
-    failed = [a for a in arms if "error" in a]
-    arms = [a for a in arms if "error" not in a]
+                    # One infeasible budget (a class smaller than per_class) refuses its arms, not the study.
+                    reason = _budget_refusal(cleaned.labels, np.flatnonzero(splits == "train"), budget)
+                    if reason:
+                        logger.warning("refused: %s %s %s on %s: %s", init, strategy, budget_name, spec.name, reason)
+                        refused.append({"target": spec.name, "init": init, "reason": f"{strategy} {budget_name}: {reason}"})
+                        continue
+                    for seed in cfg.seeds:
+                        run = _arm_config(cfg, spec, init, strategy, budget, seed,
+                                          arm_dir(cfg.out, spec.name, init, strategy, budget_name, seed))
+                        yield _Arm(spec, init, strategy, budget_name, seed, run)
+
+
+# ------------------------------------------------------------------------------------ run
+def _check_parts(jobs: int, num_parts: int, part: int, report_only: bool) -> None:
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1 (arms trained at once; 1 = one after another), got {jobs}")
+    if num_parts < 1 or not 0 <= part < num_parts:
+        raise ValueError(f"--part is 0-based and must lie in [0, --num-parts): got --part {part} with "
+                         f"--num-parts {num_parts}; the parts of a 2-machine grid are --part 0 and --part 1")
+    if report_only and num_parts > 1:
+        raise ValueError("--report-only merges the arms of every part: drop --num-parts/--part")
+
+
+def run_study(cfg: StudyConfig, *, jobs: int = 1, num_parts: int = 1, part: int = 0,
+              report_only: bool = False) -> dict[str, Any]:
+    """Run (or resume) every arm, then write ``report.json``, ``report.md`` and plots.
+
+    Args:
+        cfg: the grid.
+        jobs: arms trained at once, each in its own process with ``1/jobs`` of the threads (at
+            least 1; ``openmednet.engine.jobs``); 1 trains them here, one after another. Each arm
+            seeds itself, so the metrics are those of a sequential run that gives an arm as many
+            threads (bit for bit; a different thread count changes the last digits).
+        num_parts, part: train only part ``part`` (0-based) of ``num_parts``: the arms whose index in
+            the ordered grid is ``part`` modulo ``num_parts``, so ``num_parts`` machines with the same
+            config and ``out`` (shared, or copied together afterwards) cover the grid once. A part
+            writes its report to ``out/parts/part<k>-of-<K>/``, not ``out/report.*``.
+        report_only: train nothing: report the finished arms found in ``out`` (e.g. of every part)
+            in ``out/report.*``; arms without ``metrics.json`` (not run yet, or failed) are listed
+            under ``missing``.
+
+    Returns:
+        The content of the report's ``report.json``.
+    """
+    _check_parts(jobs, num_parts, part, report_only)
+    _check_grid(cfg)
+    if len(cfg.seeds) < MIN_SEEDS:
+        warnings.warn(f"{len(cfg.seeds)} seed(s): a study needs at least {MIN_SEEDS} for seed spread", stacklevel=2)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "study.yaml")
+    refused, checks, planned = [], [], []  # planned: (arm, metrics or None), in grid order
+
+    def to_train() -> Iterator[_Arm]:  # drawn lazily: the next target is decoded while arms train
+        for i, arm in enumerate(_plan(cfg, refused, checks)):
+            if i % num_parts != part:
+                continue
+            metrics = _done(arm.run)
+            if metrics is not None:
+                logger.info("arm %s: done before, reusing its metrics", arm.run.out)
+            planned.append((arm, metrics))
+            if metrics is None and not report_only:
+                yield arm
+
+    try:
+        trained = iter(run_jobs(_train_arm, to_train(), 1 if report_only else jobs, describe=lambda a: f"arm {a.run.out}"))
+    finally:
+        _DECODED.clear()  # this process's copy of the last target
+    arms, failed, missing = [], [], []
+    for arm, metrics in planned:
+        if metrics is None and report_only:
+            missing.append(arm.labels())
+            continue
+        if metrics is None:
+            metrics = next(trained)
+        if "error" in metrics:
+            failed.append({**arm.labels(), "error": metrics["error"]})
+        else:
+            arms.append(_arm_row(arm, metrics))
     result = {"arms": arms, "summary": summarize(arms), "refused": refused, "failed": failed,
               "leakage_checks": checks, "config": to_dict(cfg)}
-    _write_report(out, result)
+    if report_only:
+        result["missing"] = missing
+    if num_parts > 1:
+        result["part"] = {"part": part, "num_parts": num_parts}
+        out = out / "parts" / f"part{part}-of-{num_parts}"
+    write_report(out, result)
     return result
 
 
-def _run_arm(cfg, spec, target, init, strategy, budget_name, budget, seed) -> dict[str, Any]:
-    run = _arm_config(cfg, spec, init, strategy, budget, seed, arm_dir(cfg.out, spec.name, init, strategy, budget_name, seed))
-    metrics = _done(run)
-    if metrics is None:
-        logger.info("arm %s", run.out)
-        try:
-            metrics = run_finetune(run, target=target).metrics
-        except BudgetTooLargeError:
-            raise  # refuses the whole budget (run_study)
-        except (NonFiniteLossError, ValueError) as e:
-            # A diverging arm (NaN loss) or one refused by its own checks must not stop the other
-            # arms, nor every resume: it is reported as failed, and retried by the next resume.
-            logger.error("arm %s failed: %s", run.out, e)
-            return {"target": spec.name, "init": init, "strategy": strategy, "budget": budget_name, "seed": seed,
-                    "run_dir": str(run.out), "error": f"{type(e).__name__}: {e}"}
-    else:
-        logger.info("arm %s: done before, reusing its metrics", run.out)
-    test = metrics["test"]
+def _train_arm(arm: _Arm) -> dict[str, Any]:
+    """Train one arm, here or in a ``--jobs`` worker: its metrics, or ``{"error": ...}``."""
+    logger.info("arm %s", arm.run.out)
+    target = _decoded_target(arm.spec, arm.run.task, arm.run.max_side)
+    try:
+        return run_finetune(arm.run, target=target).metrics
+    except (NonFiniteLossError, ValueError) as e:
+        # A diverging arm (NaN loss) or one refused by its own checks must not stop the other
+        # arms, nor every resume: it is reported as failed, and retried by the next resume.
+        logger.error("arm %s failed: %s", arm.run.out, e)
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _arm_row(arm: _Arm, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The arm's line of ``report.json``: sizes, best epoch, dropped images, headline test metrics."""
+    test, headline = metrics["test"], TASK_REPORTS[arm.run.task][0]
     return {
-        "target": spec.name, "init": init, "strategy": strategy, "budget": budget_name, "seed": seed,
+        "target": arm.spec.name, "init": arm.init, "strategy": arm.strategy, "budget": arm.budget, "seed": arm.seed,
         "n_train": sum(metrics["data"]["counts"]["train_used"].values()), "n_test": test["n"],
         # Few-shot arms still choose their epoch on the whole validation split: record its size.
         "n_val": sum(metrics["data"]["counts"]["val"].values()),
-        "best_epoch": metrics["best_epoch"], "run_dir": str(run.out),
+        "best_epoch": metrics["best_epoch"], "run_dir": str(arm.run.out),
         "dropped": {k: len(v) for k, v in metrics["data"]["dropped"].items()},
-        **{m: test[m] for m in TASK_REPORTS[run.task][0]},
-        "ci": {m: test["ci"][m] for m in TASK_REPORTS[run.task][0] if m in test.get("ci", {})},
+        **{m: test[m] for m in headline},
+        "ci": {m: test["ci"][m] for m in headline if m in test.get("ci", {})},
     }
-
-
-def summarize(arms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per target x init x strategy x budget: mean and sample standard deviation over seeds of each
-    headline metric, and the mean of the seeds' bootstrap interval bounds."""
-    groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
-    for a in arms:
-        groups[(a["target"], a["init"], a["strategy"], a["budget"])].append(a)
-    rows = []
-    for (target, init, strategy, budget), members in groups.items():
-        row = {"target": target, "init": init, "strategy": strategy, "budget": budget, "seeds": len(members),
-               "n_train": float(np.mean([m["n_train"] for m in members]))}
-        if all("n_val" in m for m in members):
-            row["n_val"] = float(np.mean([m["n_val"] for m in members]))
-        for name in [m for m in HEADLINE + SEGMENTATION_HEADLINE if m in members[0]]:
-            values = np.array([m[name] for m in members], dtype=float)
-            row[name] = {"mean": float(np.nanmean(values)),
-                         "sd": float(np.nanstd(values, ddof=1)) if len(values) > 1 else float("nan")}
-            cis = [m["ci"][name] for m in members if name in m.get("ci", {})]
-            if cis:
-                row[name]["ci_low"] = float(np.mean([c["low"] for c in cis]))
-                row[name]["ci_high"] = float(np.mean([c["high"] for c in cis]))
-        rows.append(row)
-    return rows
-
-
-# ------------------------------------------------------------------------------------ report
-def _fmt(stat: Mapping[str, float]) -> str:
-    sd = "" if math.isnan(stat["sd"]) else f" ± {stat['sd']:.3f}"
-    ci = f" [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]" if "ci_low" in stat else ""
-    return f"{stat['mean']:.3f}{sd}{ci}"
-
-
-def _write_report(out: Path, result: dict[str, Any]) -> None:
-    atomic_write_text(out / "report.json", json.dumps(result, indent=1, allow_nan=True) + "\n")
-    lines = ["# Transfer study report", "",
-             "Test metrics: mean ± standard deviation over seeds, [mean of the seeds' bootstrap 95% intervals].",
-             "Each arm's test split is the same for all inits and budgets of its target.", ""]
-    _, columns, (score, score_label) = TASK_REPORTS[result["config"].get("task", "classification")]
-    for target in dict.fromkeys(r["target"] for r in result["summary"]):
-        rows = [r for r in result["summary"] if r["target"] == target]
-        dropped = next(a["dropped"] for a in result["arms"] if a["target"] == target)
-        left_out = (f"Left out of every arm: {dropped['label_conflicts']} images with conflicting labels, "
-                    f"{dropped['near_copies_of_test']} training/validation near-copies of test images.")
-        lines += [f"## {target}", "", left_out, "",
-                  "| init | strategy | budget | train images | validation images | seeds | "
-                  + " | ".join(title for title, _ in columns) + " |", "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['init']} | {r['strategy']} | {r['budget']} | {r['n_train']:.0f} | {r.get('n_val', float('nan')):.0f} | {r['seeds']} | "
-                  + " | ".join(_fmt(r[m]) for _, m in columns) + " |" for r in rows]
-        eff = report.plot_label_efficiency(rows, out / "plots" / f"label_efficiency_{_slug(target)}.png",
-                                           metric=columns[0][1], title=target)
-        target_arms = [a for a in result["arms"] if a["target"] == target]
-        largest = max(target_arms, key=lambda a: a["n_train"])["budget"]  # the curves of the most labels
-        curves = report.plot_study_learning_curves(
-            target_arms, out / "plots" / f"learning_curves_{_slug(target)}.png", budget=largest, title=target,
-            score=score, score_label=score_label)
-        lines += ["", f"![label efficiency]({eff.relative_to(out)})", f"![learning curves]({curves.relative_to(out)})", ""]
-    if result["refused"]:
-        lines += ["## Refused arms", "", "| target | init | reason |", "|---|---|---|"]
-        lines += [f"| {r['target']} | {r['init']} | {r['reason']} |" for r in result["refused"]]
-        lines.append("")
-    if result.get("failed"):
-        lines += ["## Failed arms (not in the tables; a resume retries them)", "",
-                  "| target | init | strategy | budget | seed | error |", "|---|---|---|---|---|---|"]
-        lines += [f"| {a['target']} | {a['init']} | {a['strategy']} | {a['budget']} | {a['seed']} | {a['error']} |"
-                  for a in result["failed"]]
-        lines.append("")
-    if result.get("leakage_checks"):
-        lines += ["## Pre-training leakage checks", "",
-                  "Test images (or near-copies) found in the pre-training corpus of each medical init.", "",
-                  "| target | init | corpus | test images | in corpus |", "|---|---|---|---|---|"]
-        lines += [f"| {c['target']} | {c['init']} | `{Path(c['corpus']).name}` | {c['n_test']} | {c['n_leaked']} |"
-                  for c in result["leakage_checks"]]
-        lines.append("")
-    lines += ["Per-arm confusion matrices, ROC curves and reliability diagrams: `runs/<target>/<init>/<strategy>/<budget>/seed<k>/plots/`.", ""]
-    atomic_write_text(out / "report.md", "\n".join(lines))
