@@ -155,3 +155,19 @@ def test_import_openmednet_does_no_work():
     assert seen["at_import"] == {"env": [], "cards": [], "timm": False}
     assert seen["at_lookup"]["env"] == ["OPENMEDNET_WEIGHTS_DIR"]
     assert "mednet_gray.sup_cpu64_v1.json" in seen["at_lookup"]["cards"]
+
+
+def test_segmentation_models_pytorch_is_imported_by_segmentation_work_only():
+    """segmentation-models-pytorch (which imports timm: seconds) loads when a U-Net, its loss or
+    its metrics are built, not at ``import openmednet``, classification fine-tuning or even
+    ``openmednet.eval.segmentation`` (review finding)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, openmednet, openmednet.eval.finetune, openmednet.eval.segmentation\n"
+            "print('segmentation_models_pytorch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "False"

@@ -132,3 +132,13 @@ def test_finetune_cli_then_study_on_real_pairs(lgg_dir, tmp_path):
         report = run_study(load_config(StudyConfig, tmp_path / "study.yaml"))
     assert len(report["arms"]) == 1 and not report["failed"] and "dice_mean" in report["summary"][0]
     assert "Dice (foreground)" in (tmp_path / "study" / "report.md").read_text()
+
+
+# Regression (review finding): without segmentation-models-pytorch the U-Net failed with a bare
+# ModuleNotFoundError; now the error says how to install it.
+def test_a_missing_segmentation_models_pytorch_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "segmentation_models_pytorch", None)  # "not installed"
+    with pytest.raises(ImportError, match=r'pip install "segmentation-models-pytorch>=0.6"'):
+        build_segmentation_model("scratch:mednet_test", 2, 1)
+    with pytest.raises(ImportError, match="segmentation-models-pytorch"):
+        pixel_stats(torch.zeros(4, 4), torch.zeros(4, 4), 2)

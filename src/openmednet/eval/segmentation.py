@@ -58,6 +58,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -155,10 +156,27 @@ class SegmentationNet(nn.Module):
         return self.head["segmentation_head"](self.head["decoder"](self.encoder(x)))
 
 
-def _unet(card: dict[str, Any]) -> nn.Module:
-    import segmentation_models_pytorch as smp
+def _smp() -> ModuleType:
+    """``segmentation_models_pytorch``, imported on first use (U-Net, Dice loss, pixel counts).
 
-    return smp.Unet(f"tu-{card['encoder']}", encoder_weights=None, in_channels=card["in_chans"],
+    Not at module import: it imports timm (seconds), and importing this module (the CLI, serve,
+    classification fine-tuning) needs neither. ``tests/test_import_boundaries.py`` pins this.
+
+    Raises:
+        ImportError: it is not installed (a dependency of openmednet, so a partial install), with the fix.
+    """
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError as e:
+        raise ImportError(
+            f"segmentation needs segmentation-models-pytorch, which openmednet depends on but cannot import "
+            f'here ({e}): pip install "segmentation-models-pytorch>=0.6" (or reinstall openmednet)'
+        ) from e
+    return smp
+
+
+def _unet(card: dict[str, Any]) -> nn.Module:
+    return _smp().Unet(f"tu-{card['encoder']}", encoder_weights=None, in_channels=card["in_chans"],
                     classes=card["num_classes"], decoder_channels=tuple(card["decoder_channels"]), **card["encoder_args"])
 
 
@@ -296,9 +314,7 @@ class DiceCELoss(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        import segmentation_models_pytorch as smp
-
-        self.dice = smp.losses.DiceLoss(mode="multiclass", from_logits=True)
+        self.dice = _smp().losses.DiceLoss(mode="multiclass", from_logits=True)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits = logits.float()
@@ -308,9 +324,7 @@ class DiceCELoss(nn.Module):
 def pixel_stats(pred: Tensor, target: Tensor, num_classes: int) -> np.ndarray:
     """``(3, K)`` int64 pixel counts ``[TP, FP, FN]`` per class of one ``(H, W)`` prediction
     (smp.metrics.get_stats, multiclass)."""
-    import segmentation_models_pytorch as smp
-
-    tp, fp, fn, _ = smp.metrics.get_stats(pred[None].long(), target[None].long(), mode="multiclass", num_classes=num_classes)
+    tp, fp, fn, _ = _smp().metrics.get_stats(pred[None].long(), target[None].long(), mode="multiclass", num_classes=num_classes)
     return torch.stack([tp[0], fp[0], fn[0]]).numpy().astype(np.int64)
 
 
