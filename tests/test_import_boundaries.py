@@ -34,9 +34,10 @@ def _layer(module_path: Path) -> str:
     return rel.parts[0].removesuffix(".py")
 
 
-def _imported_layers(path: Path) -> set[str]:
+def _imported_modules(path: Path) -> set[str]:
+    """Dotted names of the ``openmednet`` modules ``path`` imports (function-level imports too)."""
     tree = ast.parse(path.read_text())
-    layers = set()
+    modules = set()
     for node in ast.walk(tree):
         names = []
         if isinstance(node, ast.Import):
@@ -47,11 +48,12 @@ def _imported_layers(path: Path) -> set[str]:
                 names = [".".join(("openmednet", *base, node.module or ""))]
             elif node.module:
                 names = [node.module]
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "openmednet" and len(parts) > 1 and parts[1]:
-                layers.add(parts[1])
-    return layers
+        modules.update(name.rstrip(".") for name in names if name.startswith("openmednet."))
+    return modules
+
+
+def _imported_layers(path: Path) -> set[str]:
+    return {name.split(".")[1] for name in _imported_modules(path)}
 
 
 def _modules():
@@ -67,6 +69,29 @@ def test_imports_go_one_way(path):
         if other != layer and other not in BASE and other not in ALLOWED[layer]
     }
     assert not bad, f"{path.relative_to(PKG)} ({layer}) imports {sorted(bad)}"
+
+
+# The training engine knows no task (issue 10): its loop, step and callbacks compose pre-training and
+# fine-tuning alike, so they import no task (eval, quickstart, engine.pretrain*) and no objective (ssl).
+ENGINE_CORE = ("loop", "callbacks", "trainer", "checkpoint", "distributed", "precision", "optim", "monitor", "plots")
+TASKS = ("openmednet.eval", "openmednet.quickstart", "openmednet.cli", "openmednet.ssl",
+         "openmednet.engine.pretrain", "openmednet.engine.pretrain_module")
+
+
+def _task_imports(path: Path) -> list[str]:
+    return sorted(m for m in _imported_modules(path) if any(m == t or m.startswith(t + ".") for t in TASKS))
+
+
+@pytest.mark.parametrize("name", ENGINE_CORE)
+def test_engine_core_knows_no_task(name):
+    bad = _task_imports(PKG / "engine" / f"{name}.py")
+    assert not bad, f"engine/{name}.py imports the task or objective module(s) {bad}"
+
+
+def test_engine_core_check_sees_a_lazy_task_import(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from openmednet.eval.finetune import run_finetune\n    import openmednet.engine.pretrainer\n")
+    assert _task_imports(probe) == ["openmednet.eval.finetune"]  # a module name, not a string prefix
 
 
 def test_nothing_imports_cli():

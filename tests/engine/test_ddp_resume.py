@@ -76,7 +76,7 @@ def _outcome(fn) -> str:
 
 def _fit(dist, run_dir: Path, *, resume: bool = False, stop_at: int | None = None, hide_len: bool = False):
     from openmednet.data.loader import build_loader
-    from openmednet.engine.trainer import fit
+    from openmednet.engine.loop import fit
 
     def stop(state, model) -> None:
         if state.step == stop_at:
@@ -99,7 +99,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     from openmednet.data.loader import build_loader
     from openmednet.engine.checkpoint import load_checkpoint
     from openmednet.engine.distributed import DistEnv
-    from openmednet.engine.trainer import evaluate, fit
+    from openmednet.engine.loop import fit
+    from openmednet.engine.trainer import evaluate
 
     out_dir = Path(out)
     dist = DistEnv.from_env(device="cpu", timeout_s=60)

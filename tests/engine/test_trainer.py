@@ -10,16 +10,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from openmednet.engine.callbacks import MetricsLog, _resume
 from openmednet.engine.checkpoint import load_checkpoint
 from openmednet.engine.distributed import DistEnv
+from openmednet.engine.loop import fit
 from openmednet.engine.trainer import (
     LossOutput,
-    MetricsLog,
     NonFiniteLossError,
     TrainState,
-    _resume,
     evaluate,
-    fit,
     train_one_epoch,
 )
 

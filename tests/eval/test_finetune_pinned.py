@@ -6,10 +6,10 @@ over ``engine.trainer.train_one_epoch``) and checked to be identical run to run 
 CPU (fp32, one intra-op thread: ``tests/conftest.py``). Each run checks its per-epoch history
 (train loss, validation score and loss, learning rate: exact floats, as ``history.json`` stores
 them), the best epoch, a SHA-256 of the saved weights (every tensor, in key order) and a SHA-256 of
-the test outputs (``predictions.csv`` or ``per_image.csv``). They cover classification ``full``,
-FixMatch and one pseudo-label round (teacher and a noisy student), both of which restore an
-earlier best epoch's weights, and segmentation (Dice model choice), which early stopping ends
-before its last epoch.
+the test outputs (``predictions.csv`` or ``per_image.csv``). They cover classification ``full``
+(also with ``channels_last``: NHWC inputs, NCHW weights), FixMatch and one pseudo-label round
+(teacher and a noisy student), both of which restore an earlier best epoch's weights, and
+segmentation (Dice model choice), which early stopping ends before its last epoch.
 
 If a change is meant to alter the numbers (a new default, a fixed defect), regenerate them with
 ``python tests/eval/test_finetune_pinned.py`` and say why in the commit.
@@ -59,6 +59,9 @@ def _configs(brain: Path, unlabelled: Path, lgg: Path, out: Path) -> dict[str, F
     cls = {**base, "data": brain, "given_splits": False, "test_fraction": 0.25}
     return {
         "full": FinetuneConfig(**cls, out=out / "full", epochs=4, patience=1, warmup_epochs=1),
+        # NHWC inputs to the NCHW weights (fp32 here): converting the weights too changes the last bits.
+        "full_channels_last": FinetuneConfig(**cls, out=out / "full_cl", epochs=2, patience=1, warmup_epochs=1,
+                                             channels_last=True),
         "fixmatch": FinetuneConfig(**cls, out=out / "fixmatch", epochs=2, patience=2, per_class=3, semi="fixmatch",
                                    unlabelled=(str(unlabelled),), semi_threshold=0.5),
         "pseudo_label": FinetuneConfig(**cls, out=out / "pseudo", epochs=2, patience=2, per_class=3, semi="pseudo_label",
@@ -105,6 +108,15 @@ PINNED: dict[str, dict] = {
         "weights_sha256": "2878e09bfcf0185d880936b53a7a9461daf8c1745edcc3b9e037e065bd528deb",
         "test_sha256": "ad72b9ce753974716f4a44718597713a7ea98b299d630ae0a20c6c6073889333",
     },
+    "full_channels_last": {
+        "history": [
+            {"epoch": 1, "train_loss": 0.750966455255236, "val_auroc": 1.0, "val_loss": 0.7006475085009534, "lr": 0.001},
+            {"epoch": 2, "train_loss": 0.5952229584966388, "val_auroc": 1.0, "val_loss": 0.6083566518072616, "lr": 0.0},
+        ],
+        "best_epoch": 2,
+        "weights_sha256": "c6efdcba8693d89e91e2879781fb26e5c4ffb9389c94142883adcc30cd26369c",
+        "test_sha256": "2629134aef2d281444366f66b69a4782526c1620c76e2419193987139045eeeb",
+    },
     "fixmatch": {
         "history": [
             {"epoch": 1, "train_loss": 1.3266327381134033, "val_auroc": 0.75, "val_loss": 0.6456979301910221, "lr": 0.001},
@@ -141,7 +153,7 @@ def data(shared_data: Path, seg_subset, tmp_path_factory: pytest.TempPathFactory
     return brain, unlabelled, seg_subset(tmp_path_factory.mktemp("lgg"), patients=5)
 
 
-@pytest.mark.parametrize("name", ["full", "fixmatch", "pseudo_label", "segmentation"])
+@pytest.mark.parametrize("name", ["full", "full_channels_last", "fixmatch", "pseudo_label", "segmentation"])
 def test_finetune_outputs_are_pinned(name: str, data, tmp_path: Path) -> None:
     cfg = _configs(*data, tmp_path)[name]
     with warnings.catch_warnings():

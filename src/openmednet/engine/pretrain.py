@@ -2,7 +2,7 @@
 
 ``run_pretraining(cfg)`` is the only place that reads a ``PretrainConfig``: it builds the backbone,
 the objective, the loaders, the optimizer and schedule, the k-NN monitor, and hands plain arguments
-to ``engine.trainer.fit``. The same call runs in one process or under torchrun::
+to ``engine.loop.fit``. The same call runs in one process or under torchrun::
 
     openmednet pretrain --corpus corpora/gray64 --out runs/gray-sup --objective supervised
     torchrun --nproc_per_node 8 -m openmednet pretrain --corpus ... --out ... --config configs/x.yaml
@@ -45,9 +45,10 @@ from torch import Tensor, nn
 
 from openmednet._errors import look_up_option
 from openmednet.config import save_config, to_dict
+from openmednet.engine.callbacks import CHECKPOINT_LAST
 from openmednet.engine.distributed import DistEnv, unwrap_model
+from openmednet.engine.loop import fit
 from openmednet.engine.pretrain_module import PretrainModule, SupervisedHeads, pretrain_loss
-from openmednet.engine.trainer import CHECKPOINT_LAST, fit
 
 __all__ = [
     "OBJECTIVES",

@@ -40,12 +40,10 @@ to luma. Both are warned, never silent.
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
 import logging
-import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -63,11 +61,13 @@ from openmednet.config import save_config, to_dict
 from openmednet.data.datasets import LabelledDataset
 from openmednet.data.loader import build_loader
 from openmednet.data.transforms import build_transform
+from openmednet.engine.callbacks import EarlyStopping
 from openmednet.engine.distributed import DistEnv
 from openmednet.engine.inputs import EvalInputs
+from openmednet.engine.loop import fit
 from openmednet.engine.optim import OPTIMIZERS, build_optimizer, build_scheduler
 from openmednet.engine.precision import resolve_precision
-from openmednet.engine.trainer import PRECISIONS, LossOutput, train_one_epoch
+from openmednet.engine.trainer import PRECISIONS, LossOutput
 from openmednet.eval import report
 from openmednet.eval.leakage import (
     check_pretraining_leakage,
@@ -457,15 +457,6 @@ def _auroc_val_score(model: nn.Module, loader: DataLoader, device: torch.device)
     return {"val_auroc": auroc, "val_loss": loss}
 
 
-def _better(score: tuple[float, float], best: tuple[float, float] | None) -> bool:
-    # Higher AUROC wins; ties (tiny validation sets often reach 1.0) go to the lower loss.
-    if best is None:
-        return True
-    auc, loss = (-math.inf if math.isnan(score[0]) else score[0]), score[1]
-    best_auc, best_loss = (-math.inf if math.isnan(best[0]) else best[0]), best[1]
-    return auc > best_auc or (auc == best_auc and loss < best_loss)
-
-
 def _class_weights(y_train: np.ndarray, k: int) -> Tensor:
     from sklearn.utils.class_weight import compute_class_weight
 
@@ -474,7 +465,8 @@ def _class_weights(y_train: np.ndarray, k: int) -> Tensor:
 
 def _train(model, loaders, cfg: FinetuneConfig, weights: Tensor | None, dist: DistEnv,
            precision: str, channels_last: bool, loss_fn=None, val_score=None) -> tuple[list[dict], int]:
-    """Epoch loop with early stopping; leaves the best weights in ``model``. Returns (history, best epoch).
+    """Fine-tune ``model`` on the engine's loop (``engine.loop.fit``) with early stopping; leaves the
+    best weights in ``model``. Returns ``(history, best epoch)``, epochs counted from 1.
 
     ``precision`` and ``channels_last`` are the resolved values (``resolve_precision``); ``loss_fn``
     replaces the cross-entropy ``compute_loss`` (FixMatch, ``openmednet.eval.semi``; segmentation's
@@ -489,34 +481,19 @@ def _train(model, loaders, cfg: FinetuneConfig, weights: Tensor | None, dist: Di
     steps = len(loaders["train"])
     scheduler = build_scheduler(optimizer, total_steps=cfg.epochs * steps, warmup_steps=cfg.warmup_epochs * steps)
     weights = None if weights is None else weights.to(dist.device)
-    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-    scaler = torch.amp.GradScaler(dist.device.type) if precision == "fp16" else None
 
     def compute_loss(m: nn.Module, batch: tuple[Tensor, Tensor]) -> LossOutput:
         x, y = batch
         return LossOutput(F.cross_entropy(m(x), y, weight=weights), n=len(y))
 
-    history, best, best_state, best_epoch, stale = [], None, None, 0, 0
-    for epoch in range(1, cfg.epochs + 1):
-        train_metrics = train_one_epoch(
-            model, loaders["train"], optimizer, loss_fn or compute_loss, epoch=epoch, dist=dist,
-            scheduler=scheduler, scaler=scaler, precision=precision, channels_last=channels_last,
-        )
-        scores = (val_score or _auroc_val_score)(model, loaders["val"], dist.device)
-        history.append({"epoch": epoch, "train_loss": train_metrics["loss"], **scores, "lr": train_metrics["lr"]})
-        logger.info("epoch %d: train loss %.4f, %s", epoch, train_metrics["loss"],
-                    ", ".join(f"{name} {value:.4f}" for name, value in scores.items()))
-        score = (next(v for name, v in scores.items() if name != "val_loss"), scores["val_loss"])
-        if _better(score, best):
-            best, best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                logger.info("early stop: no better validation score for %d epochs", stale)
-                break
-    model.load_state_dict(best_state)
-    return history, best_epoch
+    score = val_score or _auroc_val_score
+    stopping = EarlyStopping(lambda m: score(m, loaders["val"], dist.device), cfg.patience)
+    records = fit(model, loaders["train"], optimizer, loss_fn or compute_loss, epochs=cfg.epochs, dist=dist,
+                  scheduler=scheduler, precision=precision, channels_last=channels_last, convert_model=False,
+                  callbacks=[stopping], first_epoch=1)
+    history = [{"epoch": r["epoch"], "train_loss": r["train/loss"], **{k: r[k] for k in r if k.startswith("val_")},
+                "lr": r["train/lr"]} for r in records]
+    return history, stopping.best_epoch
 
 
 # ------------------------------------------------------------------------------------ outputs

@@ -62,6 +62,7 @@ from openmednet.data.datasets import LabelledDataset
 from openmednet.data.loader import build_loader
 from openmednet.data.semi import StrongAugment, UnlabelledDataset
 from openmednet.data.transforms import MultiViewTransform
+from openmednet.engine.callbacks import better_score
 from openmednet.engine.trainer import LossOutput, set_loader_epoch
 from openmednet.eval.unlabelled import REST_OF_TRAIN, UnlabelledSet, drop_test_near_copies, load_unlabelled, rest_of_train
 from openmednet.utils import atomic_write, atomic_write_text, seed_everything
@@ -351,11 +352,9 @@ def _save_round(folder: Path, model: nn.Module, record: dict[str, Any], pseudo_r
 
 
 def _best_round(records: list[dict[str, Any]]) -> dict[str, Any]:
-    from openmednet.eval.finetune import _better
-
     best, chosen = None, records[0]
     for r in records:
-        if _better((r["val_auroc"], r["val_loss"]), best):
+        if better_score((r["val_auroc"], r["val_loss"]), best):
             best, chosen = (r["val_auroc"], r["val_loss"]), r
     return chosen
 
