@@ -40,6 +40,9 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -69,9 +72,20 @@ def threads_per_job(n_jobs: int, total: int | None = None) -> int:
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+    # A parent killed outright (SIGKILL, a timeout) cannot stop its workers; without this each
+    # would finish its job for nobody. A job writes its completion marker last, so none is left
+    # looking finished.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
     # Workers keep warnings and errors; per-epoch INFO lines of concurrent jobs would interleave,
     # so progress is the parent's one line per finished job.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s [job worker %(process)d] %(name)s: %(message)s")
+
+
+def _exit_with(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])  # ready when the parent process has ended
+    os._exit(1)
 
 
 def _timed(fn: Callable[[J], R], job: J) -> tuple[R, float]:
