@@ -19,6 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from openmednet.data.corpus import build_corpus
+from openmednet.data.shards import CorpusArrays
+from openmednet.data.sources import SourceSpec
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc")
 
 # Each task waits until `n` workers hold one, so the pool's workers are all seen.
@@ -138,3 +142,76 @@ def test_a_build_with_forkserver_workers_decodes_every_image(shared_data, tmp_pa
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.splitlines()[-1]) == {"images": 5, "skipped": {}, "same": True}
+
+
+# --- the channel census decodes in the isolated workers ------------------------------------------
+
+
+def _covid_folder(shared_data: Path, dst: Path, n: int, rename: dict[int, str] | None = None) -> Path:
+    dst.mkdir()
+    for i, p in enumerate(sorted((shared_data / "gray/pretrain/covid_cxr_figure1/images").glob("*.jpg"))[:n]):
+        shutil.copy(p, dst / (rename or {}).get(i, p.name))
+    return dst
+
+
+def test_a_decoder_crash_in_the_channel_census_costs_one_sample(shared_data, tmp_path, monkeypatch):
+    """Finding: the census decoded its sample in the build process, outside the isolated workers;
+    a file that kills its decoder would have killed the build."""
+    from openmednet.data.corpus import _census, _decode
+
+    src = _covid_folder(shared_data, tmp_path / "files", 5, {2: "crash_me.jpg"})
+    build = os.getpid()
+
+    def crashing(original):
+        def stand_in(items, *args):
+            if any("crash_me" in d["path"] for d in items):
+                if os.getpid() == build:
+                    raise AssertionError(f"{original.__name__} decoded a file in the build process")
+                os._exit(1)  # what a segfaulting C decoder does to its process
+            return original(items, *args)
+
+        # the pool pickles the function by name: make the stand-in importable under the original name
+        stand_in.__module__, stand_in.__qualname__ = original.__module__, original.__qualname__
+        return stand_in
+
+    monkeypatch.setattr(_census, "sample_is_gray", crashing(_census.sample_is_gray))
+    monkeypatch.setattr(_decode, "process_chunk", crashing(_decode.process_chunk))
+    out = tmp_path / "c"
+    manifest = build_corpus(
+        [SourceSpec("files", src, format="flat")], out, channels="auto", image_size=32, workers=2, chunk_items=2,
+        keep_work_files=True,
+    )  # fmt: skip
+    census = json.loads((out / ".build/census.json").read_text())
+    assert census == {"channels": 1, "sources": {"files": {"items": 5, "test": 0, "gray": 4, "colour": 0}}}
+    assert manifest.stats["skipped"] == {"read_error": 1}
+    assert sorted(Path(r["path"]).name for r in CorpusArrays(out).iter_records()) == sorted(
+        p.name for p in src.iterdir() if p.name != "crash_me.jpg"
+    )
+
+
+def test_hostile_files_in_the_census_sample_are_left_out_and_reported(shared_data, tmp_path):
+    """A bomb, a truncated and an empty file inside the census sample: the census counts only the
+    readable images, and the decode stage reports each file as a skip."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    src = _covid_folder(shared_data, tmp_path / "files", 3)
+    first = sorted(src.iterdir())[0]
+    Image.open(first).convert("L").save(tmp_path / "good.png")
+    png = (tmp_path / "good.png").read_bytes()
+    body = b"IHDR" + struct.pack(">II", 100_000, 100_000) + png[24:29]  # claims 10^10 pixels
+    ihdr = struct.pack(">I", 13) + body + struct.pack(">I", zlib.crc32(body))
+    (src / "z_bomb.png").write_bytes(png[:8] + ihdr + png[33:])
+    jpg = first.read_bytes()
+    (src / "z_truncated.jpg").write_bytes(jpg[: len(jpg) // 3])
+    (src / "z_empty.png").write_bytes(b"")
+    out = tmp_path / "c"
+    manifest = build_corpus(
+        [SourceSpec("files", src, format="flat")], out, channels="auto", image_size=32, workers=2, keep_work_files=True
+    )
+    census = json.loads((out / ".build/census.json").read_text())
+    assert census["sources"]["files"] == {"items": 6, "test": 0, "gray": 3, "colour": 0}
+    assert manifest.num_images == 3
+    assert manifest.stats["skipped"] == {"decompression_bomb": 1, "corrupt": 1, "empty_file": 1}

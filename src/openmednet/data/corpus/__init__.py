@@ -6,7 +6,7 @@
    ``plan.jsonl`` with the build parameters in ``params.json``, both written atomically. The plan
    fixes the item order; a restarted build reuses it and refuses to continue with different
    parameters. A census of the plan (``census.json``: items and test-split items per source, the
-   channel family of ``CHANNEL_SAMPLE`` decoded items per source)
+   channel family of ``CHANNEL_SAMPLE`` decoded items per source, decoded like the sources)
    resolves ``channels="auto"``, refuses explicit channels that would skip most images, and warns
    about sources that look like targets. Before any of it, a source that is an exclusion target is
    refused (``check_sources``, ``_checks``).

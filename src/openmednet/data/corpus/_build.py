@@ -83,7 +83,8 @@ def build_corpus(
         resize_mode: ``"pad"`` (whole image, longer side to ``S``, black borders) or ``"crop"``
             (shorter side to ``S``, centred crop); see ``openmednet.data.images.resize_to_square``.
         exclude: target sets whose images and near copies must never enter the corpus.
-        workers: decoding processes (1 = in this process).
+        workers: decoding processes (1 = in this process), for the channel sample, the sources
+            and the targets.
         shard_size: images per shard.
         num_parts, part: build only part ``part`` of ``num_parts`` (merge with ``merge_parts``).
         seed: seed of the split assignment for sources without splits.
@@ -128,7 +129,7 @@ def build_corpus(
     if not plan_path.is_file():
         write_plan(plan_path, sources, num_parts, part, progress)
     requested = channels
-    channels = plan_channels(work, plan_path, sources, requested, gray_tolerance, fresh)
+    channels = plan_channels(work, plan_path, sources, requested, gray_tolerance, fresh, workers)
     # 2. decode the targets and the sources into chunks
     targets = hash_targets(
         exclude, work, DecodeOptions(None, channels, image_size, resize_mode, gray_tolerance), workers, progress

@@ -148,11 +148,9 @@ def _join_chunk(opts: DecodeOptions, items: list[dict[str, Any]], parts: list[di
     """``join`` of ``run_isolated``: a chunk's result from its one-item results; an item that
     killed its process becomes a ``read_error`` skip."""
     crashed = {"skip": "read_error", "message": "the decoder crashed its process (segfault or out of memory)"}
-    records = [
-        r
-        for d, p in zip(items, parts)
-        for r in (p["records"] if p is not None else [crashed | {"source": d["source"], "path": d["path"], "frame": None}])
-    ]
+    records = []
+    for d, p in zip(items, parts):
+        records += [crashed | {"source": d["source"], "path": d["path"], "frame": None}] if p is None else p["records"]
     images = [p["images"] for p in parts if p is not None and len(p["images"])]
     return {
         "images": np.concatenate(images) if images else _no_images(opts),

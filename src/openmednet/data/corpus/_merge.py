@@ -104,7 +104,9 @@ def merge_parts(
     )  # fmt: skip
     conflicts = stats.pop("label_conflicts") + [c for a in arrays for c in a.manifest.stats.get("label_conflicts", [])]
     merged = stats | {
-        "parts": [{"dir": str(a.root), "images": len(a), "skipped": a.manifest.stats.get("skipped", {})} for a in arrays],
+        "parts": [
+            {"dir": str(a.root), "images": len(a), "skipped": a.manifest.stats.get("skipped", {})} for a in arrays
+        ],
         "skipped": dict(sum((Counter(a.manifest.stats.get("skipped", {})) for a in arrays), Counter())),
         "label_conflicts": conflicts,
         "exclusion": _merge_exclusion([a.manifest.stats.get("exclusion", {}) for a in arrays]),

@@ -1,10 +1,10 @@
 """Worker processes for decoding: they die with the build, and a crashing decoder costs one item.
 
-Decoding the sources and the exclusion targets with more than one worker runs through
-``run_isolated``. Decoders are C code (libjpeg, OpenJPEG, GDCM, ...): a hostile file can
-segfault its process or exhaust its memory. The pool notices the dead worker, and the tasks that
-were in flight are re-run item by item, each in a fresh process, so only the culprit item is
-lost.
+Every decode of untrusted files with more than one worker (the channel census, the sources, the
+exclusion targets) runs through ``run_isolated``. Decoders are C code (libjpeg, OpenJPEG, GDCM,
+...): a hostile file can segfault its process or exhaust its memory. The pool notices the dead
+worker, and the tasks that were in flight are re-run item by item, each in a fresh process, so
+only the culprit item is lost.
 
 Workers must end with the build even when it is killed with SIGKILL: a killed build never shuts
 its pool down, and a forked worker blocked on the task queue never sees EOF (it holds the queue's

@@ -55,7 +55,8 @@ def hash_targets(
         p, b = plan_chunks(plan, tdir, f"t{ti:03d}-chunk", CHUNK_ITEMS)
         paths += p
         batches.append(b)
-    run_chunks(paths, itertools.chain(*batches), specs, {s.name: None for s in specs}, opts, workers, "targets", progress)
+    hints = {s.name: None for s in specs}
+    run_chunks(paths, itertools.chain(*batches), specs, hints, opts, workers, "targets", progress)
     builder = TableBuilder()
     image_names: list[str] = []
     target_idx: list[np.ndarray] = []
