@@ -51,11 +51,11 @@ def _weights(folder: Path, corpus: Path) -> Path:
     return folder
 
 
-def _quickstart(out: Path, weights_dir: Path) -> subprocess.CompletedProcess:
+def _quickstart(out: Path, weights_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OPENMEDNET_WEIGHTS_DIR": str(weights_dir), "OMP_NUM_THREADS": "1", "COLUMNS": "250"}
     cmd = [sys.executable, "-m", "openmednet", "quickstart", "--out", str(out), "--epochs", "1",
-           "--image-size", "32", "--per-class", "0", "--quiet"]
-    return subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+           "--image-size", "32", "--per-class", "0", "--quiet", *extra]
+    return subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     clean = _weights(tmp / "clean_weights", _corpus(tmp / "clean", {"train": (0, 1, 2, 3)}))
     leaky = _weights(tmp / "leaky_weights", _corpus(tmp / "leaky", {"train": (0, 1), "test": LEAKED_TEST_ROWS}))
     out = tmp / "out"
-    first = _quickstart(out, clean)
+    first = _quickstart(out, clean, "--jobs", "2")  # 2 spawned workers of `python -m openmednet`
     first_report = json.loads((out / "report.json").read_text()) if first.returncode == 0 else None
     first_md = (out / "report.md").read_text() if first.returncode == 0 else ""
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")}
@@ -89,6 +89,7 @@ def test_quickstart_compares_three_inits_over_three_seeds(runs: dict) -> None:
         assert f"{a['mean']:.3f} ± {a['sd']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" in line
     assert "leakage check: 0 of 300 test images of pneumoniamnist_demo" in first.stdout
     assert f"report: {runs['out'] / 'report.md'}" in first.stdout and "elapsed:" in first.stdout
+    assert "(2 arms at once)" in first.stdout and "2 arms at once on 1 CPU thread(s) each" in runs["first_md"]
 
 
 def test_scratch_arm_has_the_width_of_the_shipped_weights(runs: dict) -> None:

@@ -11,7 +11,8 @@ sample's untouched test split::
 with full fine-tuning, every training image (300) and 10 per class, 3 seeds, 64 px, training in
 ``precision="auto"`` (bf16 + channels_last where the CPU or GPU runs bf16 natively, else fp32).
 Everything is one ``run_study`` (same splits, same training loop, bootstrap intervals): the study
-directory holds ``report.md`` / ``report.json``, plots and every arm's run directory.
+directory holds ``report.md`` / ``report.json``, plots and every arm's run directory. ``jobs=N``
+(``--jobs N``) trains N arms at once, as ``openmednet study --jobs N`` does (``openmednet.engine.jobs``).
 
 Leakage is checked, not assumed: the demo's test images are compared with the fingerprint of the
 shipped weights' pre-training corpus (``<weights>.corpus.npz``); a hit refuses the MedNet arm and
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 
+from openmednet.engine.jobs import threads_per_job
 from openmednet.eval.study import StudyConfig, run_study
 from openmednet.models import InitSpec, get_pretrained_cfg
 from openmednet.utils import atomic_write_text
@@ -176,7 +178,12 @@ def _precision_note(precision: str, device: str | None) -> str:
     return f"{precision} -> {resolved} ({bf16_support(device)[1]})"
 
 
-def _append_to_report(path: Path, weights: str, elapsed: float, threads: int, precision: str) -> None:
+def _threads_note(threads: int, jobs: int) -> str:
+    """``"2 CPU thread(s)"``, or ``"2 arms at once on 1 CPU thread(s) each"``."""
+    return f"{threads} CPU thread(s)" if jobs == 1 else f"{jobs} arms at once on {threads} CPU thread(s) each"
+
+
+def _append_to_report(path: Path, weights: str, elapsed: float, threads: int, jobs: int, precision: str) -> None:
     """Say in ``report.md`` what produced it: the weights, the sample, the time and precision."""
     text = path.read_text()
     text += (
@@ -184,7 +191,7 @@ def _append_to_report(path: Path, weights: str, elapsed: float, threads: int, pr
         f"`openmednet quickstart`: the shipped weights `{weights}` vs the same architecture from scratch vs "
         f"ImageNet EfficientNet-Lite0, fine-tuned on the embedded PneumoniaMNIST demo sample (MedMNIST v2, "
         f"CC BY 4.0; see `openmednet/assets/demo/ATTRIBUTION.md`). Wall time of this invocation "
-        f"(finished arms of an earlier one are reused): {elapsed:.0f} s on {threads} CPU thread(s), "
+        f"(finished arms of an earlier one are reused): {elapsed:.0f} s, {_threads_note(threads, jobs)}, "
         f"training precision {precision}.\n"
     )
     atomic_write_text(path, text)
@@ -202,6 +209,7 @@ def run_quickstart(
     progress: bool = True,
     n_boot: int = N_BOOT,
     precision: str = "auto",
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run the quick-start comparison into ``out`` (resumable: finished arms are reused).
 
@@ -210,13 +218,16 @@ def run_quickstart(
         seeds, epochs, per_class, batch_size, image_size, device, n_boot, precision: see
             :func:`quickstart_config`.
         progress: log each arm and epoch (INFO); ``False`` keeps only warnings.
+        jobs: arms trained at once, each in its own process with ``1/jobs`` of the threads
+            (``run_study(jobs=...)``: the metrics of a sequential run with as many threads per arm).
 
     Returns:
-        ``{"weights", "rows", "refused", "leakage_checks", "elapsed_s", "threads", "cpu_count",
+        ``{"weights", "rows", "refused", "leakage_checks", "elapsed_s", "threads", "jobs", "cpu_count",
         "report_md", "report_json", "study"}``: ``rows`` are the comparison (per init and budget: ``label``,
         ``n_train``, ``seeds``, ``auroc`` and ``balanced_accuracy`` as ``{"mean", "sd", "ci_low",
-        "ci_high"}``), ``refused`` the arms refused for leakage with their reason (the study logs
-        them too), ``leakage_checks`` every corpus check made, ``study`` the full ``report.json``.
+        "ci_high"}``), ``threads`` the intra-op threads of each arm (``jobs`` arms ran at once),
+        ``refused`` the arms refused for leakage with their reason (the study logs them too),
+        ``leakage_checks`` every corpus check made, ``study`` the full ``report.json``.
 
     Raises:
         FileNotFoundError: no shipped Gray-MedNet weights, or the demo sample is missing.
@@ -229,14 +240,14 @@ def run_quickstart(
     logger.info("quick start: %s vs scratch vs ImageNet on %s, %d seed(s), up to %d epochs",
                 weights, DEMO_NAME, len(cfg.seeds), epochs)
     with _quiet(not progress):
-        study = run_study(cfg)
+        study = run_study(cfg, jobs=jobs)
     elapsed = time.perf_counter() - start
     out = Path(out)
-    threads = torch.get_num_threads()
-    _append_to_report(out / "report.md", weights, elapsed, threads, _precision_note(precision, device))
+    threads = threads_per_job(jobs)
+    _append_to_report(out / "report.md", weights, elapsed, threads, jobs, _precision_note(precision, device))
     return {
         "weights": weights, "rows": _rows(study["summary"], weights), "refused": study["refused"],
         "leakage_checks": study.get("leakage_checks", []), "elapsed_s": elapsed, "threads": threads,
-        "cpu_count": os.cpu_count(), "report_md": out / "report.md", "report_json": out / "report.json",
+        "jobs": jobs, "cpu_count": os.cpu_count(), "report_md": out / "report.md", "report_json": out / "report.json",
         "study": study,
     }
