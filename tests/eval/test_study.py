@@ -167,3 +167,18 @@ def test_a_failing_arm_is_reported_and_the_others_still_run(
     assert failed["seed"] == 1 and "NonFiniteLossError: loss is nan" in failed["error"]
     assert "## Failed arms" in (tmp_path / "out/report.md").read_text()
     assert not (Path(failed["run_dir"]) / "metrics.json").exists()  # the next resume retries it
+
+
+def test_arms_finished_before_a_field_existed_are_reused(study: tuple[Path, StudyConfig, dict], tmp_path: Path) -> None:
+    # Regression: arms saved before FinetuneConfig had `task` were refused as "a different
+    # configuration" after the update, which would have re-run every finished arm of a study.
+    tmp, cfg, result = study
+    shutil.copytree(tmp / "out", tmp_path / "old")
+    for path in (tmp_path / "old/runs").rglob("metrics.json"):
+        metrics = json.loads(path.read_text())
+        del metrics["config"]["task"]
+        path.write_text(json.dumps(metrics))
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "old/runs").rglob("metrics.json")}
+    again = run_study(StudyConfig(**{**cfg.__dict__, "out": tmp_path / "old"}))
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert [r["auroc_macro"] for r in again["summary"]] == [r["auroc_macro"] for r in result["summary"]]

@@ -214,9 +214,16 @@ def _result_config(config: Mapping[str, Any], precision: tuple[str, bool]) -> di
     # do not depend on them) is the same run. Precision compares by what ran: "auto" that resolved
     # to bf16 is the same run as an explicit bf16 (and an AVX2 machine does not reuse bf16 arms for
     # an "auto" that means fp32 there).
+    # A field added to FinetuneConfig after an arm ran compares as its default (the behaviour
+    # that arm had), so a code update does not invalidate finished arms.
+    config = {**_FIELDS_ADDED_LATER, **config}
     out = semi_neutral({k: v for k, v in config.items() if k not in _RESULT_NEUTRAL})  # runs made before `semi`
     out["precision"], out["channels_last"] = precision
     return out
+
+
+#: FinetuneConfig fields that older finished arms lack, with the value that reproduces their behaviour.
+_FIELDS_ADDED_LATER = {"task": "classification"}
 
 
 def _ran_with(metrics: Mapping[str, Any]) -> tuple[str, bool]:
