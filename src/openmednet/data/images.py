@@ -1,4 +1,5 @@
-"""Pure numpy/Pillow utilities on 8-bit images: gray routing, channel conversion, square resize.
+"""Pure numpy/Pillow utilities on 8-bit images: gray routing, channel conversion, square resize,
+the shorter-side cap of decoded targets.
 
 Arrays are ``(H, W)`` gray or ``(H, W, 3)`` RGB, ``uint8``; every function returns ``uint8``.
 """
@@ -116,3 +117,25 @@ def resize_to_square(
     top, left = (size - nh) // 2, (size - nw) // 2
     out[top : top + nh, left : left + nw] = a
     return out
+
+
+def shrink(img: np.ndarray, max_side: int | None,
+           resample: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:
+    """Resize so the shorter side is at most ``max_side`` (aspect kept), to bound memory.
+
+    The cap of decoded targets (``eval.targets``, ``eval.unlabelled``, ``data.segmentation``): the
+    evaluation transform resizes the shorter side and centre-crops, so nothing it uses is lost.
+    Each scaled side is ``round(side * scale)`` (at least 1); an image already within the cap (or
+    ``max_side=None``) is returned as it is, not copied.
+
+    Args:
+        img: ``(H, W)`` or ``(H, W, 3)`` uint8 (a mask ``(H, W)`` with ``resample=NEAREST``).
+        max_side: the cap, ``None`` for none.
+        resample: Pillow resampling filter (``NEAREST`` keeps mask values exact).
+    """
+    if max_side is None or min(img.shape[:2]) <= max_side:
+        return img
+    h, w = img.shape[:2]
+    scale = max_side / min(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(img).resize(size, resample))

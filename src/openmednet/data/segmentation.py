@@ -13,8 +13,8 @@ That object has the attributes the fine-tuning splits and leakage checks read fr
 classification ``TargetSet`` (``labels``, ``label_names``, ``groups``, ``given_splits``, ``ids``,
 ``hashes``, ``fine_hashes``, ``channels``, ``subset``), so the segmentation task runs through the
 same ``prepare_splits`` (group-aware stratified splits, near-copy checks), pre-training leakage
-check and few-shot subsampling as classification (``openmednet.eval.segmentation``); ``data``
-cannot import ``eval``, so the match is by attribute, and the tests pin it.
+check and few-shot subsampling as classification (``openmednet.eval.segmentation``); both are
+``openmednet.data.decoded.DecodedItems`` (``subset``, ``y``), and the tests pin the match.
 
 Its ``labels`` are not classes but **strata** (``mask_strata``): ``"empty"`` for an image
 without foreground, else ``"<class>:small"`` / ``"<class>:large"`` by the largest foreground
@@ -44,8 +44,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from openmednet.data.decoded import GRAY_TOLERANCE, DecodedItems, majority_channels
 from openmednet.data.dedupe import phash64, phash256
-from openmednet.data.images import is_gray_content, to_channels
+from openmednet.data.images import shrink, to_channels
 
 __all__ = [
     "MASKS_CSV",
@@ -64,9 +65,6 @@ logger = logging.getLogger(__name__)
 MASKS_CSV = "masks.csv"
 CLASSES_TXT = "classes.txt"
 EMPTY = "empty"
-# JPEG chroma noise makes "gray saved as RGB" differ by a level or two between channels
-# (the classification loader's tolerance, openmednet.eval.targets.GRAY_TOLERANCE).
-GRAY_TOLERANCE = 3
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -143,7 +141,7 @@ def mask_strata(masks: Sequence[np.ndarray], class_names: Sequence[str]) -> np.n
 
 
 @dataclass
-class SegmentationSet:
+class SegmentationSet(DecodedItems):
     """Decoded image + mask pairs of one segmentation target.
 
     Attributes:
@@ -183,24 +181,9 @@ class SegmentationSet:
         """Sorted strata present (the ``TargetSet.label_names`` the split checks compare with)."""
         return tuple(sorted(set(self.labels.tolist())))
 
-    @property
-    def y(self) -> np.ndarray:
-        """``(N,)`` int64 stratum indices into ``label_names``."""
-        index = {name: k for k, name in enumerate(self.label_names)}
-        return np.asarray([index[v] for v in self.labels], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def subset(self, keep: Sequence[int] | np.ndarray) -> SegmentationSet:
-        """A copy holding only the items ``keep`` (indices or a boolean mask); strata are kept."""
-        idx = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep, dtype=np.int64)
-        return SegmentationSet(
-            images=[self.images[i] for i in idx], masks=[self.masks[i] for i in idx], class_names=self.class_names,
-            groups=[self.groups[i] for i in idx], given_splits=[self.given_splits[i] for i in idx],
-            ids=[self.ids[i] for i in idx], channels=self.channels, hashes=self.hashes[idx],
-            fine_hashes=self.fine_hashes[idx], root=self.root, skipped=dict(self.skipped), labels=self.labels[idx],
-        )
+    # ``y`` (stratum indices), ``len`` and ``subset`` (each item's stratum kept) come from ``DecodedItems``.
+    PER_ITEM_LISTS = ("images", "masks", "groups", "given_splits", "ids")
+    PER_ITEM_ARRAYS = ("hashes", "fine_hashes", "labels")
 
 
 def _rows(root: Path) -> list[dict[str, str]]:
@@ -222,15 +205,10 @@ def _rows(root: Path) -> list[dict[str, str]]:
 
 def _shrink_pair(image: np.ndarray, mask: np.ndarray, max_side: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Shorter side to at most ``max_side``: image bilinear, mask nearest (bounded memory)."""
-    if max_side is None or min(image.shape[:2]) <= max_side:
-        return image, mask
     from PIL import Image
 
-    h, w = image.shape[:2]
-    scale = max_side / min(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return (np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)),
-            np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST)))
+    # The mask has the image's size (checked on reading), so both get the same new size.
+    return shrink(image, max_side), shrink(mask, max_side, Image.Resampling.NEAREST)
 
 
 def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> SegmentationSet:
@@ -272,8 +250,7 @@ def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> Segmen
         warnings.warn(f"{root}: skipped {sum(skipped.values())} undecodable images {dict(skipped)}", stacklevel=2)
     if not images:
         raise ValueError(f"no image of {root} could be decoded ({dict(skipped)})")
-    n_gray = sum(is_gray_content(a, tol=GRAY_TOLERANCE) for a in images)
-    channels = 1 if 2 * n_gray >= len(images) else 3
+    channels, _ = majority_channels(images, GRAY_TOLERANCE)  # the minority is converted below
     pairs = [_shrink_pair(to_channels(a, channels)[0], m, max_side) for a, m in zip(images, masks)]
     images = [np.require(a, requirements=["C", "W"]) for a, _ in pairs]
     masks = [np.require(m, requirements=["C", "W"]) for _, m in pairs]

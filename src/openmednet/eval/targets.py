@@ -27,27 +27,19 @@ from pathlib import Path
 import numpy as np
 
 from openmednet._errors import did_you_mean
+from openmednet.data.decoded import GRAY_TOLERANCE, DecodedItems, majority_channels
 from openmednet.data.dedupe import phash64, phash256
-from openmednet.data.images import is_gray_content, to_channels
+from openmednet.data.images import shrink, to_channels
 from openmednet.data.sources import SourceItem, SourceSpec, iter_source, read_item
 
 __all__ = ["TargetSet", "load_target"]
 
 logger = logging.getLogger(__name__)
 
-# JPEG chroma noise makes "gray saved as RGB" differ by a level or two between channels.
-GRAY_TOLERANCE = 3
-
 
 def _majority_channels(images: list[np.ndarray], root: Path) -> int:
-    """1 if most images have gray content, else 3; warns when the other kind is converted.
-
-    A modality decides a target's channels, not its odd file: a brain MRI set with a few
-    colour-annotated JPEGs (brain_mri_yes_no: 30 of 253) is gray, and those few become gray.
-    """
-    n_gray = sum(is_gray_content(a, tol=GRAY_TOLERANCE) for a in images)
-    channels = 1 if 2 * n_gray >= len(images) else 3
-    minority = len(images) - n_gray if channels == 1 else n_gray
+    """``data.decoded.majority_channels``, warning when the other kind is converted."""
+    channels, minority = majority_channels(images, GRAY_TOLERANCE)
     if minority:
         kind = "colour" if channels == 1 else "gray"
         warnings.warn(
@@ -59,7 +51,7 @@ def _majority_channels(images: list[np.ndarray], root: Path) -> int:
 
 
 @dataclass
-class TargetSet:
+class TargetSet(DecodedItems):
     """Decoded labelled images of one target.
 
     Attributes:
@@ -89,31 +81,9 @@ class TargetSet:
     root: Path
     skipped: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def y(self) -> np.ndarray:
-        """``(N,)`` int64 class indices into ``label_names``."""
-        index = {name: k for k, name in enumerate(self.label_names)}
-        return np.asarray([index[v] for v in self.labels], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def subset(self, keep: Sequence[int] | np.ndarray) -> TargetSet:
-        """A copy holding only the items ``keep`` (indices or a boolean mask); classes are kept."""
-        idx = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep, dtype=np.int64)
-        return TargetSet(
-            images=[self.images[i] for i in idx],
-            labels=self.labels[idx],
-            groups=[self.groups[i] for i in idx],
-            given_splits=[self.given_splits[i] for i in idx],
-            ids=[self.ids[i] for i in idx],
-            label_names=self.label_names,
-            channels=self.channels,
-            hashes=self.hashes[idx],
-            fine_hashes=self.fine_hashes[idx],
-            root=self.root,
-            skipped=dict(self.skipped),
-        )
+    # ``y``, ``len`` and ``subset`` (classes kept) come from ``DecodedItems``.
+    PER_ITEM_LISTS = ("images", "groups", "given_splits", "ids")
+    PER_ITEM_ARRAYS = ("labels", "hashes", "fine_hashes")
 
 
 def _check_paths_exist(items: list[SourceItem], root: Path) -> None:
@@ -148,18 +118,6 @@ def _check_classes(labels: list[str], classes: Sequence[str] | None) -> tuple[st
     if len(counts) < 2:
         raise ValueError(f"a classification target needs at least 2 classes, found {sorted(counts)}")
     return tuple(sorted(classes if classes is not None else counts))
-
-
-def _shrink(img: np.ndarray, max_side: int | None) -> np.ndarray:
-    """Resize so the shorter side is at most ``max_side`` (aspect kept), to bound memory."""
-    if max_side is None or min(img.shape[:2]) <= max_side:
-        return img
-    from PIL import Image
-
-    h, w = img.shape[:2]
-    scale = max_side / min(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR))
 
 
 def _item_id(item: SourceItem, frame: int, n_frames: int, root: Path) -> str:
@@ -239,7 +197,7 @@ def load_target(
     channels = _majority_channels(images, root)
     # Store gray content as (H, W) and colour as (H, W, 3); the transform adapts to the model.
     # np.require: writable, contiguous arrays (Pillow's are read-only; torch.from_numpy wants writable).
-    images = [np.require(_shrink(to_channels(a, channels)[0], max_side), requirements=["C", "W"]) for a in images]
+    images = [np.require(shrink(to_channels(a, channels)[0], max_side), requirements=["C", "W"]) for a in images]
     hashes = np.asarray([phash64(a) for a in images], dtype=np.uint64)
     fine_hashes = np.stack([phash256(a) for a in images])
     target = TargetSet(

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from openmednet.data.dedupe import phash64, phash256
-from openmednet.data.images import to_channels
+from openmednet.data.images import shrink, to_channels
 from openmednet.data.sources import SourceSpec, iter_source, read_item
 from openmednet.eval.splits import find_near_duplicates
-from openmednet.eval.targets import TargetSet, _shrink
+from openmednet.eval.targets import TargetSet
 
 __all__ = ["REST_OF_TRAIN", "UnlabelledSet", "drop_test_near_copies", "load_unlabelled", "rest_of_train"]
 
@@ -100,7 +100,7 @@ def _read_source(root: Path, channels: int, max_side: int | None, skipped: Count
             skipped.update(["permission_denied"])
             continue
         for array, meta in decoded:
-            images.append(np.require(_shrink(to_channels(array, channels)[0], max_side), requirements=["C", "W"]))
+            images.append(np.require(shrink(to_channels(array, channels)[0], max_side), requirements=["C", "W"]))
             rel = item.path.relative_to(base) if item.path.is_relative_to(base) else item.path
             ids.append(f"{root.name}/{rel}" + (f"#{meta.frame}" if len(decoded) > 1 else ""))
     return images, ids, labelled
