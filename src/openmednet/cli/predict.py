@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 TABLE_ROWS = 50
 #: Exit code when some inputs were skipped: scripts must not mistake a partial run for a full one.
 EXIT_SKIPPED = 3
+#: Help of the MODEL argument of ``predict`` and ``serve``: what ``serve.predictor.load_predictor`` accepts.
+MODEL_HELP = (
+    "A fine-tuned run or its model folder, e.g. runs/busi or runs/busi/model (written by "
+    "`openmednet finetune --out runs/busi`, classification or segmentation), or a registered weight "
+    "set with a classifier head."
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -39,11 +45,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("predict")
     def predict_cmd(
-        model: str = typer.Argument(
-            ..., help="A fine-tuned run or its model folder, e.g. runs/busi or runs/busi/model (written by "
-            "`openmednet finetune --out runs/busi`, classification or segmentation), or a registered weight "
-            "set with a classifier head."
-        ),
+        model: str = typer.Argument(..., help=MODEL_HELP),
         inputs: list[Path] = typer.Argument(..., help="Image files (PNG/JPEG/TIFF), DICOM, NIfTI or folders."),
         out: Path | None = typer.Option(
             None, "--out", help="Classifier: write predictions to this CSV file. Segmentation model (required): "

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import typer
 
+from openmednet.cli.predict import MODEL_HELP
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``serve`` command to ``app``."""
 
     @app.command("serve")
     def serve_cmd(
-        model: str = typer.Argument(
-            ..., help="A fine-tuned run or its model folder, e.g. runs/busi or runs/busi/model (written by "
-            "`openmednet finetune --out runs/busi`, classification or segmentation), or a registered weight "
-            "set with a classifier head."
-        ),
+        model: str = typer.Argument(..., help=MODEL_HELP),
         host: str = typer.Option("127.0.0.1", help="Interface to bind; anything but loopback exposes the service."),
         port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
         max_upload_mb: float = typer.Option(32.0, min=0.001, help="Largest accepted upload, in MB."),
