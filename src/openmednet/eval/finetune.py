@@ -512,6 +512,38 @@ def _write_splits(out: Path, target: TargetSet, splits: np.ndarray, used: np.nda
     _write_csv(out / "splits.csv", ["id", "label", "group", "split", "used_for_training", "phash"], rows)
 
 
+def _split_run(cfg: FinetuneConfig, target: Any, out: Path) -> tuple[Any, np.ndarray, dict[str, np.ndarray],
+                                                                   dict[str, list[str]], dict[str, Any] | None]:
+    """The data half of a run, for classification and segmentation (``eval.segmentation``) alike.
+
+    Splits ``target`` (``prepare_splits``: group-aware, stratified by ``labels``, near copies
+    dropped), checks the test split against the init's pre-training corpus, subsamples the
+    training part (``label_fraction`` / ``per_class``) and writes ``splits.csv`` to ``out``.
+
+    Returns:
+        ``(target, splits, idx, dropped, pretraining)``: the target left after the checks, its
+        ``(N,)`` split names, the item indices of each split (``idx["train"]`` the ones trained
+        on), the ids dropped per reason, and the leakage report (``None`` without a corpus).
+    """
+    target, splits, dropped = prepare_splits(target, cfg)
+    pretraining = check_init_corpus(cfg, target, splits)
+    idx = {name: np.flatnonzero(splits == name) for name in ("train", "val", "test")}
+    if cfg.label_fraction is not None or cfg.per_class is not None:
+        idx["train"] = subsample_train(target.labels, idx["train"], fraction=cfg.label_fraction,
+                                       per_class=cfg.per_class, seed=cfg.seed)
+    _write_splits(out, target, splits, idx["train"])
+    return target, splits, idx, dropped, pretraining
+
+
+def _place_model(cfg: FinetuneConfig, model: nn.Module, info: dict[str, Any]) -> tuple[DistEnv, str, bool]:
+    """Move ``model`` to the run's device; ``(dist, precision, channels_last)``, recorded in ``info``."""
+    dist = DistEnv(device=training_device(cfg))
+    precision, channels_last = resolve_precision(cfg.precision, dist.device, cfg.channels_last)
+    info.update(precision=precision, channels_last=channels_last)
+    model.to(dist.device)
+    return dist, precision, channels_last
+
+
 def _write_predictions(out: Path, ids: list[str], target: TargetSet, y: np.ndarray, probs: np.ndarray) -> None:
     # repr() of a float is its shortest round-trip form: the CSV reproduces the probabilities exactly.
     rows = [[ids[i], target.label_names[y[i]], int(y[i])] + [repr(float(p)) for p in probs[i]] for i in range(len(y))]
@@ -620,21 +652,12 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
     if target is None:
         target = load_target(cfg.data, format=cfg.format, csv_file=cfg.csv_file, columns=cfg.columns,
                              label_map=cfg.label_map, classes=cfg.classes, max_side=cfg.max_side)
-    target, splits, dropped = prepare_splits(target, cfg)
-    pretraining = check_init_corpus(cfg, target, splits)
-    idx = {name: np.flatnonzero(splits == name) for name in ("train", "val", "test")}
-    if cfg.label_fraction is not None or cfg.per_class is not None:
-        idx["train"] = subsample_train(target.labels, idx["train"], fraction=cfg.label_fraction,
-                                       per_class=cfg.per_class, seed=cfg.seed)
-    _write_splits(out, target, splits, idx["train"])
+    target, splits, idx, dropped, pretraining = _split_run(cfg, target, out)
 
     model, channels, size, model_info = _build_model(cfg, target)
     if cfg.max_side is not None and size > cfg.max_side:
         warnings.warn(f"input size {size} exceeds max_side={cfg.max_side}: images are upsampled; raise max_side", stacklevel=2)
-    dist = DistEnv(device=training_device(cfg))
-    precision, channels_last = resolve_precision(cfg.precision, dist.device, cfg.channels_last)
-    model_info.update(precision=precision, channels_last=channels_last)
-    model.to(dist.device)
+    dist, precision, channels_last = _place_model(cfg, model, model_info)
     loaders = _make_loaders(cfg, target, idx, model, channels, size)
     weights = _class_weights(target.y[idx["train"]], len(target.label_names)) if cfg.class_weighted else None
     if cfg.semi == "none":

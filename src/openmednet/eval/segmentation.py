@@ -76,13 +76,10 @@ from openmednet.data.segmentation import (
     collate_eval,
     load_segmentation,
 )
-from openmednet.engine.distributed import DistEnv
 from openmednet.engine.inputs import EvalInputs
-from openmednet.engine.precision import resolve_precision
 from openmednet.engine.trainer import LossOutput
 from openmednet.eval import report
 from openmednet.eval.metrics import bootstrap_resamples
-from openmednet.eval.splits import subsample_train
 from openmednet.models import to_features
 from openmednet.utils import atomic_write_text, seed_everything
 
@@ -556,14 +553,12 @@ def run_segmentation(cfg: Any, target: SegmentationSet | None = None) -> Any:
     """
     from openmednet.eval.finetune import (
         FinetuneResult,
+        _place_model,
+        _split_run,
         _train,
-        _write_splits,
-        check_init_corpus,
         check_input_contract,
         prepare_for_transfer,
-        prepare_splits,
         run_contract,
-        training_device,
     )
 
     _check_config(cfg)
@@ -573,13 +568,7 @@ def run_segmentation(cfg: Any, target: SegmentationSet | None = None) -> Any:
     save_config(cfg, out / "config.yaml")
     if target is None:
         target = load_segmentation(cfg.data, max_side=cfg.max_side)
-    target, splits, dropped = prepare_splits(target, cfg)
-    pretraining = check_init_corpus(cfg, target, splits)
-    idx = {name: np.flatnonzero(splits == name) for name in ("train", "val", "test")}
-    if cfg.label_fraction is not None or cfg.per_class is not None:
-        idx["train"] = subsample_train(target.labels, idx["train"], fraction=cfg.label_fraction,
-                                       per_class=cfg.per_class, seed=cfg.seed)
-    _write_splits(out, target, splits, idx["train"])
+    target, splits, idx, dropped, pretraining = _split_run(cfg, target, out)
 
     torch.manual_seed(cfg.seed)  # the decoder's initialisation
     k = len(target.class_names)
@@ -592,10 +581,7 @@ def run_segmentation(cfg: Any, target: SegmentationSet | None = None) -> Any:
     model.pretrained_cfg = run_contract(model, channels, size)
     info.update(prepare_for_transfer(model), input_size=[channels, size, size],
                 mean=list(model.pretrained_cfg.mean), std=list(model.pretrained_cfg.std))
-    dist = DistEnv(device=training_device(cfg))
-    precision, channels_last = resolve_precision(cfg.precision, dist.device, cfg.channels_last)
-    info.update(precision=precision, channels_last=channels_last)
-    model.to(dist.device)
+    dist, precision, channels_last = _place_model(cfg, model, info)
     loaders = _make_loaders(cfg, target, idx, model, channels, size)
     loss_fn = DiceCELoss()
 
