@@ -47,6 +47,9 @@ DEFAULT_MAX_SIDE = 16384
 #: accepted. Without it a 177-byte 100000 x 1 PNG passes a pixel limit, and every later square
 #: resize in "crop" mode blows it up to ``size * 100000 * size`` pixels.
 DEFAULT_MAX_ASPECT = 16.0
+#: Robust percentiles that become 0 and 255 when a medical file carries no display window
+#: (DICOM without VOI LUT/window, NIfTI volumes): a few extreme voxels do not set the contrast.
+PERCENTILES = (0.5, 99.5)
 
 
 class SkipImage(Exception):

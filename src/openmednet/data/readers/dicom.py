@@ -35,6 +35,7 @@ import numpy as np
 from openmednet.data.readers.base import (
     DEFAULT_MAX_ASPECT,
     DEFAULT_MAX_SIDE,
+    PERCENTILES,
     ImageMeta,
     ImageReader,
     ReadResult,
@@ -47,8 +48,6 @@ from openmednet.data.readers.base import (
 
 logger = logging.getLogger(__name__)
 
-#: Robust percentiles used when the file has no window.
-PERCENTILES = (0.5, 99.5)
 
 #: Default limit on rows x columns x frames (a 4k x 4k x 16 cine is 268M); larger files are skipped.
 DEFAULT_MAX_PIXELS = 4096 * 4096 * 16

@@ -27,6 +27,7 @@ import numpy as np
 from openmednet.data.readers.base import (
     DEFAULT_MAX_ASPECT,
     DEFAULT_MAX_SIDE,
+    PERCENTILES,
     ImageMeta,
     ImageReader,
     ReadResult,
@@ -39,7 +40,6 @@ from openmednet.data.readers.base import (
 
 logger = logging.getLogger(__name__)
 
-PERCENTILES = (0.5, 99.5)
 DEFAULT_MAX_VOXELS = 1024**3
 
 
