@@ -9,9 +9,11 @@ from functools import partial
 
 from openmednet.models import baselines  # noqa: F401  (registers the timm baselines)
 from openmednet.models._builder import corpus_fingerprint_file, package_weights_dir
+from openmednet.models._card import ModelCard, read_model_card
 from openmednet.models._factory import create_model, load_pretrained
 from openmednet.models._features import MedNetFeatures, to_features
 from openmednet.models._init_spec import InitSpec
+from openmednet.models._manipulate import adapt_input_conv
 from openmednet.models._pretrained import PretrainedCfg
 from openmednet.models._registry import (
     defer_pretrained_cfgs,
@@ -21,17 +23,10 @@ from openmednet.models._registry import (
     list_pretrained_cfgs,
     register_model,
 )
+from openmednet.models._save import record_corpus_fingerprint, save_pretrained
 from openmednet.models._shipped import register_shipped_weights
 from openmednet.models._timm import install_timm_registration, register_in_timm, save_for_timm
-from openmednet.models._weights import (
-    ModelCard,
-    WeightsUnavailableError,
-    adapt_input_conv,
-    load_weights,
-    read_model_card,
-    record_corpus_fingerprint,
-    save_pretrained,
-)
+from openmednet.models._weights import WeightsUnavailableError, load_weights
 from openmednet.models.mednet import MedNet
 
 # Weights shipped in openmednet/assets/weights (or $OPENMEDNET_WEIGHTS_DIR), registered at the first

@@ -12,7 +12,7 @@ Where weights come from is decided by ``PretrainedCfg.source``:
   verified), or a trusted ``.pth`` together with ``allow_pickle=True``.
 
 After loading, the first conv is adapted when ``in_chans`` differs from the weights' channels and
-the head is re-initialised when ``num_classes`` differs (``_weights.load_state_dict_adapted``).
+the head is re-initialised when ``num_classes`` differs (``_manipulate.load_state_dict_adapted``).
 """
 
 from __future__ import annotations
@@ -29,16 +29,11 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
+from openmednet.models._card import read_model_card, resolve_card_path
+from openmednet.models._manipulate import load_state_dict_adapted
 from openmednet.models._pretrained import PretrainedCfg
 from openmednet.models._registry import get_pretrained_cfg, model_entrypoint
-from openmednet.models._weights import (
-    WeightsUnavailableError,
-    load_state_dict_adapted,
-    load_weights,
-    read_model_card,
-    resolve_card_path,
-    verify_sha256,
-)
+from openmednet.models._weights import WeightsUnavailableError, load_weights, verify_sha256
 
 __all__ = ["build_model", "corpus_fingerprint_file", "package_weights_dir"]
 

@@ -14,9 +14,9 @@ from typing import Any
 from torch import nn
 
 from openmednet.models._builder import build_model
+from openmednet.models._card import read_model_card
 from openmednet.models._features import to_features
 from openmednet.models._registry import model_entrypoint, split_model_name
-from openmednet.models._weights import read_model_card
 
 __all__ = ["create_model", "load_pretrained"]
 

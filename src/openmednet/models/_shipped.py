@@ -20,8 +20,8 @@ import warnings
 from pathlib import Path
 
 from openmednet.models._builder import package_weights_dir
+from openmednet.models._card import read_model_card
 from openmednet.models._registry import model_entrypoint, register_pretrained_cfgs
-from openmednet.models._weights import read_model_card
 
 __all__ = ["register_shipped_weights"]
 

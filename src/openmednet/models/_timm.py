@@ -40,9 +40,11 @@ from typing import Any
 
 from torch import nn
 
+from openmednet.models._card import CARD_FILE, WEIGHTS_FILE, read_model_card
 from openmednet.models._factory import create_model
 from openmednet.models._pretrained import PretrainedCfg
-from openmednet.models._weights import CARD_FILE, WEIGHTS_FILE, WeightsUnavailableError, read_model_card, save_pretrained
+from openmednet.models._save import save_pretrained
+from openmednet.models._weights import WeightsUnavailableError
 from openmednet.models.mednet import variant_cfg
 from openmednet.utils import atomic_write_text
 
