@@ -88,3 +88,35 @@ def seg_model_dir(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("seg_run")
     save_segmentation_model(model.eval(), run / "model", class_names=["background", "flair_abnormality"])
     return run
+
+
+def _brain_subset(shared_data: Path, tmp: Path) -> tuple[Path, Path]:
+    """A tiny real brain MRI target in ``tmp``: 24 labelled images (12 per class, splits drawn) and
+    ``tmp/unlabelled``, 10 other images of the set (semi-supervised and pinned fine-tuning tests).
+
+    The images are copied: ``labels.csv`` paths outside a target's folder are refused.
+    """
+    from PIL import Image
+
+    brain = shared_data / "gray/targets/brain_mri_yes_no"
+    rows = list(csv.DictReader((brain / "labels.csv").read_text().splitlines()))
+    by_class = {c: [r for r in rows if r["label"] == c] for c in ("no", "yes")}
+    with open(tmp / "labels.csv", "w", newline="") as f:
+        f.write("path,label,split,group\n")
+        for c, members in by_class.items():
+            for k, r in enumerate(members[:12]):
+                name = f"{c}{k}{Path(r['path']).suffix}"
+                (tmp / name).write_bytes((brain / r["path"]).read_bytes())
+                f.write(f"{name},{c},,\n")
+    extra = tmp / "unlabelled"
+    extra.mkdir()
+    for c, members in by_class.items():
+        for r in members[12:17]:
+            Image.open(brain / r["path"]).convert("L").save(extra / f"{c}_{Path(r['path']).stem}.png")
+    return tmp, extra
+
+
+@pytest.fixture(scope="session")
+def brain_subset(shared_data):
+    """``brain_subset(dst)``: ``_brain_subset`` of the real brain MRI set into ``dst``."""
+    return lambda dst: _brain_subset(shared_data, dst)

@@ -17,7 +17,6 @@ If a change is meant to alter the numbers (a new default, a fixed defect), regen
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -26,31 +25,10 @@ import warnings
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from safetensors.torch import load_file
 
 from openmednet.eval.finetune import FinetuneConfig, run_finetune
 
-BRAIN = "gray/targets/brain_mri_yes_no"
-
-
-def _brain_subset(shared_data: Path, tmp: Path) -> tuple[Path, Path]:
-    """24 labelled images (12 per class, drawn splits) and a folder of 10 other images of the set."""
-    rows = list(csv.DictReader((shared_data / BRAIN / "labels.csv").read_text().splitlines()))
-    by_class = {c: [r for r in rows if r["label"] == c] for c in ("no", "yes")}
-    with open(tmp / "labels.csv", "w", newline="") as f:  # copies: paths outside the folder are refused
-        f.write("path,label,split,group\n")
-        for c, members in by_class.items():
-            for k, r in enumerate(members[:12]):
-                name = f"{c}{k}{Path(r['path']).suffix}"
-                (tmp / name).write_bytes((shared_data / BRAIN / r["path"]).read_bytes())
-                f.write(f"{name},{c},,\n")
-    extra = tmp / "unlabelled"
-    extra.mkdir()
-    for c, members in by_class.items():
-        for r in members[12:17]:
-            Image.open(shared_data / BRAIN / r["path"]).convert("L").save(extra / f"{c}_{Path(r['path']).stem}.png")
-    return tmp, extra
 
 
 def _configs(brain: Path, unlabelled: Path, lgg: Path, out: Path) -> dict[str, FinetuneConfig]:
@@ -148,8 +126,8 @@ PINNED: dict[str, dict] = {
 
 
 @pytest.fixture(scope="module")
-def data(shared_data: Path, seg_subset, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    brain, unlabelled = _brain_subset(shared_data, tmp_path_factory.mktemp("brain"))
+def data(brain_subset, seg_subset, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    brain, unlabelled = brain_subset(tmp_path_factory.mktemp("brain"))
     return brain, unlabelled, seg_subset(tmp_path_factory.mktemp("lgg"), patients=5)
 
 
@@ -168,7 +146,7 @@ if __name__ == "__main__":  # regenerate: python tests/eval/test_finetune_pinned
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from conftest import SHARED_DATA, _seg_subset
+    from conftest import SHARED_DATA, _brain_subset, _seg_subset
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

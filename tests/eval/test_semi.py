@@ -3,7 +3,6 @@ resume of multi-round runs, FixMatch end to end and the CLI errors, on a tiny re
 
 from __future__ import annotations
 
-import csv
 import json
 import warnings
 from pathlib import Path
@@ -22,32 +21,10 @@ from openmednet.eval.finetune import FinetuneConfig, prepare_splits, run_finetun
 from openmednet.eval.semi import gather_unlabelled, select_pseudo_labels
 from openmednet.eval.targets import load_target
 
-BRAIN = "gray/targets/brain_mri_yes_no"
-
-
-def _rows(shared_data: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader((shared_data / BRAIN / "labels.csv").read_text().splitlines()))
-
-
 @pytest.fixture(scope="module")
-def tiny(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def tiny(brain_subset, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 24-image labelled target (12 per class, drawn splits) and a folder of 10 other images of the set."""
-    tmp = tmp_path_factory.mktemp("semi")
-    rows = _rows(shared_data)
-    by_class = {c: [r for r in rows if r["label"] == c] for c in ("no", "yes")}
-    with open(tmp / "labels.csv", "w", newline="") as f:  # copies: paths outside the target's folder are refused
-        f.write("path,label,split,group\n")
-        for c, members in by_class.items():
-            for k, r in enumerate(members[:12]):
-                name = f"{c}{k}{Path(r['path']).suffix}"
-                (tmp / name).write_bytes((shared_data / BRAIN / r["path"]).read_bytes())
-                f.write(f"{name},{c},,\n")
-    extra = tmp / "unlabelled"
-    extra.mkdir()
-    for c, members in by_class.items():
-        for r in members[12:17]:
-            Image.open(shared_data / BRAIN / r["path"]).convert("L").save(extra / f"{c}_{Path(r['path']).stem}.png")
-    return tmp, extra
+    return brain_subset(tmp_path_factory.mktemp("semi"))
 
 
 def _cfg(data: Path, out: Path, **kw) -> FinetuneConfig:
