@@ -61,8 +61,10 @@ def _plain(value):
     return "nan" if isinstance(value, float) and math.isnan(value) else value
 
 
-def observe(out: Path) -> dict:
-    """The pinned quantities of one finished run directory."""
+def observe(out: Path, shared_data: Path) -> dict:
+    """The pinned quantities of one finished run directory. The segmentation subset's masks.csv
+    lists absolute paths into ``shared_data``, so per_image.csv ids start with wherever that folder
+    lives on this machine: the hash sees them relative to it (CI checks out elsewhere)."""
     metrics = json.loads((out / "metrics.json").read_text())
     history = [{k: _plain(v) for k, v in h.items()} for h in json.loads((out / "history.json").read_text())]
     test_file = out / ("per_image.csv" if metrics.get("task") == "segmentation" else "predictions.csv")
@@ -70,7 +72,7 @@ def observe(out: Path) -> dict:
         "history": history,
         "best_epoch": metrics["best_epoch"],
         "weights_sha256": _sha256_weights(out / "model" / "model.safetensors"),
-        "test_sha256": hashlib.sha256(test_file.read_bytes()).hexdigest(),
+        "test_sha256": hashlib.sha256(test_file.read_text().replace(str(shared_data), "$SHARED_DATA").encode()).hexdigest(),
     }
 
 
@@ -120,7 +122,7 @@ PINNED: dict[str, dict] = {
         ],
         "best_epoch": 1,
         "weights_sha256": "14de3e872d5f9ef3fa8c0a91bcc287d51c1abfea7b2b5843c57a2272ec2330a4",
-        "test_sha256": "fb32c9a53b1032e4c400f83909a9ad7617a4036e499c0077127c04dc45716bdd",
+        "test_sha256": "413c4ad1b99fa236e550d14cfc7fee682741c7045c753af89800b3a5c1f90f6d",
     },
 }
 
@@ -132,12 +134,12 @@ def data(brain_subset, seg_subset, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.mark.parametrize("name", ["full", "full_channels_last", "fixmatch", "pseudo_label", "segmentation"])
-def test_finetune_outputs_are_pinned(name: str, data, tmp_path: Path) -> None:
+def test_finetune_outputs_are_pinned(name: str, data, shared_data: Path, tmp_path: Path) -> None:
     cfg = _configs(*data, tmp_path)[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_finetune(cfg)
-    assert observe(cfg.out) == PINNED[name]
+    assert observe(cfg.out, shared_data) == PINNED[name]
 
 
 if __name__ == "__main__":  # regenerate: python tests/eval/test_finetune_pinned.py [name ...]
@@ -159,5 +161,5 @@ if __name__ == "__main__":  # regenerate: python tests/eval/test_finetune_pinned
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 run_finetune(configs[name])
-            found[name] = observe(configs[name].out)
+            found[name] = observe(configs[name].out, SHARED_DATA)
         print(json.dumps(found, indent=1))
