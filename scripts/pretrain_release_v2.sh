@@ -6,11 +6,14 @@
 #          from the 3-epoch backbone), to test whether feature distillation keeps improving with a
 #          longer schedule ("a good teacher is patient and consistent", Beyer et al. 2022). It did
 #          not transfer better (docs/pretraining.md, "A longer schedule"), so it is not shipped;
+# - gray_w1: the gray recipe at width 1.0 (4x the parameters, 448 pooled features instead of 224),
+#          5 epochs at 64 px then 2 (not 3) at 128 px to fit one session: does capacity, not schedule,
+#          limit the distilled student (docs/pretraining.md, "Width 1.0")?
 # - color: objective `supervised+distill`, 2 epochs at 128 px.
-# Width 0.5 (width 1.0 costs twice the time per image: half the epochs in the same hours).
+# Width 0.5 unless named (width 1.0 costs about twice the time per image).
 # Resumable: run the same command again after a kill and each stage continues from its
 # checkpoint-last.pt; finished stages are skipped.
-# Usage: scripts/pretrain_release_v2.sh gray|gray_long|color [CORPUS_ROOT=runs] [OUT_ROOT=runs]
+# Usage: scripts/pretrain_release_v2.sh gray|gray_long|gray_w1|color [CORPUS_ROOT=runs] [OUT_ROOT=runs]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=$1; CORPUS_ROOT=${2:-runs}; OUT_ROOT=${3:-runs}
@@ -21,7 +24,12 @@ stage() {  # stage OUT [--set k=v ...]
   .venv/bin/openmednet pretrain --corpus "$CORPUS_ROOT/corpus_${VERSION}128_v2" --out "$out" \
     --config "configs/pretrain_${VERSION}128_v2.yaml" $( [ -f "$out/checkpoint-last.pt" ] && echo --resume ) "$@"
 }
-if [ "$VERSION" = gray ] || [ "$VERSION" = gray_long ]; then
+if [ "$VERSION" = gray_w1 ]; then
+  VERSION=gray
+  stage "$OUT_ROOT/pt_gray_w1_stage64" --set model.width_mult=1.0 --set data.image_size=64 --set train.epochs=5
+  stage "$OUT_ROOT/pt_gray128_w1" --set model.width_mult=1.0 --set train.epochs=2 \
+    --set model.init="$OUT_ROOT/pt_gray_w1_stage64/backbone"
+elif [ "$VERSION" = gray ] || [ "$VERSION" = gray_long ]; then
   VERSION=gray
   stage "$OUT_ROOT/pt_gray_v2_stage64" --set data.image_size=64 --set train.epochs=5
   stage "$OUT_ROOT/pt_gray128_v2" --set train.epochs=3 --set model.init="$OUT_ROOT/pt_gray_v2_stage64/backbone"
