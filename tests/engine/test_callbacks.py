@@ -55,6 +55,36 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_epochs_weight
     assert torch.equal(model.weight, weights[2]) and not torch.equal(model.weight, weights[4])
 
 
+def test_min_epochs_warm_up_is_measured_but_neither_chosen_nor_counted_by_patience():
+    # The lgg_flair case (docs/results.md, "Segmentation"): a noisy early peak (epoch 2) that
+    # plain patience would keep, stopping the run at epoch 4 as above.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    scores = iter([0.6, 0.9, 0.1, 0.2, 0.3, 0.25, 0.2, 0.5])
+    weights = {}
+
+    def measure(m: nn.Module) -> dict[str, float]:
+        weights[len(weights) + 1] = m.weight.detach().clone()
+        return {"val_score": next(scores), "val_loss": 1.0}
+
+    stopping = EarlyStopping(measure, patience=2, min_epochs=3)
+    records = fit(model, _data(), torch.optim.SGD(model.parameters(), lr=0.05), _mse, epochs=8, dist=SINGLE,
+                  callbacks=[stopping], first_epoch=1)
+    # epochs 1-3 are warm-up; 4 (0.2) and 5 (0.3) improve, 6 and 7 do not: stop after epoch 7
+    assert [r["val_score"] for r in records] == [0.6, 0.9, 0.1, 0.2, 0.3, 0.25, 0.2]
+    assert stopping.best_epoch == 5
+    assert torch.equal(model.weight, weights[5])
+
+
+def test_min_epochs_must_leave_an_epoch_to_choose(tmp_path):
+    from openmednet.eval.finetune import FinetuneConfig
+
+    with pytest.raises(ValueError, match=r"min_epochs must be in \[0, epochs\)"):
+        FinetuneConfig(data=tmp_path, out=tmp_path / "run", epochs=5, min_epochs=5)
+    with pytest.raises(ValueError, match="min_epochs >= 0"):
+        EarlyStopping(lambda m: {}, patience=1, min_epochs=-1)
+
+
 def test_hooks_run_in_order_and_fit_writes_nothing_without_a_run_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calls = []

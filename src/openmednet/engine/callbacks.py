@@ -156,16 +156,23 @@ class EarlyStopping(Callback):
         patience: stop after this many epochs without a better score.
         metric: the entry to maximise; ``None``: the first entry other than ``tie_break``.
         tie_break: the entry that decides ties.
+        min_epochs: a warm-up of this many epochs that are measured (their scores stay in the
+            record) but neither chosen nor counted towards ``patience``: Keras' ``EarlyStopping
+            (start_from_epoch=...)``. Why: a segmentation model that still predicts almost no
+            foreground can score a noisy early Dice peak that a learning model needs many epochs
+            to pass; counted from epoch 1, patience then stops it before it learns (an ImageNet
+            encoder on lgg_flair at 10% labels was stopped at epoch 10 by a Dice of 0.09 at epoch 2).
 
     Attributes:
         best_epoch: number of the chosen epoch (``record["epoch"]``), ``None`` before the first.
     """
 
     def __init__(self, measure: Callable[[nn.Module], Mapping[str, float]], patience: int,
-                 metric: str | None = None, tie_break: str = "val_loss"):
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1, got {patience}")
+                 metric: str | None = None, tie_break: str = "val_loss", min_epochs: int = 0):
+        if patience < 1 or min_epochs < 0:
+            raise ValueError(f"patience must be >= 1 and min_epochs >= 0, got {patience} and {min_epochs}")
         self.measure, self.patience, self.metric, self.tie_break = measure, patience, metric, tie_break
+        self.min_epochs, self.epochs_seen = min_epochs, 0
         self.best: tuple[float, float] | None = None
         self.best_epoch: int | None = None
         self.best_state: dict[str, Any] | None = None
@@ -177,6 +184,9 @@ class EarlyStopping(Callback):
         record.update(scores)
         metric = self.metric or next(name for name in scores if name != self.tie_break)
         score = (scores[metric], scores[self.tie_break])
+        self.epochs_seen += 1
+        if self.epochs_seen <= self.min_epochs:
+            return
         if better_score(score, self.best):
             self.best, self.best_epoch, self.stale = score, record["epoch"], 0
             self.best_state = copy.deepcopy(model.state_dict())

@@ -116,6 +116,8 @@ class FinetuneConfig:
         freeze_k: blocks frozen after the stem for ``freeze_k``.
         epochs: maximum epochs.
         patience: stop after this many epochs without a better validation score.
+        min_epochs: warm-up epochs that model choice and patience ignore (their validation scores
+            are still logged); see ``engine.callbacks.EarlyStopping``. 0 (default): choose from epoch 1.
         batch_size: images per step.
         lr: learning rate of the backbone (the survey found 1e-4 -> 1e-5 steadier for big nets).
         head_lr_mult: learning-rate multiplier of the new head (MedNet's authors: 10x).
@@ -169,6 +171,7 @@ class FinetuneConfig:
     freeze_k: int = 0
     epochs: int = 40
     patience: int = 10
+    min_epochs: int = 0
     batch_size: int = 32
     lr: float = 1e-4
     head_lr_mult: float = 10.0
@@ -224,6 +227,9 @@ class FinetuneConfig:
         check_semi_config(self)
         if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
             raise ValueError(f"epochs, patience and batch_size must be >= 1, got {self.epochs}, {self.patience}, {self.batch_size}")
+        if not 0 <= self.min_epochs < self.epochs:
+            raise ValueError(f"min_epochs must be in [0, epochs) so that some epoch can be chosen, got min_epochs="
+                             f"{self.min_epochs} with epochs={self.epochs}")
         if self.freeze_k < 0 or self.warmup_epochs < 0 or self.num_workers < 0:
             raise ValueError(f"freeze_k, warmup_epochs and num_workers must be >= 0, got "
                              f"{self.freeze_k}, {self.warmup_epochs}, {self.num_workers}")
@@ -487,7 +493,7 @@ def _train(model, loaders, cfg: FinetuneConfig, weights: Tensor | None, dist: Di
         return LossOutput(F.cross_entropy(m(x), y, weight=weights), n=len(y))
 
     score = val_score or _auroc_val_score
-    stopping = EarlyStopping(lambda m: score(m, loaders["val"], dist.device), cfg.patience)
+    stopping = EarlyStopping(lambda m: score(m, loaders["val"], dist.device), cfg.patience, min_epochs=cfg.min_epochs)
     records = fit(model, loaders["train"], optimizer, loss_fn or compute_loss, epochs=cfg.epochs, dist=dist,
                   scheduler=scheduler, precision=precision, channels_last=channels_last, convert_model=False,
                   callbacks=[stopping], first_epoch=1)

@@ -223,7 +223,7 @@ def _result_config(config: Mapping[str, Any], precision: tuple[str, bool]) -> di
 
 
 #: FinetuneConfig fields that older finished arms lack, with the value that reproduces their behaviour.
-_FIELDS_ADDED_LATER = {"task": "classification"}
+_FIELDS_ADDED_LATER = {"task": "classification", "min_epochs": 0}
 
 
 def _ran_with(metrics: Mapping[str, Any]) -> tuple[str, bool]:
