@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -92,7 +93,7 @@ def test_study_resumes_without_rerunning(study: tuple[Path, StudyConfig, dict]) 
     again = run_study(cfg)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["summary"] == result["summary"]
-    changed = StudyConfig(**{**cfg.__dict__, "finetune": {**cfg.finetune, "lr": 0.5}})
+    changed = StudyConfig(**{**cfg.__dict__, "finetune": dataclasses.replace(cfg.finetune, lr=0.5)})
     with pytest.raises(ValueError, match="different configuration"):
         run_study(changed)
 
@@ -117,7 +118,7 @@ def test_moved_study_reuses_its_arms(study: tuple[Path, StudyConfig, dict], tmp_
     tmp, cfg, result = study
     shutil.copytree(tmp / "out", tmp_path / "moved")
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "moved/runs").rglob("metrics.json")}
-    moved = StudyConfig(**{**cfg.__dict__, "out": tmp_path / "moved", "finetune": {**cfg.finetune, "num_workers": 1}})
+    moved = StudyConfig(**{**cfg.__dict__, "out": tmp_path / "moved", "finetune": dataclasses.replace(cfg.finetune, num_workers=1)})
     again = run_study(moved)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert [r["auroc_macro"] for r in again["summary"]] == [r["auroc_macro"] for r in result["summary"]]

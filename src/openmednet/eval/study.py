@@ -57,8 +57,10 @@ Example ``study.yaml``::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import typing
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -83,7 +85,7 @@ from openmednet.eval.strategies import STRATEGIES
 from openmednet.eval.study_report import TASK_REPORTS, slug, summarize, write_report
 from openmednet.eval.targets import load_target
 
-__all__ = ["StudyConfig", "TargetSpec", "arm_dir", "check_pretraining_leakage", "run_study", "shipped_corpus_fingerprint"]
+__all__ = ["FinetuneOverlay", "StudyConfig", "TargetSpec", "arm_dir", "check_pretraining_leakage", "run_study", "shipped_corpus_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,64 @@ class TargetSpec:
     classes: tuple[str, ...] | None = None
 
 
+#: FinetuneConfig fields a study sets per arm, and where a study config gives them instead.
+_STUDY_OWNED = {
+    "data": "targets[].data", "out": "out", "init": "inits", "strategy": "strategies", "seed": "seeds",
+    "label_fraction": "label_fractions", "per_class": "per_class", "near_threshold": "near_threshold",
+    "semi": "semi", "unlabelled": "unlabelled", "task": "task",
+    **{k: f"targets[].{k}" for k in ("given_splits", "format", "csv_file", "columns", "label_map", "classes")},
+}
+
+
+
+def _overlay_of(cls: type, owned: Mapping[str, str], name: str) -> type:
+    """A frozen dataclass with every field of config dataclass ``cls`` except ``owned``, with the
+    same types and defaults: one definition of each field (a field added to ``cls`` appears here
+    too), read and written by ``openmednet.config`` like any config."""
+    hints = typing.get_type_hints(cls)
+    fields = [(f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory))
+              for f in dataclasses.fields(cls) if f.name not in owned]
+    overlay = dataclasses.make_dataclass(name, fields, frozen=True)
+    overlay.__module__ = __name__  # picklable, and named as where it lives
+    return overlay
+
+
+#: ``StudyConfig.finetune``: the ``FinetuneConfig`` fields every arm of a study shares (epochs, lr,
+#: image_size...; documented there), typed and with ``FinetuneConfig``'s defaults. The fields a
+#: study sets per arm (``_STUDY_OWNED``) are not among them.
+FinetuneOverlay = _overlay_of(FinetuneConfig, _STUDY_OWNED, "FinetuneOverlay")
+FinetuneOverlay.__doc__ = ("The FinetuneConfig fields every arm of a study shares (all but the study-owned "
+                           "ones), with FinetuneConfig's types and defaults.")
+
+
+def _finetune_overlay(given: Any) -> Any:
+    """``StudyConfig.finetune`` from a YAML mapping (or an overlay): unknown keys, values of the
+    wrong type and study-owned keys fail here, when the study config is loaded, not when its first
+    arm runs.
+
+    Raises:
+        ValueError: a study-owned key (where the study config gives it instead), a value that is
+            not of the field's type, or out of range (``FinetuneConfig``'s own checks).
+        KeyError: an unknown key (with the closest field), or an unknown option value.
+    """
+    if isinstance(given, FinetuneOverlay):
+        return given
+    owned = sorted(set(given) & set(_STUDY_OWNED))
+    if owned:
+        where = ", ".join(f"'{k}' belongs in {_STUDY_OWNED[k]}" for k in owned)
+        raise ValueError(f"the study sets {owned} for every arm, so finetune.{owned[0]} would be ignored: {where}")
+    overlay = from_dict(FinetuneOverlay, given, prefix="finetune.")
+    # FinetuneConfig's own checks (options, ranges) on the shared fields, with the study-owned
+    # ones at their defaults, which pass them (each arm's are checked when it is built).
+    FinetuneConfig(data=Path(), out=Path(), **_fields(overlay))
+    return overlay
+
+
+def _fields(cfg: Any) -> dict[str, Any]:
+    """A config dataclass's fields as they are (``to_dict`` would turn tuples into lists)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """The grid of a transfer study (see the module docstring for an example).
@@ -117,7 +177,9 @@ class StudyConfig:
         per_class: few-shot budgets: images per class.
         seeds: run seeds (at least 3 for a claim; fewer only warns).
         pretraining_corpora: init -> corpus directory it was pre-trained on.
-        finetune: ``FinetuneConfig`` fields shared by every arm (epochs, image_size, lr...).
+        finetune: ``FinetuneConfig`` fields shared by every arm (epochs, image_size, lr...): a
+            ``FinetuneOverlay``; a mapping given here (a YAML ``finetune:`` block) is converted and
+            checked on construction.
         near_threshold: pHash bits for near-copies (fine-tuning and pre-training checks).
         semi: ``FinetuneConfig.semi`` values, a grid axis (``[none, pseudo_label, fixmatch]``); arms
             other than ``none`` are labelled ``<strategy>+<semi>`` in the report and run folders.
@@ -136,11 +198,16 @@ class StudyConfig:
     per_class: tuple[int, ...] = ()
     seeds: tuple[int, ...] = (0, 1, 2)
     pretraining_corpora: dict[str, str] = field(default_factory=dict)
-    finetune: dict[str, Any] = field(default_factory=dict)
+    # A mapping, not the overlay, as far as ``from_dict`` is concerned: study-owned keys are then
+    # refused by ``__post_init__`` with where they belong, not as merely unknown.
+    finetune: FinetuneOverlay | Mapping[str, Any] = field(default_factory=FinetuneOverlay)
     near_threshold: int = 6
     semi: tuple[str, ...] = ("none",)
     unlabelled: tuple[str, ...] = ()
     task: str = "classification"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "finetune", _finetune_overlay(self.finetune))
 
     def target_specs(self) -> list[TargetSpec]:
         """``targets`` as ``TargetSpec`` objects (unknown keys are errors with a suggestion)."""
@@ -166,25 +233,14 @@ def arm_dir(out: Path, target: str, init: str, strategy: str, budget: str, seed:
     return Path(out) / "runs" / slug(target) / slug(init) / strategy / budget / f"seed{seed}"
 
 
-#: FinetuneConfig fields a study sets per arm, and where a study config gives them instead.
-_STUDY_OWNED = {
-    "data": "targets[].data", "out": "out", "init": "inits", "strategy": "strategies", "seed": "seeds",
-    "label_fraction": "label_fractions", "per_class": "per_class", "near_threshold": "near_threshold",
-    "semi": "semi", "unlabelled": "unlabelled", "task": "task",
-    **{k: f"targets[].{k}" for k in ("given_splits", "format", "csv_file", "columns", "label_map", "classes")},
-}
-
 #: Run fields that do not change a run's result: a finished arm is reused whatever they are.
 _RESULT_NEUTRAL = ("out", "device", "num_workers")
 
 
 def _arm_config(cfg: StudyConfig, spec: TargetSpec, init: str, strategy: str, budget: dict, seed: int, out: Path) -> FinetuneConfig:
-    owned = sorted(set(cfg.finetune) & set(_STUDY_OWNED))
-    if owned:
-        where = ", ".join(f"'{k}' belongs in {_STUDY_OWNED[k]}" for k in owned)
-        raise ValueError(f"the study sets {owned} for every arm, so finetune.{owned[0]} would be ignored: {where}")
+    """One arm's ``FinetuneConfig``: the study's shared ``finetune`` fields plus the ones it owns."""
     fields = {
-        **cfg.finetune, "data": spec.data, "out": out, "init": init, "strategy": strategy, "seed": seed,
+        **_fields(cfg.finetune), "data": spec.data, "out": out, "init": init, "strategy": strategy, "seed": seed,
         "given_splits": spec.given_splits, "format": spec.format, "csv_file": spec.csv_file,
         "columns": dict(spec.columns), "label_map": dict(spec.label_map), "classes": spec.classes,
         "near_threshold": cfg.near_threshold, "label_fraction": None, "per_class": None, **budget, "task": cfg.task,
