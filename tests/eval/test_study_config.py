@@ -11,10 +11,17 @@ import pytest
 import yaml
 
 from openmednet.config import from_dict, load_config, save_config, to_dict
+from openmednet.engine.precision import resolve_precision
 from openmednet.eval.finetune import FinetuneConfig, training_device
 from openmednet.eval.semi import study_strategies
-from openmednet.eval.study import _STUDY_OWNED, FinetuneOverlay, StudyConfig, _arm_config, _budgets, _done
-from openmednet.engine.precision import resolve_precision
+from openmednet.eval.study import (
+    _STUDY_OWNED,
+    FinetuneOverlay,
+    StudyConfig,
+    _arm_config,
+    _budgets,
+    _done,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STUDY_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if "targets" in (yaml.safe_load(p.read_text()) or {}))
@@ -49,8 +56,8 @@ def test_every_study_config_loads_and_its_arms_are_unchanged(path: Path) -> None
     "finetune, error, match",
     [
         ({"epoch": 3}, KeyError, r"unknown config key 'finetune.epoch'; did you mean 'epochs'\?"),
-        ({"seed": 1}, ValueError, r"the study sets \['seed'\] for every arm, so finetune.seed would be ignored: "
-                                  r"'seed' belongs in seeds"),
+        ({"seed": 1}, ValueError, (r"the study sets \['seed'\] for every arm, so finetune.seed would be ignored: "
+                                   r"'seed' belongs in seeds")),
         ({"classes": ["a"]}, ValueError, r"'classes' belongs in targets\[\].classes"),
         ({"lr": "fast"}, ValueError, r"config key 'finetune.lr': expected a number"),
         ({"optimizer": "adamx"}, KeyError, r"unknown optimizer 'adamx'; did you mean 'adamw'\?"),
