@@ -5,8 +5,9 @@ loader never starves the model. Both are measured in this run (shared machines d
 reference is ``mednet_gray`` (width 1.0) training at 64 px, batch 64, bf16 autocast and
 channels_last (SGD step included), measured before and after the loader rows (the median of
 both is used). Each loader row iterates a ``CorpusDataset`` over memory-mapped shards with the
-full training augmentation of its version (``build_transform(..., train=True)``), batched
-(``BatchAugment``, the default) and per image (``batched=False``), through ``build_loader`` with
+full training augmentation of its version, batched (``build_transform(..., train=True)``, a
+``BatchAugment``) and per image (the torchvision pipeline it replaced, kept as its test oracle in
+tests/data/augment_reference.py), through ``build_loader`` with
 0, 1 or 2 workers, at one intra-op thread per loading process; the first
 epoch (worker start-up, page cache) is untimed.
 
@@ -44,6 +45,10 @@ from openmednet.data.transforms import FastColorJitter, build_transform
 from openmednet.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
+# The per-image pipeline is a test oracle, not library code: timed here as the baseline.
+sys.path.insert(0, str(REPO / "tests" / "data"))
+from augment_reference import reference_pipeline
+
 SHARED = REPO.parent / "shared" / "data"
 SOURCES = {
     "gray": (SHARED / "gray/pretrain/brain_tumor_mri", 1),
@@ -107,7 +112,8 @@ def loader_rate(root: Path, channels: int, workers: int, batch: int, epochs: int
 
 def _loader_rate(root: Path, channels: int, workers: int, batch: int, epochs: int, batched: bool) -> float:
     cfg = {"input_size": (channels, SIZE, SIZE), "mean": (0.5,) * channels, "std": (0.25,) * channels}
-    dataset = CorpusDataset(root, transform=build_transform(cfg, train=True, batched=batched))
+    transform = build_transform(cfg, train=True) if batched else reference_pipeline(cfg)
+    dataset = CorpusDataset(root, transform=transform)
     loader = build_loader(dataset, batch_size=batch, num_workers=workers, seed=0)
     for _ in loader:  # start workers, fault the memory map in
         pass
@@ -135,7 +141,7 @@ def trimmed_mean_us(times: tuple[float, ...]) -> float:
 def step_costs(root: Path, channels: int, calls: int = 400) -> list[tuple[str, float]]:
     """Cost (us, :func:`trimmed_mean_us`) of each training pipeline step on the corpus' first image."""
     cfg = {"input_size": (channels, SIZE, SIZE), "mean": (0.5,) * channels, "std": (0.25,) * channels}
-    pipeline = build_transform(cfg, train=True, batched=False)
+    pipeline = reference_pipeline(cfg)
     x = CorpusDataset(root)[0][0]
     costs = []
     threads = torch.get_num_threads()
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     table = [[v, p, w, f"{r:.0f}", f"{r / train:.1f}x", "yes" if r / train >= 10 else "no"] for v, p, w, r in rows]
     print(markdown_table(["version", "pipeline", "workers", "loader img/s", "vs MedNet training", ">= 10x"], table))
     print(
-        "\nPer-image pipeline (batched=False): cost of each training transform step "
+        "\nPer-image pipeline (tests/data/augment_reference.py): cost of each training transform step "
         "(us, mean of the fastest 90 % of 400 calls, 1 thread):\n"
     )
     names = [name for name, _ in costs["color"]]  # the colour pipeline's steps include the gray ones

@@ -63,7 +63,7 @@ class StrongAugment:
                  cutout: bool = True):
         if not getattr(base, "supports_batch", False):
             raise TypeError(f"StrongAugment wraps a batched training transform (BatchAugment), got {type(base).__name__}: "
-                            f"build it with build_transform(cfg, train=True, batched=True)")
+                            f"build it with build_transform(cfg, train=True)")
         self.base, self.cutout = base, cutout
         self.randaugment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
         self.erase = v2.RandomErasing(p=1.0, scale=CUTOUT_SCALE, value=0)
