@@ -72,7 +72,7 @@ def observe(out: Path, shared_data: Path) -> dict:
         "history": history,
         "best_epoch": metrics["best_epoch"],
         "weights_sha256": _sha256_weights(out / "model" / "model.safetensors"),
-        "test_sha256": hashlib.sha256(test_file.read_text().replace(str(shared_data), "$SHARED_DATA").encode()).hexdigest(),
+        "test_sha256": hashlib.sha256(test_file.read_bytes().replace(str(shared_data).encode(), b"$SHARED_DATA")).hexdigest(),
     }
 
 
@@ -122,7 +122,7 @@ PINNED: dict[str, dict] = {
         ],
         "best_epoch": 1,
         "weights_sha256": "14de3e872d5f9ef3fa8c0a91bcc287d51c1abfea7b2b5843c57a2272ec2330a4",
-        "test_sha256": "413c4ad1b99fa236e550d14cfc7fee682741c7045c753af89800b3a5c1f90f6d",
+        "test_sha256": "d474827f426dd114e51d93dff7cd254e49e0078b1a3b5d5dd9d0631ab044e140",
     },
 }
 
