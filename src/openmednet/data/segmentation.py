@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from openmednet.data.decoded import GRAY_TOLERANCE, DecodedItems, majority_channels
-from openmednet.data.dedupe import phash64, phash256
+from openmednet.data.dedupe import phashes
 from openmednet.data.images import shrink, to_channels
 
 __all__ = [
@@ -254,10 +254,10 @@ def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> Segmen
     pairs = [_shrink_pair(to_channels(a, channels)[0], m, max_side) for a, m in zip(images, masks)]
     images = [np.require(a, requirements=["C", "W"]) for a, _ in pairs]
     masks = [np.require(m, requirements=["C", "W"]) for _, m in pairs]
+    hashes, fine_hashes = phashes(images)
     out = SegmentationSet(
         images=images, masks=masks, class_names=class_names, groups=groups, given_splits=splits, ids=ids,
-        channels=channels, hashes=np.asarray([phash64(a) for a in images], dtype=np.uint64),
-        fine_hashes=np.stack([phash256(a) for a in images]), root=root, skipped=dict(skipped),
+        channels=channels, hashes=hashes, fine_hashes=fine_hashes, root=root, skipped=dict(skipped),
     )
     logger.info("%s: %d pairs, classes %s, strata %s, %d channel(s)", root, len(out), class_names,
                 dict(Counter(out.labels.tolist())), channels)

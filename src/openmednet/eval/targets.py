@@ -28,7 +28,7 @@ import numpy as np
 
 from openmednet._errors import did_you_mean
 from openmednet.data.decoded import GRAY_TOLERANCE, DecodedItems, majority_channels
-from openmednet.data.dedupe import phash64, phash256
+from openmednet.data.dedupe import phashes
 from openmednet.data.images import shrink, to_channels
 from openmednet.data.sources import SourceItem, SourceSpec, iter_source, read_item
 
@@ -198,8 +198,7 @@ def load_target(
     # Store gray content as (H, W) and colour as (H, W, 3); the transform adapts to the model.
     # np.require: writable, contiguous arrays (Pillow's are read-only; torch.from_numpy wants writable).
     images = [np.require(shrink(to_channels(a, channels)[0], max_side), requirements=["C", "W"]) for a in images]
-    hashes = np.asarray([phash64(a) for a in images], dtype=np.uint64)
-    fine_hashes = np.stack([phash256(a) for a in images])
+    hashes, fine_hashes = phashes(images)
     target = TargetSet(
         images=images, labels=np.asarray(labels, dtype=object), groups=groups, given_splits=splits, ids=ids,
         label_names=label_names, channels=channels, hashes=hashes, fine_hashes=fine_hashes, root=root, skipped=dict(skipped),

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openmednet.data.dedupe import phash64, phash256
+from openmednet.data.dedupe import phashes
 from openmednet.data.images import shrink, to_channels
 from openmednet.data.sources import SourceSpec, iter_source, read_item
 from openmednet.eval.splits import find_near_duplicates
@@ -135,8 +135,9 @@ def load_unlabelled(sources: Sequence[str | Path], *, channels: int, max_side: i
         warnings.warn(f"unlabelled images: skipped {sum(skipped.values())} undecodable files {dict(skipped)}", stacklevel=2)
     if labelled:
         logger.info("unlabelled images: %d items carried labels; the labels are hidden (not used)", labelled)
-    return UnlabelledSet(images=images, ids=ids, hashes=np.asarray([phash64(a) for a in images], dtype=np.uint64),
-                         fine_hashes=np.stack([phash256(a) for a in images]), sources=[str(s) for s in sources],
+    hashes, fine_hashes = phashes(images)
+    return UnlabelledSet(images=images, ids=ids, hashes=hashes,
+                         fine_hashes=fine_hashes, sources=[str(s) for s in sources],
                          skipped=dict(skipped), labels_hidden=labelled)
 
 

@@ -33,6 +33,9 @@ GRAY_TOLERANCE = 8
 #: Shortest image side a corpus takes: below it an image holds no structure at any corpus size
 #: (>= 8 px), and a 1x1 "image" is padding, not data. MedMNIST's 28 px is well above.
 MIN_SIDE = 8
+#: Decoded pixels held for one hashing batch (about 256 images of 128 px; bounds a worker's
+#: memory when one item yields many large frames, e.g. a NIfTI volume).
+_HASH_BATCH_PIXELS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,11 @@ def process_chunk(
         ``images`` ``(n, C, S, S)`` uint8, ``phash`` ``(n,)`` uint64 and ``records``: one dict per
         image (provenance and hashes) or per skip (``{"skip": reason, ...}``), in plan order.
     """
-    images, phashes, records = [], [], []
+    images, records = [], []
+    # Hashing waits for a batch of decoded images (``dedupe.phashes`` shares its matrix products
+    # and DCTs across them); ``pending`` holds (record index, decoded image) until then.
+    pending: list[tuple[int, np.ndarray]] = []
+    pending_pixels = 0
     for d in items:
         item = item_from_json(d, reader_options.get(d["source"], {}), (roots or {}).get(d["source"]))
         skips: list[SkipImage] = []
@@ -112,8 +119,8 @@ def process_chunk(
                 # frames of one file share its bytes: salt the file hash with the frame address
                 frame_tag = f"{':'.join(map(str, item.frame))}" if isinstance(item.frame, tuple) else str(meta.frame)
                 images.append(chw)
-                phashes.append(dedupe.phash64(arr))
-                fine = dedupe.phash256(arr)
+                pending.append((len(records), arr))
+                pending_pixels += arr.shape[0] * arr.shape[1]
                 records.append(
                     {
                         **d,
@@ -122,21 +129,35 @@ def process_chunk(
                         "orig_shape": list(arr.shape),
                         "sha1": dedupe.sha1_pixels(square),
                         "sha1_file": _file_key(item.path, frame_tag),
-                        "phash": f"{phashes[-1]:016x}",
-                        "phash256": "".join(f"{int(v):016x}" for v in fine),
                     }
                 )
+                if pending_pixels >= _HASH_BATCH_PIXELS:
+                    _hash_pending(pending, records)
+                    pending_pixels = 0
         except Exception as e:  # noqa: BLE001 - one bad file must never abort a build
             skips.append(SkipImage("read_error", f"{type(e).__name__}: {e}", item.path))
         for s in skips:
             records.append(
                 {"skip": s.reason, "message": s.message, "source": d["source"], "path": d["path"], "frame": s.frame}
             )
+    _hash_pending(pending, records)
     return {
         "images": np.stack(images) if images else _no_images(opts),
-        "phash": np.array(phashes, dtype=np.uint64),
+        "phash": np.array([int(r["phash"], 16) for r in records if "skip" not in r], dtype=np.uint64),
         "records": records,
     }
+
+
+def _hash_pending(pending: list[tuple[int, np.ndarray]], records: list[dict[str, Any]]) -> None:
+    """Hash the pending decoded images in one batch, store the hex hashes in their records and
+    empty ``pending``."""
+    if not pending:
+        return
+    coarse, fine = dedupe.phashes([a for _, a in pending])
+    for (ri, _), h, f in zip(pending, coarse, fine):
+        records[ri]["phash"] = f"{int(h):016x}"
+        records[ri]["phash256"] = "".join(f"{int(v):016x}" for v in f)
+    pending.clear()
 
 
 def _no_images(opts: DecodeOptions) -> np.ndarray:

@@ -1,0 +1,300 @@
+"""Both perceptual hashes of many images at once, bit-identical to ``imagehash.phash``.
+
+The corpus builder, the exclusion targets, the fine-tuning targets (leakage checks), the
+unlabelled pools and the segmentation sets all hash every image twice: ``imagehash.phash`` with
+``hash_size=8`` (64 bits, near-duplicate search) and ``hash_size=16`` (256 bits, confirmation),
+see ``openmednet.data.dedupe``. ``imagehash`` converts to ``L``, shrinks with Pillow's Lanczos
+filter to 32x32 (resp. 64x64), takes a 2-D DCT-II (``scipy.fftpack.dct`` along axis 0 then 1),
+and sets a bit where a low-frequency coefficient exceeds their median. Measured on the 128 px
+pretraining pools of ../shared/data (docs/benchmarks.md, "Corpus hashing"), the two calls cost
+about as much as decoding the image, most of it in Pillow's two scalar resizes.
+
+This module computes the same bits faster, and is the one implementation every caller uses:
+
+- **One ``L`` conversion** shared by both sizes (Pillow's ``convert("L")``: the same luma
+  rounding as ``imagehash``).
+- **The resize as matrix products.** Pillow's 8-bit resample (``libImaging/Resample.c``) is
+  separable: per axis, fixed-point coefficients with 22 fractional bits (``precompute_coeffs``,
+  ``normalize_coeffs_8bpc``), output ``clip8((2**21 + sum(p * k)) >> 22)``, the first pass
+  rounded to uint8 before the second. The coefficient matrices are rebuilt here with Pillow's
+  double-precision formulas and applied to a batch of same-shape images as one float32 BLAS
+  product per pass. float32 is not exact for these sums, so every output whose float32 value
+  lies within a rigorous error bound of a rounding boundary (about 0.5% of them) is recomputed
+  exactly in float64 from integers (all partial sums < 2**53). The result is Pillow's, bit
+  for bit.
+- **Pass order and coefficients are checked against the installed Pillow, not assumed.**
+  Pillow 13 runs the vertical pass first when the height shrinks much more than the width
+  (python-pillow/Pillow#9549; it changed hashes of tall images, e.g. bigcat88/pillow_heif#489),
+  and the two orders round differently. For every (input shape, output size) a seeded noise
+  image is resized by Pillow and by both orders here; the order that reproduces Pillow is used
+  (cached), and when neither does (a future Pillow change) that shape falls back to Pillow's own
+  resize, so the hash stays ``imagehash``'s whatever the Pillow version.
+- **Batched DCT and median**: ``scipy.fftpack.dct`` and ``numpy.median`` over a stack of
+  thumbnails give per-image results identical to the per-image calls (pocketfft applies the
+  same 1-D transform to every line; the median of an even count is the mean of the two middle
+  values either way); ``tests/data/test_phash.py`` checks the whole hash against
+  ``imagehash.phash`` on real gray, colour and RGB-saved gray images.
+
+Images larger than ``MAX_MATMUL_PIXELS`` use Pillow's resize (the dense products would cost
+more than decoding such an image saves), with the rest of the batch path unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import scipy.fftpack
+from PIL import Image
+
+__all__ = ["MAX_MATMUL_PIXELS", "phashes"]
+
+#: Fixed-point fraction bits of Pillow's 8-bit resample (``PRECISION_BITS = 32 - 8 - 2``).
+_BITS = 22
+#: Pillow's Lanczos support (``LANCZOS = {lanczos_filter, 3.0}``).
+_SUPPORT = 3.0
+#: ``imagehash.phash``'s ``highfreq_factor``: the thumbnail is 4x the hash side.
+_HIGHFREQ = 4
+#: Hash sides: 8 -> 64 bits, 16 -> 256 bits.
+SIZES = (8, 16)
+_SIDES = tuple(s * _HIGHFREQ for s in SIZES)
+#: Largest image (pixels) resized by matrix products; bigger ones use Pillow's resize.
+MAX_MATMUL_PIXELS = 1024 * 1024
+#: Pixels held at once in a batch's float32 stack (bounds memory when callers pass many images).
+_BATCH_PIXELS = 1 << 22
+
+
+def _lanczos(x: float) -> float:
+    """Pillow's ``lanczos_filter``: ``sinc(x) * sinc(x / 3)`` on [-3, 3)."""
+
+    def sinc(t: float) -> float:
+        if t == 0.0:
+            return 1.0
+        t = t * math.pi
+        return math.sin(t) / t
+
+    return sinc(x) * sinc(x / 3) if -3.0 <= x < 3.0 else 0.0
+
+
+@lru_cache(maxsize=512)
+def _coeffs(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """Pillow's fixed-point Lanczos coefficients as an ``(in_size, out_size)`` matrix.
+
+    Follows ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` of ``libImaging/Resample.c``
+    (Python floats are the C doubles, ``math.sin`` the same libm). An axis that keeps its size
+    is not resampled by Pillow; the identity matrix (``1 << 22`` on the diagonal) gives that.
+
+    Returns:
+        ``(k_f64_t, k_f32, l1, taps)``: the transposed ``(out_size, in_size)`` integer
+        coefficients as float64, the coefficients divided by ``2**22`` as float32 (exact: at
+        most 23 significant bits), and for the float32 error bound the largest column sum of
+        ``|k| / 2**22`` and the most non-zero coefficients of a column.
+    """
+    k = np.zeros((in_size, out_size), np.int64)
+    if in_size == out_size:
+        np.fill_diagonal(k, 1 << _BITS)
+    else:
+        scale = in_size / out_size  # (double)(in1 - in0) / outSize with in0 = 0, in1 = in_size
+        filterscale = max(scale, 1.0)
+        support = _SUPPORT * filterscale
+        ss = 1.0 / filterscale
+        for xx in range(out_size):
+            center = (xx + 0.5) * scale
+            xmin = max(int(center - support + 0.5), 0)  # C casts truncate; negatives clamp to 0
+            xmax = min(int(center + support + 0.5), in_size) - xmin
+            w = [_lanczos((x + xmin - center + 0.5) * ss) for x in range(xmax)]
+            ww = 0.0
+            for v in w:  # sequential sum, as the C loop
+                ww += v
+            for x, v in enumerate(w):
+                v = v / ww if ww != 0.0 else v
+                # (int)(v * (1 << 22) +- 0.5): round half away from zero
+                k[x + xmin, xx] = math.trunc(v * (1 << _BITS) - 0.5) if v < 0 else math.trunc(v * (1 << _BITS) + 0.5)
+    l1 = float(np.abs(k).sum(axis=0).max()) / (1 << _BITS)
+    taps = int((k != 0).sum(axis=0).max())
+    return np.ascontiguousarray(k.T, dtype=np.float64), (k / (1 << _BITS)).astype(np.float32), l1, taps
+
+
+@lru_cache(maxsize=512)
+def _kernels(in_size: int, out_sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """``_coeffs`` of several output sizes side by side (one product serves both hash sizes)."""
+    parts = [_coeffs(in_size, s) for s in out_sizes]
+    if len(parts) == 1:
+        return parts[0]
+    return (
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts], axis=1),
+        max(p[2] for p in parts),
+        max(p[3] for p in parts),
+    )
+
+
+def _pass(x: np.ndarray, in_size: int, out_sizes: tuple[int, ...]) -> np.ndarray:
+    """One Pillow 8-bit resample pass along the last axis, exactly, to each of ``out_sizes``.
+
+    Args:
+        x: ``(rows, in_size)`` float32 holding integers 0-255.
+
+    Returns:
+        ``(rows, sum(out_sizes))`` float32 holding Pillow's uint8 results, one block of columns
+        per output size.
+    """
+    k64t, k32, l1, taps = _kernels(in_size, out_sizes)
+    # Error of a float32 dot product in any summation order (blocked BLAS, FMA or not):
+    # |fl(sum) - sum| <= gamma_m * sum|p k|, gamma_m = m u / (1 - m u), u = 2**-24, where m counts
+    # the non-zero products (adding an exact zero rounds nothing) and sum|p k| <= 255 * l1; the
+    # additions below round once more at a magnitude <= 255 * l1 + 1. Factor 2 of margin.
+    u = 2.0**-24
+    bound = np.float32(2 * (taps + 1) * u / (1 - (taps + 1) * u) * (255.0 * l1 + 1.0))
+    t = x @ k32
+    # Pillow: floor(v + 0.5). Shifting by the bound too, floor(v + 0.5 + bound) is Pillow's value
+    # wherever the fraction of v + 0.5 + bound is at least 2 * bound; the others (the float32 sum
+    # may sit on the wrong side of a boundary) are recomputed exactly.
+    t += np.float32(0.5) + bound
+    out = np.floor(t)
+    t -= out  # the fraction, exact (Sterbenz)
+    flat = np.flatnonzero(t < 2 * bound)
+    if len(flat):
+        r, c = np.divmod(flat, t.shape[1])
+        s = np.einsum("ij,ij->i", x[r].astype(np.float64), k64t[c])  # exact: integers < 2**53
+        out[r, c] = np.floor((s + (1 << (_BITS - 1))) * 2.0**-_BITS)
+    np.clip(out, 0, 255, out=out)
+    return out
+
+
+def _resize_stack(stack: np.ndarray, sides: tuple[int, ...], order: str) -> list[np.ndarray]:
+    """Exact Pillow Lanczos thumbnails of ``(n, H, W)`` images, one ``(n, side, side)`` float32
+    stack per side, passes in ``order`` (``"hv"``: along the width first, Pillow's usual
+    order; ``"vh"``: along the height first). Both sides share each product."""
+    n, h, w = stack.shape
+    if order == "vh":
+        stack = stack.transpose(0, 2, 1)
+        h, w = w, h
+    mid = _pass(np.ascontiguousarray(stack, dtype=np.float32).reshape(n * h, w), w, sides)
+    mid = mid.reshape(n, h, -1)
+    outs, col = [], 0
+    for side in sides:
+        part = np.ascontiguousarray(mid[:, :, col : col + side].transpose(0, 2, 1)).reshape(n * side, h)
+        res = _pass(part, h, (side,)).reshape(n, side, side)
+        # after "hv" the result is indexed (x, y): transpose back; after "vh" it is (y, x)
+        outs.append(res.transpose(0, 2, 1) if order == "hv" else res)
+        col += side
+    return outs
+
+
+def _pillow(gray: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(gray).resize((size, size), Image.Resampling.LANCZOS))
+
+
+@lru_cache(maxsize=4096)
+def _order(h: int, w: int, size: int) -> str:
+    """How to reproduce the installed Pillow's ``resize((size, size), LANCZOS)`` of an ``h x w``
+    ``L`` image: ``"hv"``/``"vh"`` (the pass order that gives Pillow's pixels on a seeded noise
+    image) or ``"pillow"`` (neither does, or the image is too large: call Pillow)."""
+    if h * w > MAX_MATMUL_PIXELS:
+        return "pillow"
+    probe = np.random.default_rng([h, w, size]).integers(0, 256, (h, w), dtype=np.uint8)
+    ref = _pillow(probe, size)
+    for order in ("hv", "vh"):
+        if np.array_equal(_resize_stack(probe[None], (size,), order)[0][0], ref):
+            return order
+    return "pillow"
+
+
+@lru_cache(maxsize=1)
+def _blas_controller():
+    try:
+        from threadpoolctl import ThreadpoolController  # installed with scikit-learn
+    except ImportError:  # pragma: no cover - scikit-learn is a dependency
+        return None
+    return ThreadpoolController()
+
+
+def _one_blas_thread():
+    """BLAS limited to one thread while hashing: the products are small (a few MFLOP), and a
+    multi-threaded BLAS in each of several decode workers, or next to a training job,
+    oversubscribes the cores (measured: 100x slower on 2 loaded cores)."""
+    controller = _blas_controller()
+    return controller.limit(limits=1, user_api="blas") if controller is not None else contextlib.nullcontext()
+
+
+#: Pillow's ``RGB`` -> ``L`` weights (``Convert.c``: ``L24(rgb) >> 16``, ITU-R 601-2 luma in 16-bit
+#: fixed point, + 0x8000 to round).
+_LUMA = np.array([19595, 38470, 7471], np.float32)
+
+
+@lru_cache(maxsize=1)
+def _luma_matches_pillow() -> bool:
+    """Whether ``_to_gray``'s luma reproduces the installed Pillow's ``convert("L")`` (checked once
+    per process on seeded noise; older Pillow releases used other weights)."""
+    probe = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    return np.array_equal(_luma(probe), np.asarray(Image.fromarray(probe).convert("L")))
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    # float32 is exact here: every partial sum is below 255 * 65536 < 2**24
+    y = rgb.reshape(-1, 3).astype(np.float32) @ _LUMA
+    return ((y.astype(np.uint32) + 0x8000) >> 16).astype(np.uint8).reshape(rgb.shape[:2])
+
+
+def _to_gray(image: np.ndarray) -> np.ndarray:
+    """The ``L`` image ``imagehash`` hashes: Pillow's ``convert("L")`` of ``Image.fromarray``."""
+    if image.dtype == np.uint8:
+        if image.ndim == 2:
+            return image
+        if image.ndim == 3 and image.shape[2] == 3 and _luma_matches_pillow():
+            return _luma(image)  # 3x faster than Image.fromarray(...).convert("L"), same pixels
+    return np.asarray(Image.fromarray(image).convert("L"))
+
+
+def _bits(thumbs: np.ndarray, hash_size: int) -> np.ndarray:
+    """``imagehash.phash``'s bits of a stack of thumbnails: ``(n, hash_size**2 // 8)`` uint8."""
+    # imagehash: dct(dct(pixels, axis=0), axis=1)[:hash_size, :hash_size]. Each 1-D transform
+    # is independent of the others, so the second one runs on the kept rows only.
+    rows = scipy.fftpack.dct(thumbs, axis=1)[:, :hash_size, :]
+    d = scipy.fftpack.dct(rows, axis=2)[:, :, :hash_size]
+    low = d.reshape(len(d), -1)
+    return np.packbits(low > np.median(low, axis=1, keepdims=True), axis=1)
+
+
+def phashes(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """64- and 256-bit perceptual hashes of many images (``imagehash.phash``, bit for bit).
+
+    Args:
+        images: ``(H, W)`` or ``(H, W, 3)`` uint8 arrays, any mix of shapes; colour images are
+            hashed on their luminance (Pillow's ``L``), as ``imagehash`` does.
+
+    Returns:
+        ``(phash64, phash256)``: ``(N,)`` uint64 (``int(str(imagehash.phash(im)), 16)``) and
+        ``(N, 4)`` uint64 (``hash_size=16``, most significant word first), as
+        ``dedupe.phash64`` / ``dedupe.phash256`` return them.
+    """
+    n = len(images)
+    if n == 0:
+        return np.zeros(0, np.uint64), np.zeros((0, 4), np.uint64)
+    thumbs = {side: np.zeros((n, side, side), np.uint8) for side in _SIDES}
+    grays = [_to_gray(np.asarray(a)) for a in images]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, g in enumerate(grays):
+        groups.setdefault(g.shape, []).append(i)
+    with _one_blas_thread():
+        for (h, w), members in groups.items():
+            orders = {side: _order(h, w, side) for side in _SIDES}
+            for side, order in orders.items():
+                if order == "pillow":
+                    for i in members:
+                        thumbs[side][i] = _pillow(grays[i], side)
+            step = max(1, _BATCH_PIXELS // (h * w))  # bounds the float32 copies
+            for start in range(0, len(members), step):
+                part = members[start : start + step]
+                stack = np.stack([grays[i] for i in part])
+                for order in sorted({o for o in orders.values() if o != "pillow"}):
+                    sides = tuple(s for s, o in orders.items() if o == order)
+                    for side, res in zip(sides, _resize_stack(stack, sides, order)):
+                        thumbs[side][part] = res
+    h64 = np.frombuffer(_bits(thumbs[8 * _HIGHFREQ], 8).tobytes(), dtype=">u8").astype(np.uint64)
+    h256 = np.frombuffer(_bits(thumbs[16 * _HIGHFREQ], 16).tobytes(), dtype=">u8").astype(np.uint64).reshape(n, 4)
+    return h64, h256

@@ -1,0 +1,105 @@
+"""``phash.phashes`` gives exactly ``imagehash.phash``'s bits (hash_size 8 and 16) on real images.
+
+The shipped fingerprints, built corpora and the dedupe thresholds were all made with
+``imagehash.phash``; the fast path must not move a single bit of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pytest
+from PIL import Image
+
+import openmednet
+from openmednet.data import dedupe, phash
+
+# A handful of real files of ../shared/data: gray (L) of several shapes, colour, gray content saved
+# as RGB (brain_mri_yes_no), a tall image that Pillow 13 resizes vertical pass first (head CT,
+# 89x128), and originals larger than the 128 px pools.
+FILES = [
+    "gray/pretrain/knee_oa/ClaheDataset224/test/0/9003175L.jpg",
+    "gray/pretrain/head_ct_hemorrhage/head_ct/106.jpg",
+    "gray/targets/busi/Dataset_BUSI_with_GT/benign/benign (1).jpg",
+    "gray/targets/brain_mri_yes_no/no/10 no.jpg",
+    "gray/targets/brain_mri_yes_no/no/11 no.jpg",
+    "color/pretrain/pbc_blood_cells/PBC_dataset_normal_DIB/basophil/BA_102750.jpg",
+    "color/pretrain/isic_archive/images/ISIC_0000000.jpg",
+    "color/targets/bccd_wbc/BCCD_cropped/Basophil/BloodImage_00008_1.jpg",
+]
+
+
+def _reference(image: np.ndarray) -> tuple[int, np.ndarray]:
+    im = Image.fromarray(image)
+    coarse = int(str(imagehash.phash(im)), 16)
+    bits = imagehash.phash(im, hash_size=16).hash.reshape(-1)
+    return coarse, np.frombuffer(np.packbits(bits).tobytes(), dtype=">u8").astype(np.uint64)
+
+
+def _images(shared_data) -> list[np.ndarray]:
+    out = []
+    for rel in FILES:
+        with Image.open(shared_data / rel) as im:
+            out.append(np.asarray(im))  # as stored: L or RGB
+    modes = {a.ndim for a in out}
+    assert modes == {2, 3}
+    # 28x28 chest X-rays (upsampled to 32 and 64 px by the hash)
+    with np.load(Path(openmednet.__file__).parent / "assets/demo/pneumoniamnist_demo.npz") as z:
+        out += [np.asarray(a) for a in z["train_images"][:3]]
+    return out
+
+
+def _check(images: list[np.ndarray]) -> None:
+    coarse, fine = phash.phashes(images)
+    for img, c, f in zip(images, coarse, fine):
+        ref_c, ref_f = _reference(img)
+        assert int(c) == ref_c, img.shape
+        np.testing.assert_array_equal(f, ref_f)
+
+
+def test_phashes_equal_imagehash_on_real_images(shared_data):
+    images = _images(shared_data)
+    rgb_gray = np.asarray(Image.open(shared_data / FILES[3]))
+    assert rgb_gray.ndim == 3 and (rgb_gray.max(2) == rgb_gray.min(2)).all()  # gray saved as RGB
+    _check(images)  # one batch of mixed shapes
+    for img in images:  # and one image at a time
+        _check([img])
+    # one-image forms used across the package
+    ref_c, ref_f = _reference(images[1])
+    assert dedupe.phash64(images[1]) == ref_c
+    np.testing.assert_array_equal(dedupe.phash256(images[1]), ref_f)
+
+
+def test_phashes_batch_of_one_shape_and_the_vertical_first_order(shared_data):
+    """A source's images mostly share a shape: they go through one product per pass."""
+    head = sorted((shared_data / "gray/pretrain/head_ct_hemorrhage/head_ct").glob("*.jpg"))[:40]
+    images = [np.asarray(Image.open(p).convert("L")) for p in head]
+    _check(images)
+    orders = {phash._order(*a.shape, side) for a in images for side in (32, 64)}
+    assert orders <= {"hv", "vh", "pillow"}
+
+
+def test_phashes_fall_back_to_pillow_for_large_images(shared_data, monkeypatch):
+    images = _images(shared_data)[:4]
+    phash._order.cache_clear()
+    monkeypatch.setattr(phash, "MAX_MATMUL_PIXELS", 0)
+    try:
+        assert {phash._order(*phash._to_gray(a).shape, 32) for a in images} == {"pillow"}
+        _check(images)
+    finally:
+        phash._order.cache_clear()
+
+
+def test_phashes_of_nothing():
+    coarse, fine = phash.phashes([])
+    assert coarse.shape == (0,) and fine.shape == (0, 4)
+
+
+@pytest.mark.parametrize("shape", [(8, 300), (300, 8), (40, 33)])
+def test_phashes_exact_on_extreme_aspect_ratios(shape):
+    """Not real images: seeded noise of thin shapes, where the pass order and the float32 error
+    bound are hardest (rows of 300 pixels, 9x down-sampling on one axis, up-sampling on the other)."""
+    img = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    _check([img])
