@@ -28,6 +28,16 @@ FILES = [
     "color/pretrain/pbc_blood_cells/PBC_dataset_normal_DIB/basophil/BA_102750.jpg",
     "color/pretrain/isic_archive/images/ISIC_0000000.jpg",
     "color/targets/bccd_wbc/BCCD_cropped/Basophil/BloodImage_00008_1.jpg",
+    # 96x128 colour: a Lanczos zero inside a coefficient band (found a bug in the exact
+    # recomputation's band once)
+    "color/pretrain/chula_rbc12/Dataset/377.jpg",
+    "color/pretrain/isic_archive/images/ISIC_0000049.jpg",
+]
+#: Pools of both families for the wider check: every shape they hold goes through the fast path.
+POOLS = [
+    "gray/pretrain/chest_xray_pneumonia", "gray/pretrain/head_ct_hemorrhage", "gray/pretrain/pocus_lung_us",
+    "gray/targets/brain_mri_yes_no", "color/pretrain/chula_rbc12", "color/pretrain/ham10000",
+    "color/pretrain/odir5k_fundus", "color/targets/bccd_wbc",
 ]
 
 
@@ -70,6 +80,18 @@ def test_phashes_equal_imagehash_on_real_images(shared_data):
     ref_c, ref_f = _reference(images[1])
     assert dedupe.phash64(images[1]) == ref_c
     np.testing.assert_array_equal(dedupe.phash256(images[1]), ref_f)
+
+
+def test_phashes_equal_imagehash_on_many_pool_images(shared_data):
+    """30 files of each of 8 pools in one batch (many shapes, hence many coefficient tables)."""
+    images = []
+    for pool in POOLS:
+        files = sorted(p for p in (shared_data / pool).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        for p in files[:: max(1, len(files) // 30)][:30]:
+            with Image.open(p) as im:
+                images.append(np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im))
+    assert len(images) >= 200
+    _check(images)
 
 
 def test_phashes_batch_of_one_shape_and_the_vertical_first_order(shared_data):

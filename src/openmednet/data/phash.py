@@ -119,17 +119,20 @@ def _coeffs(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, float,
 
 
 @lru_cache(maxsize=512)
-def _kernels(in_size: int, out_sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, float, int]:
-    """``_coeffs`` of several output sizes side by side (one product serves both hash sizes)."""
+def _kernels(in_size: int, out_sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, float, int, np.ndarray, int]:
+    """``_coeffs`` of several output sizes side by side (one product serves both hash sizes),
+    and the band of each output column: ``band[c] + arange(width)`` covers its non-zero
+    coefficients inside ``[0, in_size)`` (the exact recomputation reads only those). The width
+    is the longest span from first to last non-zero coefficient, which can exceed the count of
+    non-zero ones: Lanczos zeros at integer arguments round to exact zeros."""
     parts = [_coeffs(in_size, s) for s in out_sizes]
-    if len(parts) == 1:
-        return parts[0]
-    return (
-        np.concatenate([p[0] for p in parts]),
-        np.concatenate([p[1] for p in parts], axis=1),
-        max(p[2] for p in parts),
-        max(p[3] for p in parts),
-    )
+    k64t = np.concatenate([p[0] for p in parts])
+    nz = k64t != 0
+    first = np.argmax(nz, axis=1)
+    last = in_size - 1 - np.argmax(nz[:, ::-1], axis=1)
+    width = int((last - first).max()) + 1
+    band = np.minimum(first, in_size - width)
+    return k64t, np.concatenate([p[1] for p in parts], axis=1), max(p[2] for p in parts), max(p[3] for p in parts), band, width
 
 
 def _pass(x: np.ndarray, in_size: int, out_sizes: tuple[int, ...]) -> np.ndarray:
@@ -142,7 +145,7 @@ def _pass(x: np.ndarray, in_size: int, out_sizes: tuple[int, ...]) -> np.ndarray
         ``(rows, sum(out_sizes))`` float32 holding Pillow's uint8 results, one block of columns
         per output size.
     """
-    k64t, k32, l1, taps = _kernels(in_size, out_sizes)
+    k64t, k32, l1, taps, band, width = _kernels(in_size, out_sizes)
     # Error of a float32 dot product in any summation order (blocked BLAS, FMA or not):
     # |fl(sum) - sum| <= gamma_m * sum|p k|, gamma_m = m u / (1 - m u), u = 2**-24, where m counts
     # the non-zero products (adding an exact zero rounds nothing) and sum|p k| <= 255 * l1; the
@@ -159,7 +162,8 @@ def _pass(x: np.ndarray, in_size: int, out_sizes: tuple[int, ...]) -> np.ndarray
     flat = np.flatnonzero(t < 2 * bound)
     if len(flat):
         r, c = np.divmod(flat, t.shape[1])
-        s = np.einsum("ij,ij->i", x[r].astype(np.float64), k64t[c])  # exact: integers < 2**53
+        cols = band[c][:, None] + np.arange(width)
+        s = np.einsum("ij,ij->i", x[r[:, None], cols].astype(np.float64), k64t[c[:, None], cols])  # exact: < 2**53
         out[r, c] = np.floor((s + (1 << (_BITS - 1))) * 2.0**-_BITS)
     np.clip(out, 0, 255, out=out)
     return out
