@@ -41,6 +41,13 @@ POOLS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _fast_path_for_every_shape(monkeypatch):
+    """``phashes`` resizes a shape with Pillow until it has seen ``_PROBE_AFTER`` images of it;
+    here every shape takes the fast path from its first image, so the tests check that path."""
+    monkeypatch.setattr(phash, "_PROBE_AFTER", 1)
+
+
 def _reference(image: np.ndarray) -> tuple[int, np.ndarray]:
     im = Image.fromarray(image)
     coarse = int(str(imagehash.phash(im)), 16)
@@ -101,6 +108,13 @@ def test_phashes_batch_of_one_shape_and_the_vertical_first_order(shared_data):
     _check(images)
     orders = {phash._order(*a.shape, side) for a in images for side in (32, 64)}
     assert orders <= {"hv", "vh", "pillow"}
+
+
+def test_rare_shapes_use_pillow_until_seen_often(shared_data, monkeypatch):
+    """A shape seen fewer than ``_PROBE_AFTER`` times is resized by Pillow (no probe, no tables)."""
+    monkeypatch.setattr(phash, "_PROBE_AFTER", 10**9)
+    monkeypatch.setattr(phash, "_order", lambda *a: pytest.fail("probed a rare shape"))
+    _check(_images(shared_data))
 
 
 def test_phashes_fall_back_to_pillow_for_large_images(shared_data, monkeypatch):

@@ -41,8 +41,11 @@ This module computes the same bits faster, and is the one implementation every c
   multi-threaded BLAS in each decode worker, next to a training job, thrashes (measured about
   100x slower on 2 loaded cores).
 
-Images larger than ``MAX_MATMUL_PIXELS`` use Pillow's resize: the dense products grow with the
-image area times 96 output columns, and decoding such originals costs far more than hashing.
+A shape takes this path once ``_PROBE_AFTER`` images of it were hashed in the process (its
+coefficient tables and probe cost some 20 Pillow resizes; pools repeat a few shapes thousands of
+times, originals of targets may all differ); before, and for images larger than
+``MAX_MATMUL_PIXELS`` (the dense products grow with the area times 96 output columns), Pillow
+resizes it, with the rest of the batch path unchanged.
 Measured cost (docs/benchmarks.md, "Corpus hashing"): 0.38 ms per 128 px image against 1.26 ms
 for the two ``imagehash.phash`` calls, on a loaded 2-core AVX2 machine.
 """
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -73,18 +77,22 @@ _SIDES = tuple(s * _HIGHFREQ for s in SIZES)
 MAX_MATMUL_PIXELS = 1024 * 1024
 #: Pixels held at once in a batch's float32 stack (bounds memory when callers pass many images).
 _BATCH_PIXELS = 1 << 22
+#: A shape gets the fast path once this many images of it were hashed in this process; before,
+#: Pillow resizes it (exactly ``imagehash``). A new shape costs coefficient tables and a probe,
+#: 7-10 ms for a 100-300 px shape (about 20 Pillow resizes; loaded machine): on brain_mri_yes_no
+#: (253 originals, 184 shapes) probing every shape made hashing 3.5x slower than ``imagehash``,
+#: with this gate it is as fast. The pools' shapes recur hundreds of times.
+_PROBE_AFTER = 8
+_seen_shapes: Counter[tuple[int, int]] = Counter()
 
 
-def _lanczos(x: float) -> float:
-    """Pillow's ``lanczos_filter``: ``sinc(x) * sinc(x / 3)`` on [-3, 3)."""
-
-    def sinc(t: float) -> float:
-        if t == 0.0:
-            return 1.0
-        t = t * math.pi
-        return math.sin(t) / t
-
-    return sinc(x) * sinc(x / 3) if -3.0 <= x < 3.0 else 0.0
+def _sinc(t: np.ndarray) -> np.ndarray:
+    """Pillow's ``sinc_filter`` elementwise: ``sin(t * pi) / (t * pi)``, 1 at 0, with the C
+    library's ``sin`` (``math.sin``; NumPy's own ``sin`` may round differently)."""
+    tp = t * math.pi
+    sin = np.array([math.sin(v) for v in tp.ravel().tolist()]).reshape(tp.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(t == 0.0, 1.0, sin / tp)
 
 
 @lru_cache(maxsize=512)
@@ -109,18 +117,20 @@ def _coeffs(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, float,
         filterscale = max(scale, 1.0)
         support = _SUPPORT * filterscale
         ss = 1.0 / filterscale
-        for xx in range(out_size):
-            center = (xx + 0.5) * scale
-            xmin = max(int(center - support + 0.5), 0)  # C casts truncate; negatives clamp to 0
-            xmax = min(int(center + support + 0.5), in_size) - xmin
-            w = [_lanczos((x + xmin - center + 0.5) * ss) for x in range(xmax)]
-            ww = 0.0
-            for v in w:  # sequential sum, as the C loop
-                ww += v
-            for x, v in enumerate(w):
-                v = v / ww if ww != 0.0 else v
-                # (int)(v * (1 << 22) +- 0.5): round half away from zero
-                k[x + xmin, xx] = math.trunc(v * (1 << _BITS) - 0.5) if v < 0 else math.trunc(v * (1 << _BITS) + 0.5)
+        center = (np.arange(out_size) + 0.5) * scale
+        # (int) casts truncate toward zero; negative starts clamp to 0 either way
+        xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
+        xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
+        x = np.arange(int(xmax.max()))
+        inside = x[None, :] < xmax[:, None]
+        arg = ((x[None, :] + xmin[:, None]) - center[:, None] + 0.5) * ss
+        w = np.where(inside & (arg >= -3.0) & (arg < 3.0), _sinc(arg) * _sinc(arg / 3), 0.0)
+        ww = np.cumsum(w, axis=1)[:, -1:]  # sequential, as the C loop (trailing zeros add nothing)
+        w = np.divide(w, ww, out=w.copy(), where=ww != 0.0)
+        scaled = w * (1 << _BITS)
+        fixed = np.trunc(np.where(w < 0, scaled - 0.5, scaled + 0.5)).astype(np.int64)  # half away from 0
+        rows, cols = np.nonzero(inside)
+        k[(x[cols] + xmin[rows]), rows] = fixed[rows, cols]
     l1 = float(np.abs(k).sum(axis=0).max()) / (1 << _BITS)
     taps = int((k != 0).sum(axis=0).max())
     return np.ascontiguousarray(k.T, dtype=np.float64), (k / (1 << _BITS)).astype(np.float32), l1, taps
@@ -295,7 +305,11 @@ def phashes(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         groups.setdefault(g.shape, []).append(i)
     with _one_blas_thread():
         for (h, w), members in groups.items():
-            orders = {side: _order(h, w, side) for side in _SIDES}
+            _seen_shapes[(h, w)] += len(members)
+            if _seen_shapes[(h, w)] < _PROBE_AFTER:  # not worth a probe (yet): Pillow, exactly
+                orders = dict.fromkeys(_SIDES, "pillow")
+            else:
+                orders = {side: _order(h, w, side) for side in _SIDES}
             for side, order in orders.items():
                 if order == "pillow":
                     for i in members:
