@@ -46,8 +46,8 @@ coefficient tables and probe cost some 20 Pillow resizes; pools repeat a few sha
 times, originals of targets may all differ); before, and for images larger than
 ``MAX_MATMUL_PIXELS`` (the dense products grow with the area times 96 output columns), Pillow
 resizes it, with the rest of the batch path unchanged.
-Measured cost (docs/benchmarks.md, "Corpus hashing"): 0.38 ms per 128 px image against 1.26 ms
-for the two ``imagehash.phash`` calls, on a loaded 2-core AVX2 machine.
+Measured cost (docs/benchmarks.md, "Corpus hashing"): 0.38-0.42 ms per 128 px pool image
+against 1.22-1.43 ms for the two ``imagehash.phash`` calls, on a loaded 2-core AVX2 machine.
 """
 
 from __future__ import annotations
