@@ -75,8 +75,11 @@ SIZES = (8, 16)
 _SIDES = tuple(s * _HIGHFREQ for s in SIZES)
 #: Largest image (pixels) resized by matrix products; bigger ones use Pillow's resize.
 MAX_MATMUL_PIXELS = 1024 * 1024
-#: Pixels held at once in a batch's float32 stack (bounds memory when callers pass many images).
+#: Pixels of one chunk of same-shape images, converted to ``L`` and stacked as float32 together
+#: (bounds memory when callers pass many images).
 _BATCH_PIXELS = 1 << 22
+#: Thumbnails transformed at once by ``_bits`` (bounds its float64 DCT arrays to a few MB).
+_DCT_CHUNK = 256
 #: A shape gets the fast path once this many images of it were hashed in this process; before,
 #: Pillow resizes it (exactly ``imagehash``). A new shape costs coefficient tables and a probe,
 #: 7-10 ms for a 100-300 px shape (about 20 Pillow resizes; loaded machine): on brain_mri_yes_no
@@ -275,12 +278,17 @@ def _to_gray(image: np.ndarray) -> np.ndarray:
 
 def _bits(thumbs: np.ndarray, hash_size: int) -> np.ndarray:
     """``imagehash.phash``'s bits of a stack of thumbnails: ``(n, hash_size**2 // 8)`` uint8."""
-    # imagehash: dct(dct(pixels, axis=0), axis=1)[:hash_size, :hash_size]. Each 1-D transform
-    # is independent of the others, so the second one runs on the kept rows only.
-    rows = scipy.fftpack.dct(thumbs, axis=1)[:, :hash_size, :]
-    d = scipy.fftpack.dct(rows, axis=2)[:, :, :hash_size]
-    low = d.reshape(len(d), -1)
-    return np.packbits(low > np.median(low, axis=1, keepdims=True), axis=1)
+    out = np.empty((len(thumbs), hash_size * hash_size // 8), np.uint8)
+    # In chunks: the DCT works in float64, 64 KB per 64 px thumbnail and again for its result,
+    # which for a whole target set (thousands of images) would be hundreds of MB at once.
+    for start in range(0, len(thumbs), _DCT_CHUNK):
+        # imagehash: dct(dct(pixels, axis=0), axis=1)[:hash_size, :hash_size]. Each 1-D transform
+        # is independent of the others, so the second one runs on the kept rows only.
+        rows = scipy.fftpack.dct(thumbs[start : start + _DCT_CHUNK], axis=1)[:, :hash_size, :]
+        d = scipy.fftpack.dct(rows, axis=2)[:, :, :hash_size]
+        low = d.reshape(len(d), -1)
+        out[start : start + len(low)] = np.packbits(low > np.median(low, axis=1, keepdims=True), axis=1)
+    return out
 
 
 def phashes(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -299,10 +307,11 @@ def phashes(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     if n == 0:
         return np.zeros(0, np.uint64), np.zeros((0, 4), np.uint64)
     thumbs = {side: np.zeros((n, side, side), np.uint8) for side in _SIDES}
-    grays = [_to_gray(np.asarray(a)) for a in images]
+    # Grouped by the shape of the L image (that of the array's first two axes); each chunk is
+    # converted to L when it is hashed, so at most one chunk's L copies exist at a time.
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, g in enumerate(grays):
-        groups.setdefault(g.shape, []).append(i)
+    for i, a in enumerate(images):
+        groups.setdefault(np.shape(a)[:2], []).append(i)
     with _one_blas_thread():
         for (h, w), members in groups.items():
             _seen_shapes[(h, w)] += len(members)
@@ -310,15 +319,19 @@ def phashes(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
                 orders = dict.fromkeys(_SIDES, "pillow")
             else:
                 orders = {side: _order(h, w, side) for side in _SIDES}
-            for side, order in orders.items():
-                if order == "pillow":
-                    for i in members:
-                        thumbs[side][i] = _pillow(grays[i], side)
-            step = max(1, _BATCH_PIXELS // (h * w))  # bounds the float32 copies
+            fast = sorted({o for o in orders.values() if o != "pillow"})
+            step = max(1, _BATCH_PIXELS // (h * w))  # bounds the L and float32 copies
             for start in range(0, len(members), step):
                 part = members[start : start + step]
-                stack = np.stack([grays[i] for i in part])
-                for order in sorted({o for o in orders.values() if o != "pillow"}):
+                grays = [_to_gray(np.asarray(images[i])) for i in part]
+                for side, order in orders.items():
+                    if order == "pillow":
+                        for i, g in zip(part, grays):
+                            thumbs[side][i] = _pillow(g, side)
+                if not fast:
+                    continue
+                stack = np.stack(grays)
+                for order in fast:
                     sides = tuple(s for s, o in orders.items() if o == order)
                     for side, res in zip(sides, _resize_stack(stack, sides, order)):
                         thumbs[side][part] = res
