@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -27,7 +28,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STUDY_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if "targets" in (yaml.safe_load(p.read_text()) or {}))
 
 
-def _write(tmp_path: Path, finetune: dict) -> Path:
+def _write(tmp_path: Path, finetune: Any) -> Path:
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump({"out": "o", "targets": [{"name": "t", "data": "d"}], "finetune": finetune}))
     return path
@@ -70,6 +71,14 @@ def test_finetune_mistakes_fail_when_the_study_config_is_loaded(tmp_path: Path, 
         load_config(StudyConfig, _write(tmp_path, finetune))
     with pytest.raises(error, match=match):  # --set goes the same way
         load_config(StudyConfig, _write(tmp_path, {}), [f"finetune.{k}={json.dumps(v)}" for k, v in finetune.items()])
+
+
+def test_an_empty_finetune_block_is_no_overrides_and_a_non_mapping_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text("out: o\ntargets:\n  - {name: t, data: d}\nfinetune:\n")  # YAML null
+    assert load_config(StudyConfig, path).finetune == FinetuneOverlay()
+    with pytest.raises(ValueError, match=r"finetune must be a mapping of FinetuneConfig fields .*got list \['epochs'\]"):
+        load_config(StudyConfig, _write(tmp_path, ["epochs"]))
 
 
 def test_overlay_is_typed_and_round_trips(tmp_path: Path) -> None:

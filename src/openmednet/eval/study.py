@@ -142,12 +142,19 @@ def _finetune_overlay(given: Any) -> Any:
     arm runs.
 
     Raises:
-        ValueError: a study-owned key (where the study config gives it instead), a value that is
-            not of the field's type, or out of range (``FinetuneConfig``'s own checks).
+        ValueError: not a mapping (``None``, an empty YAML block, counts as empty), a study-owned
+            key (where the study config gives it instead), a value that is not of the field's
+            type, or out of range (``FinetuneConfig``'s own checks).
         KeyError: an unknown key (with the closest field), or an unknown option value.
     """
     if isinstance(given, FinetuneOverlay):
         return given
+    if given is None:  # an empty YAML ``finetune:`` block: no shared overrides
+        given = {}
+    if not isinstance(given, Mapping):  # ValueError: how openmednet.config reports a value of the wrong type
+        raise ValueError(  # noqa: TRY004
+            f"finetune must be a mapping of FinetuneConfig fields (epochs, lr, ...), got {type(given).__name__} {given!r}"
+        )
     owned = sorted(set(given) & set(_STUDY_OWNED))
     if owned:
         where = ", ".join(f"'{k}' belongs in {_STUDY_OWNED[k]}" for k in owned)
