@@ -232,8 +232,8 @@ def _order(h: int, w: int, size: int) -> str:
 @lru_cache(maxsize=1)
 def _blas_controller():
     try:
-        from threadpoolctl import ThreadpoolController  # installed with scikit-learn
-    except ImportError:  # pragma: no cover - scikit-learn is a dependency
+        from threadpoolctl import ThreadpoolController  # a dependency (pyproject.toml)
+    except ImportError:  # pragma: no cover - declared in pyproject.toml
         return None
     return ThreadpoolController()
 
