@@ -145,3 +145,29 @@ def test_a_crashing_decoder_process_skips_only_its_file(shared_data, tmp_path, m
     assert any("crash_me_2.jpg" in e for e in manifest.stats["skip_examples"]["read_error"])
     kept = sorted(Path(r["path"]).name for r in CorpusArrays(tmp_path / "c").iter_records())
     assert kept == ["ok_0.jpg", "ok_1.jpg", "ok_3.jpg", "ok_4.jpg"]
+
+
+def test_a_hashing_failure_is_raised_not_recorded_as_the_current_files_read_error(shared_data, tmp_path, monkeypatch):
+    """Hashing runs on a batch that holds earlier files' images, after the current file's own
+    error handler: a failure there is a bug to surface, not this file's ``read_error`` (which left
+    it with an image record and a skip at once)."""
+    from openmednet.data.corpus import _decode
+    from openmednet.data.corpus._plan import _item_to_json
+    from openmednet.data.sources import iter_source
+
+    spec = SourceSpec("files", shared_data / "gray/pretrain/covid_cxr_figure1/images", format="flat")
+    items = [_item_to_json(item) for _, item in zip(range(3), iter_source(spec), strict=False)]
+    calls = []
+    real = _decode.dedupe.phashes
+
+    def second_call_fails(arrays):
+        calls.append(len(arrays))
+        if len(calls) == 2:
+            raise RuntimeError("hash batch failed")
+        return real(arrays)
+
+    monkeypatch.setattr(_decode, "_HASH_BATCH_PIXELS", 1)  # flush after every file
+    monkeypatch.setattr(_decode.dedupe, "phashes", second_call_fails)
+    opts = _decode.DecodeOptions(1, 1, 32, "pad", 2)
+    with pytest.raises(RuntimeError, match="hash batch failed"):
+        _decode.process_chunk(items, {"files": {}}, {"files": None}, opts)

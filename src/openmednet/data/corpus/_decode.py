@@ -131,15 +131,17 @@ def process_chunk(
                         "sha1_file": _file_key(item.path, frame_tag),
                     }
                 )
-                if pending_pixels >= _HASH_BATCH_PIXELS:
-                    _hash_pending(pending, records)
-                    pending_pixels = 0
         except Exception as e:  # noqa: BLE001 - one bad file must never abort a build
             skips.append(SkipImage("read_error", f"{type(e).__name__}: {e}", item.path))
         for s in skips:
             records.append(
                 {"skip": s.reason, "message": s.message, "source": d["source"], "path": d["path"], "frame": s.frame}
             )
+        # Outside the item's error handler: the batch holds earlier items' images, so a hashing
+        # failure is not this file's fault and must not be recorded as its read_error.
+        if pending_pixels >= _HASH_BATCH_PIXELS:
+            _hash_pending(pending, records)
+            pending_pixels = 0
     _hash_pending(pending, records)
     return {
         "images": np.stack(images) if images else _no_images(opts),
