@@ -109,3 +109,12 @@ def test_hooks_run_in_order_and_fit_writes_nothing_without_a_run_dir(tmp_path, m
 def test_patience_below_one_is_refused():
     with pytest.raises(ValueError, match="patience must be >= 1"):
         EarlyStopping(lambda m: {}, patience=0)
+
+
+def test_a_run_that_ends_inside_the_warm_up_warns_and_keeps_its_last_weights():
+    model = nn.Linear(3, 1)
+    stopping = EarlyStopping(lambda m: {"val_score": 0.5, "val_loss": 1.0}, patience=1, min_epochs=3)
+    with pytest.warns(UserWarning, match="no epoch was chosen"):
+        fit(model, _data(), torch.optim.SGD(model.parameters(), lr=0.05), _mse, epochs=2, dist=SINGLE,
+            callbacks=[stopping], first_epoch=1)
+    assert stopping.best_epoch is None

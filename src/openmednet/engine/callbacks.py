@@ -28,6 +28,7 @@ import copy
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -199,6 +200,9 @@ class EarlyStopping(Callback):
     def on_fit_end(self, loop: Loop) -> None:
         if self.best_state is not None:
             unwrap_model(loop.model).load_state_dict(self.best_state)
+        elif self.epochs_seen:
+            warnings.warn(f"no epoch was chosen: the run ended within the {self.min_epochs}-epoch warm-up "
+                          f"(min_epochs); the last epoch's weights are kept", stacklevel=2)
 
 
 # ------------------------------------------------------------------------------ monitor
