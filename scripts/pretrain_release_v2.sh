@@ -6,6 +6,10 @@
 #          from the 3-epoch backbone), to test whether feature distillation keeps improving with a
 #          longer schedule ("a good teacher is patient and consistent", Beyer et al. 2022). It did
 #          not transfer better (docs/pretraining.md, "A longer schedule"), so it is not shipped;
+# - gray_map: the gray stages, then 4 more epochs at 128 px from the 3-epoch backbone exactly as
+#          gray_long, but distilling the teacher's last feature *map* (objective.distill_target=map,
+#          one target per location as FD does per token) instead of its pooled vector: gray_long is
+#          its control, so any difference is the target's (docs/pretraining.md, "Map distillation");
 # - gray_w1: the gray recipe at width 1.0 (4x the parameters, 448 pooled features instead of 224),
 #          5 epochs at 64 px then 2 (not 3) at 128 px to fit one session: does capacity, not schedule,
 #          limit the distilled student (docs/pretraining.md, "Width 1.0")?
@@ -13,7 +17,7 @@
 # Width 0.5 unless named (width 1.0 costs about twice the time per image).
 # Resumable: run the same command again after a kill and each stage continues from its
 # checkpoint-last.pt; finished stages are skipped.
-# Usage: scripts/pretrain_release_v2.sh gray|gray_long|gray_w1|color [CORPUS_ROOT=runs] [OUT_ROOT=runs]
+# Usage: scripts/pretrain_release_v2.sh gray|gray_long|gray_map|gray_w1|color [CORPUS_ROOT=runs] [OUT_ROOT=runs]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=$1; CORPUS_ROOT=${2:-runs}; OUT_ROOT=${3:-runs}
@@ -29,12 +33,15 @@ if [ "$VERSION" = gray_w1 ]; then
   stage "$OUT_ROOT/pt_gray_w1_stage64" --set model.width_mult=1.0 --set data.image_size=64 --set train.epochs=5
   stage "$OUT_ROOT/pt_gray128_w1" --set model.width_mult=1.0 --set train.epochs=2 \
     --set model.init="$OUT_ROOT/pt_gray_w1_stage64/backbone"
-elif [ "$VERSION" = gray ] || [ "$VERSION" = gray_long ]; then
+elif [ "$VERSION" = gray ] || [ "$VERSION" = gray_long ] || [ "$VERSION" = gray_map ]; then
   VERSION=gray
   stage "$OUT_ROOT/pt_gray_v2_stage64" --set data.image_size=64 --set train.epochs=5
   stage "$OUT_ROOT/pt_gray128_v2" --set train.epochs=3 --set model.init="$OUT_ROOT/pt_gray_v2_stage64/backbone"
   if [ "$1" = gray_long ]; then
     stage "$OUT_ROOT/pt_gray128_v2_long" --set train.epochs=4 --set model.init="$OUT_ROOT/pt_gray128_v2/backbone"
+  elif [ "$1" = gray_map ]; then
+    stage "$OUT_ROOT/pt_gray128_v2_map" --set train.epochs=4 --set model.init="$OUT_ROOT/pt_gray128_v2/backbone" \
+      --set objective.distill_target=map
   fi
 else
   stage "$OUT_ROOT/pt_color128_v2" --set train.epochs=2

@@ -97,3 +97,47 @@ def test_objective_parts_errors():
         objective_parts("supervised+distil")
     with pytest.raises(ValueError, match="distinct"):
         objective_parts("supervised+supervised")
+
+
+def test_map_target_is_smooth_l1_per_location_on_the_teachers_grid(teacher: torch.nn.Module):
+    """``target="map"``: the student's last map pooled to the teacher's grid, projected per location,
+    against the teacher's last map normalised per location (FD per token)."""
+    torch.manual_seed(0)
+    pixels = torch.nn.functional.interpolate(_real_gray_pixels(), size=64, mode="bilinear")
+    views = (pixels - 0.5) / 0.25
+    student = create_model("mednet_test", num_classes=0)
+    objective = FeatureDistillation(teacher, student.num_features, (0.5,), (0.25,), hidden_dim=0, target="map").eval()
+    student_map = student.forward_features(views)
+    loss = objective(views, student_map)
+    with torch.no_grad():
+        target = teacher.forward_features(((pixels - 0.5) / 0.5).expand(-1, 3, -1, -1))
+    assert target.shape == (2, 1280, 2, 2)  # stride 32 at 64 px
+    assert student_map.shape[-2:] == (4, 4)  # MedNet stops at stride 16
+    target = (target - target.mean(1, keepdim=True)) / torch.sqrt(target.var(1, unbiased=False, keepdim=True) + 1e-5)
+    pred = objective.projector(torch.nn.functional.avg_pool2d(student_map, 2))
+    expected = torch.nn.functional.smooth_l1_loss(pred, target, beta=2.0)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert student.stem.conv1.conv.weight.grad is not None
+
+
+def test_map_target_rejects_pooled_features_and_unknown_targets(teacher: torch.nn.Module):
+    objective = FeatureDistillation(teacher, 16, (0.5,), (0.25,), target="map")
+    assert isinstance(objective.projector[0], torch.nn.Conv2d)
+    with pytest.raises(ValueError, match="4-d student features"):
+        objective(torch.zeros(2, 1, 32, 32), torch.zeros(2, 16))
+    with pytest.raises(KeyError, match="distill_target"):
+        FeatureDistillation(teacher, 16, (0.5,), (0.25,), target="maps")
+
+
+def test_pretrain_module_feeds_the_map_to_a_map_target_and_pools_for_the_rest(teacher: torch.nn.Module):
+    from openmednet.engine.pretrain_module import PretrainModule
+
+    torch.manual_seed(0)
+    student = create_model("mednet_test", num_classes=0)
+    objective = FeatureDistillation(teacher, student.num_features, (0.5,), (0.25,), target="map")
+    module = PretrainModule(student, distill=objective).eval()
+    views = (torch.nn.functional.interpolate(_real_gray_pixels(), size=64, mode="bilinear") - 0.5) / 0.25
+    out = module(views, torch.tensor([-1, -1]))
+    torch.testing.assert_close(out["loss"], objective(views, student.forward_features(views)))
+    torch.testing.assert_close(student.forward_head(student.forward_features(views), pre_logits=True), student(views))

@@ -128,6 +128,7 @@ class ObjectiveSection:
     distill_loss: str = "smooth_l1"
     distill_hidden_dim: int = 1024
     distill_weight: float = 1.0
+    distill_target: str = "pooled"
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,7 @@ def build_objective(
         contract = backbone.pretrained_cfg
         distill = FeatureDistillation(
             build_teacher(o.teacher), num_features, contract.mean, contract.std,
-            hidden_dim=o.distill_hidden_dim, loss=o.distill_loss,
+            hidden_dim=o.distill_hidden_dim, loss=o.distill_loss, target=o.distill_target,
         )
     if "simclr" in parts:
         from openmednet.ssl import build_ssl_objective

@@ -117,7 +117,12 @@ class PretrainModule(nn.Module):
         views = list(images) if isinstance(images, (list, tuple)) else [images]
         # All views in one backbone call: one forward per step (DDP) and larger BN batches.
         stacked = torch.cat(views)
-        features = self.backbone(stacked)
+        if self.distill is not None and self.distill.target == "map":
+            # The map target needs the last feature map; the other parts take its pooled features.
+            feature_map = self.backbone.forward_features(stacked)
+            features = self.backbone.forward_head(feature_map, pre_logits=True)
+        else:
+            feature_map, features = None, self.backbone(stacked)
         out: dict[str, Tensor] = {}
         total = features.new_zeros((), dtype=torch.float32)
         if self.supervised is not None:
@@ -127,7 +132,7 @@ class PretrainModule(nn.Module):
             out["ssl_loss"] = self.ssl(features, n_views=len(views))
             total = total + self.ssl_weight * out["ssl_loss"]
         if self.distill is not None:
-            out["distill_loss"] = self.distill(stacked, features)
+            out["distill_loss"] = self.distill(stacked, features if feature_map is None else feature_map)
             total = total + self.distill_weight * out["distill_loss"]
         out["loss"] = total
         return out
