@@ -414,7 +414,7 @@ def predict_masks(model: nn.Module, loader: DataLoader, device: torch.device, nu
 
 # ------------------------------------------------------------------------------------ outputs
 def _write_per_image(out: Path, ids: list[str], stats: np.ndarray, class_names: Sequence[str]) -> None:
-    from openmednet.eval.finetune import _write_csv
+    from openmednet.eval.finetune._outputs import _write_csv
 
     rows = []
     for i, image_id in enumerate(ids):

@@ -1,0 +1,84 @@
+"""A run directory's files: ``config.yaml`` first, the CSVs, ``history.json``, plots, ``metrics.json`` last.
+
+``start_run`` and ``finish_run`` open and close every fine-tuning run, classification and
+segmentation alike: ``metrics.json`` is the completion marker a study resumes by.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from openmednet.config import save_config
+from openmednet.eval import report
+from openmednet.eval.finetune._config import FinetuneResult
+from openmednet.eval.targets import TargetSet
+from openmednet.utils import atomic_write_text, seed_everything
+
+__all__ = ["finish_run", "start_run", "write_history"]
+
+
+def start_run(cfg: Any) -> Path:
+    """Seed everything with ``cfg.seed``, create ``cfg.out`` and write the resolved ``config.yaml``; returns ``cfg.out``."""
+    seed_everything(cfg.seed)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.out / "config.yaml")
+    return cfg.out
+
+
+def write_history(out: Path, history: list[dict[str, Any]]) -> None:
+    """``history.json``: one record per epoch (train loss, validation scores, learning rate)."""
+    atomic_write_text(out / "history.json", json.dumps(history, indent=1) + "\n")
+
+
+def finish_run(out: Path, metrics: dict[str, Any]) -> FinetuneResult:
+    """Write ``metrics.json`` and return the run's result.
+
+    ``metrics.json`` is the completion marker a study resumes by (``eval.study``): call this last,
+    after the model is saved, so a run killed earlier is run again rather than reused half-written.
+    """
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=True) + "\n")
+    return FinetuneResult(out=out, metrics=metrics)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _write_splits(out: Path, target: TargetSet, splits: np.ndarray, used: np.ndarray) -> None:
+    used_set = set(used.tolist())
+    rows = [[target.ids[i], target.labels[i], target.groups[i] or "", splits[i], int(i in used_set),
+             f"{int(target.hashes[i]):016x}"] for i in range(len(target))]
+    _write_csv(out / "splits.csv", ["id", "label", "group", "split", "used_for_training", "phash"], rows)
+
+
+
+def _write_predictions(out: Path, ids: list[str], target: TargetSet, y: np.ndarray, probs: np.ndarray) -> None:
+    # repr() of a float is its shortest round-trip form: the CSV reproduces the probabilities exactly.
+    rows = [[ids[i], target.label_names[y[i]], int(y[i])] + [repr(float(p)) for p in probs[i]] for i in range(len(y))]
+    _write_csv(out / "predictions.csv", ["id", "label", "y"] + [f"prob_{n}" for n in target.label_names], rows)
+
+
+def _plots(out: Path, history: list[dict], best_epoch: int, test: dict, y: np.ndarray, probs: np.ndarray, names) -> None:
+    plots = out / "plots"
+    report.plot_learning_curves(history, plots / "learning_curves.png", best_epoch)
+    report.plot_confusion_matrix(test["confusion_matrix"], names, plots / "confusion_matrix.png")
+    report.plot_roc(y, probs, names, plots / "roc.png")
+    report.plot_reliability(test["calibration"], plots / "reliability.png", test["ece"])
+
+
+def _counts(target: TargetSet, splits: np.ndarray, used: np.ndarray) -> dict[str, dict[str, int]]:
+    out = {s: dict(Counter(target.labels[splits == s].tolist())) for s in ("train", "val", "test")}
+    out["train_used"] = dict(Counter(target.labels[used].tolist()))
+    return out
+
