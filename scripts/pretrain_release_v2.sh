@@ -13,11 +13,13 @@
 # - gray_w1: the gray recipe at width 1.0 (4x the parameters, 448 pooled features instead of 224),
 #          5 epochs at 64 px then 2 (not 3) at 128 px to fit one session: does capacity, not schedule,
 #          limit the distilled student (docs/pretraining.md, "Width 1.0")?
-# - color: objective `supervised+distill`, 2 epochs at 128 px.
+# - color: objective `supervised+distill`, 2 epochs at 128 px;
+# - color_map: the color run, then 2 more epochs at 128 px from its backbone distilling the teacher's
+#          map (as gray_map; no pooled-target control was run for colour).
 # Width 0.5 unless named (width 1.0 costs about twice the time per image).
 # Resumable: run the same command again after a kill and each stage continues from its
 # checkpoint-last.pt; finished stages are skipped.
-# Usage: scripts/pretrain_release_v2.sh gray|gray_long|gray_map|gray_w1|color [CORPUS_ROOT=runs] [OUT_ROOT=runs]
+# Usage: scripts/pretrain_release_v2.sh gray|gray_long|gray_map|gray_w1|color|color_map [CORPUS_ROOT=runs] [OUT_ROOT=runs]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=$1; CORPUS_ROOT=${2:-runs}; OUT_ROOT=${3:-runs}
@@ -43,6 +45,13 @@ elif [ "$VERSION" = gray ] || [ "$VERSION" = gray_long ] || [ "$VERSION" = gray_
     stage "$OUT_ROOT/pt_gray128_v2_map" --set train.epochs=4 --set model.init="$OUT_ROOT/pt_gray128_v2/backbone" \
       --set objective.distill_target=map
   fi
-else
+elif [ "$VERSION" = color ] || [ "$VERSION" = color_map ]; then
+  VERSION=color
   stage "$OUT_ROOT/pt_color128_v2" --set train.epochs=2
+  if [ "$1" = color_map ]; then
+    stage "$OUT_ROOT/pt_color128_v2_map" --set train.epochs=2 --set model.init="$OUT_ROOT/pt_color128_v2/backbone" \
+      --set objective.distill_target=map
+  fi
+else
+  echo "unknown weight set '$VERSION': use gray, gray_long, gray_map, gray_w1, color or color_map" >&2; exit 2
 fi
