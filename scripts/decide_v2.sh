@@ -3,7 +3,8 @@
 # full fine-tuning at 64 and 128 px (configs/v2/fewshot_*) of v2 vs v1 vs scratch vs ImageNet Lite0.
 # Finished arms are reused, so the script resumes after a kill. Tables: scripts/results_table.py.
 # probe128: the gray probe at 128 px, the v2 weights' pre-training resolution (session 4).
-# Usage: scripts/decide_v2.sh [probe|probe128|fewshot64|fewshot128|all=all]
+# probe224: the gray probe at 224 px (Lite0's own resolution) on two targets (session 6).
+# Usage: scripts/decide_v2.sh [probe|probe128|probe224|fewshot64|fewshot128|all=all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -14,6 +15,9 @@ if [ "$WHAT" = probe ] || [ "$WHAT" = all ]; then
 fi
 if [ "$WHAT" = probe128 ] || [ "$WHAT" = all ]; then
   for c in probe_gray_small128 probe_gray_large128; do study $c; done
+fi
+if [ "$WHAT" = probe224 ] || [ "$WHAT" = all ]; then
+  study probe_gray_small224
 fi
 for size in 64 128; do
   if [ "$WHAT" = "fewshot$size" ] || [ "$WHAT" = all ]; then
