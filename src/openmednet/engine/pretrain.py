@@ -17,7 +17,8 @@ Objectives (``objective.kind``), the two credible readings of the paper's unspec
 - ``combined``: ``sup_weight * supervised + ssl_weight * simclr`` on the same two views; unlabelled
   images contribute to the SSL part only.
 - ``distill``: the pooled features of a frozen ImageNet teacher (``objective.teacher``) on the same
-  views as the target (``openmednet.ssl.distill``); uses every image, labelled or not.
+  views as the target, or its last feature map per location with ``objective.distill_target=map``
+  (``openmednet.ssl.distill``); uses every image, labelled or not.
 
 Parts combine with ``+`` and are weighted by ``sup_weight``, ``ssl_weight`` and ``distill_weight``:
 ``supervised+distill``, ``simclr+distill``, ``supervised+simclr+distill`` (``combined`` is
