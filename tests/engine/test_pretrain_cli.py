@@ -45,7 +45,13 @@ def test_pretrain_cli_channel_mismatch(tiny_corpus: Path, tmp_path: Path):
         raise result.exception
 
 
-def test_pretrain_supervised_plus_distill_runs_and_keeps_the_teacher_out(tiny_corpus: Path, tmp_path: Path):
+@pytest.mark.parametrize("target,label,projector_dims", [
+    ("pooled", "supervised/union+distill(efficientnet_lite0)", 2),
+    ("map", "supervised/union+distill(efficientnet_lite0, map)", 4),
+])
+def test_pretrain_supervised_plus_distill_runs_and_keeps_the_teacher_out(
+    tiny_corpus: Path, tmp_path: Path, target: str, label: str, projector_dims: int
+):
     from openmednet.engine.checkpoint import load_checkpoint
 
     out = tmp_path / "run"
@@ -53,16 +59,17 @@ def test_pretrain_supervised_plus_distill_runs_and_keeps_the_teacher_out(tiny_co
             "--set", "model.name=mednet_test", "--set", "data.image_size=32", "--set", "data.batch_size=8",
             "--set", "data.num_workers=0", "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2",
             "--set", "train.progress=false", "--set", "monitor.enabled=false", "--set", "train.precision=fp32",
-            "--set", "objective.distill_hidden_dim=32"]
+            "--set", "objective.distill_hidden_dim=32", "--set", f"objective.distill_target={target}"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epoch = [r for r in records if r.get("kind") == "epoch"][-1]
     assert epoch["train/distill_loss"] > 0 and epoch["train/sup_loss"] > 0
     card = json.loads((out / "backbone" / "model_card.json").read_text())
-    assert card["provenance"]["objective"] == "supervised/union+distill(efficientnet_lite0)"
+    assert card["provenance"]["objective"] == label
     state = load_checkpoint(out / "checkpoint-last.pt")["model"]
     assert not any("teacher" in k for k in state) and any(k.startswith("distill.projector") for k in state)
+    assert state["distill.projector.0.weight"].dim() == projector_dims  # linear layers vs 1x1 convolutions
 
 
 def test_model_init_starts_from_a_saved_backbone_and_refuses_another_width(tiny_corpus: Path, tmp_path: Path):

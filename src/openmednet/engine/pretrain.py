@@ -353,10 +353,13 @@ def _export_backbone(backbone: nn.Module, out: Path, cfg: PretrainConfig, corpus
 
 
 def _objective_label(o: ObjectiveSection) -> str:
-    """The card's ``objective``: ``supervised/union``, ``simclr``, ``supervised/union+distill(efficientnet_lite0)``."""
+    """The card's ``objective``: ``supervised/union``, ``simclr``, ``supervised/union+distill(efficientnet_lite0)``,
+    ``distill(efficientnet_lite0, map)`` (the map target is named; the pooled default is not, so
+    existing cards keep their label)."""
     parts = o.parts
+    teacher = o.teacher if o.distill_target == "pooled" else f"{o.teacher}, {o.distill_target}"
     label = "+".join(
-        f"supervised/{o.heads}" if p == "supervised" else f"distill({o.teacher})" if p == "distill" else p
+        f"supervised/{o.heads}" if p == "supervised" else f"distill({teacher})" if p == "distill" else p
         for p in OBJECTIVE_PARTS if p in parts
     )
     return "combined/" + o.heads if o.kind == "combined" else label
