@@ -49,7 +49,6 @@ from __future__ import annotations
 import logging
 import warnings
 
-from openmednet.config import to_dict
 from openmednet.eval.finetune._config import (
     LEAKAGE_POLICIES,
     TASKS,
@@ -79,6 +78,7 @@ from openmednet.eval.finetune._outputs import (
     _plots,
     _write_predictions,
     finish_run,
+    run_metrics,
     start_run,
     write_history,
 )
@@ -137,22 +137,12 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
                                 groups=[target.groups[i] for i in idx["test"]])
     _plots(out, history, best_epoch, test, y_test, probs, target.label_names)
 
-    best = next(h for h in history if h["epoch"] == best_epoch)
-    metrics = {
-        "test": test,
-        "val": {"auroc_macro": best["val_auroc"], "loss": best["val_loss"]},
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "test_leaked_in_pretraining": bool(pretraining and pretraining["test_ids_in_corpus"]),
-        "data": {
-            "root": str(cfg.data), "n_images": len(target), "channels": target.channels,
-            "label_names": list(target.label_names), "counts": _counts(target, splits, idx["train"]),
-            "dropped": dropped, "skipped": target.skipped, "pretraining_leakage": pretraining,
-        },
-        "model": model_info,
-        "config": to_dict(cfg),
-        **({"semi": semi_info} if cfg.semi != "none" else {}),
-    }
+    metrics = run_metrics(cfg, target, test=test, val_score=("auroc_macro", "val_auroc"), history=history,
+                          best_epoch=best_epoch, names={"label_names": list(target.label_names)},
+                          counts=_counts(target, splits, idx["train"]), dropped=dropped, pretraining=pretraining,
+                          model=model_info)
+    if cfg.semi != "none":
+        metrics["semi"] = semi_info
     save_pretrained(
         model.cpu(), out / "model", data=(str(cfg.data),), objective=f"finetune:{cfg.strategy}",
         epochs=best_epoch, metrics={m: test[m] for m in ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro")},

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from openmednet.config import save_config
+from openmednet.config import save_config, to_dict
 from openmednet.eval import report
 from openmednet.eval.finetune._config import FinetuneResult
 from openmednet.eval.targets import TargetSet
 from openmednet.utils import atomic_write_text, seed_everything
 
-__all__ = ["finish_run", "start_run", "write_history"]
+__all__ = ["finish_run", "run_metrics", "start_run", "write_history"]
 
 
 def start_run(cfg: Any) -> Path:
@@ -35,6 +35,38 @@ def start_run(cfg: Any) -> Path:
 def write_history(out: Path, history: list[dict[str, Any]]) -> None:
     """``history.json``: one record per epoch (train loss, validation scores, learning rate)."""
     atomic_write_text(out / "history.json", json.dumps(history, indent=1) + "\n")
+
+
+def run_metrics(cfg: Any, target: Any, *, test: dict[str, Any], val_score: tuple[str, str], history: list[dict[str, Any]],
+                best_epoch: int, names: dict[str, list[str]], counts: dict[str, Any], dropped: dict[str, list[str]],
+                pretraining: dict[str, Any] | None, model: dict[str, Any]) -> dict[str, Any]:
+    """The content of ``metrics.json`` every fine-tuning run writes (``eval.study`` reads its rows from it).
+
+    Args:
+        cfg, target: the run's configuration and its (cleaned) target.
+        test: the test metrics.
+        val_score: ``(name in metrics.json, history key)`` of the model-choice score, e.g.
+            ``("auroc_macro", "val_auroc")``; its value and the loss are taken at ``best_epoch``.
+        history, best_epoch: ``_train``'s history and chosen epoch.
+        names: the target's class names under their keys (``label_names``, ``class_names``).
+        counts, dropped, pretraining: per-split counts, the ids left out by the checks, and the
+            pre-training leakage report (``None`` without a corpus fingerprint).
+        model: what the run recorded about its model (init, strategy, precision...).
+    """
+    best = next(h for h in history if h["epoch"] == best_epoch)
+    return {
+        "test": test,
+        "val": {val_score[0]: best[val_score[1]], "loss": best["val_loss"]},
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "test_leaked_in_pretraining": bool(pretraining and pretraining["test_ids_in_corpus"]),
+        "data": {
+            "root": str(cfg.data), "n_images": len(target), "channels": target.channels, **names, "counts": counts,
+            "dropped": dropped, "skipped": target.skipped, "pretraining_leakage": pretraining,
+        },
+        "model": model,
+        "config": to_dict(cfg),
+    }
 
 
 def finish_run(out: Path, metrics: dict[str, Any]) -> FinetuneResult:
