@@ -160,7 +160,7 @@ def _nifti_bytes(tmp_path, shape=(16, 16, 20)) -> bytes:
 
 def test_upload_reading_stops_after_max_frames(predictor, tmp_path, monkeypatch):
     """A volume over the frame limit is read up to the first image over it, not to the end."""
-    import openmednet.serve.predictor as module
+    import openmednet.serve.predictor._files as module  # where files are read
 
     read = []
 
@@ -209,7 +209,7 @@ def test_npz_uploads_are_refused(predictor, tmp_path):
 
 @pytest.mark.parametrize("suffix", [".jpe", ".jfif", ".pgm", ".ppm", ".PNG", ".nii.gz", ".dic"])
 def test_upload_suffixes_come_from_the_readers(suffix):
-    from openmednet.serve.predictor import _upload_suffix
+    from openmednet.serve.predictor._files import _upload_suffix
 
     assert _upload_suffix(f"scan{suffix}") == suffix.lower()
     assert _upload_suffix("archive.npz") == _upload_suffix("notes.txt") == ""
@@ -256,7 +256,7 @@ def test_inference_errors_are_not_reported_as_skipped_files(predictor, real_file
 
 
 def test_file_failing_half_way_contributes_nothing(predictor, real_files, tmp_path, monkeypatch):
-    import openmednet.serve.predictor as module
+    import openmednet.serve.predictor._files as module  # where files are read
     from openmednet.data.readers import SkipImage
 
     def half_read(path, *args, **kwargs):
