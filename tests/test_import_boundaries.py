@@ -1,4 +1,4 @@
-"""Imports go one way: cli -> {eval, explain, export, serve} -> engine -> {ssl, data, models} -> base.
+"""Imports go one way: cli -> quickstart -> {eval, explain, export, serve} -> engine -> {ssl, data, models} -> base.
 
 ``models`` and ``data`` never import each other, and nothing imports ``cli``. Checked statically
 from the source (absolute ``openmednet.*`` imports and relative imports), so a lazy import inside a
@@ -25,7 +25,10 @@ ALLOWED = {
     "explain": {"engine", "data", "models"},
     "export": {"engine", "data", "models"},
     "serve": {"explain", "export", "engine", "data", "models", "eval"},
+    "quickstart": {"eval", "engine", "models"},
     "cli": {"eval", "explain", "export", "serve", "engine", "ssl", "data", "models", "pretrain", "quickstart"},
+    # The base modules import only each other; the package's __init__ is the models facade, __main__ runs the CLI.
+    "config": set(), "utils": set(), "_errors": set(), "__init__": {"models"}, "__main__": {"cli"},
 }
 
 
@@ -57,7 +60,12 @@ def _imported_layers(path: Path) -> set[str]:
 
 
 def _modules():
-    return sorted(p for p in PKG.rglob("*.py") if _layer(p) in ALLOWED)
+    return sorted(PKG.rglob("*.py"))  # every module: one in no layer fails below instead of being skipped
+
+
+def test_every_module_is_in_a_layer():
+    outside = sorted(str(p.relative_to(PKG)) for p in _modules() if _layer(p) not in ALLOWED)
+    assert not outside, f"{outside} belong to no layer: add them to ALLOWED with the layers they may import"
 
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PKG)))
