@@ -27,9 +27,11 @@ from pathlib import Path
 
 import yaml
 
+from openmednet.config import from_dict
 from openmednet.data.fingerprint import save_corpus_fingerprint
 from openmednet.data.shards import CorpusManifest
 from openmednet.engine.precision import cpu_capability
+from openmednet.engine.pretrain import PretrainConfig, objective_label
 from openmednet.models import load_pretrained, save_pretrained
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "openmednet" / "assets" / "weights"
@@ -38,6 +40,29 @@ ASSETS = Path(__file__).resolve().parents[1] / "src" / "openmednet" / "assets" /
 def _epochs(run: Path) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r.get("kind") == "epoch"]
+
+
+def _earlier_stage(config: dict) -> dict | None:
+    """The run whose backbone started this one (``model.init``) in a progressive schedule, with its
+    own earlier stage nested the same way (64 px -> 128 px -> a continuation), or ``None``."""
+    init = (config.get("model") or {}).get("init")
+    if not init:
+        return None
+    run = Path(init).parent
+    stage_config = yaml.safe_load((run / "config.yaml").read_text())
+    epochs = _epochs(run)
+    return {
+        "run": run.name,
+        "config": stage_config,
+        "epochs": len(epochs),
+        "wall_time_s": round(sum(e.get("time_s", 0.0) for e in epochs), 1),
+        "earlier_stage": _earlier_stage(stage_config),
+    }
+
+
+def _stage_epochs(stage: dict | None) -> int:
+    """Epochs of all earlier stages together."""
+    return 0 if stage is None else stage["epochs"] + _stage_epochs(stage["earlier_stage"])
 
 
 def _cpu_model() -> str:
@@ -89,13 +114,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_pretrained(args.run / "backbone")
-    card = json.loads((args.run / "backbone" / "model_card.json").read_text())
     manifest = CorpusManifest.load(args.corpus)
     config = yaml.safe_load((args.run / "config.yaml").read_text())
     epochs = _epochs(args.run)
-    # A progressive schedule's earlier stage: the run whose backbone started this one (model.init).
-    init = (config.get("model") or {}).get("init")
-    args.init_run = Path(init).parent if init else None
     last = epochs[-1]
     details = {
         "corpus": {
@@ -112,12 +133,7 @@ def main() -> None:
             "command": args.command or "scripts/pretrain_release.sh " + ("gray" if model.in_chans == 1 else "color"),
             "config": config,
             "wall_time_s": round(sum(e.get("time_s", 0.0) for e in epochs), 1),
-            "earlier_stage": None if args.init_run is None else {
-                "run": args.init_run.name,
-                "config": yaml.safe_load((args.init_run / "config.yaml").read_text()),
-                "epochs": len(_epochs(args.init_run)),
-                "wall_time_s": round(sum(e.get("time_s", 0.0) for e in _epochs(args.init_run)), 1),
-            },
+            "earlier_stage": _earlier_stage(config),
             "hardware": f"{os.cpu_count()} CPU cores ({_cpu_model()}, torch CPU capability {cpu_capability()}), no GPU",
             "precision": config.get("train", {}).get("precision"),
         },
@@ -133,8 +149,10 @@ def main() -> None:
     saved = save_pretrained(
         model, args.out, tag=args.tag, default=args.default,
         data=tuple(s["name"] for s in manifest.sources),
-        objective=card["provenance"]["objective"],
-        epochs=len(epochs) + (len(_epochs(args.init_run)) if args.init_run else 0), metrics=metrics,
+        # From the resolved config, not the run's card: runs made before the card named the map
+        # target of distillation would otherwise ship a label that hides it.
+        objective=objective_label(from_dict(PretrainConfig, config).objective),
+        epochs=len(epochs) + _stage_epochs(details["training"]["earlier_stage"]), metrics=metrics,
         license=args.license, corpus_fingerprint=fingerprint,
         details=details,
     )

@@ -61,6 +61,7 @@ __all__ = [
     "PretrainConfig",
     "PretrainModule",
     "TrainSection",
+    "objective_label",
     "run_pretraining",
 ]
 
@@ -347,12 +348,12 @@ def _export_backbone(backbone: nn.Module, out: Path, cfg: PretrainConfig, corpus
     save_corpus_fingerprint(corpus, fingerprint)
     save_pretrained(
         backbone, out / "backbone", architecture=cfg.model.name, data=(corpus.name,),
-        objective=_objective_label(cfg.objective),
+        objective=objective_label(cfg.objective),
         epochs=cfg.train.epochs, metrics=metrics, input_size=contract_size, corpus_fingerprint=fingerprint,
     )
 
 
-def _objective_label(o: ObjectiveSection) -> str:
+def objective_label(o: ObjectiveSection) -> str:
     """The card's ``objective``: ``supervised/union``, ``simclr``, ``supervised/union+distill(efficientnet_lite0)``,
     ``distill(efficientnet_lite0, map)`` (the map target is named; the pooled default is not, so
     existing cards keep their label)."""
