@@ -67,76 +67,17 @@ colour transforms ``FastColorJitter``, ``RandomGamma``, ``HEDJitter``), ``_batch
 
 from __future__ import annotations
 
-from openmednet.data.transforms._batch import BatchAugment
-from openmednet.data.transforms._color import (
-    HED_FROM_RGB,
-    RGB_FROM_HED,
-    FastColorJitter,
-    HEDJitter,
-    RandomGamma,
-    color_jitter,
-    hed_jitter,
-    hed_to_rgb,
-    hue_matrices,
-    hue_matrix,
-    rgb_to_hed,
-    saturation_matrices,
-    saturation_matrix,
-)
-from openmednet.data.transforms._contract import ToChannels
-from openmednet.data.transforms._factory import (
-    INTERPOLATIONS,
-    MultiViewTransform,
-    build_multiview_transform,
-    build_transform,
-)
-from openmednet.data.transforms._params import (
-    AUGMENTS,
-    BRIGHTNESS,
-    CONTRAST,
-    CROP_RATIO,
-    CROP_SCALE,
-    GAMMA,
-    GAMMA_P,
-    HED_P,
-    HED_SIGMA,
-    HFLIP_P,
-    HUE,
-    ROTATION_DEGREES,
-    SATURATION,
-)
+# Each module's __all__ names its public API once; the package re-exports them as they are.
+from openmednet.data.transforms import _batch, _color, _contract, _factory, _params
+from openmednet.data.transforms._batch import *
+from openmednet.data.transforms._color import *
+from openmednet.data.transforms._contract import *
+from openmednet.data.transforms._factory import *
+from openmednet.data.transforms._params import *
 
-__all__ = [
-    "AUGMENTS",
-    "BRIGHTNESS",
-    "CONTRAST",
-    "CROP_RATIO",
-    "CROP_SCALE",
-    "GAMMA",
-    "GAMMA_P",
-    "HED_FROM_RGB",
-    "HED_P",
-    "HED_SIGMA",
-    "HFLIP_P",
-    "HUE",
-    "INTERPOLATIONS",
-    "RGB_FROM_HED",
-    "ROTATION_DEGREES",
-    "SATURATION",
-    "BatchAugment",
-    "FastColorJitter",
-    "HEDJitter",
-    "MultiViewTransform",
-    "RandomGamma",
-    "ToChannels",
-    "build_multiview_transform",
-    "build_transform",
-    "color_jitter",
-    "hed_jitter",
-    "hed_to_rgb",
-    "hue_matrices",
-    "hue_matrix",
-    "rgb_to_hed",
-    "saturation_matrices",
-    "saturation_matrix",
-]
+__all__ = []
+__all__ += _params.__all__
+__all__ += _contract.__all__
+__all__ += _color.__all__
+__all__ += _batch.__all__
+__all__ += _factory.__all__

@@ -21,7 +21,7 @@ from openmednet.data.transforms._contract import (
 )
 from openmednet.data.transforms._params import AUGMENTS, CROP_SCALE
 
-__all__ = ["MultiViewTransform", "build_multiview_transform", "build_transform"]
+__all__ = ["INTERPOLATIONS", "MultiViewTransform", "build_multiview_transform", "build_transform"]
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
