@@ -197,29 +197,17 @@ def _append_to_report(path: Path, weights: str, elapsed: float, threads: int, jo
     atomic_write_text(path, text)
 
 
-def run_quickstart(
-    out: str | Path,
-    *,
-    seeds: Sequence[int] = (0, 1, 2),
-    epochs: int = DEFAULT_EPOCHS,
-    per_class: Sequence[int] = DEFAULT_PER_CLASS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    image_size: int = IMAGE_SIZE,
-    device: str | None = None,
-    progress: bool = True,
-    n_boot: int = N_BOOT,
-    precision: str = "auto",
-    jobs: int = 1,
-) -> dict[str, Any]:
+def run_quickstart(out: str | Path, *, progress: bool = True, jobs: int = 1, **study: Any) -> dict[str, Any]:
     """Run the quick-start comparison into ``out`` (resumable: finished arms are reused).
 
     Args:
         out: study directory (``report.md``, ``report.json``, ``plots/``, ``runs/``).
-        seeds, epochs, per_class, batch_size, image_size, device, n_boot, precision: see
-            :func:`quickstart_config`.
         progress: log each arm and epoch (INFO); ``False`` keeps only warnings.
         jobs: arms trained at once, each in its own process with ``1/jobs`` of the threads
             (``run_study(jobs=...)``: the metrics of a sequential run with as many threads per arm).
+        study: ``seeds``, ``epochs``, ``per_class``, ``batch_size``, ``image_size``, ``device``, ``n_boot``,
+            ``precision``: the study's settings, with their defaults, as :func:`quickstart_config`
+            takes them (the one place they are defined).
 
     Returns:
         ``{"weights", "rows", "refused", "leakage_checks", "elapsed_s", "threads", "jobs", "cpu_count",
@@ -234,17 +222,15 @@ def run_quickstart(
     """
     start = time.perf_counter()
     weights = shipped_gray_weights()
-    cfg = quickstart_config(out, weights, seeds=seeds, epochs=epochs, per_class=per_class,
-                            batch_size=batch_size, image_size=image_size, device=device, n_boot=n_boot,
-                            precision=precision)
+    cfg = quickstart_config(out, weights, **study)
     logger.info("quick start: %s vs scratch vs ImageNet on %s, %d seed(s), up to %d epochs",
-                weights, DEMO_NAME, len(cfg.seeds), epochs)
+                weights, DEMO_NAME, len(cfg.seeds), cfg.finetune.epochs)
     with _quiet(not progress):
         study = run_study(cfg, jobs=jobs)
     elapsed = time.perf_counter() - start
     out = Path(out)
     threads = threads_per_job(jobs)
-    _append_to_report(out / "report.md", weights, elapsed, threads, jobs, _precision_note(precision, device))
+    _append_to_report(out / "report.md", weights, elapsed, threads, jobs, _precision_note(cfg.finetune.precision, cfg.finetune.device))
     return {
         "weights": weights, "rows": _rows(study["summary"], weights), "refused": study["refused"],
         "leakage_checks": study.get("leakage_checks", []), "elapsed_s": elapsed, "threads": threads,
