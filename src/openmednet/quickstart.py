@@ -197,7 +197,7 @@ def _append_to_report(path: Path, weights: str, elapsed: float, threads: int, jo
     atomic_write_text(path, text)
 
 
-def run_quickstart(out: str | Path, *, progress: bool = True, jobs: int = 1, **study: Any) -> dict[str, Any]:
+def run_quickstart(out: str | Path, *, progress: bool = True, jobs: int = 1, **settings: Any) -> dict[str, Any]:
     """Run the quick-start comparison into ``out`` (resumable: finished arms are reused).
 
     Args:
@@ -205,7 +205,7 @@ def run_quickstart(out: str | Path, *, progress: bool = True, jobs: int = 1, **s
         progress: log each arm and epoch (INFO); ``False`` keeps only warnings.
         jobs: arms trained at once, each in its own process with ``1/jobs`` of the threads
             (``run_study(jobs=...)``: the metrics of a sequential run with as many threads per arm).
-        study: ``seeds``, ``epochs``, ``per_class``, ``batch_size``, ``image_size``, ``device``, ``n_boot``,
+        settings: ``seeds``, ``epochs``, ``per_class``, ``batch_size``, ``image_size``, ``device``, ``n_boot``,
             ``precision``: the study's settings, with their defaults, as :func:`quickstart_config`
             takes them (the one place they are defined).
 
@@ -222,7 +222,7 @@ def run_quickstart(out: str | Path, *, progress: bool = True, jobs: int = 1, **s
     """
     start = time.perf_counter()
     weights = shipped_gray_weights()
-    cfg = quickstart_config(out, weights, **study)
+    cfg = quickstart_config(out, weights, **settings)
     logger.info("quick start: %s vs scratch vs ImageNet on %s, %d seed(s), up to %d epochs",
                 weights, DEMO_NAME, len(cfg.seeds), cfg.finetune.epochs)
     with _quiet(not progress):
@@ -230,7 +230,8 @@ def run_quickstart(out: str | Path, *, progress: bool = True, jobs: int = 1, **s
     elapsed = time.perf_counter() - start
     out = Path(out)
     threads = threads_per_job(jobs)
-    _append_to_report(out / "report.md", weights, elapsed, threads, jobs, _precision_note(cfg.finetune.precision, cfg.finetune.device))
+    precision_note = _precision_note(cfg.finetune.precision, cfg.finetune.device)
+    _append_to_report(out / "report.md", weights, elapsed, threads, jobs, precision_note)
     return {
         "weights": weights, "rows": _rows(study["summary"], weights), "refused": study["refused"],
         "leakage_checks": study.get("leakage_checks", []), "elapsed_s": elapsed, "threads": threads,
