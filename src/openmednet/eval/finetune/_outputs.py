@@ -94,7 +94,6 @@ def _write_splits(out: Path, target: TargetSet, splits: np.ndarray, used: np.nda
     _write_csv(out / "splits.csv", ["id", "label", "group", "split", "used_for_training", "phash"], rows)
 
 
-
 def _write_predictions(out: Path, ids: list[str], target: TargetSet, y: np.ndarray, probs: np.ndarray) -> None:
     # repr() of a float is its shortest round-trip form: the CSV reproduces the probabilities exactly.
     rows = [[ids[i], target.label_names[y[i]], int(y[i])] + [repr(float(p)) for p in probs[i]] for i in range(len(y))]
