@@ -9,14 +9,16 @@ Modes:
     fp32      float32, NCHW (PyTorch's default).
     bf16cl    ``torch.autocast("cpu", bfloat16)`` and ``channels_last`` model and input (oneDNN
               then uses AVX512-BF16 / AMX kernels where the CPU has them).
-    fp32cl    float32, channels_last (opt-in: separates the layout effect from the dtype effect).
+    fp32cl    float32, channels_last: what pre-training runs in on a CPU without native bf16
+              (``channels_last: true`` is its default); separates the layout effect from the dtype.
 
 Variants (MedNet only): ``+fused`` is ``MedNet.fuse_for_inference()`` (BatchNorm folded; inference
 rows), ``+compile`` is ``torch.compile`` (``--compile``; compile time is reported separately), and
 ``--ablate`` times the training step with each block's four branch convs separate (as shipped) and
 merged into one zero-padded 7x7 conv in the ``--merge-stages`` (``MedNet.set_branch_merge``), next
-to ResNet-18, in interleaved rounds. Its default mode is the machine's training precision
-(``bf16cl`` where bf16 is native, else ``fp32``); the merged arm's fraction counts the separate
+to ResNet-18, in interleaved rounds. Its default mode is the one pre-training runs in here
+(``bf16cl`` where bf16 is native, else ``fp32cl``: the pre-training default is channels_last);
+the merged arm's fraction counts the separate
 model's FLOPs (the useful work), so it compares directly.
 
 Usage::
@@ -200,9 +202,18 @@ def run_grid(args: argparse.Namespace, ref: MatmulReference, log: Callable[[str]
 
 # --------------------------------------------------------------------------------- ablation
 def machine_mode() -> str:
-    """The precision training should use here (``engine.precision``'s ``auto``): bf16 + channels_last
-    where bf16 is native, else fp32."""
-    return "bf16cl" if _bf16_native() else "fp32"
+    """The mode pre-training runs in here: ``engine.precision.resolve_precision`` on the pre-training
+    defaults (``precision: auto``, ``channels_last: true``), so bf16 + channels_last where bf16 is
+    native and fp32 + channels_last elsewhere. Asked of the engine, not restated, so the benchmark
+    follows any change of those defaults."""
+    from openmednet.engine.precision import resolve_precision
+    from openmednet.engine.pretrain import TrainSection
+
+    train = TrainSection()
+    precision, channels_last = resolve_precision(train.precision, "cpu", train.channels_last)
+    if precision == "bf16":
+        return "bf16cl"  # the benchmark's only bf16 mode
+    return "fp32cl" if channels_last else "fp32"
 
 
 def run_ablation(args: argparse.Namespace, ref: MatmulReference, log: Callable[[str], None]) -> list[list[object]]:
