@@ -13,7 +13,9 @@
 # - gray_lite2: the gray stages, then 4 more epochs at 128 px from the 3-epoch backbone exactly as
 #          gray_long, but with EfficientNet-Lite2 as the teacher (ImageNet top-1 77.4 % vs Lite0's
 #          74.9 %; better ImageNet models give better linear-probe features, Kornblith et al. 2019):
-#          gray_long is its control, so any difference is the teacher's (needs openmednet[teachers]);
+#          gray_long is its control, so any difference is the teacher's (needs openmednet[teachers]).
+#          Stopped after 200 steps in session 7: probed at 128 px, Lite2's own features are worse than
+#          Lite0's (docs/pretraining.md, "A stronger teacher?");
 # - gray_w1: the gray recipe at width 1.0 (4x the parameters, 448 pooled features instead of 224),
 #          5 epochs at 64 px then 2 (not 3) at 128 px to fit one session: does capacity, not schedule,
 #          limit the distilled student (docs/pretraining.md, "Width 1.0")?
