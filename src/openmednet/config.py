@@ -47,10 +47,30 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error as one line, ``"<problem> (line L, column C)"``: its own text names no file."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
+def _as_int(value: Any) -> int:
+    """``value`` for an ``int`` field: an int, or a float without a fraction (``--set epochs=1e1``)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        # Unchecked, "abc" reached __post_init__'s comparisons as a TypeError traceback.
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
 def _coerce(value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is int or (origin in (typing.Union, types.UnionType) and set(args) == {int, type(None)} and value is not None):
+        return _as_int(value)
     if origin is tuple and isinstance(value, list):
-        return tuple(value)
+        return tuple(_as_int(v) for v in value) if args and args[0] is int else tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str) and (hint is float or (origin in (typing.Union, types.UnionType) and float in typing.get_args(hint))):
@@ -84,6 +104,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             kwargs[key] = _coerce(value, hint)
         except ValueError as e:
             raise ValueError(f"config key '{prefix}{key}': {e}") from None
+    required = [name for name, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [f"{prefix}{name}" for name in required if name not in kwargs]
+    if missing:  # the dataclass's own TypeError named no config key and reached the user as a traceback
+        raise ValueError(f"missing required config key(s) {', '.join(missing)} of {cls.__name__}")
     return cls(**kwargs)
 
 
@@ -108,14 +133,18 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     Raises:
         FileNotFoundError: ``path`` does not exist.
         KeyError: a key is not a field (the message suggests the closest one).
-        ValueError: an override is not of the form ``key=value``.
+        ValueError: the file or an override value is not valid YAML, an override is not of the form
+            ``key=value``, a required key is missing, or an integer field gets another value.
     """
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
         tree = loaded
@@ -123,7 +152,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if "=" not in item:
             raise ValueError(f"override '{item}' must look like key=value, e.g. optim.lr=0.1")
         key, text = item.split("=", 1)
-        _set_dotted(tree, key.strip(), _parse_scalar(text))
+        try:
+            value = _parse_scalar(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)}); "
+                             f"quote it to pass a string") from None
+        _set_dotted(tree, key.strip(), value)
     return from_dict(cls, tree)
 
 

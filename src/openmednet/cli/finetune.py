@@ -55,8 +55,8 @@ def register(app: typer.Typer) -> None:
                   "unlabelled": unlabelled, "rounds": rounds, "task": task}
         try:
             cfg = load_config(FinetuneConfig, config, _overrides(values, set_))
-        except TypeError as e:
-            if "required" not in str(e):  # only a missing field (data, out) is the user's to fix here
+        except ValueError as e:
+            if not str(e).startswith("missing required"):  # a missing field (data, out) has flags to name
                 raise
             raise ValueError(f"{e}: give --data and --out (or set them in --config)") from None
         result = run_finetune(cfg)
