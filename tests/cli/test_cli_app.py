@@ -27,3 +27,29 @@ def test_a_command_whose_import_fails_names_the_cause(monkeypatch: pytest.Monkey
     with pytest.raises(ImportError, match="'broken' command could not be loaded") as info:
         _register_commands(typer.Typer(), ("broken",))
     assert isinstance(info.value.__cause__, ImportError)
+
+
+@pytest.mark.parametrize("out, says", [("taken", "cannot use {tmp}/taken: File exists (a file is where a folder is needed"),
+                                       ("taken/run", "cannot use {tmp}/taken/run: Not a directory")])
+def test_an_out_path_under_a_file_is_one_line_with_exit_2(tmp_path, monkeypatch, capsys, out: str, says: str) -> None:
+    # Regression: `finetune --out FILE` printed FileExistsError's traceback (exit 1).
+    from openmednet.cli.app import main
+
+    (tmp_path / "taken").write_text("an earlier file\n")
+    argv = ["openmednet", "finetune", "--data", str(tmp_path), "--init", "scratch:mednet_test", "--out", str(tmp_path / out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delenv("OPENMEDNET_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = " ".join(capsys.readouterr().err.split())
+    assert info.value.code == 2 and says.format(tmp=tmp_path) in err and "Traceback" not in err
+    assert (tmp_path / "taken").read_text() == "an earlier file\n"
+
+
+def test_os_errors_name_the_users_path_not_a_temporary_file() -> None:
+    from openmednet.cli.app import _path_error_message
+
+    replace = IsADirectoryError(21, "Is a directory", "/w/.preds.csv.x1.tmp", None, "preds.csv")
+    assert _path_error_message(replace) == "cannot use preds.csv: Is a directory (it is a folder: give a file path)"
+    assert _path_error_message(PermissionError(13, "Permission denied", "/ro/run")).endswith(
+        "(choose a location you can write to)")

@@ -2,12 +2,14 @@
 
 Each command module defines ``register(app)``; commands only parse arguments, resolve a config and
 call a ``run_*`` function of the library. Known user errors (``ValueError``, ``FileNotFoundError``,
-``KeyError``) are printed as one red line with exit code 2 instead of a traceback; set
-``OPENMEDNET_DEBUG=1`` to see the traceback.
+``KeyError``) and unusable paths (``OSError`` naming a file: ``--out`` that is a file, a
+read-only folder, a full disk) are printed as one red line with exit code 2 instead of a
+traceback; set ``OPENMEDNET_DEBUG=1`` to see the traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -64,6 +66,28 @@ def _register_commands(target: typer.Typer, names: tuple[str, ...] = COMMAND_MOD
 _register_commands(app)
 
 
+#: What to do about an OSError on a path the user gave, by errno.
+_PATH_FIXES = {
+    errno.EEXIST: "a file is where a folder is needed: give another path or move the file",
+    errno.ENOTDIR: "a file is where a folder is needed: give another path or move the file",
+    errno.EISDIR: "it is a folder: give a file path",
+    errno.EACCES: "choose a location you can write to",
+    errno.EPERM: "choose a location you can write to",
+    errno.EROFS: "choose a location you can write to",
+    errno.ENOSPC: "free some space or choose another disk",
+}
+
+
+def _path_error_message(e: OSError) -> str:
+    """One line for an ``OSError`` on a named path: the path, the system's reason and the fix.
+
+    ``os.replace`` errors carry the destination in ``filename2`` (``filename`` is a temporary file).
+    """
+    path = e.filename2 if e.filename2 is not None else e.filename
+    fix = _PATH_FIXES.get(e.errno)
+    return f"cannot use {os.fsdecode(path)}: {e.strerror}" + (f" ({fix})" if fix else "")
+
+
 def main() -> None:
     """Entry point of the ``openmednet`` script."""
     from openmednet.models import WeightsUnavailableError
@@ -75,6 +99,12 @@ def main() -> None:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         err_console.print(f"[bold red]error:[/] {msg}")
+        sys.exit(2)
+    except OSError as e:
+        # Only errors that name a path are the user's to fix; an OSError without one is a bug.
+        if e.filename is None or os.environ.get("OPENMEDNET_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {_path_error_message(e)}")
         sys.exit(2)
 
 
