@@ -78,3 +78,20 @@ def test_colour_set_and_bad_masks_are_refused_clearly(seg_subset, tmp_path):
         load_segmentation(bad)
     with pytest.raises(FileNotFoundError, match="masks.csv"):
         load_segmentation(tmp_path)
+
+
+def test_masks_csv_from_excel_empty_or_latin1(seg_subset, tmp_path):
+    # Regression: a byte-order mark (Excel's "CSV UTF-8") refused a valid manifest for a missing
+    # 'path' column, and a header-only manifest was reported as missing both columns.
+    data = seg_subset(tmp_path / "bom", patients=2, per_patient=3)
+    text = (data / "masks.csv").read_text()
+    plain = load_segmentation(data)
+    (data / "masks.csv").write_text(text, encoding="utf-8-sig")
+    bom = load_segmentation(data)
+    assert bom.ids == plain.ids and all(np.array_equal(a, b) for a, b in zip(bom.masks, plain.masks))
+    (data / "masks.csv").write_text(text.splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match="masks.csv lists no image"):
+        load_segmentation(data)
+    (data / "masks.csv").write_bytes(text.encode() + "caf\xe9.jpg,m.png,,\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"masks.csv is not UTF-8 \(cannot decode byte 0xe9\)"):
+        load_segmentation(data)

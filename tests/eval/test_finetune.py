@@ -124,6 +124,13 @@ def test_missing_paths_are_listed(shared_data: Path, tmp_path: Path) -> None:
         load_target(data)
 
 
+def test_a_segmentation_folder_is_not_classified(seg_subset, tmp_path: Path) -> None:
+    # Regression: its images/ and masks/ sub-folders were read as two classes and a run "succeeded".
+    data = seg_subset(tmp_path / "seg", patients=2, per_patient=3)
+    with pytest.raises(ValueError, match="is a segmentation folder \\(masks.csv\\): use --task segmentation"):
+        load_target(data)
+
+
 def test_unknown_labels_and_single_image_class(shared_data: Path, tmp_path: Path) -> None:
     rows = _rows(shared_data, OPENI)[:8]
     data = _write_labels(tmp_path, rows, shared_data / OPENI)

@@ -191,11 +191,21 @@ def _rows(root: Path) -> list[dict[str, str]]:
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} not found: a segmentation folder needs masks.csv "
                                 f"(path,mask,split,group) and classes.txt")
-    with manifest.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing_cols = {"path", "mask"} - set(rows[0] if rows else {})
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which plain utf-8 kept in the
+    # first column's name ("\ufeffpath"), so a valid manifest was refused for a missing 'path'.
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows, header = list(reader), reader.fieldnames or []
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{manifest} is not UTF-8 (cannot decode byte {e.object[e.start]:#04x}); re-save it as "
+                         f"UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+    missing_cols = {"path", "mask"} - set(header)
     if missing_cols:
-        raise ValueError(f"{manifest}: columns {sorted(missing_cols)} missing (expected path,mask,split,group)")
+        raise ValueError(f"{manifest}: columns {sorted(missing_cols)} missing (expected path,mask,split,group; "
+                         f"it has {header})")
+    if not rows:
+        raise ValueError(f"{manifest} lists no image: add one path,mask row per image + mask pair")
     missing = [r[c] for r in rows for c in ("path", "mask") if not (root / r[c]).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} files listed in {manifest} do not exist (e.g. {missing[:3]}): "

@@ -30,6 +30,7 @@ from openmednet._errors import did_you_mean
 from openmednet.data.decoded import GRAY_TOLERANCE, DecodedItems, majority_channels
 from openmednet.data.dedupe import phashes
 from openmednet.data.images import shrink, to_channels
+from openmednet.data.segmentation import MASKS_CSV
 from openmednet.data.sources import SourceItem, SourceSpec, iter_source, read_item
 
 __all__ = ["TargetSet", "load_target"]
@@ -92,7 +93,7 @@ def _check_paths_exist(items: list[SourceItem], root: Path) -> None:
         examples = ", ".join(str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else p for p in missing[:3])
         raise FileNotFoundError(
             f"{len(missing)} of {len(items)} image paths listed for {root} do not exist (e.g. {examples}): "
-            f"paths in labels.csv are relative to its folder; fix or remove those rows"
+            f"fix or remove those rows of labels.csv (paths are relative to its folder) or those broken links"
         )
 
 
@@ -157,11 +158,16 @@ def load_target(
 
     Raises:
         FileNotFoundError: ``data`` or listed image files do not exist.
-        ValueError: no labelled image, unknown labels, a single-image class, fewer than 2 classes.
+        ValueError: no labelled image, unknown labels, a single-image class, fewer than 2 classes, or
+            a segmentation folder (``masks.csv``) read with ``format="auto"``.
     """
     root = Path(data)
     if not root.exists():
         raise FileNotFoundError(f"target data not found: {root} (expected a folder, labels.csv folder or .npz)")
+    if format == "auto" and (root / MASKS_CSV).is_file() and not (root / "labels.csv").is_file():
+        # Read as class folders, its images/ and masks/ became two classes and a run "succeeded".
+        raise ValueError(f"{root} is a segmentation folder ({MASKS_CSV}): use --task segmentation (task: "
+                         f"segmentation in a study), or add labels.csv to classify its images")
     spec = SourceSpec(
         name=root.stem, root=root, format=format, csv_file=Path(csv_file) if csv_file else None,
         columns=dict(columns or {}), label_map=dict(label_map or {}),
