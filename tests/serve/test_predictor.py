@@ -140,6 +140,21 @@ def test_overlay_names_are_unique(predictor, real_files, tmp_path):
     assert all(Image.open(p).format == "PNG" for p in paths)
 
 
+
+@pytest.mark.parametrize("sources, names", [
+    (["a/x.png", "b/x.png", "x_2.png"], ["x", "x_2", "x_2_2"]),
+    (["x_2.png", "a/x.png", "b/x.png", "c/x.png"], ["x_2", "x", "x_3", "x_4"]),
+    (["v.nii.gz", "v_f1.png", "v.nii.gz"], ["v", "v_f1", "v_2"]),
+])
+def test_output_names_never_repeat_a_name_given_to_another_file(sources, names):
+    # Regression: b/x.png became "x_2" and so did x_2.png: one mask and overlay overwrote the other
+    # while predictions.csv listed both rows with the same file.
+    from openmednet.serve.predictor import output_name
+
+    used: dict[str, int] = {}
+    assert [output_name(s, 0, "", used) for s in sources] == names
+
+
 # --- review fixes: upload limits, reader choice, hooks, skips, warnings --------------------------
 
 

@@ -97,17 +97,24 @@ def save_predictions_csv(predictions: Iterable[Prediction], path: str | Path, la
 def output_name(source: str, frame: int, suffix: str, used: dict[str, int] | None = None) -> str:
     """``<name>[_f<frame>][_<n>]<suffix>``: one output file name per image.
 
-    ``scan.nii.gz`` slice 3 with ``suffix="_cam.png"`` -> ``scan_f3_cam.png``. With ``used`` (name
-    -> times used, updated in place) a name already given gets ``_2``, ``_3``... (same file names
-    in different folders).
+    ``scan.nii.gz`` slice 3 with ``suffix="_cam.png"`` -> ``scan_f3_cam.png``. With ``used`` (every
+    name given so far -> the last ``_<n>`` tried for it, updated in place) a name already given gets
+    ``_2``, ``_3``... (same file names in different folders), skipping names given otherwise:
+    ``a/x.png``, ``b/x.png``, ``x_2.png`` -> ``x``, ``x_2``, ``x_2_2``.
     """
     name = Path(source).name
     stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
     stem = f"{stem}{'' if frame == 0 else f'_f{frame}'}"
     if used is None:
         return stem + suffix
-    used[stem] = used.get(stem, 0) + 1
-    return f"{stem}{'' if used[stem] == 1 else f'_{used[stem]}'}{suffix}"
+    # Counting stems alone gave b/x.png the name "x_2" that x_2.png then got too: its mask was overwritten.
+    name, n = stem, used.get(stem, 1)
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}"
+    used[stem] = n
+    used.setdefault(name, 1)
+    return name + suffix
 
 
 def cam_file_name(pred: Prediction) -> str:
