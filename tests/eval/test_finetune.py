@@ -124,6 +124,16 @@ def test_missing_paths_are_listed(shared_data: Path, tmp_path: Path) -> None:
         load_target(data)
 
 
+@pytest.mark.parametrize("field", ["image_size", "max_side"])
+def test_a_zero_size_is_refused_not_read_as_the_default(field: str) -> None:
+    # Regression: --image-size 0 trained at the init's 64 px while config.yaml recorded 0.
+    from openmednet.eval.finetune import FinetuneConfig
+
+    with pytest.raises(ValueError, match=f"{field} must be >= 1 or unset"):
+        FinetuneConfig(data="d", out="o", **{field: 0})
+    assert FinetuneConfig(data="d", out="o", image_size=None).image_size is None
+
+
 def test_a_segmentation_folder_is_not_classified(seg_subset, tmp_path: Path) -> None:
     # Regression: its images/ and masks/ sub-folders were read as two classes and a run "succeeded".
     data = seg_subset(tmp_path / "seg", patients=2, per_patient=3)

@@ -154,6 +154,10 @@ class FinetuneConfig:
             raise ValueError(f"label_fraction must lie in (0, 1], got {self.label_fraction}")
         if self.per_class is not None and self.per_class < 1:
             raise ValueError(f"per_class must be >= 1, got {self.per_class}")
+        # None means "the init's contract"; 0 used to mean that too, silently, while config.yaml said 0.
+        for name in ("image_size", "max_side"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or unset (null), got {getattr(self, name)}")
 
 
 @dataclass
