@@ -3,6 +3,9 @@
     openmednet study --config study.yaml --jobs 2                    # 2 arms at once, half the threads each
     openmednet study --config study.yaml --num-parts 2 --part 0      # machine 1 (--part 1 on machine 2)
     openmednet study --config study.yaml --report-only               # report every finished arm in out
+
+Exit codes: 0 every arm trained (or was refused for leakage, as reported), 2 a configuration
+error, 3 some arms failed (the report lists them; the next run retries them).
 """
 
 from __future__ import annotations
@@ -10,6 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
+#: Exit code when some arms failed (the others are trained and reported), as ``predict`` exits 3
+#: when some files were skipped: the report is written, and a script still sees the failure.
+EXIT_FAILED_ARMS = 3
 
 
 def register(app: typer.Typer) -> None:
@@ -38,3 +45,7 @@ def register(app: typer.Typer) -> None:
         missing = f", {len(result['missing'])} missing" if report_only else ""
         typer.echo(f"{len(result['arms'])} arms, {len(result['failed'])} failed, {len(result['refused'])} refused"
                    f"{missing}; report: {where / 'report.md'}")
+        if result["failed"]:  # exit 0 here let a pipeline go on with a study whose every arm had failed
+            typer.secho(f"{len(result['failed'])} arm(s) failed (errors in the log and under 'Failed arms' in the "
+                        f"report; a resume retries them); exit code {EXIT_FAILED_ARMS}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_FAILED_ARMS)

@@ -1,0 +1,30 @@
+"""``openmednet study``'s exit code: a study with failed arms must not look like a success to a script."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from openmednet.cli.app import app
+from openmednet.cli.study import EXIT_FAILED_ARMS
+
+
+def _study_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(f"out: {tmp_path / 'out'}\ntargets: [{{name: a, data: {tmp_path}}}]\ninits: [scratch:mednet_test]\n")
+    return path
+
+
+@pytest.mark.parametrize("failed, code", [([], 0), ([{"seed": 0, "error": "ValueError: image_size 7 is below"}], 3)])
+def test_failed_arms_exit_3_after_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failed: list, code: int) -> None:
+    # Regression: a study whose every arm failed printed "0 arms, 1 failed" and exited 0.
+    from openmednet.eval import study
+
+    result = {"arms": [], "failed": failed, "refused": [], "summary": []}
+    monkeypatch.setattr(study, "run_study", lambda cfg, **kwargs: result)
+    run = CliRunner().invoke(app, ["study", "--config", str(_study_yaml(tmp_path))])
+    assert run.exit_code == code and EXIT_FAILED_ARMS == 3, run.output
+    assert f"0 arms, {len(failed)} failed" in run.output
+    assert ("exit code 3" in run.output) == bool(failed)
