@@ -1,4 +1,4 @@
-"""``openmednet study``'s exit code: a study with failed arms must not look like a success to a script."""
+"""``openmednet study`` and ``quickstart`` exit codes: failed arms must not look like a success to a script."""
 
 from __future__ import annotations
 
@@ -28,3 +28,18 @@ def test_failed_arms_exit_3_after_the_report(tmp_path: Path, monkeypatch: pytest
     assert run.exit_code == code and EXIT_FAILED_ARMS == 3, run.output
     assert f"0 arms, {len(failed)} failed" in run.output
     assert ("exit code 3" in run.output) == bool(failed)
+
+
+def test_quickstart_names_failed_arms_and_exits_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Regression: `quickstart --image-size 7` failed every arm, printed an empty table and exited 0.
+    from openmednet import quickstart
+
+    failed = [{"init": "efficientnet_lite0", "budget": "frac1", "seed": 0,
+               "error": "ValueError: image_size 7 is below the model's minimum 32"}]
+    result = {"rows": [], "refused": [], "leakage_checks": [], "report_md": tmp_path / "report.md",
+              "report_json": tmp_path / "report.json", "jobs": 1, "elapsed_s": 3.0, "threads": 1,
+              "study": {"failed": failed}}
+    monkeypatch.setattr(quickstart, "run_quickstart", lambda *args, **kwargs: result)
+    run = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path), "--quiet"])
+    assert run.exit_code == EXIT_FAILED_ARMS, run.output
+    assert "failed: efficientnet_lite0 frac1 seed 0: ValueError: image_size 7" in " ".join(run.output.split())

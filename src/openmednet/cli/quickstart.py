@@ -66,6 +66,14 @@ def register(app: typer.Typer) -> None:
                           f"pre-training corpus of {c['init']} ({Path(c['corpus']).name})")
         for r in result["refused"]:
             console.print(f"[bold red]refused:[/] {r['init']}: {r['reason']}")
+        failed = result["study"]["failed"]  # a failed arm has no row: without this the table just lacked it
+        for f in failed:
+            console.print(f"[bold red]failed:[/] {f['init']} {f['budget']} seed {f['seed']}: {f['error']}")
         console.print(f"report: {result['report_md']}  (data: {result['report_json']})")
         at_once = f" ({result['jobs']} arms at once)" if result["jobs"] > 1 else ""
         console.print(f"elapsed: {result['elapsed_s']:.0f} s on {result['threads']} CPU thread(s) per arm{at_once}")
+        if failed:
+            from openmednet.cli.study import EXIT_FAILED_ARMS
+
+            console.print(f"[bold red]{len(failed)} arm(s) failed; exit code {EXIT_FAILED_ARMS}[/]")
+            raise typer.Exit(EXIT_FAILED_ARMS)
