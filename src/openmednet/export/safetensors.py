@@ -27,11 +27,27 @@ def export_safetensors(model: nn.Module, out_dir: str | Path, **card: Any) -> tu
         model: a model built by ``openmednet.create_model`` or loaded from a model directory.
         out_dir: destination directory (created if needed).
         **card: model-card fields passed to ``save_pretrained`` (``label_names``, ``metrics``,
-            ``license``...); unset fields come from ``model.pretrained_cfg``.
+            ``license``...); unset fields come from ``model.pretrained_cfg``, provenance (data,
+            objective, epochs, metrics, corpus fingerprint) from the card the model was loaded with.
 
     Returns:
         The paths of the weights file and of the model card.
     """
     out_dir = Path(out_dir)
-    save_pretrained(model, out_dir, **card)
+    save_pretrained(model, out_dir, **{**_provenance(model), **card})
     return out_dir / WEIGHTS_FILE, out_dir / CARD_FILE
+
+
+def _provenance(model: nn.Module) -> dict[str, Any]:
+    """The card's provenance as loading recorded it in ``model.pretrained_cfg.meta``: training data,
+    objective, epochs, metrics, details and the corpus fingerprint (the leakage checks need it).
+
+    ``save_pretrained`` takes these only as arguments, so an export without them wrote a card with
+    no data, no metrics and no fingerprint, and an export into the model's own folder erased them.
+    """
+    meta = getattr(getattr(model, "pretrained_cfg", None), "meta", None) or {}
+    out = {key: meta[key] for key in ("data", "objective", "epochs", "metrics", "details") if meta.get(key) is not None}
+    fingerprint = meta.get("corpus_fingerprint")
+    if fingerprint:
+        out["corpus_fingerprint"] = fingerprint["file"]
+    return out

@@ -243,6 +243,7 @@ class ModelCard:
                 "metrics": dict(self.metrics),
                 "created": self.created,
                 "corpus_fingerprint": fingerprint,
+                "details": dict(self.details),
             },
         )
 
