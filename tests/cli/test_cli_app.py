@@ -53,3 +53,20 @@ def test_os_errors_name_the_users_path_not_a_temporary_file() -> None:
     assert _path_error_message(replace) == "cannot use preds.csv: Is a directory (it is a folder: give a file path)"
     assert _path_error_message(PermissionError(13, "Permission denied", "/ro/run")).endswith(
         "(choose a location you can write to)")
+
+
+def test_an_unusable_npz_is_one_line_naming_the_file_in_brackets(tmp_path, monkeypatch, capsys) -> None:
+    # Regression: SkipImage from listing a .npz without MedMNIST keys was a traceback, and rich
+    # markup swallowed the "[bad.npz]" that names the file once it was printed.
+    import numpy as np
+
+    from openmednet.cli.app import main
+
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 4)))
+    monkeypatch.setattr(sys, "argv", ["openmednet", "finetune", "--data", str(tmp_path / "bad.npz"), "--init",
+                                      "scratch:mednet_test", "--out", str(tmp_path / "run")])
+    monkeypatch.delenv("OPENMEDNET_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = "".join(capsys.readouterr().err.split())
+    assert info.value.code == 2 and "expectedMedMNISTkeys" in err and f"[{tmp_path / 'bad.npz'}]".replace(" ", "") in err

@@ -2,9 +2,9 @@
 
 Each command module defines ``register(app)``; commands only parse arguments, resolve a config and
 call a ``run_*`` function of the library. Known user errors (``ValueError``, ``FileNotFoundError``,
-``KeyError``) and unusable paths (``OSError`` naming a file: ``--out`` that is a file, a
-read-only folder, a full disk) are printed as one red line with exit code 2 instead of a
-traceback; set ``OPENMEDNET_DEBUG=1`` to see the traceback.
+``KeyError``, a ``SkipImage`` naming an unusable input file) and unusable paths (``OSError``
+naming a file: ``--out`` that is a file, a read-only folder, a full disk) are printed as one red
+line with exit code 2 instead of a traceback; set ``OPENMEDNET_DEBUG=1`` to see the traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 COMMAND_MODULES = ("models", "corpus", "pretrain", "finetune", "study", "predict", "export", "serve", "quickstart")
 
@@ -90,21 +91,24 @@ def _path_error_message(e: OSError) -> str:
 
 def main() -> None:
     """Entry point of the ``openmednet`` script."""
+    from openmednet.data.readers import SkipImage
     from openmednet.models import WeightsUnavailableError
 
     try:
         app()
-    except (ValueError, FileNotFoundError, KeyError, WeightsUnavailableError) as e:
+    # SkipImage escapes where a file is enumerated rather than read (a .npz --data without
+    # MedMNIST keys): its message names the file and the reason.
+    except (ValueError, FileNotFoundError, KeyError, WeightsUnavailableError, SkipImage) as e:
         if os.environ.get("OPENMEDNET_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        err_console.print(f"[bold red]error:[/] {msg}")
+        err_console.print(f"[bold red]error:[/] {escape(str(msg))}")  # "[scan.npz]" is text, not markup
         sys.exit(2)
     except OSError as e:
         # Only errors that name a path are the user's to fix; an OSError without one is a bug.
         if e.filename is None or os.environ.get("OPENMEDNET_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {_path_error_message(e)}")
+        err_console.print(f"[bold red]error:[/] {escape(_path_error_message(e))}")
         sys.exit(2)
 
 
