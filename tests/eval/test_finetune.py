@@ -134,6 +134,21 @@ def test_a_zero_size_is_refused_not_read_as_the_default(field: str) -> None:
     assert FinetuneConfig(data="d", out="o", image_size=None).image_size is None
 
 
+def test_a_rerun_into_a_finished_run_removes_its_completion_marker_first(tmp_path: Path, caplog) -> None:
+    # Regression: a re-run that failed (e.g. --per-class too large) after writing its config.yaml
+    # left the old metrics.json and model beside the new config: a "finished" run that never ran.
+    from openmednet.eval.finetune import FinetuneConfig
+    from openmednet.eval.finetune._outputs import start_run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"config": {"per_class": null}}\n')
+    with caplog.at_level("WARNING"):
+        start_run(FinetuneConfig(data="d", out=out, per_class=50))
+    assert not (out / "metrics.json").exists() and "per_class: 50" in (out / "config.yaml").read_text()
+    assert "holds a finished run: this run replaces it" in caplog.text
+
+
 def test_a_segmentation_folder_is_not_classified(seg_subset, tmp_path: Path) -> None:
     # Regression: its images/ and masks/ sub-folders were read as two classes and a run "succeeded".
     data = seg_subset(tmp_path / "seg", patients=2, per_patient=3)

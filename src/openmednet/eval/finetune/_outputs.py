@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,24 @@ from openmednet.utils import atomic_write_text, seed_everything
 
 __all__ = ["finish_run", "run_metrics", "start_run", "write_history"]
 
+logger = logging.getLogger(__name__)
+
 
 def start_run(cfg: Any) -> Path:
-    """Seed everything with ``cfg.seed``, create ``cfg.out`` and write the resolved ``config.yaml``; returns ``cfg.out``."""
+    """Seed everything with ``cfg.seed``, create ``cfg.out`` and write the resolved ``config.yaml``; returns ``cfg.out``.
+
+    A finished run already in ``cfg.out`` loses its ``metrics.json`` first (with a warning): this
+    run overwrites its files from here on, and a re-run that then failed or was killed left a
+    folder that looked finished while ``config.yaml`` (and any file rewritten so far) described
+    another run.
+    """
     seed_everything(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    done = cfg.out / "metrics.json"
+    if done.is_file():
+        logger.warning("%s holds a finished run: this run replaces it (its metrics.json is removed now, "
+                       "written again when this run finishes)", cfg.out)
+        done.unlink()
     save_config(cfg, cfg.out / "config.yaml")
     return cfg.out
 
