@@ -130,3 +130,13 @@ def test_predict_streams_overlays_and_bounds_the_table(model_dir, tmp_path, monk
     assert "first 50 of 60 predictions shown" in result.output and "60 predictions written" in result.output
     # One log line for 60 identical conversion warnings.
     assert logged == ["model expects 1 channel(s), image has 3: converted rgb->gray (60 times)"]
+
+
+def test_the_table_shows_file_names_with_brackets_as_they_are(model_dir, scans, tmp_path):
+    # Regression: rich read "[copy]" as markup and the table showed "xray .jpeg".
+    folder = tmp_path / "named"
+    folder.mkdir()
+    shutil.copy(scans / "xray.jpeg", folder / "xray [copy].jpeg")
+    result = runner.invoke(app, ["predict", str(model_dir), str(folder), "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    assert "xray [copy].jpeg" in result.output

@@ -114,13 +114,13 @@ def _segment(segmenter: Segmenter, inputs: list[Path], out: Path | None, cam: Pa
     if cam is not None:
         raise ValueError("--cam is for classifiers: a segmentation model's overlays are written to OUT/overlays")
     names = segmenter.label_names
-    table = Table("source", "frame", "size", *names, "notes")
+    table = Table("source", "frame", "size", *map(_plain, names), "notes")
     with _collect_warnings() as skipped:
         def rows() -> Iterator[list[str]]:
             for p, row in write_segmentation(segmenter.predict_path(inputs, batch_size=batch_size), out, names):
                 if table.row_count < TABLE_ROWS:
-                    table.add_row(Path(p.source).name, str(p.frame), "x".join(map(str, p.mask.shape[::-1])),
-                                  *(f"{p.fractions[n]:.3f}" for n in names), "; ".join(p.notes))
+                    table.add_row(_plain(Path(p.source).name), str(p.frame), "x".join(map(str, p.mask.shape[::-1])),
+                                  *(f"{p.fractions[n]:.3f}" for n in names), _plain("; ".join(p.notes)))
                 yield row
 
         text, count = rows_csv(rows(), names)
@@ -186,8 +186,15 @@ def _log_warnings(warned: Counter[str]) -> None:
 def _table(predictions: list[Prediction], label_names: tuple[str, ...]) -> Table:
     from rich.table import Table
 
-    table = Table("source", "frame", "label", *label_names, "notes")
+    table = Table("source", "frame", "label", *map(_plain, label_names), "notes")
     for p in predictions:
-        table.add_row(Path(p.source).name, str(p.frame), p.label, *(f"{v:.3f}" for v in p.probabilities.values()),
-                      "; ".join(p.notes))
+        table.add_row(_plain(Path(p.source).name), str(p.frame), _plain(p.label),
+                      *(f"{v:.3f}" for v in p.probabilities.values()), _plain("; ".join(p.notes)))
     return table
+
+
+def _plain(text: str) -> str:
+    """``text`` shown as is in a rich table: "image [copy].png" was shown as "image .png"."""
+    from rich.markup import escape
+
+    return escape(text)
