@@ -134,19 +134,41 @@ def test_a_zero_size_is_refused_not_read_as_the_default(field: str) -> None:
     assert FinetuneConfig(data="d", out="o", image_size=None).image_size is None
 
 
-def test_a_rerun_into_a_finished_run_removes_its_completion_marker_first(tmp_path: Path, caplog) -> None:
-    # Regression: a re-run that failed (e.g. --per-class too large) after writing its config.yaml
-    # left the old metrics.json and model beside the new config: a "finished" run that never ran.
+def _finished(out: Path, cfg) -> None:
+    """``out`` as a run of ``cfg`` that finished (its metrics.json, with the precision it resolved to)."""
+    from openmednet.config import to_dict
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"config": to_dict(cfg), "model": {"precision": "fp32",
+                                                                                    "channels_last": False}}))
+    (out / "config.yaml").write_text("the finished run's config\n")
+
+
+def test_a_rerun_with_other_settings_is_refused_and_overwrites_nothing(tmp_path: Path) -> None:
+    # Regression: a re-run into a finished run's folder rewrote config.yaml and then, when it failed
+    # (e.g. --per-class too large), left the old metrics.json and model beside the new config: a
+    # "finished" run that never ran. Another configuration is now refused before anything is written.
     from openmednet.eval.finetune import FinetuneConfig
     from openmednet.eval.finetune._outputs import start_run
 
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "metrics.json").write_text('{"config": {"per_class": null}}\n')
+    _finished(out, FinetuneConfig(data="d", out=out, precision="fp32", device="cpu"))
+    with pytest.raises(ValueError, match=r"a different configuration \(differs in: per_class\); nothing was overwritten"):
+        start_run(FinetuneConfig(data="d", out=out, per_class=50, precision="fp32", device="cpu"))
+    assert (out / "metrics.json").is_file() and (out / "config.yaml").read_text() == "the finished run's config\n"
+
+
+def test_the_same_run_is_redone_and_more_rounds_continue(tmp_path: Path, caplog) -> None:
+    from openmednet.eval.finetune import FinetuneConfig
+    from openmednet.eval.finetune._outputs import start_run
+
+    out = tmp_path / "run"
+    same = dict(data="d", precision="fp32", semi="pseudo_label", unlabelled=("rest_of_train",), device="cpu")
+    _finished(out, FinetuneConfig(out=tmp_path / "moved", num_workers=2, rounds=1, **same))  # neutral fields differ
     with caplog.at_level("WARNING"):
-        start_run(FinetuneConfig(data="d", out=out, per_class=50))
-    assert not (out / "metrics.json").exists() and "per_class: 50" in (out / "config.yaml").read_text()
-    assert "holds a finished run: this run replaces it" in caplog.text
+        start_run(FinetuneConfig(out=out, rounds=3, **same))
+    assert not (out / "metrics.json").exists() and "rounds: 3" in (out / "config.yaml").read_text()
+    assert "finished run of this configuration: it is redone" in caplog.text
 
 
 def test_a_segmentation_folder_is_not_classified(seg_subset, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from openmednet.config import save_config, to_dict
 from openmednet.eval import report
 from openmednet.eval.finetune._config import FinetuneResult
+from openmednet.eval.finetune._resume import config_changes
 from openmednet.eval.targets import TargetSet
 from openmednet.utils import atomic_write_text, seed_everything
 
@@ -30,18 +31,27 @@ logger = logging.getLogger(__name__)
 def start_run(cfg: Any) -> Path:
     """Seed everything with ``cfg.seed``, create ``cfg.out`` and write the resolved ``config.yaml``; returns ``cfg.out``.
 
-    A finished run already in ``cfg.out`` loses its ``metrics.json`` first (with a warning): this
-    run overwrites its files from here on, and a re-run that then failed or was killed left a
-    folder that looked finished while ``config.yaml`` (and any file rewritten so far) described
-    another run.
+    A finished run already in ``cfg.out`` (its ``metrics.json``) is refused unless it is this run
+    (``_resume.config_changes``; ``rounds`` may grow, so a longer pseudo-labelling run continues a
+    shorter one): another configuration would overwrite its files one by one and, should this run
+    fail, leave a folder mixing two runs. The same run is redone: its ``metrics.json`` goes first
+    (warned), so the folder reads as unfinished until this run finishes.
+
+    Raises:
+        ValueError: ``cfg.out`` holds a finished run of another configuration (the fields named).
     """
-    seed_everything(cfg.seed)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     done = cfg.out / "metrics.json"
     if done.is_file():
-        logger.warning("%s holds a finished run: this run replaces it (its metrics.json is removed now, "
-                       "written again when this run finishes)", cfg.out)
+        changed = config_changes(json.loads(done.read_text()), cfg, ignore=("rounds",))
+        if changed:
+            raise ValueError(f"{cfg.out} holds a finished run with a different configuration (differs in: "
+                             f"{', '.join(changed)}); nothing was overwritten. Give a new --out, or delete that "
+                             f"folder to replace it")
+        logger.warning("%s holds a finished run of this configuration: it is redone (its metrics.json is "
+                       "removed now, written again when this run finishes)", cfg.out)
         done.unlink()
+    seed_everything(cfg.seed)
+    cfg.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.out / "config.yaml")
     return cfg.out
 
