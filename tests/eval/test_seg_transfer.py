@@ -142,3 +142,13 @@ def test_a_missing_segmentation_models_pytorch_is_a_clear_error(monkeypatch):
         build_segmentation_model("scratch:mednet_test", 2, 1)
     with pytest.raises(ImportError, match="segmentation-models-pytorch"):
         pixel_stats(torch.zeros(4, 4), torch.zeros(4, 4), 2)
+
+
+def test_a_too_large_budget_names_the_lesion_stratum_not_a_class(lgg, lgg_dir, tmp_path):
+    # Regression: a segmentation per-class budget was refused as "class 'empty' has N training
+    # images", though segmentation budgets are drawn per lesion stratum (empty / small / large).
+    from openmednet.eval.finetune._data import _split_run
+
+    cfg = FinetuneConfig(data=lgg_dir, out=tmp_path, task="segmentation", per_class=500, image_size=32)
+    with pytest.raises(ValueError, match=r"stratum '\w+' has \d+ training images, fewer than per_class=500"):
+        _split_run(cfg, lgg, tmp_path)

@@ -200,6 +200,7 @@ def subsample_train(
     fraction: float | None = None,
     per_class: int | None = None,
     seed: int = 0,
+    unit: str = "class",
 ) -> np.ndarray:
     """Few-shot training subset: a fraction of each class, or exactly ``per_class`` images of each.
 
@@ -213,6 +214,8 @@ def subsample_train(
         fraction: share of each class in ``(0, 1]``; exclusive with ``per_class``.
         per_class: images per class (e.g. 10 for 10-shot).
         seed: subsampling seed (the run's seed).
+        unit: what a label value is, for the error message: ``"class"``, or ``"stratum"`` for
+            segmentation (empty / small / large lesion, ``data.segmentation``).
 
     Returns:
         Sorted indices into ``labels``.
@@ -237,7 +240,7 @@ def subsample_train(
         if per_class is not None:
             if members.size < per_class:
                 raise BudgetTooLargeError(
-                    f"class '{cls}' has {members.size} training images, fewer than per_class={per_class}; "
+                    f"{unit} '{cls}' has {members.size} training images, fewer than per_class={per_class}; "
                     f"use a smaller count or a fraction"
                 )
             m = per_class

@@ -147,7 +147,8 @@ def _split_run(cfg: FinetuneConfig, target: Any, out: Path) -> tuple[Any, np.nda
     idx = {name: np.flatnonzero(splits == name) for name in ("train", "val", "test")}
     if cfg.label_fraction is not None or cfg.per_class is not None:
         idx["train"] = subsample_train(target.labels, idx["train"], fraction=cfg.label_fraction,
-                                       per_class=cfg.per_class, seed=cfg.seed)
+                                       per_class=cfg.per_class, seed=cfg.seed,
+                                       unit="stratum" if cfg.task == "segmentation" else "class")
     _write_splits(out, target, splits, idx["train"])
     return target, splits, idx, dropped, pretraining
 
