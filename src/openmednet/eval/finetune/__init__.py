@@ -24,7 +24,7 @@ model/             ``save_pretrained`` output: weights + model card with label n
 
 Modules, one concern each (as ``openmednet.models`` is split): ``_config`` (``FinetuneConfig``,
 ``FinetuneResult``), ``_data`` (splits, leakage checks, few-shot subset, loaders), ``_model`` (init,
-input contract, transfer preparation, device), ``_fit`` (training with model choice, probabilities)
+input contract, transfer preparation, device), ``_fit`` (training with model choice, probabilities),
 ``_outputs`` (the run directory's files) and ``_resume`` (is a finished run in the folder this run?
 shared with studies); ``run_finetune`` composes them here. Segmentation
 (``openmednet.eval.segmentation``) reuses all but the classifier-specific parts.
