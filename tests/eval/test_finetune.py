@@ -311,3 +311,17 @@ def test_bf16_channels_last_training_runs_and_evaluates_in_fp32(shared_data: Pat
     assert metrics["model"]["input_size"] == [1, 28, 28]  # MedMNIST's native size is accepted
     probs = np.loadtxt(tmp_path / "run/predictions.csv", delimiter=",", skiprows=1, usecols=(3, 4))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)  # fp32 softmax in float64, not bf16
+
+
+@pytest.mark.parametrize("init, error", [("scratch:", ValueError), ("imagenet:resnet50", ValueError),
+                                         ("runs/no_such_run/backbone", FileNotFoundError)])
+def test_a_bad_init_fails_before_the_data_is_read(init, error, tmp_path: Path, monkeypatch) -> None:
+    # Regression: a malformed or missing --init was refused only after the target was decoded
+    # (minutes on a large folder), and after the run folder was created.
+    import openmednet.eval.finetune as ft
+    from openmednet.eval.finetune import FinetuneConfig
+
+    monkeypatch.setattr(ft, "load_target", lambda *a, **k: pytest.fail("the data was read before the init was checked"))
+    with pytest.raises(error):
+        ft.run_finetune(FinetuneConfig(data=tmp_path, out=tmp_path / "run", init=init))
+    assert not (tmp_path / "run").exists()

@@ -85,7 +85,7 @@ from openmednet.eval.finetune._outputs import (
 )
 from openmednet.eval.metrics import evaluate_predictions
 from openmednet.eval.targets import TargetSet, load_target
-from openmednet.models import save_pretrained
+from openmednet.models import InitSpec, save_pretrained
 
 __all__ = ["FINETUNE_BN_MOMENTUM", "LEAKAGE_POLICIES", "TASKS", "FinetuneConfig", "FinetuneResult", "build_init",
            "check_init_corpus", "check_input_contract", "predict_proba", "prepare_for_transfer", "prepare_splits",
@@ -105,6 +105,7 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
     Raises:
         FileNotFoundError, KeyError, ValueError: bad data, init, or configuration (clear messages).
     """
+    InitSpec.parse(cfg.init)  # a malformed or missing init fails now, not after the data is decoded
     if cfg.task == "segmentation":  # the same splits, leakage checks and _train; a U-Net and Dice
         from openmednet.eval.segmentation import run_segmentation
 
