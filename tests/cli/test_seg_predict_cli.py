@@ -108,3 +108,18 @@ def test_user_errors(run, classifier_dir, tmp_path):
     result = runner.invoke(app, ["predict", str(classifier_dir), str(image), "--out", str(tmp_path / "c.csv")])
     assert result.exit_code == 0, result.output
     assert list(_rows(tmp_path / "c.csv")[0]) == ["source", "frame", "label", "p_no", "p_yes", "notes"]
+
+
+def test_a_second_predict_into_the_folder_reports_the_earlier_files(run, shared_data, tmp_path):
+    # Regression: predicting other images into the same --out left the first run's masks beside
+    # the new ones without a word, while predictions.csv listed only the new ones.
+    images = sorted((shared_data / "seg/gray/lgg_flair/images").rglob("*.jpg"))[:2]
+    out = tmp_path / "out"
+    first = runner.invoke(app, ["predict", str(run), str(images[0]), "--out", str(out)])
+    assert first.exit_code == 0 and "earlier run" not in first.output
+    second = runner.invoke(app, ["predict", str(run), str(images[1]), "--out", str(out)])
+    assert second.exit_code == 0, second.output
+    assert f"also holds 1 file(s) this run did not write (e.g. {images[0].stem}_mask.png)" in second.output
+    assert [r["source"] for r in _rows(out / "predictions.csv")] == [str(images[1])]
+    again = runner.invoke(app, ["predict", str(run), str(images[1]), "--out", str(out)])
+    assert "also holds 1 file(s)" in again.output  # the same input again: only the first run's file is foreign

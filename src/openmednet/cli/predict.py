@@ -130,7 +130,27 @@ def _segment(segmenter: Segmenter, inputs: list[Path], out: Path | None, cam: Pa
     Console().print(table)
     typer.echo(f"{count} masks (uint8, class index per pixel; fractions shown) in {out / 'masks'}, overlays in "
                f"{out / 'overlays'}, table {out / 'predictions.csv'}")
+    _warn_earlier_files(out, text)
     _exit_if_skipped(skipped)
+
+
+def _warn_earlier_files(out: Path, csv_text: str) -> None:
+    """Say when ``out/masks`` or ``out/overlays`` hold files this run did not write.
+
+    A second ``predict`` into the same folder replaces the files of the same names; the others (an
+    earlier run's inputs) stay, and ``predictions.csv`` lists this run's only: reported, not
+    deleted, since they may be results the user still needs.
+    """
+    import csv
+    import io
+
+    written = {Path(row[column]).name for row in csv.DictReader(io.StringIO(csv_text)) for column in ("mask", "overlay")}
+    for sub in ("masks", "overlays"):
+        earlier = sorted(p.name for p in (out / sub).glob("*.png") if p.name not in written)
+        if earlier:
+            typer.secho(f"note: {out / sub} also holds {len(earlier)} file(s) this run did not write (e.g. "
+                        f"{', '.join(earlier[:3])}), from an earlier run; predictions.csv lists this run's only",
+                        fg=typer.colors.YELLOW, err=True)
 
 
 @contextmanager
