@@ -345,8 +345,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default="mednet_color,resnet18,resnet50", type=lambda s: s.split(","))
     p.add_argument("--sizes", default="64,224", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--modes", default=None, type=lambda s: s.split(","),
-                   help="default: fp32,bf16cl where bf16 is native (AMX/AVX512-BF16), else fp32 only "
-                        "(emulated bf16 is ~9x slower and would not finish)")
+                   help="default: fp32 and the mode pre-training runs in here: bf16cl where bf16 is native "
+                        "(AMX/AVX512-BF16), else fp32cl (emulated bf16 is ~9x slower and would not finish)")
     p.add_argument("--phases", default="infer,train", type=lambda s: s.split(","))
     p.add_argument("--infer-batch", default="64:32,128:16,224:8", type=_size_map, help="size:batch pairs")
     p.add_argument("--train-batch", default="64:32,128:16,224:8", type=_size_map, help="size:batch pairs")
@@ -366,7 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The ablation answers "in the precision training uses here" unless modes are asked for.
     args.ablate_modes = args.modes or [machine_mode()]
     if args.modes is None:
-        args.modes = ["fp32", "bf16cl"] if _bf16_native() else ["fp32"]
+        args.modes = list(dict.fromkeys(["fp32", machine_mode()]))  # NCHW fp32 and what training runs in
     for mode in args.modes:
         if mode not in MODES:
             p.error(f"unknown mode '{mode}', expected one of {', '.join(MODES)}")
