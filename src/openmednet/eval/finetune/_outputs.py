@@ -19,7 +19,7 @@ import numpy as np
 from openmednet.config import save_config, to_dict
 from openmednet.eval import report
 from openmednet.eval.finetune._config import FinetuneResult
-from openmednet.eval.finetune._resume import config_changes
+from openmednet.eval.finetune._resume import finished_metrics
 from openmednet.eval.targets import TargetSet
 from openmednet.utils import atomic_write_text, seed_everything
 
@@ -32,7 +32,7 @@ def start_run(cfg: Any) -> Path:
     """Seed everything with ``cfg.seed``, create ``cfg.out`` and write the resolved ``config.yaml``; returns ``cfg.out``.
 
     A finished run already in ``cfg.out`` (its ``metrics.json``) is refused unless it is this run
-    (``_resume.config_changes``; ``rounds`` may grow, so a longer pseudo-labelling run continues a
+    (``_resume.finished_metrics``; ``rounds`` may grow, so a longer pseudo-labelling run continues a
     shorter one): another configuration would overwrite its files one by one and, should this run
     fail, leave a folder mixing two runs. The same run is redone: its ``metrics.json`` goes first
     (warned), so the folder reads as unfinished until this run finishes.
@@ -40,16 +40,11 @@ def start_run(cfg: Any) -> Path:
     Raises:
         ValueError: ``cfg.out`` holds a finished run of another configuration (the fields named).
     """
-    done = cfg.out / "metrics.json"
-    if done.is_file():
-        changed = config_changes(json.loads(done.read_text()), cfg, ignore=("rounds",))
-        if changed:
-            raise ValueError(f"{cfg.out} holds a finished run with a different configuration (differs in: "
-                             f"{', '.join(changed)}); nothing was overwritten. Give a new --out, or delete that "
-                             f"folder to replace it")
+    if finished_metrics(cfg, ignore=("rounds",), fix="nothing was overwritten. Give a new --out, or delete that "
+                                                     "folder to replace it") is not None:
         logger.warning("%s holds a finished run of this configuration: it is redone (its metrics.json is "
                        "removed now, written again when this run finishes)", cfg.out)
-        done.unlink()
+        (cfg.out / "metrics.json").unlink()
     seed_everything(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.out / "config.yaml")

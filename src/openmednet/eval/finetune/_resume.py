@@ -73,8 +73,14 @@ def config_changes(metrics: Mapping[str, Any], run: Any, ignore: tuple[str, ...]
     return sorted(k for k in before.keys() | now.keys() if k not in ignore and before.get(k) != now.get(k))
 
 
-def finished_metrics(run: Any) -> dict[str, Any] | None:
+def finished_metrics(run: Any, *, ignore: tuple[str, ...] = (),
+                     fix: str = "use a new study 'out' directory, or delete that run to redo it") -> dict[str, Any] | None:
     """The metrics of the finished run in ``run.out`` if it is this run, ``None`` if none finished there.
+
+    Args:
+        run: the ``FinetuneConfig`` about to run.
+        ignore: fields that may differ (see :func:`config_changes`).
+        fix: what the error tells the user to do.
 
     Raises:
         ValueError: ``run.out`` holds a finished run of another configuration (the fields named).
@@ -83,10 +89,8 @@ def finished_metrics(run: Any) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
-    changed = config_changes(metrics, run)
+    changed = config_changes(metrics, run, ignore)
     if changed:
-        raise ValueError(
-            f"{run.out} holds a finished run with a different configuration (differs in: {', '.join(changed)}): "
-            f"use a new study 'out' directory, or delete that run to redo it"
-        )
+        raise ValueError(f"{run.out} holds a finished run with a different configuration (differs in: "
+                         f"{', '.join(changed)}); {fix}")
     return metrics
