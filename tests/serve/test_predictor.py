@@ -140,7 +140,6 @@ def test_overlay_names_are_unique(predictor, real_files, tmp_path):
     assert all(Image.open(p).format == "PNG" for p in paths)
 
 
-
 @pytest.mark.parametrize("sources, names", [
     (["a/x.png", "b/x.png", "x_2.png"], ["x", "x_2", "x_2_2"]),
     (["x_2.png", "a/x.png", "b/x.png", "c/x.png"], ["x_2", "x", "x_3", "x_4"]),

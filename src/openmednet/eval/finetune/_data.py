@@ -166,7 +166,6 @@ def split_loader(ds: Any, cfg: Any, train: bool, **kwargs: Any) -> Any:
     )
 
 
-
 def _make_loaders(cfg: FinetuneConfig, target: TargetSet, idx: dict[str, np.ndarray], model: nn.Module,
                   channels: int, size: int) -> dict[str, DataLoader]:
     """Train (augmented, shuffled with the run seed), val and test loaders over the decoded images.
