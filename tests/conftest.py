@@ -45,8 +45,12 @@ def shared_data() -> Path:
 # ------------------------------------------------------------------------------------ segmentation
 def _seg_subset(shared: Path, dst: Path, name: str = "gray/lgg_flair", patients: int = 4,
                 per_patient: int = 4, rows_filter=None) -> Path:
-    """A folder whose masks.csv lists real pairs of ``seg/<name>`` (absolute paths) for the first
-    ``patients`` groups (or first ``patients * per_patient`` rows when the set has no groups)."""
+    """A folder whose masks.csv lists real pairs of ``seg/<name>`` for the first ``patients`` groups
+    (or first ``patients * per_patient`` rows when the set has no groups).
+
+    The pairs are copied (same relative paths): like labels.csv, a masks.csv row outside its
+    folder is skipped as ``"outside_root"`` (this fixture listed absolute paths before that rule).
+    """
     src = shared / "seg" / name
     rows = list(csv.DictReader((src / "masks.csv").open()))
     if rows[0]["group"]:
@@ -60,7 +64,10 @@ def _seg_subset(shared: Path, dst: Path, name: str = "gray/lgg_flair", patients:
         writer = csv.DictWriter(f, ["path", "mask", "split", "group"])
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, "path": str(src / r["path"]), "mask": str(src / r["mask"])})
+            for column in ("path", "mask"):
+                (dst / r[column]).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / r[column], dst / r[column])
+            writer.writerow(r)
     shutil.copy(src / "classes.txt", dst / "classes.txt")
     return dst
 

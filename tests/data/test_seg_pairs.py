@@ -27,7 +27,7 @@ def test_reads_real_pairs_with_mask_values_exactly(lgg, shared_data):
     assert read_classes(shared_data / "seg/gray/lgg_flair/classes.txt") == ("background", "flair_abnormality")
     assert lgg.channels == 1 and len(lgg) >= 12
     for image, mask, image_id in zip(lgg.images, lgg.masks, lgg.ids):
-        stored = np.asarray(Image.open(str(image_id).replace("/images/", "/masks/").replace(".jpg", ".png")))
+        stored = np.asarray(Image.open(lgg.root / image_id.replace("images/", "masks/").replace(".jpg", ".png")))
         np.testing.assert_array_equal(mask, stored)  # 256 px <= max_side: no resize, values untouched
         assert image.shape == mask.shape and image.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
     assert all(g and g.startswith("TCGA_") for g in lgg.groups)
@@ -67,9 +67,9 @@ def test_colour_set_and_bad_masks_are_refused_clearly(seg_subset, tmp_path):
     bad = tmp_path / "bad"
     seg_subset(bad, patients=1)
     rows = list(csv.DictReader((bad / "masks.csv").open()))
-    wrong = np.asarray(Image.open(rows[0]["mask"])) * 255  # a 0/255 mask
+    wrong = np.asarray(Image.open(bad / rows[0]["mask"])) * 255  # a 0/255 mask
     Image.fromarray(wrong.astype(np.uint8)).save(bad / "m255.png")
-    rows[0]["mask"] = str(bad / "m255.png")
+    rows[0]["mask"] = "m255.png"
     with (bad / "masks.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, ["path", "mask", "split", "group"])
         w.writeheader()
@@ -95,3 +95,36 @@ def test_masks_csv_from_excel_empty_or_latin1(seg_subset, tmp_path):
     (data / "masks.csv").write_bytes(text.encode() + "caf\xe9.jpg,m.png,,\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"masks.csv is not UTF-8 \(cannot decode byte 0xe9\)"):
         load_segmentation(data)
+
+
+def _rewrite(folder, rows):
+    with (folder / "masks.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, ["path", "mask", "split", "group"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_rows_outside_the_folder_are_skipped_as_for_labels_csv(seg_subset, shared_data, tmp_path):
+    # Regression: masks.csv rows with absolute paths or ../ were read from anywhere (and trained on,
+    # their paths written to per_image.csv); labels.csv rows outside their folder are skipped as
+    # "outside_root" (data.sources.check_inside_root), and now masks.csv rows are too.
+    data = seg_subset(tmp_path / "lgg", patients=2)
+    rows = list(csv.DictReader((data / "masks.csv").open()))
+    src = shared_data / "seg/gray/lgg_flair"
+    inside = load_segmentation(data)
+    escaped = [{**rows[0], "path": str(src / rows[0]["path"])},  # absolute, a real pair elsewhere
+               {**rows[1], "mask": f"../{data.name}/../{data.name}2/{rows[1]['mask']}"},
+               {**rows[2], "path": "../" * 12 + str(src / rows[2]["path"]).lstrip("/")}]
+    (tmp_path / "lgg2" / "masks").mkdir(parents=True)
+    (tmp_path / "lgg2" / rows[1]["mask"]).parent.mkdir(parents=True)
+    (tmp_path / "lgg2" / rows[1]["mask"]).write_bytes((data / rows[1]["mask"]).read_bytes())
+    (data / "images" / "link.jpg").symlink_to(src / rows[3]["path"])  # a link out of the folder
+    escaped.append({**rows[3], "path": "images/link.jpg"})
+    _rewrite(data, escaped + rows[4:])
+    with pytest.warns(UserWarning, match=r"skipped 4 undecodable images \{'outside_root': 4\}"):
+        kept = load_segmentation(data)
+    assert len(rows) > 4 and kept.ids == inside.ids[4:] and kept.skipped == {"outside_root": 4}
+    _rewrite(data, escaped)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"could be decoded \(\{'outside_root': 4\}\)"):
+        load_segmentation(data)
+

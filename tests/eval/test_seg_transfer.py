@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -72,8 +73,7 @@ def test_shared_splits_keep_patients_apart_and_drop_near_copies(lgg, lgg_dir, tm
     given = [{**r, "split": "test" if r["group"] == test_row["group"] else "train"} for r in rows]
     given += [{**test_row, "split": "train", "group": "copy"}]
     leaky = tmp_path / "leaky"
-    leaky.mkdir()
-    (leaky / "classes.txt").write_text((lgg_dir / "classes.txt").read_text())
+    shutil.copytree(lgg_dir, leaky)  # masks.csv rows outside their folder are skipped
     with (leaky / "masks.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, ["path", "mask", "split", "group"])
         w.writeheader()

@@ -2,7 +2,8 @@
 
 A segmentation folder (``../shared/data/seg/*/*``) holds::
 
-    masks.csv     path,mask,split,group   (paths relative to the folder; split/group may be empty)
+    masks.csv     path,mask,split,group   (paths relative to the folder; split/group may be empty;
+                  a row that resolves outside the folder is skipped as "outside_root", as in labels.csv)
     classes.txt   "index name" per line, 0 = background
     images/       any format the readers decode (JPEG, PNG, DICOM...)
     masks/        single-channel PNGs (mode L or P), pixel value = class index, same size as the image
@@ -233,7 +234,8 @@ def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> Segmen
         ValueError: a mask whose size differs from its image, values outside the classes, colour
             masks, or no decodable pair.
     """
-    from openmednet.data.readers import read_images
+    from openmednet.data.readers import SkipImage, read_images
+    from openmednet.data.sources import check_inside_root
 
     root = Path(data)
     if not root.is_dir():
@@ -243,6 +245,15 @@ def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> Segmen
     skipped: Counter[str] = Counter()
     images, masks, groups, splits, ids = [], [], [], [], []
     for row in rows:
+        try:
+            # The labels.csv rule (data.sources): a manifest row, or a link, that leads out of the
+            # folder is skipped, so a shared masks.csv cannot make a run read (and train on, and
+            # write ids of) arbitrary files such as ../../etc or another study's test images.
+            for column in ("path", "mask"):
+                check_inside_root(root / row[column], root)
+        except SkipImage as skip:
+            skipped.update([skip.reason])
+            continue
         decoded = list(read_images(root / row["path"], on_skip=lambda s: skipped.update([s.reason])))
         if not decoded:
             continue
