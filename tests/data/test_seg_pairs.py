@@ -15,6 +15,7 @@ from openmednet.data.segmentation import (
     load_segmentation,
     mask_strata,
     read_classes,
+    read_mask,
 )
 
 
@@ -128,3 +129,36 @@ def test_rows_outside_the_folder_are_skipped_as_for_labels_csv(seg_subset, share
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"could be decoded \(\{'outside_root': 4\}\)"):
         load_segmentation(data)
 
+
+def test_undecodable_odd_or_bomb_masks_are_one_clear_error(seg_subset, tmp_path):
+    # Regression: a zero-byte, truncated or bomb-sized mask ended the run in a Pillow traceback
+    # (UnidentifiedImageError, "image file is truncated", DecompressionBombError), and a 32-bit
+    # mask's -1 "ignore" value wrapped to 255 and crashed the loss later.
+    data = seg_subset(tmp_path / "lgg", patients=1)
+    rows = list(csv.DictReader((data / "masks.csv").open()))
+    mask_path = data / rows[0]["mask"]
+    stored = np.asarray(Image.open(mask_path))
+    h, w = stored.shape
+    bad = {
+        "empty.png": b"",
+        "truncated.png": mask_path.read_bytes()[: mask_path.stat().st_size // 2],
+    }
+    for name, payload in bad.items():
+        (data / name).write_bytes(payload)
+    Image.new("1", (12000, 12000)).save(data / "bomb.png")  # 144 Mpx (Pillow only warns), a few kB on disk
+    Image.new("1", (20000, 20000)).save(data / "bomb2.png")  # 400 Mpx: Pillow refuses
+    negative = stored.astype(np.int32)
+    negative[0, 0] = -1
+    Image.fromarray(negative, mode="I").save(data / "negative.tif")
+    big16 = stored.astype(np.uint16)
+    Image.fromarray(big16).save(data / "sixteen.png")  # a 16-bit mask with class values is fine
+    expected = {"empty.png": "cannot be decoded", "truncated.png": "cannot be decoded \\(image file is truncated",
+                "bomb.png": "differ in size", "negative.tif": r"mask values \[-1\] are not classes"}
+    for name, message in expected.items():
+        _rewrite(data, [{**rows[0], "mask": name}] + rows[1:])
+        with pytest.raises(ValueError, match=message):
+            load_segmentation(data)
+    with pytest.raises(ValueError, match="cannot be decoded.*exceeds limit"):
+        read_mask(data / "bomb2.png", 2)  # no image size to compare with: Pillow's own limit
+    _rewrite(data, [{**rows[0], "mask": "sixteen.png"}] + rows[1:])
+    assert np.array_equal(load_segmentation(data).masks[0], stored) and (h, w) == stored.shape

@@ -92,23 +92,40 @@ def read_classes(path: str | Path) -> tuple[str, ...]:
     return tuple(names)
 
 
-def read_mask(path: str | Path, num_classes: int) -> np.ndarray:
+def read_mask(path: str | Path, num_classes: int, shape: tuple[int, int] | None = None) -> np.ndarray:
     """A class-index mask as uint8 ``(H, W)``, values exactly as stored.
 
-    Accepts single-channel PNG/TIFF (Pillow modes ``L``, ``P``, ``1``, ``I;16``); palette masks keep
-    their indices (not the palette colours).
+    Accepts single-channel PNG/TIFF (Pillow modes ``L``, ``P``, ``1``, ``I;16*``, ``I``); palette
+    masks keep their indices (not the palette colours).
+
+    Args:
+        path: the mask file.
+        num_classes: values must lie in ``[0, num_classes)``.
+        shape: the image's ``(H, W)``; when given, a mask of another size is refused from its
+            header, before its pixels are decoded (so a mask cannot be larger than the image
+            reader allowed its image to be: no decompression bomb).
 
     Raises:
-        ValueError: a colour mask, or values outside ``[0, num_classes)``.
+        ValueError: a file Pillow cannot decode (empty, truncated, not an image, over Pillow's
+            pixel limit), a colour mask, a size other than ``shape``, or values outside
+            ``[0, num_classes)`` (negative ones included: a 32-bit mask's -1 "ignore" label).
     """
     from PIL import Image
 
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "1", "I;16", "I"):
-            raise ValueError(f"{path}: mask mode {im.mode} is not a class-index image; save masks as "
-                             f"single-channel PNGs whose pixel value is the class index")
-        mask = np.asarray(im)
-    bad = np.unique(mask[mask >= num_classes]) if mask.size else []
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "1", "I;16", "I;16L", "I;16B", "I"):
+                raise ValueError(f"{path}: mask mode {im.mode} is not a class-index image; save masks as "
+                                 f"single-channel PNGs whose pixel value is the class index")
+            if shape is not None and (im.height, im.width) != tuple(shape):
+                raise ValueError(f"{path}: mask {(im.height, im.width)} and image {tuple(shape)} differ in size; "
+                                 f"masks must be drawn on the image as stored")
+            mask = np.asarray(im)
+    # Pillow's errors (UnidentifiedImageError and "image file is truncated" are OSErrors without a
+    # file name, DecompressionBombError is neither) would end the run in a traceback.
+    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: the mask cannot be decoded ({e}); re-export it as a single-channel PNG") from e
+    bad = np.unique(mask[(mask < 0) | (mask >= num_classes)]) if mask.size else []
     if len(bad):
         raise ValueError(f"{path}: mask values {bad[:5].tolist()} are not classes 0..{num_classes - 1} of "
                          f"classes.txt (a 0/255 mask? map 255 to 1 first)")
@@ -232,7 +249,7 @@ def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> Segmen
     Raises:
         FileNotFoundError: the folder, its manifest or listed files are missing.
         ValueError: a mask whose size differs from its image, values outside the classes, colour
-            masks, or no decodable pair.
+            or undecodable masks (``read_mask``), or no decodable pair.
     """
     from openmednet.data.readers import SkipImage, read_images
     from openmednet.data.sources import check_inside_root
@@ -258,10 +275,7 @@ def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> Segmen
         if not decoded:
             continue
         image = decoded[0][0]
-        mask = read_mask(root / row["mask"], len(class_names))
-        if mask.shape != image.shape[:2]:
-            raise ValueError(f"{row['mask']}: mask {mask.shape} and image {image.shape[:2]} differ in size; "
-                             f"masks must be drawn on the image as stored")
+        mask = read_mask(root / row["mask"], len(class_names), shape=image.shape[:2])
         images.append(image)
         masks.append(mask)
         groups.append(row.get("group") or None)
