@@ -4,6 +4,7 @@ resume of multi-round runs, FixMatch end to end and the CLI errors, on a tiny re
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -207,3 +208,24 @@ def test_max_unlabelled_draws_a_seeded_subset_after_the_leakage_drop(tiny: tuple
     assert other.ids != unl.ids  # the draw follows the run's seed
     with pytest.raises(ValueError, match="max_unlabelled must be >= 1"):
         _cfg(data, Path("unused"), semi="fixmatch", unlabelled=(str(extra),), max_unlabelled=0)
+
+
+def test_a_folder_given_twice_or_nested_is_used_once(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    # Regression: --unlabelled DIR --unlabelled DIR/ (or DIR and a sub-folder of it) read every
+    # image twice: each was trained on twice per epoch and metrics.json counted 20 of 10 images.
+    from openmednet.eval.unlabelled import load_unlabelled
+
+    _, extra = tiny
+    nested = tmp_path / "all"
+    shutil.copytree(extra, nested / "sub")
+    (nested / "own.png").write_bytes(next(extra.glob("*.png")).read_bytes())  # a copy is another file: kept
+    once = load_unlabelled([str(extra)], channels=1, max_side=64)
+    with pytest.warns(UserWarning, match="10 files listed by more than one source are used once"):
+        twice = load_unlabelled([str(extra), f"{extra}/"], channels=1, max_side=64)
+    assert twice.ids == once.ids and len(twice) == 10
+    with pytest.warns(UserWarning, match="10 files listed by more than one source"):
+        both = load_unlabelled([str(nested / "sub"), str(nested)], channels=1, max_side=64)
+    assert len(both) == 11 and both.ids[-1] == "all/own.png"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no unlabelled images found in .*empty"):
+        load_unlabelled([str(extra), str(tmp_path / "empty")], channels=1, max_side=64)

@@ -81,8 +81,10 @@ def _check_readable(root: Path) -> None:
         raise ValueError(f"unlabelled images: cannot read folder {root} (permission denied): fix its permissions")
 
 
-def _read_source(root: Path, channels: int, max_side: int | None, skipped: Counter) -> tuple[list, list[str], int]:
-    """Decode every image of one source: ``(images, ids, labelled count)``."""
+def _read_source(root: Path, channels: int, max_side: int | None, skipped: Counter,
+                 seen: set[tuple[str, str]]) -> tuple[list, list[str], int]:
+    """Decode every image of one source not in ``seen`` (items of earlier sources, added to):
+    ``(images, ids, labelled count)``."""
     _check_readable(root)
     try:
         items = list(iter_source(SourceSpec(name=root.stem, root=root)))
@@ -93,6 +95,13 @@ def _read_source(root: Path, channels: int, max_side: int | None, skipped: Count
     base = root.parent if root.is_file() else root
     images, ids, labelled = [], [], 0
     for item in items:
+        # The same file reached twice (a folder given twice, or a folder and its sub-folder) would
+        # be seen twice per epoch and counted twice in metrics.json.
+        key = (str(item.path.resolve()), repr(item.frame))
+        if key in seen:
+            skipped.update(["listed_twice"])
+            continue
+        seen.add(key)
         labelled += item.label is not None
         try:
             decoded = list(read_item(item, on_skip=lambda s: skipped.update([s.reason])))
@@ -110,7 +119,8 @@ def load_unlabelled(sources: Sequence[str | Path], *, channels: int, max_side: i
     """Read unlabelled images from folders or files, converted to the target's ``channels``.
 
     Images are stored as ``load_target`` stores a target's (shorter side at most ``max_side``) and
-    hashed the same way, so the near-copy check compares like with like.
+    hashed the same way, so the near-copy check compares like with like. A file reached through
+    several sources (a folder given twice, a folder and its sub-folder, a link) is used once (warned).
 
     Raises:
         FileNotFoundError: a source does not exist.
@@ -119,18 +129,21 @@ def load_unlabelled(sources: Sequence[str | Path], *, channels: int, max_side: i
     """
     if not sources:
         raise ValueError(f"no unlabelled source given: pass --unlabelled DIR (several allowed) or '{REST_OF_TRAIN}'")
-    images, ids, labelled, skipped = [], [], 0, Counter()
+    images, ids, labelled, skipped, seen = [], [], 0, Counter(), set()
     for source in sources:
         root = Path(source)
-        before = sum(skipped.values())
-        got, got_ids, n_labelled = _read_source(root, channels, max_side, skipped)
-        if not got:
-            reasons = {k: v for k, v in skipped.items()}
-            raise ValueError(f"no unlabelled images found in {root}: {sum(skipped.values()) - before} file(s) could not "
-                             f"be decoded (by reason: {reasons}); give a folder of readable images")
+        before = Counter(skipped)
+        got, got_ids, n_labelled = _read_source(root, channels, max_side, skipped, seen)
+        here = skipped - before
+        if not got and set(here) != {"listed_twice"}:  # a source wholly inside an earlier one is only redundant
+            raise ValueError(f"no unlabelled images found in {root}: {here.total()} file(s) could not "
+                             f"be decoded (by reason: {dict(here)}); give a folder of readable images")
         images += got
         ids += got_ids
         labelled += n_labelled
+    twice = skipped.pop("listed_twice", 0)
+    if twice:
+        warnings.warn(f"unlabelled images: {twice} files listed by more than one source are used once", stacklevel=2)
     if skipped:
         warnings.warn(f"unlabelled images: skipped {sum(skipped.values())} undecodable files {dict(skipped)}", stacklevel=2)
     if labelled:
