@@ -1,14 +1,16 @@
-"""Small shared utilities: atomic file writes, hashing, seeding."""
+"""Small shared utilities: atomic file writes, CSV tables, hashing, seeding."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import os
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def _read_umask() -> int:
@@ -50,6 +52,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Atomically write UTF-8 ``text`` to ``path``."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> tuple[str, int]:
+    """A table as CSV text and its number of rows: the one CSV format of every table the package
+    writes (predictions.csv of fine-tuning and of ``predict``, splits.csv, per_image.csv).
+
+    The csv module's default dialect (RFC 4180): rows end in CRLF, and a field holding a comma,
+    quote, CR or LF is quoted. ``rows`` is consumed once, row by row (a generator's images can be
+    freed as it goes). A lone LF row ending would leave a CR inside a field unquoted: a file named
+    ``"scan\rpatient42.png"`` then read back as a row for ``patient42.png``.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    count = 0
+    for row in rows:
+        writer.writerow(row)
+        count += 1
+    return buf.getvalue(), count
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

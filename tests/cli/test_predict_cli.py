@@ -140,3 +140,20 @@ def test_the_table_shows_file_names_with_brackets_as_they_are(model_dir, scans, 
     result = runner.invoke(app, ["predict", str(model_dir), str(folder), "--out", str(tmp_path / "p.csv")])
     assert result.exit_code == 0, result.output
     assert "xray [copy].jpeg" in result.output
+
+
+def test_a_file_name_with_a_carriage_return_cannot_forge_a_row(model_dir, scans, tmp_path):
+    # Regression: predict's CSV ended rows in a lone LF, so a CR inside a field went unquoted and
+    # "scan\rpatient42.png" read back as two rows, one for a patient42.png that was never given.
+    # Every table now has the one format of utils.csv_text (fine-tuning's: CRLF, CR/LF quoted).
+    folder = tmp_path / "named"
+    folder.mkdir()
+    shutil.copy(scans / "xray.jpeg", folder / "scan\rpatient42.jpeg")
+    shutil.copy(scans / "xray.jpeg", folder / "plain.jpeg")
+    out = tmp_path / "p.csv"
+    result = runner.invoke(app, ["predict", str(model_dir), str(folder), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["source"] for r in rows] == [str(folder / "plain.jpeg"), str(folder / "scan\rpatient42.jpeg")]
+    assert rows[0]["p_normal"] == rows[1]["p_normal"] and out.read_bytes().count(b"\r\n") == 3

@@ -125,3 +125,17 @@ def test_a_second_predict_into_the_folder_reports_the_earlier_files(run, shared_
     assert [r["source"] for r in _rows(out / "predictions.csv")] == [str(images[1])]
     again = runner.invoke(app, ["predict", str(run), str(images[1]), "--out", str(out)])
     assert "also holds 1 file(s)" in again.output  # the same input again: only the first run's file is foreign
+
+
+def test_a_file_name_with_a_carriage_return_stays_one_row(run, shared_data, tmp_path):
+    # Regression: as for classifiers, a CR in a file name split its predictions.csv row in two.
+    image = sorted((shared_data / "seg/gray/lgg_flair/images").rglob("*.jpg"))[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a\rb.jpg").write_bytes(image.read_bytes())
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["predict", str(run), str(folder), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with (out / "predictions.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["source"] for r in rows] == [str(folder / "a\rb.jpg")] and (out / rows[0]["mask"]).is_file()

@@ -40,8 +40,6 @@ from ``(seed, round)``. A different configuration in that folder is refused.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import warnings
@@ -65,7 +63,7 @@ from openmednet.data.transforms import MultiViewTransform
 from openmednet.engine.callbacks import better_score
 from openmednet.engine.trainer import LossOutput, set_loader_epoch
 from openmednet.eval.unlabelled import REST_OF_TRAIN, UnlabelledSet, drop_test_near_copies, load_unlabelled, rest_of_train
-from openmednet.utils import atomic_write, atomic_write_text, seed_everything
+from openmednet.utils import atomic_write, atomic_write_text, csv_text, seed_everything
 
 __all__ = ["PSEUDO_SELECTIONS", "SEMI_FIELDS", "SEMI_METHODS", "FixMatchLoss", "PairedLoader", "check_semi_config",
            "gather_unlabelled", "has_unlabelled", "run_semi", "select_pseudo_labels", "semi_neutral",
@@ -344,9 +342,7 @@ def _save_round(folder: Path, model: nn.Module, record: dict[str, Any], pseudo_r
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / "model.safetensors", lambda f: f.write(save(state)))
-    buf = io.StringIO()
-    csv.writer(buf).writerows([["id", "pseudo_label", "confidence"], *pseudo_rows])
-    atomic_write_text(folder / "pseudo_labels.csv", buf.getvalue())
+    atomic_write_text(folder / "pseudo_labels.csv", csv_text(["id", "pseudo_label", "confidence"], pseudo_rows)[0])
     atomic_write_text(folder / "round.json", json.dumps(record, indent=1, allow_nan=True) + "\n")  # marker, last
     return record
 

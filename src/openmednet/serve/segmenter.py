@@ -25,7 +25,6 @@ colours of fine-tuning's ``plots/overlays.png``.
 
 from __future__ import annotations
 
-import csv
 import io
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from openmednet.serve.predictor import (
     output_name,
     read_upload,
 )
-from openmednet.utils import atomic_write_bytes
+from openmednet.utils import atomic_write_bytes, csv_text
 
 __all__ = ["SegmentationPrediction", "Segmenter", "rows_csv", "segmentation_csv_header", "write_segmentation"]
 
@@ -204,11 +203,4 @@ def write_segmentation(predictions: Iterable[SegmentationPrediction], out_dir: s
 
 def rows_csv(rows: Iterable[list[str]], label_names: Sequence[str]) -> tuple[str, int]:
     """CSV text (header + ``rows``) and the number of rows."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(segmentation_csv_header(label_names))
-    n = 0
-    for row in rows:
-        writer.writerow(row)
-        n += 1
-    return buf.getvalue(), n
+    return csv_text(segmentation_csv_header(label_names), rows)

@@ -6,8 +6,6 @@ segmentation alike: ``metrics.json`` is the completion marker a study resumes by
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from collections import Counter
@@ -21,7 +19,7 @@ from openmednet.eval import report
 from openmednet.eval.finetune._config import FinetuneResult
 from openmednet.eval.finetune._resume import finished_metrics
 from openmednet.eval.targets import TargetSet
-from openmednet.utils import atomic_write_text, seed_everything
+from openmednet.utils import atomic_write_text, csv_text, seed_everything
 
 __all__ = ["finish_run", "run_metrics", "start_run", "write_history"]
 
@@ -99,11 +97,7 @@ def finish_run(out: Path, metrics: dict[str, Any]) -> FinetuneResult:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, csv_text(header, rows)[0])
 
 
 def _write_splits(out: Path, target: TargetSet, splits: np.ndarray, used: np.ndarray) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from openmednet.explain.gradcam import overlay_png
-from openmednet.utils import atomic_write_bytes, atomic_write_text
+from openmednet.utils import atomic_write_bytes, atomic_write_text, csv_text
 
 __all__ = ["Prediction", "cam_file_name", "output_name", "predictions_csv", "save_predictions_csv",
            "write_cam_overlays"]
@@ -72,15 +70,9 @@ def predictions_csv(predictions: Iterable[Prediction], label_names: Sequence[str
 
     ``predictions`` is consumed once, row by row: a generator's images can be freed as it goes.
     """
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["source", "frame", "label", *(f"p_{n}" for n in label_names), "notes"])
-    rows = 0
-    for p in predictions:
-        writer.writerow([p.source, p.frame, p.label, *(f"{p.probabilities[n]:.6f}" for n in label_names),
-                         ";".join(p.notes)])
-        rows += 1
-    return buf.getvalue(), rows
+    header = ["source", "frame", "label", *(f"p_{n}" for n in label_names), "notes"]
+    return csv_text(header, ([p.source, p.frame, p.label, *(f"{p.probabilities[n]:.6f}" for n in label_names),
+                              ";".join(p.notes)] for p in predictions))
 
 
 def save_predictions_csv(predictions: Iterable[Prediction], path: str | Path, label_names: Sequence[str]) -> int:
