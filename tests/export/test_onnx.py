@@ -92,6 +92,15 @@ def test_low_opset_is_written_or_refused(model, tmp_path):
     assert check_onnx(model, path) <= 1e-4
 
 
+def test_an_opset_the_exporter_cannot_use_is_a_clear_error(model, tmp_path):
+    # Regression: `openmednet export --opset 0` ended in torch's RuntimeError and --opset 5 in a
+    # SymbolicValueError with an IR dump (MedNet's pooling needs opset >= 7), exit 1.
+    for opset, cause in ((0, "Unsupported onnx_opset_version: 0"), (5, "get_pool_ceil_padding")):
+        with pytest.raises(ValueError, match=f"cannot export this model at opset {opset} \\(.*{cause}.*use opset 18"):
+            export_onnx(model, tmp_path / "x.onnx", opset=opset)
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_opset_mismatch_is_a_clear_error():
     from onnx import TensorProto, helper
 

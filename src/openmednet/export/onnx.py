@@ -180,8 +180,8 @@ def export_onnx(
         ``path``.
 
     Raises:
-        ValueError: bad arguments; the exporter wrote another opset than ``opset``; the check failed.
-            Nothing is written then.
+        ValueError: bad arguments; the exporter cannot export the model at ``opset`` or wrote another
+            opset; the check failed. Nothing is written then.
     """
     if exporter is None:
         dynamo_ok = opset >= DYNAMO_MIN_OPSET and importlib.util.find_spec("onnxscript") is not None
@@ -196,7 +196,17 @@ def export_onnx(
     model.eval()
     try:
         # Batch 2 as the example: a batch of 1 can be specialised away by the tracers.
-        data = _export_bytes(model, torch.zeros(2, c, h, w), opset, exporter)
+        try:
+            data = _export_bytes(model, torch.zeros(2, c, h, w), opset, exporter)
+        # An opset the exporter lacks (RuntimeError "Unsupported onnx_opset_version: 0") or lacks an
+        # operator of the model in (SymbolicValueError at opset 5: MedNet's pooling needs >= 7)
+        # ended `openmednet export --opset` in a long traceback; the fix is the user's: another opset.
+        except (torch.onnx.errors.OnnxExporterError, RuntimeError) as e:
+            text = str(e).strip() or type(e).__name__
+            first = text.splitlines()[0].split(". ")[0].rstrip(".")  # torch's first sentence, not its IR dump
+            raise ValueError(f"the {exporter} exporter cannot export this model at opset {opset} ({first[:200]}): "
+                             f"use opset {DEFAULT_OPSET} (the default) or 13 for older runtimes, or the other "
+                             f"exporter") from e
         _check_opset(data, opset, exporter)
         if check:  # before writing, so a failed check leaves no file behind
             worst = check_onnx(model, data, (c, h, w), atol=atol, inputs=check_inputs)
