@@ -162,3 +162,30 @@ def test_undecodable_odd_or_bomb_masks_are_one_clear_error(seg_subset, tmp_path)
         read_mask(data / "bomb2.png", 2)  # no image size to compare with: Pillow's own limit
     _rewrite(data, [{**rows[0], "mask": "sixteen.png"}] + rows[1:])
     assert np.array_equal(load_segmentation(data).masks[0], stored) and (h, w) == stored.shape
+
+
+def test_an_exif_turned_image_gets_its_mask_turned_alike(seg_subset, tmp_path):
+    # Regression: the image reader turns an image upright by its EXIF orientation, the mask (no
+    # EXIF) stayed as stored: a square pair silently labelled the wrong pixels. A mask drawn on the
+    # stored pixels is now turned alike, one drawn on the upright image kept, a square one refused.
+    data = seg_subset(tmp_path / "lgg", patients=1)
+    rows = list(csv.DictReader((data / "masks.csv").open()))
+    row = max(rows, key=lambda r: np.asarray(Image.open(data / r["mask"])).sum())  # most foreground
+    image = np.asarray(Image.open(data / row["path"]).convert("L"))[:, :200]  # 256 x 200: not square
+    mask = np.asarray(Image.open(data / row["mask"]))[:, :200]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    Image.fromarray(image).save(data / "turned.png", exif=exif)  # PNG: the pixels stay exact
+    Image.fromarray(mask).save(data / "stored_mask.png")
+    Image.fromarray(np.rot90(mask, -1)).save(data / "upright_mask.png")
+    for mask_name in ("stored_mask.png", "upright_mask.png"):
+        _rewrite(data, [{**row, "path": "turned.png", "mask": mask_name}] + [r for r in rows if r is not row])
+        pair = load_segmentation(data)
+        i = pair.ids.index("turned.png")
+        assert np.array_equal(pair.images[i], np.rot90(image, -1)), "the reader turns the image upright"
+        assert np.array_equal(pair.masks[i], np.rot90(mask, -1)), mask_name
+    square = np.asarray(Image.open(data / row["path"]).convert("L"))
+    Image.fromarray(square).save(data / "turned_square.png", exif=exif)
+    _rewrite(data, [{**row, "path": "turned_square.png"}] + [r for r in rows if r is not row])
+    with pytest.raises(ValueError, match="EXIF orientation 6.*could be drawn either way"):
+        load_segmentation(data)

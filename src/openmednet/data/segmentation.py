@@ -132,6 +132,35 @@ def read_mask(path: str | Path, num_classes: int, shape: tuple[int, int] | None 
     return mask.astype(np.uint8)
 
 
+def _upright_mask(path: Path, num_classes: int, shape: tuple[int, int], orientation: int) -> np.ndarray:
+    """The mask of an image of ``shape`` that the reader turned upright by its EXIF ``orientation``.
+
+    A mask holds no orientation of its own. Drawn on the stored pixels (the size they have before
+    the turn), it is turned as the image was; drawn on the upright image (its size), it is kept.
+    When both sizes agree (a square image, a flip) the two cannot be told apart and the pair is
+    refused: kept as it was, such a mask silently labelled the wrong pixels.
+    """
+    if orientation == 1:
+        return read_mask(path, num_classes, shape=shape)
+    from PIL import Image, ImageOps
+
+    stored = shape[::-1] if orientation >= 5 else shape  # EXIF 5-8 swap the sides
+    if stored == shape:
+        raise ValueError(f"{path}: its image carries EXIF orientation {orientation}, so readers show the image "
+                         f"turned, and a {shape[0]}x{shape[1]} mask could be drawn either way; save the image "
+                         f"without the orientation tag, in the orientation its mask was drawn on")
+    try:
+        with Image.open(path) as im:  # the header only
+            drawn_on_stored = (im.height, im.width) == stored
+    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError):
+        drawn_on_stored = False  # read_mask names the problem
+    if not drawn_on_stored:
+        return read_mask(path, num_classes, shape=shape)
+    mask = Image.fromarray(read_mask(path, num_classes, shape=stored))
+    mask.getexif()[0x0112] = orientation  # ExifTags.Base.Orientation: turned as the image was
+    return np.asarray(ImageOps.exif_transpose(mask))
+
+
 def mask_strata(masks: Sequence[np.ndarray], class_names: Sequence[str]) -> np.ndarray:
     """One stratum per mask: ``"empty"``, or ``"<class>:small"`` / ``"<class>:large"``.
 
@@ -274,8 +303,9 @@ def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> Segmen
         decoded = list(read_images(root / row["path"], on_skip=lambda s: skipped.update([s.reason])))
         if not decoded:
             continue
-        image = decoded[0][0]
-        mask = read_mask(root / row["mask"], len(class_names), shape=image.shape[:2])
+        image, meta = decoded[0]
+        mask = _upright_mask(root / row["mask"], len(class_names), image.shape[:2],
+                             meta.extra.get("exif_orientation", 1))
         images.append(image)
         masks.append(mask)
         groups.append(row.get("group") or None)

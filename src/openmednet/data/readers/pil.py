@@ -15,7 +15,8 @@ Conversion rules (what arrives in the file -> what the reader yields):
   (``round((v - min) * 255 / (max - min))``, all zeros for a constant image). Medical 16-bit PNGs
   usually hold 10-14 significant bits, so dividing by 257 would give near-black images; min-max
   keeps the full contrast of each image. The min and max are recorded in ``meta.extra``.
-- EXIF orientation is applied (phone photographs of wounds and skin lesions carry it).
+- EXIF orientation is applied (phone photographs of wounds and skin lesions carry it);
+  ``meta.extra["exif_orientation"]`` records one that turned the image (2-8).
 - Multi-page TIFFs yield every page (``meta.frame`` is the page index).
 - ``draft_size`` (off by default): JPEGs are decoded directly at 1/2, 1/4 or 1/8 scale by
   libjpeg's DCT scaling (``Image.draft``), the smallest scale that keeps both sides at least
@@ -38,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 from openmednet.data.readers.base import (
     DEFAULT_MAX_ASPECT,
@@ -163,7 +164,12 @@ class PILReader(ImageReader):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 page.load()
-            page = ImageOps.exif_transpose(page) if index == 0 else page
+            if index == 0:
+                # Recorded for pairs read alongside (a segmentation mask has no EXIF of its own).
+                orientation = page.getexif().get(ExifTags.Base.Orientation, 1)
+                if orientation in range(2, 9):
+                    extra["exif_orientation"] = int(orientation)
+                page = ImageOps.exif_transpose(page)
             arr, facts = _to_uint8_array(page)
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             # Pillow reports truncation as OSError("image file is truncated ...").
