@@ -101,7 +101,7 @@ def test_predict_streams_overlays_and_bounds_the_table(model_dir, tmp_path, monk
 
     cams, made = tmp_path / "cams", []
 
-    def fake_predict_path(self, inputs, cam=False, batch_size=16):
+    def fake_predict_path(self, inputs, cam=False, batch_size=16, exclude=()):
         assert cam
         for i in range(60):
             if made:  # the CLI has handled the previous prediction before asking for this one
@@ -157,3 +157,13 @@ def test_a_file_name_with_a_carriage_return_cannot_forge_a_row(model_dir, scans,
         rows = list(csv.DictReader(f))
     assert [r["source"] for r in rows] == [str(folder / "plain.jpeg"), str(folder / "scan\rpatient42.jpeg")]
     assert rows[0]["p_normal"] == rows[1]["p_normal"] and out.read_bytes().count(b"\r\n") == 3
+
+
+def test_a_rerun_does_not_predict_its_own_cam_overlays(model_dir, scans, tmp_path):
+    # Regression: with --cam inside the input folder, a second run predicted the first run's overlays.
+    for _ in range(2):
+        result = runner.invoke(app, ["predict", str(model_dir), str(scans), "--cam", str(scans / "cams"),
+                                     "--out", str(tmp_path / "p.csv")])
+        assert result.exit_code == 0, result.output
+        assert "2 predictions written" in result.output
+    assert sorted(p.name for p in (scans / "cams").iterdir()) == ["ct_cam.png", "xray_cam.png"]

@@ -139,3 +139,17 @@ def test_a_file_name_with_a_carriage_return_stays_one_row(run, shared_data, tmp_
     with (out / "predictions.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["source"] for r in rows] == [str(folder / "a\rb.jpg")] and (out / rows[0]["mask"]).is_file()
+
+
+def test_a_rerun_into_an_input_folder_does_not_predict_its_own_masks(run, shared_data, tmp_path):
+    # Regression: `predict run scans/ --out scans/` run twice predicted the first run's masks and
+    # overlays as scans (4 files became 12 rows, with masks of masks).
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for path in sorted((shared_data / "seg/gray/lgg_flair/images").rglob("*.jpg"))[:2]:
+        (scans / path.name).write_bytes(path.read_bytes())
+    for _ in range(2):
+        result = runner.invoke(app, ["predict", str(run), str(scans), "--out", str(scans)])
+        assert result.exit_code == 0, result.output
+        assert "2 masks" in result.output
+    assert len(_rows(scans / "predictions.csv")) == 2 and len(list((scans / "masks").iterdir())) == 2

@@ -83,7 +83,9 @@ def register(app: typer.Typer) -> None:
             return
         shown: list[Prediction] = []  # the first TABLE_ROWS predictions, for the printed table
         with _collect_warnings() as skipped:
-            stream = _stream(predictor.predict_path(inputs, cam=cam is not None, batch_size=batch_size), cam, shown)
+            # A --cam folder inside an input folder: a re-run must not predict its overlays.
+            stream = _stream(predictor.predict_path(inputs, cam=cam is not None, batch_size=batch_size,
+                                                    exclude=[cam] if cam else []), cam, shown)
             # Consumed one prediction at a time: overlays are written and images dropped as they come.
             if out is not None:
                 text, count = predictions_csv(stream, predictor.label_names)
@@ -117,7 +119,10 @@ def _segment(segmenter: Segmenter, inputs: list[Path], out: Path | None, cam: Pa
     table = Table("source", "frame", "size", *map(_plain, names), "notes")
     with _collect_warnings() as skipped:
         def rows() -> Iterator[list[str]]:
-            for p, row in write_segmentation(segmenter.predict_path(inputs, batch_size=batch_size), out, names):
+            # --out inside an input folder (predict scans/ --out scans/): a re-run predicted the
+            # earlier run's masks and overlays as scans.
+            masks = segmenter.predict_path(inputs, batch_size=batch_size, exclude=[out / "masks", out / "overlays"])
+            for p, row in write_segmentation(masks, out, names):
                 if table.row_count < TABLE_ROWS:
                     table.add_row(_plain(Path(p.source).name), str(p.frame), "x".join(map(str, p.mask.shape[::-1])),
                                   *(f"{p.fractions[n]:.3f}" for n in names), _plain("; ".join(p.notes)))

@@ -161,10 +161,12 @@ class Segmenter:
             ))
         return out
 
-    def predict_path(self, inputs: str | Path | Iterable[str | Path], batch_size: int = 16) -> Iterator[SegmentationPrediction]:
+    def predict_path(self, inputs: str | Path | Iterable[str | Path], batch_size: int = 16,
+                     exclude: Iterable[str | Path] = ()) -> Iterator[SegmentationPrediction]:
         """Masks of every 2D image in files and folders; unreadable files are skipped with a
-        ``SkippedFileWarning`` (``iter_batches``), as for classification."""
-        for images, sources, frames in iter_batches(inputs, batch_size):
+        ``SkippedFileWarning`` and files under ``exclude`` passed over (``iter_batches``), as for
+        classification."""
+        for images, sources, frames in iter_batches(inputs, batch_size, exclude):
             yield from self.predict_arrays(images, sources, frames)
 
     def predict_bytes(self, data: bytes, filename: str, max_pixels: int | None = None, max_frames: int | None = None,

@@ -246,13 +246,15 @@ class Predictor:
 
     def predict_path(
         self, inputs: str | Path | Iterable[str | Path], cam: bool = False, batch_size: int = 16,
+        exclude: Iterable[str | Path] = (),
     ) -> Iterator[Prediction]:
         """Predict every 2D image in files and folders (PNG/JPEG/DICOM/NIfTI; volumes give slices).
 
         Files are read by :func:`iter_batches` (unreadable ones skipped with a
-        :class:`SkippedFileWarning`). Errors of the model itself are not input errors: they propagate.
+        :class:`SkippedFileWarning`; files under the ``exclude`` folders, e.g. the run's own
+        overlays, passed over). Errors of the model itself are not input errors: they propagate.
         """
-        for images, sources, frames in iter_batches(inputs, batch_size):
+        for images, sources, frames in iter_batches(inputs, batch_size, exclude):
             yield from self.predict_arrays(images, sources, frames, cam=cam)
 
     def predict_bytes(self, data: bytes, filename: str, cam: bool = True,

@@ -75,32 +75,47 @@ def _has_reader(path: Path) -> bool:
     return True
 
 
-def _list_files(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files to predict: given files as is, folder contents that some reader handles (sorted)."""
+def _under(path: Path, folders: list[Path]) -> bool:
+    """Whether ``path`` (links followed) lies in one of the resolved ``folders``."""
+    real = path.resolve()
+    return any(folder == real or folder in real.parents for folder in folders)
+
+
+def _list_files(inputs: Iterable[str | Path], exclude: Iterable[str | Path] = ()) -> list[Path]:
+    """Files to predict: given files as is, folder contents that some reader handles (sorted),
+    except what lies under an ``exclude`` folder (links followed)."""
+    skip = [Path(p).resolve() for p in exclude]
     files: list[Path] = []
+    passed_over = 0
     for item in map(Path, inputs):
         if item.is_dir():
             found = sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith("."))
-            files.extend(p for p in found if _has_reader(p))
+            kept = [p for p in found if not _under(p, skip)]
+            passed_over += len(found) - len(kept)
+            files.extend(p for p in kept if _has_reader(p))
         elif item.is_file():
             files.append(item)
         else:
             raise FileNotFoundError(f"input not found: {item} (expected an image file, DICOM, NIfTI or folder)")
+    if passed_over:
+        logger.info("passed over %d file(s) in the output folders %s", passed_over, ", ".join(map(str, skip)))
     return files
 
 
-def iter_batches(inputs: str | Path | Iterable[str | Path],
-                 batch_size: int) -> Iterator[tuple[list[np.ndarray], list[str], list[int]]]:
+def iter_batches(inputs: str | Path | Iterable[str | Path], batch_size: int,
+                 exclude: Iterable[str | Path] = ()) -> Iterator[tuple[list[np.ndarray], list[str], list[int]]]:
     """``(images, sources, frames)`` batches of every 2D image in files and folders, lazily.
 
     Folders are walked recursively and files no reader handles (``labels.csv``...) are passed
-    over. A file that fails to read is skipped with a :class:`SkippedFileWarning`, so one bad file
-    does not stop a folder; it contributes no image (not the frames read before the failure).
+    over, as are files under the ``exclude`` folders: the caller's output folders, so that a run
+    writing its masks or overlays inside an input folder does not predict them when run again. A
+    file that fails to read is skipped with a :class:`SkippedFileWarning`, so one bad file does
+    not stop a folder; it contributes no image (not the frames read before the failure).
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     batch: list[tuple[np.ndarray, str, int]] = []
-    for path in _list_files(inputs):
+    for path in _list_files(inputs, exclude):
         # Only the reading is guarded: a file's images join the batch once all are read, and the
         # caller's inference runs outside the try, so its errors are not reported as a skipped file.
         try:
