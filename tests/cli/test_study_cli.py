@@ -43,3 +43,24 @@ def test_quickstart_names_failed_arms_and_exits_3(tmp_path: Path, monkeypatch: p
     run = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path), "--quiet"])
     assert run.exit_code == EXIT_FAILED_ARMS, run.output
     assert "failed: efficientnet_lite0 frac1 seed 0: ValueError: image_size 7" in " ".join(run.output.split())
+
+
+def test_report_only_with_a_part_missing_exits_3(brain_subset, tmp_path: Path) -> None:
+    # Regression: --report-only over parts of which one was not run wrote a partial report ("1
+    # missing") and exited 0, so a pipeline merging the parts went on as if the grid were complete.
+    data = tmp_path / "brain"
+    data.mkdir()
+    brain_subset(data)
+    config = tmp_path / "study.yaml"
+    config.write_text(f"out: {tmp_path / 'out'}\ntargets: [{{name: brain, data: {data}, given_splits: false}}]\n"
+                      "inits: [scratch:mednet_test]\nseeds: [0, 1]\nfinetune: {epochs: 1, image_size: 32, "
+                      "batch_size: 8, n_boot: 0, test_fraction: 0.25, max_side: 64}\n")
+    study = ["study", "--config", str(config)]
+    runner = CliRunner()
+    assert runner.invoke(app, [*study, "--num-parts", "2", "--part", "0"]).exit_code == 0
+    merged = runner.invoke(app, [*study, "--report-only"])
+    assert merged.exit_code == EXIT_FAILED_ARMS and "1 arm(s) missing" in merged.output, merged.output
+    assert (tmp_path / "out" / "report.md").is_file()  # written all the same
+    assert runner.invoke(app, [*study, "--num-parts", "2", "--part", "1"]).exit_code == 0
+    merged = runner.invoke(app, [*study, "--report-only"])
+    assert merged.exit_code == 0 and "2 arms, 0 failed, 0 refused, 0 missing" in merged.output, merged.output

@@ -5,7 +5,8 @@
     openmednet study --config study.yaml --report-only               # report every finished arm in out
 
 Exit codes: 0 every arm trained (or was refused for leakage, as reported), 2 a configuration
-error, 3 some arms failed (the report lists them; the next run retries them).
+error, 3 some arms failed (the report lists them; the next run retries them) or, with
+--report-only, are missing (a part not run yet, or failed there): the report is then partial.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def register(app: typer.Typer) -> None:
         part: int = typer.Option(0, help="...and train this part (0-based: every num_parts-th arm from this one); "
                                          "its report goes to out/parts/; join with --report-only."),
         report_only: bool = typer.Option(False, "--report-only", help="Train nothing: report the finished arms in "
-                                         "out (e.g. of every part); unfinished ones are listed as missing."),
+                                         "out (e.g. of every part); unfinished ones are listed as missing "
+                                         "(exit code 3)."),
     ) -> None:
         """Targets x inits x strategies x label budgets x seeds; resumable; writes report.md/json."""
         from openmednet.config import load_config
@@ -48,4 +50,8 @@ def register(app: typer.Typer) -> None:
         if result["failed"]:  # exit 0 here let a pipeline go on with a study whose every arm had failed
             typer.secho(f"{len(result['failed'])} arm(s) failed (errors in the log and under 'Failed arms' in the "
                         f"report; a resume retries them); exit code {EXIT_FAILED_ARMS}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_FAILED_ARMS)
+        if report_only and result["missing"]:  # a merge of parts with one not run (or failed) is no full report
+            typer.secho(f"{len(result['missing'])} arm(s) missing (not finished by any part; listed in the report); "
+                        f"exit code {EXIT_FAILED_ARMS}", fg=typer.colors.RED, err=True)
             raise typer.Exit(EXIT_FAILED_ARMS)
