@@ -129,7 +129,7 @@ def test_a_second_predict_into_the_folder_reports_the_earlier_files(run, shared_
 
 def test_a_file_name_with_a_carriage_return_stays_one_row(run, shared_data, tmp_path):
     # Regression: as for classifiers, a CR in a file name split its predictions.csv row in two.
-    image = sorted((shared_data / "seg/gray/lgg_flair/images").rglob("*.jpg"))[0]
+    image = min((shared_data / "seg/gray/lgg_flair/images").rglob("*.jpg"))
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "a\rb.jpg").write_bytes(image.read_bytes())
