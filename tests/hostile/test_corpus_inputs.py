@@ -333,3 +333,14 @@ def test_hostile_items_leave_good_input_byte_identical(gray_dir: Path, tmp_path:
     a, b = CorpusArrays(tmp_path / "clean"), CorpusArrays(tmp_path / "dirty")
     np.testing.assert_array_equal(a._images(0), b._images(0))
     assert [json.dumps(r) for r in a.records(0)] == [json.dumps(r) for r in b.records(0)]
+
+
+def test_a_source_without_a_path_or_a_name_is_refused(gray_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # Regression: 'knee=' (the path forgotten) built a corpus of the working directory, and '.' a
+    # source named '' (the manifest's and report's name for it).
+    monkeypatch.chdir(gray_dir)
+    code, out = _build("knee=", "--out", tmp_path / "c1")
+    assert code != 0 and "source 'knee=' names no path" in out and not (tmp_path / "c1").exists()
+    code, out = _build(".", "--out", tmp_path / "c2")
+    assert code == 0, out
+    assert [s["name"] for s in json.loads((tmp_path / "c2" / "manifest.json").read_text())["sources"]] == ["gray"]

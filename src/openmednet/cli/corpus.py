@@ -94,12 +94,17 @@ def _parse_sources(paths: list[str], modalities: list[str], allow_outside_root: 
     specs = []
     for arg in paths:
         name, _, path = arg.rpartition("=") if "=" in arg else ("", "", arg)
+        if not path.strip():  # Path("") is ".": 'knee=' built a corpus of the working directory
+            raise ValueError(f"source {arg!r} names no path: give NAME=PATH, e.g. knee_oa=data/knee_oa")
         root = Path(path)
         if not root.exists():
             raise FileNotFoundError(
                 f"source not found: {root} (expected a folder with images or labels.csv, or a .npz)"
             )
-        name = name or (root.stem if root.is_file() else root.name)
+        # resolve(): the name of '.' or '..' is '', a source the report and merge could not name.
+        name = name or (root.stem if root.is_file() else root.resolve().name)
+        if not name:
+            raise ValueError(f"source {arg!r} has no name: give NAME=PATH")
         specs.append(SourceSpec(name=name, root=root, modality=mods.get(name, ""), allow_outside_root=allow_outside_root))
     unknown = set(mods) - {s.name for s in specs}
     if unknown:
