@@ -70,3 +70,22 @@ def test_an_unusable_npz_is_one_line_naming_the_file_in_brackets(tmp_path, monke
         main()
     err = "".join(capsys.readouterr().err.split())
     assert info.value.code == 2 and "expectedMedMNISTkeys" in err and f"[{tmp_path / 'bad.npz'}]".replace(" ", "") in err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["finetune", "--data", "", "--out", "x"], "--data got an empty value"),
+    (["finetune", "--data=", "--out", "x"], "--data got an empty value"),
+    (["finetune", "--data", "d", "--out", "x", "--semi", "fixmatch", "--unlabelled", ""], "--unlabelled got an empty"),
+    (["predict", "run/model", ""], "the argument after 'run/model' is empty"),
+])
+def test_an_empty_argument_is_refused_not_read_as_the_working_directory(tmp_path, monkeypatch, args, says) -> None:
+    # Regression: Path("") is ".": `finetune --unlabelled "$UNL"` with UNL unset took every image
+    # under the working directory as unlabelled data, `predict run ""` predicted it, `--data ""`
+    # trained on it. Nothing may be read or written.
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    text = " ".join(result.output.translate(str.maketrans("│╭╮╰╯─", "      ")).split())  # rich's error box
+    assert result.exit_code == 2 and says in text and "(an unset shell variable?)" in text, result.output
+    assert list(tmp_path.iterdir()) == []

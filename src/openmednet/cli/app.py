@@ -19,10 +19,38 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from typer.core import TyperGroup
 
 COMMAND_MODULES = ("models", "corpus", "pretrain", "finetune", "study", "predict", "export", "serve", "quickstart")
 
+
+class _NoEmptyArgs(TyperGroup):
+    """Refuses an empty argument (``--data ""``, ``--unlabelled=``), almost always an unset shell
+    variable: a path option turns it into ``Path("")``, which is ``.``, so ``finetune --data "$DATA"``
+    trained on the working directory and ``--unlabelled "$UNL"`` took every image under it."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        ctx.meta["empty_arg"] = next((i for i, token in enumerate(args)
+                                      if token == "" or (token.startswith("--") and token.endswith("="))), None)
+        ctx.meta["args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def _refuse_empty_args(ctx: typer.Context) -> None:
+    """Raise the usage error for the empty argument ``_NoEmptyArgs`` found (from the root callback,
+    where Typer reports it as a usage error: a short message, exit 2)."""
+    i, args = ctx.meta.get("empty_arg"), ctx.meta.get("args", [])
+    if i is None:
+        return
+    token = args[i]
+    option = token[:-1] if token else (args[i - 1] if i and args[i - 1].startswith("-") else None)
+    what = (f"{option} got an empty value" if option
+            else f"the argument after '{args[i - 1]}' is empty" if i else "the first argument is empty")
+    raise typer.BadParameter(f"{what} (an unset shell variable?): give a value or leave it out", ctx=ctx)
+
+
 app = typer.Typer(
+    cls=_NoEmptyArgs,
     name="openmednet",
     help="MedNet: CNNs pre-trained on medical images. Build a corpus, pre-train, fine-tune, evaluate, use.",
     no_args_is_help=True,
@@ -33,7 +61,8 @@ err_console = Console(stderr=True)
 
 
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logs.")) -> None:
+def _root(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logs.")) -> None:
+    _refuse_empty_args(ctx)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
