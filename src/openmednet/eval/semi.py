@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -95,8 +94,8 @@ def check_semi_config(cfg: Any) -> None:
         raise ValueError(f"semi={cfg.semi!r} needs unlabelled images: give --unlabelled DIR (several allowed) or "
                          f"--unlabelled {REST_OF_TRAIN}")
     if cfg.semi == "none" and cfg.unlabelled:
-        raise ValueError(f"unlabelled images were given but semi='none' would ignore them: choose --semi "
-                         f"pseudo_label or fixmatch")
+        raise ValueError("unlabelled images were given but semi='none' would ignore them: choose --semi "
+                         "pseudo_label or fixmatch")
     if REST_OF_TRAIN in cfg.unlabelled and len(cfg.unlabelled) > 1:
         raise ValueError(f"'{REST_OF_TRAIN}' cannot be combined with folders: give one or the other")
     if cfg.rounds < 1 or cfg.mu < 1:
