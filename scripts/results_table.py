@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -52,26 +53,36 @@ def _budget_label(budget: str, n_train: float) -> str:
 
 
 def _cell(stats: dict, ci: bool) -> str:
-    text = f"{stats['mean']:.3f} ± {stats['sd']:.3f}"
+    # one seed has no spread (sd is NaN): the mean alone
+    text = f"{stats['mean']:.3f}" + ("" if math.isnan(stats["sd"]) else f" ± {stats['sd']:.3f}")
     return text + (f" [{stats['ci_low']:.3f}, {stats['ci_high']:.3f}]" if ci else "")
 
 
-def _mean_row(rows: dict[tuple[str, str], dict[str, dict]], headers: list[str], metric: str) -> str:
+def _mean_row(rows: dict[tuple[str, str], dict[str, dict]], headers: list[str], metric: str, init: str = "") -> str:
     """Mean over rows (target x budget) of each column's mean, over the rows that have every
-    column (a column missing in a row would make the means incomparable)."""
-    full = [cells for cells in rows.values() if all(h in cells for h in headers)]
+    column (a column missing in a row would make the means incomparable); ``init``: only the rows
+    of that init (rows target x budget x init), named in the row."""
+    full = [cells for (_, budget), cells in rows.items()
+            if all(h in cells for h in headers) and (not init or budget.endswith(f", {init}"))]
     means = [sum(c[h][metric]["mean"] for c in full) / len(full) for h in headers] if full else []
     best = (min if metric == "ece" else max)(round(m, 3) for m in means) if means else None
     text = [f"**{m:.3f}**" if round(m, 3) == best else f"{m:.3f}" for m in means]
-    return f"| mean of {len(full)} rows | | {' | '.join(text)} |"
+    return f"| mean of {len(full)} rows |{' ' + init if init else ''} | {' | '.join(text)} |"
 
 
 def table(reports: list[dict], metric: str, columns: str, ci: bool, mean_row: bool = False) -> str:
-    """One markdown table: rows target x budget, one column per ``columns`` value (init or strategy);
-    or, for ``columns="study"``, rows target x init and one column per report."""
+    """One markdown table: rows target x budget, one column per ``columns`` value (init or strategy;
+    with strategies as columns and several inits, rows target x budget x init); or, for
+    ``columns="study"``, rows target x init and one column per report.
+
+    Raises:
+        ValueError: two summaries fall in one cell (a setting the table does not show differs).
+    """
     rows: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     n_test: dict[str, int] = {}
     headers: list[str] = []
+    # With strategies as columns, several inits get a row each (target x budget x init).
+    several_inits = len({s["init"] for report in reports for s in report["summary"]}) > 1
     for report in reports:
         for arm in report["arms"]:
             n_test[arm["target"]] = arm["n_test"]
@@ -80,9 +91,14 @@ def table(reports: list[dict], metric: str, columns: str, ci: bool, mean_row: bo
                 key, row = Path(report["config"]["out"]).name, (s["target"], init_role(s["init"]))
             else:
                 key = init_role(s["init"]) if columns == "init" else s[columns]
-                row = (s["target"], _budget_label(s["budget"], s["n_train"]))
+                budget = _budget_label(s["budget"], s["n_train"])
+                row = (s["target"], f"{budget}, {init_role(s['init'])}" if columns == "strategy" and several_inits else budget)
             if key not in headers:
                 headers.append(key)
+            if key in rows[row]:  # two summaries for one cell: printing either would hide the other
+                raise ValueError(f"two results for the cell ({', '.join(row)}; {key}): the reports differ in a "
+                                 f"setting the table does not show (e.g. strategy with --columns init); pass "
+                                 f"fewer reports or choose --columns")
             rows[row][key] = s
     lower_is_better = metric == "ece"
     second = "init" if columns == "study" else "training images"
@@ -101,7 +117,9 @@ def table(reports: list[dict], metric: str, columns: str, ci: bool, mean_row: bo
             out.append(f"**{text}**" if means[h] == best_value and len(cells) > 1 else text)
         lines.append(f"| {target} ({n_test[target]}) | {budget} | {' | '.join(out)} |")
     if mean_row:
-        lines.append(_mean_row(rows, headers, metric))
+        inits = list(dict.fromkeys(init_role(s["init"]) for report in reports for s in report["summary"]))
+        for init in inits if columns == "strategy" and several_inits else [""]:
+            lines.append(_mean_row(rows, headers, metric, init))
     refused = [r for report in reports for r in report.get("refused", [])]
     for r in refused:
         lines.append(f"\nRefused: {r}")

@@ -1,0 +1,62 @@
+"""scripts/results_table.py: the tables of docs/results.md are printed from report.json, so a cell
+it drops or merges is a wrong published number."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "results_table.py"
+
+
+@pytest.fixture(scope="module")
+def results_table():
+    spec = importlib.util.spec_from_file_location("results_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _summary(init: str, strategy: str, mean: float, sd: float = 0.01) -> dict:
+    stats = {"mean": mean, "sd": sd, "ci_low": mean - 0.1, "ci_high": mean + 0.1}
+    return {"target": "busi", "init": init, "strategy": strategy, "budget": "10shot", "n_train": 30,
+            "auroc_macro": stats}
+
+
+def _report(*summaries: dict, out: str = "runs/x") -> dict:
+    return {"arms": [{"target": "busi", "n_test": 258}], "summary": list(summaries), "config": {"out": out}}
+
+
+def test_strategy_columns_keep_one_row_per_init(results_table):
+    # Regression: with strategies as columns the rows were target x budget only, so the second
+    # init's summaries overwrote the first's and the table showed one init under no name.
+    report = _report(_summary("auto", "full", 0.80), _summary("auto", "full+fixmatch", 0.81),
+                     _summary("efficientnet_lite0", "full", 0.60), _summary("efficientnet_lite0", "full+fixmatch", 0.70))
+    text = results_table.table([report], "auroc_macro", "strategy", ci=False, mean_row=True)
+    lines = text.splitlines()
+    assert lines[2] == "| busi (258) | 10 per class (30), MedNet pre-trained | 0.800 ± 0.010 | **0.810 ± 0.010** |"
+    assert lines[3] == "| busi (258) | 10 per class (30), ImageNet Lite0 | 0.600 ± 0.010 | **0.700 ± 0.010** |"
+    assert lines[4] == "| mean of 1 rows | MedNet pre-trained | 0.800 | **0.810** |"
+    assert lines[5] == "| mean of 1 rows | ImageNet Lite0 | 0.600 | **0.700** |"
+
+
+def test_one_init_keeps_the_plain_rows(results_table):
+    text = results_table.table([_report(_summary("auto", "full", 0.8), _summary("auto", "full+fixmatch", 0.9))],
+                               "auroc_macro", "strategy", ci=True, mean_row=True)
+    assert text.splitlines()[2] == "| busi (258) | 10 per class (30) | 0.800 ± 0.010 [0.700, 0.900] | **0.900 ± 0.010 [0.800, 1.000]** |"
+    assert text.splitlines()[3] == "| mean of 1 rows | | 0.800 | **0.900** |"
+
+
+def test_a_single_seed_shows_no_spread(results_table):
+    text = results_table.table([_report(_summary("auto", "full", 0.8, sd=math.nan))], "auroc_macro", "init", ci=False)
+    assert text.splitlines()[2] == "| busi (258) | 10 per class (30) | 0.800 |"
+
+
+def test_two_results_for_one_cell_are_refused(results_table):
+    # strategies as rows are not shown with --columns init: printing either result would hide the other
+    report = _report(_summary("auto", "full", 0.8), _summary("auto", "full+fixmatch", 0.9))
+    with pytest.raises(ValueError, match="two results for the cell"):
+        results_table.table([report], "auroc_macro", "init", ci=False)
