@@ -164,6 +164,15 @@ def test_cli_parts_merge_equal_a_single_build(reference, tmp_path):
         len(CorpusArrays(tmp_path / f"p{p}")) for p in (0, 1)
     ]
 
+    # Regression: a part given twice (the same folder, or a copy of it) merged silently, its second
+    # copy dropped as exact duplicates, exit 0.
+    shutil.copytree(tmp_path / "p0", tmp_path / "p0_copy")
+    for twice in (["p0", "p0"], ["p0", "p1", "p0_copy"]):
+        res = runner.invoke(app, ["corpus", "merge", *(str(tmp_path / p) for p in twice), "--out", str(tmp_path / "m2")])
+        # the CLI's entry point turns the ValueError into one line and exit 2 (tests/cli/test_cli_app.py)
+        assert isinstance(res.exception, ValueError) and "give each part once" in str(res.exception)
+        assert not (tmp_path / "m2" / "manifest.json").exists()
+
 
 def test_cli_reports_bad_arguments(tmp_path):
     res = CliRunner().invoke(app, ["corpus", "build", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])

@@ -29,6 +29,23 @@ from openmednet.data.shards import (
 )
 
 
+def _check_distinct(arrays: Sequence[CorpusArrays]) -> None:
+    """Refuse a part given twice (the same folder, or a copy: the same part of the same split
+    build), which the merge would otherwise reduce to one copy as exact duplicates, silently."""
+    seen: dict[object, Path] = {}
+    for a in arrays:
+        build = a.manifest.build
+        keys = [Path(a.root).resolve()]
+        if build.get("num_parts", 1) > 1:  # whole corpora may legitimately share part 0 of 1
+            keys.append((build["num_parts"], build.get("part"), build.get("seed"), repr(a.manifest.sources)))
+        for key in keys:
+            if key in seen:
+                what = ("is given twice" if isinstance(key, Path)
+                        else f"holds part {build.get('part')} of {build['num_parts']} of the build {seen[key]} holds")
+                raise ValueError(f"{a.root} {what}: give each part once (corpus merge P0 P1 ... with the parts of one build)")
+            seen[key] = Path(a.root)
+
+
 def merge_parts(
     parts: Sequence[str | Path],
     out_dir: str | Path,
@@ -51,11 +68,13 @@ def merge_parts(
         progress: optional ``progress(stage, done, total)`` callback.
 
     Raises:
-        ValueError: parts with different channels, image size or format version, or none given.
+        ValueError: parts with different channels, image size or format version, none given, or a
+            part given twice (the same folder, or a copy of one).
     """
     if not parts:
         raise ValueError("merge needs at least one part corpus directory")
     arrays = [CorpusArrays(p) for p in parts]
+    _check_distinct(arrays)
     first = arrays[0].manifest
     for a in arrays[1:]:
         m = a.manifest
