@@ -142,7 +142,7 @@ def _upright_mask(path: Path, num_classes: int, shape: tuple[int, int], orientat
     """
     if orientation == 1:
         return read_mask(path, num_classes, shape=shape)
-    from PIL import Image, ImageOps
+    from PIL import ExifTags, Image, ImageOps
 
     stored = shape[::-1] if orientation >= 5 else shape  # EXIF 5-8 swap the sides
     if stored == shape:
@@ -157,7 +157,7 @@ def _upright_mask(path: Path, num_classes: int, shape: tuple[int, int], orientat
     if not drawn_on_stored:
         return read_mask(path, num_classes, shape=shape)
     mask = Image.fromarray(read_mask(path, num_classes, shape=stored))
-    mask.getexif()[0x0112] = orientation  # ExifTags.Base.Orientation: turned as the image was
+    mask.getexif()[ExifTags.Base.Orientation] = orientation  # turned as the image was
     return np.asarray(ImageOps.exif_transpose(mask))
 
 
