@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         label_fraction: float = typer.Option(None, "--label-fraction", help="Train on this fraction of each class."),
         per_class: int = typer.Option(None, "--per-class", help="Train on N images per class (few-shot)."),
         seed: int = typer.Option(None),
-        semi: str = typer.Option(None, help="none | pseudo_label | fixmatch: also learn from unlabelled images."),
+        semi: str = typer.Option(None, help="none | pseudo_label | fixmatch | freematch: also learn from unlabelled images."),
         unlabelled: list[str] = typer.Option(None, help="Unlabelled images: a folder/.npz any reader accepts "
                                              "(repeat for several), or rest_of_train (train images outside the budget)."),
         rounds: int = typer.Option(None, help="pseudo_label: teacher-student rounds (a larger value extends a run)."),

@@ -28,6 +28,11 @@ Methods:
   hundred unlabelled images that would leave 1-2 steps per epoch), the run's optimizer and
   schedule (AdamW, warm-up + cosine over the epochs) instead of SGD with Nesterov momentum, and
   early stopping / model choice on the labelled validation split, like every fine-tuning run.
+- ``freematch`` (Wang et al. 2023, ICLR): FixMatch with a self-adaptive per-class threshold instead
+  of the fixed 0.95, plus a fairness term (``openmednet.eval.freematch``): few-label fine-tuning
+  rarely reaches 0.95 confidence, so FixMatch's unlabelled term barely trains (its ``mask_rate``
+  in ``metrics.json``). ``sat_momentum`` (0.9, see that module for why not the paper's 0.999)
+  and ``lambda_f`` (0.01) are its settings; everything else is FixMatch's.
 
 The test split is scored once, by ``run_finetune``, after the choice.
 
@@ -61,21 +66,24 @@ from openmednet.data.semi import StrongAugment, UnlabelledDataset
 from openmednet.data.transforms import MultiViewTransform
 from openmednet.engine.callbacks import better_score
 from openmednet.engine.trainer import LossOutput, set_loader_epoch
+from openmednet.eval.freematch import SelfAdaptiveThreshold, fairness_loss
 from openmednet.eval.unlabelled import REST_OF_TRAIN, UnlabelledSet, drop_test_near_copies, load_unlabelled, rest_of_train
 from openmednet.utils import atomic_write, atomic_write_text, csv_text, seed_everything
 
-__all__ = ["PSEUDO_SELECTIONS", "SEMI_FIELDS", "SEMI_METHODS", "FixMatchLoss", "PairedLoader", "check_semi_config",
+__all__ = ["FREEMATCH_FIELDS", "PSEUDO_SELECTIONS", "SEMI_FIELDS", "SEMI_METHODS", "FixMatchLoss", "PairedLoader", "check_semi_config",
            "gather_unlabelled", "has_unlabelled", "run_semi", "select_pseudo_labels", "semi_neutral",
            "split_study_strategy", "study_strategies"]
 
 logger = logging.getLogger(__name__)
 
-SEMI_METHODS = ("none", "pseudo_label", "fixmatch")
+SEMI_METHODS = ("none", "pseudo_label", "fixmatch", "freematch")
 #: How confident teacher predictions become pseudo labels (``select_pseudo_labels``).
 PSEUDO_SELECTIONS = ("class_balanced", "per_class_threshold", "threshold")
 #: FinetuneConfig fields that only matter when ``semi`` is not ``"none"``.
 SEMI_FIELDS = ("unlabelled", "rounds", "semi_threshold", "pseudo_selection", "pseudo_fraction", "student_dropout",
-               "mu", "lambda_u", "strong_magnitude", "max_unlabelled")
+               "mu", "lambda_u", "strong_magnitude", "max_unlabelled", "sat_momentum", "lambda_f")
+#: Fields only ``freematch`` reads: left out of other runs' comparisons, so runs made before they existed stay valid.
+FREEMATCH_FIELDS = ("sat_momentum", "lambda_f")
 #: Fields a finished round does not depend on (``rounds``: a longer run reuses the earlier rounds).
 _ROUND_NEUTRAL = ("out", "device", "num_workers", "rounds", "n_boot")
 
@@ -95,7 +103,7 @@ def check_semi_config(cfg: Any) -> None:
                          f"--unlabelled {REST_OF_TRAIN}")
     if cfg.semi == "none" and cfg.unlabelled:
         raise ValueError("unlabelled images were given but semi='none' would ignore them: choose --semi "
-                         "pseudo_label or fixmatch")
+                         "pseudo_label, fixmatch or freematch")
     if REST_OF_TRAIN in cfg.unlabelled and len(cfg.unlabelled) > 1:
         raise ValueError(f"'{REST_OF_TRAIN}' cannot be combined with folders: give one or the other")
     if cfg.rounds < 1 or cfg.mu < 1:
@@ -105,16 +113,19 @@ def check_semi_config(cfg: Any) -> None:
                          f"{cfg.semi_threshold}, {cfg.pseudo_fraction}, {cfg.student_dropout}")
     if cfg.max_unlabelled is not None and cfg.max_unlabelled < 1:
         raise ValueError(f"max_unlabelled must be >= 1 (or None for all), got {cfg.max_unlabelled}")
+    if not 0 <= cfg.sat_momentum < 1 or cfg.lambda_f < 0:
+        raise ValueError(f"need 0 <= sat_momentum < 1 and lambda_f >= 0, got {cfg.sat_momentum}, {cfg.lambda_f}")
     if cfg.lambda_u < 0 or not 0 <= cfg.strong_magnitude <= 30:
         raise ValueError(f"need lambda_u >= 0 and 0 <= strong_magnitude <= 30, got {cfg.lambda_u}, {cfg.strong_magnitude}")
 
 
 def semi_neutral(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` without the semi-supervised fields when ``semi`` is ``"none"`` (or absent), so runs
-    made before these fields existed compare equal to today's supervised runs."""
-    if config.get("semi", "none") != "none":
-        return dict(config)
-    return {k: v for k, v in config.items() if k not in ("semi", *SEMI_FIELDS)}
+    """``config`` without the fields its method does not read: the semi-supervised ones when
+    ``semi`` is ``"none"`` (or absent), FreeMatch's unless it is ``"freematch"``; so runs made before
+    these fields existed compare equal to today's runs of the same method."""
+    method = config.get("semi", "none")
+    unread = ("semi", *SEMI_FIELDS) if method == "none" else () if method == "freematch" else FREEMATCH_FIELDS
+    return {k: v for k, v in config.items() if k not in unread}
 
 
 # ------------------------------------------------------------------------------------ studies
@@ -259,26 +270,38 @@ class PairedLoader:
 
 
 class FixMatchLoss:
-    """``compute_loss`` of a FixMatch step (Sohn et al. 2020, eq. 2-4), for ``train_one_epoch``.
+    """``compute_loss`` of a FixMatch step (Sohn et al. 2020, eq. 2-4), for ``train_one_epoch``; with a
+    :class:`~openmednet.eval.freematch.SelfAdaptiveThreshold`, a FreeMatch step (Wang et al. 2023).
 
     Labelled images and both unlabelled views go through the model in one forward pass (so
     BatchNorm sees them together, as in the reference implementation).
 
     Args:
         weights: ``(K,)`` class weights of the supervised term, or ``None``.
-        threshold: weak-view confidence needed for an unlabelled image to count (tau).
+        threshold: weak-view confidence needed for an unlabelled image to count (tau, FixMatch), or
+            FreeMatch's self-adaptive per-class threshold.
         lambda_u: weight of the unlabelled term.
         num_classes: K, for the per-class counts of accepted pseudo labels.
+        lambda_f: weight of FreeMatch's fairness term (``freematch.fairness_loss``; needs a
+            self-adaptive threshold).
 
     Attributes:
         accepted: ``(K,)`` counts of accepted pseudo labels per class over the run; ``seen``:
             unlabelled images seen.
     """
 
-    def __init__(self, weights: Tensor | None, threshold: float, lambda_u: float, num_classes: int):
-        self.weights, self.threshold, self.lambda_u = weights, threshold, lambda_u
+    def __init__(self, weights: Tensor | None, threshold: float | SelfAdaptiveThreshold, lambda_u: float,
+                 num_classes: int, lambda_f: float = 0.0):
+        if lambda_f and not isinstance(threshold, SelfAdaptiveThreshold):
+            raise ValueError("the fairness term (lambda_f) needs FreeMatch's self-adaptive threshold")
+        self.weights, self.threshold, self.lambda_u, self.lambda_f = weights, threshold, lambda_u, lambda_f
         self.accepted = np.zeros(num_classes, dtype=np.int64)
         self.seen = 0
+
+    def _mask(self, probs: Tensor, conf: Tensor) -> Tensor:
+        if isinstance(self.threshold, SelfAdaptiveThreshold):
+            return self.threshold(probs).to(probs.device)
+        return (conf >= self.threshold).float()
 
     def __call__(self, model: nn.Module, batch: Any) -> LossOutput:
         (x, y), (views, _) = batch
@@ -287,13 +310,20 @@ class FixMatchLoss:
         logits_x, logits_w, logits_s = logits.split([len(x), len(weak), len(strong)])
         loss_x = F.cross_entropy(logits_x, y, weight=None if self.weights is None else self.weights.to(logits.device))
         with torch.no_grad():
-            conf, pseudo = torch.softmax(logits_w.detach().float(), dim=1).max(dim=1)
-            mask = (conf >= self.threshold).float()
+            probs_w = torch.softmax(logits_w.detach().float(), dim=1)
+            conf, pseudo = probs_w.max(dim=1)
+            mask = self._mask(probs_w, conf)
         loss_u = (F.cross_entropy(logits_s, pseudo, reduction="none") * mask).mean()
+        loss = loss_x + self.lambda_u * loss_u
+        metrics = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "mask_rate": mask.mean()}
+        if self.lambda_f and mask.any():
+            accepted = torch.softmax(logits_s[mask.bool()].float(), dim=1)
+            loss_f = fairness_loss(accepted, self.threshold.p_model, self.threshold.label_hist)
+            loss = loss + self.lambda_f * loss_f
+            metrics["loss_f"] = loss_f.detach()
         self.accepted += np.bincount(pseudo[mask.bool()].cpu().numpy(), minlength=len(self.accepted))
         self.seen += len(weak)
-        return LossOutput(loss_x + self.lambda_u * loss_u, n=len(y),
-                          metrics={"loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "mask_rate": mask.mean()})
+        return LossOutput(loss, n=len(y), metrics=metrics)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -320,7 +350,7 @@ def _add_noise(model: nn.Module, p: float) -> float:
 
 
 def _round_key(cfg: Any) -> dict[str, Any]:
-    return {k: v for k, v in to_dict(cfg).items() if k not in _ROUND_NEUTRAL}
+    return {k: v for k, v in semi_neutral(to_dict(cfg)).items() if k not in _ROUND_NEUTRAL}
 
 
 def _load_round(folder: Path, key: dict[str, Any], model: nn.Module) -> dict[str, Any] | None:
@@ -421,18 +451,26 @@ def _student_loader(cfg, target, idx, unl, chosen, labels, train_tf, channels, s
 
 
 def _fixmatch(cfg, target, model, loaders, weights, train, unl: UnlabelledSet) -> tuple[list, int, dict]:
-    """One FixMatch run from the init (module docstring); leaves the best epoch's weights in ``model``."""
+    """One FixMatch or FreeMatch run from the init (module docstring); leaves the best epoch's weights in ``model``."""
     train_tf, _, channels, size = _transforms(loaders)
     views = MultiViewTransform([train_tf, StrongAugment(train_tf, magnitude=cfg.strong_magnitude)])
     ds = UnlabelledDataset(unl.images, channels=channels, image_size=size, transform=views)
     batch = cfg.mu * cfg.batch_size
     unl_loader = build_loader(ds, batch_size=batch, seed=cfg.seed + 1, shuffle=True,
                               drop_last=len(ds) % batch == 1 and len(ds) > 1)
-    loss = FixMatchLoss(weights, cfg.semi_threshold, cfg.lambda_u, len(target.label_names))
+    names = list(target.label_names)
+    if cfg.semi == "freematch":
+        threshold = SelfAdaptiveThreshold(len(names), cfg.sat_momentum)
+        loss = FixMatchLoss(weights, threshold, cfg.lambda_u, len(names), lambda_f=cfg.lambda_f)
+    else:
+        loss = FixMatchLoss(weights, cfg.semi_threshold, cfg.lambda_u, len(names))
     history, best_epoch = train(model, {**loaders, "train": PairedLoader(loaders["train"], unl_loader)}, weights, loss)
     info = {"mu": cfg.mu, "threshold": cfg.semi_threshold, "lambda_u": cfg.lambda_u, "unlabelled_seen": loss.seen,
-            "accepted_per_class": dict(zip(target.label_names, loss.accepted.tolist())),
+            "accepted_per_class": dict(zip(names, loss.accepted.tolist())),
             "mask_rate": float(loss.accepted.sum() / max(loss.seen, 1))}
+    if cfg.semi == "freematch":  # where the thresholds ended (the last epoch's, not the chosen one's)
+        info.update(threshold="self_adaptive", sat_momentum=cfg.sat_momentum, lambda_f=cfg.lambda_f,
+                    final_threshold_per_class=dict(zip(names, threshold.class_thresholds.tolist())))
     return history, best_epoch, info
 
 
@@ -441,7 +479,7 @@ def run_semi(cfg: Any, target: Any, splits: np.ndarray, idx: Mapping[str, np.nda
     """Semi-supervised training of ``model`` (the module docstring), called by ``run_finetune``.
 
     Args:
-        cfg: the run's ``FinetuneConfig`` (``semi`` is ``pseudo_label`` or ``fixmatch``).
+        cfg: the run's ``FinetuneConfig`` (``semi`` is ``pseudo_label``, ``fixmatch`` or ``freematch``).
         target, splits, idx: the cleaned target, its split names and the index arrays
             (``idx["train"]`` is the label budget).
         model: the initialised model on ``device``; left holding the chosen weights.

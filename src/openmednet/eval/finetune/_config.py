@@ -72,10 +72,11 @@ class FinetuneConfig:
         device: ``cpu``, ``cuda`` or ``None`` (CUDA if available).
         task: ``classification`` or ``segmentation`` (``data`` holds masks.csv + classes.txt; a
             U-Net on the init's encoder, see ``openmednet.eval.segmentation``; strategy ``full``).
-        semi: ``none``, ``pseudo_label`` or ``fixmatch``; ``unlabelled`` (folders, or
+        semi: ``none``, ``pseudo_label``, ``fixmatch`` or ``freematch``; ``unlabelled`` (folders, or
             ``rest_of_train``), ``rounds``, ``semi_threshold``, ``pseudo_selection``,
             ``pseudo_fraction``, ``student_dropout``, ``mu``, ``lambda_u``, ``strong_magnitude``,
-            ``max_unlabelled``: semi-supervised fine-tuning, see ``openmednet.eval.semi``.
+            ``max_unlabelled``, ``sat_momentum``, ``lambda_f``: semi-supervised fine-tuning, see
+            ``openmednet.eval.semi``.
     """
 
     data: Path
@@ -128,6 +129,8 @@ class FinetuneConfig:
     lambda_u: float = 1.0
     strong_magnitude: int = 9
     max_unlabelled: int | None = None
+    sat_momentum: float = 0.9
+    lambda_f: float = 0.01
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))

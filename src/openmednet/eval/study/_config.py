@@ -114,7 +114,7 @@ class StudyConfig:
             ``FinetuneOverlay``; a mapping given here (a YAML ``finetune:`` block) is converted and
             checked on construction.
         near_threshold: pHash bits for near-copies (fine-tuning and pre-training checks).
-        semi: ``FinetuneConfig.semi`` values, a grid axis (``[none, pseudo_label, fixmatch]``); arms
+        semi: ``FinetuneConfig.semi`` values, a grid axis (``[none, pseudo_label, fixmatch, freematch]``); arms
             other than ``none`` are labelled ``<strategy>+<semi>`` in the report and run folders.
         unlabelled: their unlabelled images: ``[rest_of_train]`` (the train images outside each
             budget, labels hidden; budgets with every label are skipped) or folders
