@@ -122,12 +122,25 @@ def test_rows_outside_the_folder_are_skipped_as_for_labels_csv(seg_subset, share
     (data / "images" / "link.jpg").symlink_to(src / rows[3]["path"])  # a link out of the folder
     escaped.append({**rows[3], "path": "images/link.jpg"})
     _rewrite(data, escaped + rows[4:])
-    with pytest.warns(UserWarning, match=r"skipped 4 undecodable images \{'outside_root': 4\}"):
+    with pytest.warns(UserWarning, match=r"skipped 4 images \{'outside_root': 4\}"):
         kept = load_segmentation(data)
     assert len(rows) > 4 and kept.ids == inside.ids[4:] and kept.skipped == {"outside_root": 4}
     _rewrite(data, escaped)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"could be decoded \(\{'outside_root': 4\}\)"):
         load_segmentation(data)
+
+
+def test_a_pair_listed_twice_is_used_once(seg_subset, tmp_path):
+    # Regression (hostile-user probe): a masks.csv row listed twice was decoded, trained on and
+    # counted twice; it is used once and reported as a "duplicate_row" skip, as in labels.csv.
+    data = seg_subset(tmp_path / "lgg", patients=1)
+    rows = list(csv.DictReader((data / "masks.csv").open()))
+    once = load_segmentation(data)
+    _rewrite(data, rows + [rows[0], {**rows[1], "path": f"./{rows[1]['path']}"}])
+    with pytest.warns(UserWarning, match=r"skipped 2 images \{'duplicate_row': 2\}"):
+        twice = load_segmentation(data)
+    assert twice.ids == once.ids and twice.skipped == {"duplicate_row": 2} and once.skipped == {}
+    assert len(twice) == len(rows) and twice.hashes.tolist() == once.hashes.tolist()
 
 
 def test_undecodable_odd_or_bomb_masks_are_one_clear_error(seg_subset, tmp_path):

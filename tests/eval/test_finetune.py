@@ -217,6 +217,27 @@ def test_busi_double_label_is_dropped(shared_data: Path, tmp_path: Path) -> None
     assert len(cleaned) == len(target) - 2
 
 
+def test_a_row_listed_twice_is_used_once_and_two_labels_are_both_dropped(shared_data: Path, tmp_path: Path) -> None:
+    # Regression (hostile-user probe): a labels.csv row listed twice was decoded, trained on and
+    # counted twice; it is used once and reported as a "duplicate_row" skip (as "outside_root" is).
+    rows = [r for r in _rows(shared_data, OPENI) if r["split"] == "train"]
+    rows = [r for r in rows if r["label"] == "chest"][:6] + [r for r in rows if r["label"] == "abdomen"][:6]
+    rows = [{**r, "split": ""} for r in rows]
+    once = load_target(_write_labels(tmp_path / "once", rows, shared_data / OPENI), max_side=64)
+    with pytest.warns(UserWarning, match=r"skipped 2 images \{'duplicate_row': 2\}"):
+        twice = load_target(_write_labels(tmp_path / "twice", rows + [rows[0], rows[-1]], shared_data / OPENI), max_side=64)
+    assert twice.ids == once.ids and twice.hashes.tolist() == once.hashes.tolist()
+    assert (twice.skipped, once.skipped) == ({"duplicate_row": 2}, {})
+    # The same path with another label is one image with two labels (busi's trap): no label is
+    # picked, both rows stay for prepare_splits, which leaves the image out.
+    data = _write_labels(tmp_path / "both", rows + [{**rows[0], "label": "abdomen"}], shared_data / OPENI)
+    target = load_target(data, max_side=64)
+    assert len(target) == len(rows) + 1 and target.skipped == {}
+    with pytest.warns(UserWarning, match="different labels"):
+        cleaned, _, dropped = prepare_splits(target, FinetuneConfig(data=data, out=tmp_path / "run"))
+    assert dropped["label_conflicts"] == [once.ids[0]] * 2 and once.ids[0] not in cleaned.ids
+
+
 def test_init_from_saved_weights_and_contract_checks(tmp_path: Path) -> None:
     torch.manual_seed(0)
     source = create_model("mednet_test", num_classes=5)

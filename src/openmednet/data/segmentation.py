@@ -3,7 +3,8 @@
 A segmentation folder (``../shared/data/seg/*/*``) holds::
 
     masks.csv     path,mask,split,group   (paths relative to the folder; split/group may be empty;
-                  a row that resolves outside the folder is skipped as "outside_root", as in labels.csv)
+                  a row that resolves outside the folder is skipped as "outside_root", and one that
+                  repeats an earlier row as "duplicate_row", as in labels.csv)
     classes.txt   "index name" per line, 0 = background
     images/       any format the readers decode (JPEG, PNG, DICOM...)
     masks/        single-channel PNGs (mode L or P), pixel value = class index, same size as the image
@@ -202,7 +203,7 @@ class SegmentationSet(DecodedItems):
         hashes, fine_hashes: ``(N,)`` 64-bit and ``(N, 4)`` 256-bit perceptual hashes of the images
             (``data.dedupe``), for the near-copy checks.
         root: the folder.
-        skipped: count of undecodable images per reason.
+        skipped: count of skipped pairs per reason (``"duplicate_row"``, ``"outside_root"``, undecodable images).
         labels: ``(N,)`` strata (``mask_strata``), what splits are stratified by.
     """
 
@@ -281,7 +282,7 @@ def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> Segmen
             or undecodable masks (``read_mask``), or no decodable pair.
     """
     from openmednet.data.readers import SkipImage, read_images
-    from openmednet.data.sources import check_inside_root
+    from openmednet.data.sources import check_inside_root, drop_repeated_rows
 
     root = Path(data)
     if not root.is_dir():
@@ -289,6 +290,9 @@ def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> Segmen
     rows = _rows(root)
     class_names = read_classes(root / CLASSES_TXT)
     skipped: Counter[str] = Counter()
+    # A pair listed twice is used once, as a labels.csv row is; Path() equates "a.jpg" and "./a.jpg".
+    rows = drop_repeated_rows(rows, lambda r: (Path(r["path"]), Path(r["mask"]), r.get("split") or None,
+                                               r.get("group") or None), skipped)
     images, masks, groups, splits, ids = [], [], [], [], []
     for row in rows:
         try:
@@ -312,7 +316,7 @@ def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> Segmen
         splits.append(row.get("split") or None)
         ids.append(row["path"])
     if skipped:
-        warnings.warn(f"{root}: skipped {sum(skipped.values())} undecodable images {dict(skipped)}", stacklevel=2)
+        warnings.warn(f"{root}: skipped {sum(skipped.values())} images {dict(skipped)}", stacklevel=2)
     if not images:
         raise ValueError(f"no image of {root} could be decoded ({dict(skipped)})")
     channels, _ = majority_channels(images, GRAY_TOLERANCE)  # the minority is converted below

@@ -29,10 +29,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import numpy as np
 
@@ -51,6 +52,11 @@ MANIFEST_COLUMNS = ("path", "label", "split", "group")
 
 #: File endings enumerated in folders (``.npz`` is its own format, not a folder image).
 IMAGE_SUFFIXES = PILReader.suffixes + DicomReader.suffixes + NiftiReader.suffixes
+
+#: The skip reason of a manifest row that repeats an earlier row exactly (``drop_repeated_rows``).
+DUPLICATE_ROW = "duplicate_row"
+
+_Row = TypeVar("_Row")
 
 #: Addresses one image inside a file: a frame/slice index, an ``.npz`` ``(split, row)``, or
 #: ``None`` for every image of the file.
@@ -207,6 +213,27 @@ def read_item(item: SourceItem, *, on_skip: Callable[[SkipImage], None] | None =
         if on_skip is None:
             raise
         on_skip(skip)
+
+
+def drop_repeated_rows(rows: Iterable[_Row], key: Callable[[_Row], Hashable], skipped: Counter[str]) -> list[_Row]:
+    """``rows`` in order without the rows whose ``key`` repeats an earlier row's; each one left out
+    counts as a ``"duplicate_row"`` skip in ``skipped``.
+
+    For the manifests of labelled targets (``labels.csv``, another CSV, ``masks.csv``): a row listed
+    twice would be trained on twice, and counted twice, in every run. ``key`` holds every column
+    the reader uses, so only exact repeats go: the same image listed with another label (one image
+    with two labels, BUSI's upstream error) stays, for the label-conflict check to drop both.
+    """
+    seen: set[Hashable] = set()
+    kept = []
+    for row in rows:
+        k = key(row)
+        if k in seen:
+            skipped[DUPLICATE_ROW] += 1
+            continue
+        seen.add(k)
+        kept.append(row)
+    return kept
 
 
 def _read_raw(item: SourceItem, on_skip: Callable[[SkipImage], None] | None) -> Iterator[tuple[np.ndarray, ImageMeta]]:

@@ -10,7 +10,9 @@ Checks, each a clear error:
 - manifest paths that do not exist (``FileNotFoundError`` with the count and examples);
 - labels outside the expected classes (``ValueError``, "did you mean");
 - a class with a single image (it cannot be both trained on and tested);
-- files no reader can decode are skipped with a warning that counts them per reason.
+- files no reader can decode are skipped with a warning that counts them per reason, and so are
+  manifest rows that repeat an earlier row exactly (``"duplicate_row"``: used once, not trained on
+  twice); the same image listed with two labels is kept for ``prepare_splits`` to drop.
 
 Unlabelled rows (e.g. ISIC 2017's test part) are left out, with a log line.
 """
@@ -31,7 +33,7 @@ from openmednet.data.decoded import GRAY_TOLERANCE, DecodedItems, majority_chann
 from openmednet.data.dedupe import phashes
 from openmednet.data.images import shrink, to_channels
 from openmednet.data.segmentation import MASKS_CSV
-from openmednet.data.sources import SourceItem, SourceSpec, iter_source, read_item
+from openmednet.data.sources import SourceItem, SourceSpec, drop_repeated_rows, iter_source, read_item
 
 __all__ = ["TargetSet", "load_target"]
 
@@ -67,7 +69,8 @@ class TargetSet(DecodedItems):
         fine_hashes: ``(N, 4)`` uint64 256-bit perceptual hashes (``data.dedupe.phash256``), which
             confirm near-copy candidates of ``hashes``.
         root: where the data came from.
-        skipped: count of undecodable files per reason.
+        skipped: count of skipped files or manifest rows per reason (``"duplicate_row"``,
+            ``"outside_root"``, undecodable files...).
     """
 
     images: list[np.ndarray]
@@ -176,6 +179,8 @@ def load_target(
     labelled = [it for it in items if it.label]
     if len(labelled) < len(items):
         logger.info("%s: %d of %d items have no label and are left out", root, len(items) - len(labelled), len(items))
+    skipped: Counter[str] = Counter()
+    labelled = drop_repeated_rows(labelled, lambda it: (it.path, it.frame, it.label, it.split, it.group), skipped)
     if not labelled:
         raise ValueError(
             f"no labelled images in {root}: give labels in labels.csv (path,label,split,group), one "
@@ -184,7 +189,6 @@ def load_target(
     _check_paths_exist(labelled, root.parent if root.is_file() else root)
     label_names = _check_classes([it.label for it in labelled], classes)
 
-    skipped: Counter[str] = Counter()
     images, labels, groups, splits, ids = [], [], [], [], []
     for item in labelled:
         decoded = list(read_item(item, on_skip=lambda s: skipped.update([s.reason])))
@@ -196,7 +200,7 @@ def load_target(
             splits.append(item.split)
             ids.append(_item_id(item, meta.frame, len(decoded), root.parent if root.is_file() else root))
     if skipped:
-        warnings.warn(f"{root}: skipped {sum(skipped.values())} undecodable images {dict(skipped)}", stacklevel=2)
+        warnings.warn(f"{root}: skipped {sum(skipped.values())} images {dict(skipped)}", stacklevel=2)
     if not images:
         raise ValueError(f"no image of {root} could be decoded ({dict(skipped)})")
 
