@@ -192,6 +192,38 @@ def test_study_semi_axis_maps_arms_and_keeps_earlier_runs_reusable(tmp_path: Pat
                                             unlabelled=("rest_of_train",)))
 
 
+def test_study_checks_its_unlabelled_folders_once_before_any_arm(tiny: tuple[Path, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Regression (hostile-user probe): an empty unlabelled folder (or one without a readable image)
+    # failed every semi arm on its own, after the other arms had trained; the study now refuses it
+    # once, while planning, with load_unlabelled's error.
+    import re
+
+    from openmednet.eval import study, unlabelled
+
+    data, extra = tiny
+    empty, broken = tmp_path / "empty", tmp_path / "broken"
+    empty.mkdir()
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    monkeypatch.setattr(study, "run_finetune", lambda run, target=None: pytest.fail(f"arm {run.out} ran"))
+    grid = dict(out=tmp_path / "out", targets=({"name": "brain", "data": str(data), "given_splits": False},),
+                inits=("scratch:mednet_test",), semi=("none", "fixmatch"), per_class=(3,))
+    for folder, why in ((empty, "no images found under"), (broken, r"1 file\(s\) could not be decoded")):
+        cfg = study.StudyConfig(**grid, unlabelled=(str(extra), str(folder)))
+        with pytest.raises(ValueError, match=rf"study unlabelled: no unlabelled images found in "
+                                             rf"{re.escape(str(folder))}: {why}.*no arm was run"):
+            study.run_study(cfg)
+    assert not (tmp_path / "out").exists()
+    study._check_unlabelled(study.StudyConfig(**{**grid, "semi": ("none",)}, unlabelled=(str(empty),)))  # no arm reads it
+    # Cheap: a good folder is listed and decoded only up to its first image; rest_of_train is not read.
+    decoded = []
+    real = unlabelled.read_item
+    monkeypatch.setattr(unlabelled, "read_item", lambda item, **kw: (decoded.append(item), real(item, **kw))[1])
+    unlabelled.check_unlabelled([str(extra), "rest_of_train"])
+    assert len(decoded) == 1 and decoded[0].path.parent == extra
+
+
 def test_max_unlabelled_draws_a_seeded_subset_after_the_leakage_drop(tiny: tuple[Path, Path]) -> None:
     data, extra = tiny
     cfg = _cfg(data, Path("unused"), semi="fixmatch", unlabelled=(str(extra),), max_unlabelled=4)

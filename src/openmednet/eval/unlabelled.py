@@ -30,11 +30,11 @@ import numpy as np
 
 from openmednet.data.dedupe import phashes
 from openmednet.data.images import shrink, to_channels
-from openmednet.data.sources import SourceSpec, iter_source, read_item
+from openmednet.data.sources import SourceItem, SourceSpec, iter_source, read_item
 from openmednet.eval.splits import find_near_duplicates
 from openmednet.eval.targets import TargetSet
 
-__all__ = ["REST_OF_TRAIN", "UnlabelledSet", "drop_test_near_copies", "load_unlabelled", "rest_of_train"]
+__all__ = ["REST_OF_TRAIN", "UnlabelledSet", "check_unlabelled", "drop_test_near_copies", "load_unlabelled", "rest_of_train"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +81,51 @@ def _check_readable(root: Path) -> None:
         raise ValueError(f"unlabelled images: cannot read folder {root} (permission denied): fix its permissions")
 
 
-def _read_source(root: Path, channels: int, max_side: int | None, skipped: Counter,
-                 seen: set[tuple[str, str]]) -> tuple[list, list[str], int]:
-    """Decode every image of one source not in ``seen`` (items of earlier sources, added to):
-    ``(images, ids, labelled count)``."""
+def _list_items(root: Path) -> list[SourceItem]:
+    """The items of one source, nothing decoded; a missing, unreadable or empty source is a clear error."""
     _check_readable(root)
     try:
-        items = list(iter_source(SourceSpec(name=root.stem, root=root)))
+        return list(iter_source(SourceSpec(name=root.stem, root=root)))
     except PermissionError as e:
         raise ValueError(f"unlabelled images: cannot read {root} ({e}): fix its permissions") from None
     except ValueError as e:
         raise ValueError(f"no unlabelled images found in {root}: {e}") from None
+
+
+def _nothing_decoded(root: Path, skipped: Counter) -> ValueError:
+    return ValueError(f"no unlabelled images found in {root}: {skipped.total()} file(s) could not "
+                      f"be decoded (by reason: {dict(skipped)}); give a folder of readable images")
+
+
+def check_unlabelled(sources: Sequence[str | Path]) -> None:
+    """Fail now on a source that ``load_unlabelled`` would refuse later: missing, unreadable, or
+    without a decodable image (``rest_of_train`` is not checked: it depends on the split and budget).
+
+    Cheap, for a study to check its folders once before any arm runs (each semi arm failed on
+    its own otherwise): each source is listed (no pixels) and decoded only up to its first image.
+
+    Raises:
+        FileNotFoundError, ValueError: ``load_unlabelled``'s errors.
+    """
+    for source in sources:
+        if str(source) == REST_OF_TRAIN:
+            continue
+        root, skipped = Path(source), Counter()
+        for item in _list_items(root):
+            try:
+                if next(read_item(item, on_skip=lambda s: skipped.update([s.reason])), None) is not None:
+                    break
+            except PermissionError:
+                skipped.update(["permission_denied"])
+        else:
+            raise _nothing_decoded(root, skipped)
+
+
+def _read_source(root: Path, channels: int, max_side: int | None, skipped: Counter,
+                 seen: set[tuple[str, str]]) -> tuple[list, list[str], int]:
+    """Decode every image of one source not in ``seen`` (items of earlier sources, added to):
+    ``(images, ids, labelled count)``."""
+    items = _list_items(root)
     base = root.parent if root.is_file() else root
     images, ids, labelled = [], [], 0
     for item in items:
@@ -136,8 +170,7 @@ def load_unlabelled(sources: Sequence[str | Path], *, channels: int, max_side: i
         got, got_ids, n_labelled = _read_source(root, channels, max_side, skipped, seen)
         here = skipped - before
         if not got and set(here) != {"listed_twice"}:  # a source wholly inside an earlier one is only redundant
-            raise ValueError(f"no unlabelled images found in {root}: {here.total()} file(s) could not "
-                             f"be decoded (by reason: {dict(here)}); give a folder of readable images")
+            raise _nothing_decoded(root, here)
         images += got
         ids += got_ids
         labelled += n_labelled

@@ -85,6 +85,7 @@ from openmednet.eval.study._config import (
 from openmednet.eval.study._plan import (
     _DECODED,
     _Arm,
+    _check_unlabelled,
     _decoded_target,
     _plan,
     arm_dir,
@@ -138,6 +139,8 @@ def run_study(cfg: StudyConfig, *, jobs: int = 1, num_parts: int = 1, part: int 
     """
     _check_parts(jobs, num_parts, part, report_only)
     _check_grid(cfg)
+    if not report_only:  # a report of finished arms reads no unlabelled image
+        _check_unlabelled(cfg)
     if len(cfg.seeds) < MIN_SEEDS:
         warnings.warn(f"{len(cfg.seeds)} seed(s): a study needs at least {MIN_SEEDS} for seed spread", stacklevel=2)
     out = Path(cfg.out)

@@ -1,5 +1,7 @@
 """The grid's arms in order, each with its run configuration; arms refused for leakage or budget are listed.
 
+The study's unlabelled folders are checked here once (``_check_unlabelled``), before any arm runs.
+
 The pre-training leakage check is here (``_refusals``): an init whose pre-training corpus may hold
 a target's test images never gets an arm on that target.
 """
@@ -26,6 +28,7 @@ from openmednet.eval.splits import BudgetTooLargeError, subsample_train
 from openmednet.eval.study._config import StudyConfig, TargetSpec, _fields
 from openmednet.eval.study_report import slug
 from openmednet.eval.targets import load_target
+from openmednet.eval.unlabelled import check_unlabelled
 
 __all__ = ["arm_dir"]
 
@@ -149,6 +152,19 @@ def _decoded_target(spec: TargetSpec, task: str, max_side: int | None) -> Any:
             _DECODED[key] = load_target(spec.data, format=spec.format, csv_file=spec.csv_file, columns=spec.columns,
                                         label_map=spec.label_map, classes=spec.classes, max_side=max_side)
     return _DECODED[key]
+
+
+def _check_unlabelled(cfg: StudyConfig) -> None:
+    """The study's unlabelled folders, checked once before any arm runs (listed, decoded only up to
+    a first image: ``eval.unlabelled.check_unlabelled``); an empty or unreadable folder otherwise
+    failed every semi arm on its own, after the other arms had trained. ``rest_of_train`` needs
+    no check, and neither do folders no arm reads (``semi: [none]``)."""
+    if set(cfg.semi) <= {"none"}:
+        return
+    try:
+        check_unlabelled(cfg.unlabelled)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"study unlabelled: {e} (no arm was run: fix the folder or remove it from unlabelled)") from None
 
 
 def _budget_refusal(labels: np.ndarray, train_idx: np.ndarray, budget: Mapping[str, Any]) -> str | None:
