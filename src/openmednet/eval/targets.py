@@ -33,7 +33,13 @@ from openmednet.data.decoded import GRAY_TOLERANCE, DecodedItems, majority_chann
 from openmednet.data.dedupe import phashes
 from openmednet.data.images import shrink, to_channels
 from openmednet.data.segmentation import MASKS_CSV
-from openmednet.data.sources import SourceItem, SourceSpec, drop_repeated_rows, iter_source, read_item
+from openmednet.data.sources import (
+    SourceItem,
+    SourceSpec,
+    drop_repeated_rows,
+    iter_source,
+    read_item,
+)
 
 __all__ = ["TargetSet", "load_target"]
 

@@ -93,6 +93,7 @@ def _list_items(root: Path) -> list[SourceItem]:
 
 
 def _nothing_decoded(root: Path, skipped: Counter) -> ValueError:
+    """The error of a source none of whose files decoded (``skipped``: its files per skip reason)."""
     return ValueError(f"no unlabelled images found in {root}: {skipped.total()} file(s) could not "
                       f"be decoded (by reason: {dict(skipped)}); give a folder of readable images")
 
@@ -108,17 +109,20 @@ def check_unlabelled(sources: Sequence[str | Path]) -> None:
         FileNotFoundError, ValueError: ``load_unlabelled``'s errors.
     """
     for source in sources:
-        if str(source) == REST_OF_TRAIN:
-            continue
-        root, skipped = Path(source), Counter()
-        for item in _list_items(root):
-            try:
-                if next(read_item(item, on_skip=lambda s: skipped.update([s.reason])), None) is not None:
-                    break
-            except PermissionError:
-                skipped.update(["permission_denied"])
-        else:
-            raise _nothing_decoded(root, skipped)
+        if str(source) != REST_OF_TRAIN:
+            _check_decodable(Path(source))
+
+
+def _check_decodable(root: Path) -> None:
+    """Return at the first image of ``root`` that decodes; raise ``load_unlabelled``'s errors when none does."""
+    skipped: Counter[str] = Counter()
+    for item in _list_items(root):
+        try:
+            if next(read_item(item, on_skip=lambda s: skipped.update([s.reason])), None) is not None:
+                return
+        except PermissionError:
+            skipped.update(["permission_denied"])
+    raise _nothing_decoded(root, skipped)
 
 
 def _read_source(root: Path, channels: int, max_side: int | None, skipped: Counter,
