@@ -8,6 +8,8 @@ Usage::
 
     python scripts/results_table.py runs/study_pneumoniamnist64/report.json             # inits as columns
     python scripts/results_table.py runs/study_strategies64/report.json --columns strategy
+    python scripts/results_table.py runs/semi_gray64/report.json runs/semi_gray64_samesteps/report.json \
+        --columns strategy --study-label semi_gray64_samesteps="lambda_u 0"
     python scripts/results_table.py runs/study_*/report.json --metric balanced_accuracy --no-ci
     python scripts/results_table.py runs/survey/*/report.json --columns study          # one column per study
     python scripts/results_table.py runs/probe_v2_gray_*/report.json --mean-row \
@@ -27,6 +29,10 @@ METRICS = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "ece")
 
 #: ``--label INIT=NAME`` column names, which win over ``init_role``'s defaults.
 LABELS: dict[str, str] = {}
+#: ``--study-label OUT=NAME``: with strategies as columns, the arms of the study whose ``out`` folder
+#: is named OUT get a column of their own, ``"<strategy> (NAME)"`` (e.g. a control run of the same
+#: strategy with one setting changed, in its own folder).
+STUDY_LABELS: dict[str, str] = {}
 
 
 def init_role(init: str) -> str:
@@ -91,6 +97,8 @@ def table(reports: list[dict], metric: str, columns: str, ci: bool, mean_row: bo
                 key, row = Path(report["config"]["out"]).name, (s["target"], init_role(s["init"]))
             else:
                 key = init_role(s["init"]) if columns == "init" else s[columns]
+                tag = STUDY_LABELS.get(Path(report["config"]["out"]).name)
+                key = f"{key} ({tag})" if tag and columns == "strategy" else key
                 budget = _budget_label(s["budget"], s["n_train"])
                 row = (s["target"], f"{budget}, {init_role(s['init'])}" if columns == "strategy" and several_inits else budget)
             if key not in headers:
@@ -129,7 +137,7 @@ def table(reports: list[dict], metric: str, columns: str, ci: bool, mean_row: bo
 def _label(text: str) -> tuple[str, str]:
     init, sep, name = text.partition("=")
     if not sep or not init or not name:
-        raise argparse.ArgumentTypeError(f"expected INIT=NAME, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected KEY=NAME, got {text!r}")
     return init, name
 
 
@@ -143,8 +151,11 @@ def main() -> None:
     parser.add_argument("--mean-row", action="store_true", help="add the mean over rows of each column")
     parser.add_argument("--label", action="append", default=[], type=_label, metavar="INIT=NAME",
                         help="column name of an init")
+    parser.add_argument("--study-label", action="append", default=[], type=_label, metavar="OUT=NAME",
+                        help="with --columns strategy: the study in folder OUT gets its own columns, '<strategy> (NAME)'")
     args = parser.parse_args()
     LABELS.update(args.label)
+    STUDY_LABELS.update(args.study_label)
     reports = [json.loads(p.read_text()) for p in args.reports]
     print(table(reports, args.metric, args.columns, args.ci, args.mean_row))
 

@@ -60,3 +60,16 @@ def test_two_results_for_one_cell_are_refused(results_table):
     report = _report(_summary("auto", "full", 0.8), _summary("auto", "full+fixmatch", 0.9))
     with pytest.raises(ValueError, match="two results for the cell"):
         results_table.table([report], "auroc_macro", "init", ci=False)
+
+
+def test_a_labelled_control_study_gets_its_own_column(results_table, monkeypatch):
+    # the same strategy in a control study (one setting changed, its own folder) would be refused as
+    # two results for one cell; --study-label gives it a column of its own
+    base = _report(_summary("auto", "full", 0.8), _summary("auto", "full+fixmatch", 0.9), out="runs/semi")
+    control = _report(_summary("auto", "full+fixmatch", 0.85), out="runs/semi_samesteps")
+    with pytest.raises(ValueError, match="two results for the cell"):
+        results_table.table([base, control], "auroc_macro", "strategy", ci=False)
+    monkeypatch.setitem(results_table.STUDY_LABELS, "semi_samesteps", "lambda_u 0")
+    lines = results_table.table([base, control], "auroc_macro", "strategy", ci=False).splitlines()
+    assert lines[0] == "| target (test images) | training images | full | full+fixmatch | full+fixmatch (lambda_u 0) |"
+    assert lines[2] == "| busi (258) | 10 per class (30) | 0.800 ± 0.010 | **0.900 ± 0.010** | 0.850 ± 0.010 |"
