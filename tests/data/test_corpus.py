@@ -53,7 +53,9 @@ def _cross_split_copies(root: Path, n_groups: int) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def gray_build(shared_data, tmp_path_factory):
+def gray_sources(shared_data, tmp_path_factory):
+    """Sources with exact copies across splits, a label conflict, RGB-saved gray files and colour
+    files to skip; returns ``(sources, copies, files)``."""
     tmp = tmp_path_factory.mktemp("gray")
     btm = shared_data / "gray/pretrain/brain_tumor_mri"
     copies = _cross_split_copies(btm, 3)
@@ -76,11 +78,17 @@ def gray_build(shared_data, tmp_path_factory):
         subset_source(yes_no, tmp, "yes_no", rgb_gray, modality="MR"),
         subset_source(ham, tmp, "ham10000", ham_paths, modality="dermoscopy"),
     ]
-    out = tmp / "corpus"
-    manifest = build_corpus(sources, out, channels=1, image_size=32, workers=1, shard_size=16)
     files = {
         s.name: [s.root / p for p in paths] for s, paths in zip(sources, [btm_paths, busi_paths, rgb_gray, ham_paths])
     }
+    return sources, copies, files
+
+
+@pytest.fixture(scope="module")
+def gray_build(gray_sources, tmp_path_factory):
+    sources, copies, files = gray_sources
+    out = tmp_path_factory.mktemp("gray_build") / "corpus"
+    manifest = build_corpus(sources, out, channels=1, image_size=32, workers=1, shard_size=16)
     return manifest, CorpusArrays(out), copies, files, out
 
 
@@ -146,6 +154,22 @@ def test_gray_build_groups_and_report(gray_build):
     assert "wrong_channels" in report and "busi/benign, busi/malignant" in report
     assert (out / "report" / "per_source.png").stat().st_size > 1000
     assert not (out / ".build").exists()
+
+
+def _file_bytes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): _md5(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_two_workers_write_the_same_corpus_bytes_as_one(gray_build, gray_sources, tmp_path):
+    """With 2 workers the report is counted and drawn in another process while the shards are
+    written (``_build._write_and_draw``); every file must still equal the 1-worker build's: shards,
+    manifest (counts, conflicts named), report text and plots."""
+    one = gray_build[4]
+    two = tmp_path / "corpus"
+    build_corpus(gray_sources[0], two, channels=1, image_size=32, workers=2, shard_size=16)
+    files = _file_bytes(two)
+    assert {"manifest.json", "report.md", "report/per_source.png", "report/sizes.png"} <= set(files)
+    assert files == _file_bytes(one)
 
 
 def test_exclusion_drops_the_isic_ids_shared_with_the_target(shared_data, tmp_path):

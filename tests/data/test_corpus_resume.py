@@ -27,7 +27,7 @@ import sys, time
 from pathlib import Path
 from openmednet.data.corpus import _decode, _write, build_corpus
 from openmednet.data.sources import SourceItem, SourceSpec, iter_source
-stage, root, out = sys.argv[1], sys.argv[2], sys.argv[3]
+stage, root, out, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 module, name = (_decode, "process_chunk") if stage == "decode" else (_write, "write_shard")
 slow = getattr(module, name)
 def paused(*args, **kwargs):
@@ -35,7 +35,7 @@ def paused(*args, **kwargs):
     time.sleep(0.25)
     return result
 setattr(module, name, paused)
-build_corpus([SourceSpec("covid", Path(root))], Path(out), channels=1, image_size=32, workers=1, shard_size=4, chunk_items=8)
+build_corpus([SourceSpec("covid", Path(root))], Path(out), channels=1, image_size=32, workers=workers, shard_size=4, chunk_items=8)
 """
 
 BUILD_ARGS = {"channels": 1, "image_size": 32, "workers": 1, "shard_size": 4, "chunk_items": 8}
@@ -74,12 +74,14 @@ def reference(shared_data, tmp_path_factory):
     return root, out
 
 
-@pytest.mark.parametrize("stage", ["decode", "write"])
-def test_resume_after_sigkill_equals_uninterrupted_build(reference, tmp_path, stage):
+# 2 workers, killed while writing: the report is then counted and drawn in another process
+@pytest.mark.parametrize(("stage", "workers"), [("decode", 1), ("write", 1), ("write", 2)])
+def test_resume_after_sigkill_equals_uninterrupted_build(reference, tmp_path, stage, workers):
     root, ref = reference
     out = tmp_path / "corpus"
     env = dict(os.environ, OPENMEDNET_TEST_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, stage, str(root), str(out)], stderr=subprocess.PIPE, env=env)
+    args = [sys.executable, "-c", _CHILD, stage, str(root), str(out), str(workers)]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, env=env)
     if stage == "decode":
         _wait_for(lambda: len(list((out / ".build" / "chunks").glob("chunk-*.npz"))) >= 2, proc)
     else:

@@ -33,10 +33,10 @@ def _counts(title: str, counts: Mapping[str, int], key: str) -> str:
     return f"### {title}\n\n" + _table((key, "images", "share"), rows)
 
 
-def _save_plot(fig: Any, path: Path) -> None:
+def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def _figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
@@ -50,16 +50,16 @@ def _figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
     return fig, fig.add_subplot()
 
 
-def _bar_plot(counts: Mapping[str, int], title: str, path: Path) -> None:
+def _bar_plot(counts: Mapping[str, int], title: str) -> bytes:
     items = sorted(counts.items(), key=lambda kv: -kv[1])
     fig, ax = _figure((7, 0.35 * max(len(items), 3) + 1))
     ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#4c72b0")
     ax.set_xlabel("images")
     ax.set_title(title)
-    _save_plot(fig, path)
+    return _png(fig)
 
 
-def _size_plot(bins: Sequence[int], hist: Mapping[str, Sequence[int]], path: Path) -> None:
+def _size_plot(bins: Sequence[int], hist: Mapping[str, Sequence[int]]) -> bytes:
     import numpy as np
 
     labels = [f">={b}" for b in bins]
@@ -72,7 +72,7 @@ def _size_plot(bins: Sequence[int], hist: Mapping[str, Sequence[int]], path: Pat
     ax.set_ylabel("images")
     ax.set_title("Original image sizes (kept images)")
     ax.legend(fontsize=7, ncol=2)
-    _save_plot(fig, path)
+    return _png(fig)
 
 
 def _duplicates(stats: Mapping[str, Any]) -> str:
@@ -199,24 +199,45 @@ def render_markdown(manifest: CorpusManifest, plots: Mapping[str, str]) -> str:
     return "\n".join(parts)
 
 
-def write_report(manifest: CorpusManifest, out_dir: str | Path) -> Path:
+Figures = dict[str, tuple[str, bytes]]
+"""The report's plots: caption -> (path relative to the corpus, PNG bytes)."""
+
+
+def draw_figures(stats: Mapping[str, Any]) -> Figures:
+    """The report's plots, drawn from a manifest's ``stats`` alone and returned, not written.
+
+    Drawing is the slow part of a report (about a second of matplotlib per build, whatever the
+    corpus size) and needs no file, so a build with spare workers draws the plots in another
+    process while it writes the shards (``openmednet.data.corpus._build``), and writes them after
+    the manifest like any other report.
+    """
+    figures: Figures = {}
+    if stats.get("per_source"):
+        png = _bar_plot(stats["per_source"], "Images per source")
+        figures["images per source"] = (f"{PLOT_DIR}/per_source.png", png)
+    if stats.get("per_label"):
+        figures["images per label"] = (f"{PLOT_DIR}/per_label.png", _bar_plot(stats["per_label"], "Images per label"))
+    if stats.get("size_hist"):
+        figures["original sizes"] = (f"{PLOT_DIR}/sizes.png", _size_plot(stats["size_bins"], stats["size_hist"]))
+    return figures
+
+
+def write_report(manifest: CorpusManifest, out_dir: str | Path, figures: Figures | None = None) -> Path:
     """Write ``out_dir/report.md`` and its plots under ``out_dir/report/``.
+
+    Args:
+        manifest: the corpus manifest (everything shown comes from it).
+        out_dir: the corpus directory.
+        figures: ``draw_figures(manifest.stats)``, if drawn already; ``None``: drawn here.
 
     Returns:
         The path of ``report.md``.
     """
     out = Path(out_dir)
-    st = manifest.stats
-    plots: dict[str, str] = {}
-    if st.get("per_source"):
-        _bar_plot(st["per_source"], "Images per source", out / PLOT_DIR / "per_source.png")
-        plots["images per source"] = f"{PLOT_DIR}/per_source.png"
-    if st.get("per_label"):
-        _bar_plot(st["per_label"], "Images per label", out / PLOT_DIR / "per_label.png")
-        plots["images per label"] = f"{PLOT_DIR}/per_label.png"
-    if st.get("size_hist"):
-        _size_plot(st["size_bins"], st["size_hist"], out / PLOT_DIR / "sizes.png")
-        plots["original sizes"] = f"{PLOT_DIR}/sizes.png"
+    if figures is None:
+        figures = draw_figures(manifest.stats)
+    for rel, png in figures.values():
+        atomic_write_bytes(out / rel, png)
     path = out / REPORT
-    atomic_write_text(path, render_markdown(manifest, plots))
+    atomic_write_text(path, render_markdown(manifest, {name: rel for name, (rel, _) in figures.items()}))
     return path

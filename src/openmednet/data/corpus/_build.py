@@ -36,11 +36,30 @@ from openmednet.data.corpus._plan import (
     spec_dict,
     write_plan,
 )
+from openmednet.data.corpus._pool import worker_pool
 from openmednet.data.corpus._stats import describe_conflicts
 from openmednet.data.corpus._targets import hash_targets
-from openmednet.data.corpus._write import ImageFn, finish_corpus, write_images
-from openmednet.data.curation import Decision, TableBuilder, decide, match_targets
-from openmednet.data.shards import FORMAT_VERSION, CorpusManifest, complete_shards
+from openmednet.data.corpus._write import (
+    ImageFn,
+    count_images,
+    finish_corpus,
+    write_images,
+    write_shards,
+)
+from openmednet.data.curation import (
+    Decision,
+    ImageTable,
+    TableBuilder,
+    decide,
+    match_targets,
+)
+from openmednet.data.report import Figures, draw_figures
+from openmednet.data.shards import (
+    FORMAT_VERSION,
+    CorpusManifest,
+    ShardInfo,
+    complete_shards,
+)
 from openmednet.data.sources import SourceSpec
 from openmednet.utils import atomic_write_text
 
@@ -151,9 +170,9 @@ def build_corpus(
         table, near_threshold=near_threshold, confirm_threshold=confirm_threshold, seed=seed, excluded=matched
     )
 
-    # 4. write the shards, then the manifest and the report
-    stats, shards = write_images(
-        out, _chunk_rows(chunk_paths), table, decision, channels=channels, image_size=image_size,
+    # 4. write the shards (and count and draw the report meanwhile), then the manifest and report
+    stats, shards, figures = _write_and_draw(
+        out, chunk_paths, table, decision, workers, channels=channels, image_size=image_size,
         shard_size=shard_size, done=_reusable_shards(out, decision), progress=progress,
     )  # fmt: skip
     stats["exclusion"] = {
@@ -181,14 +200,53 @@ def build_corpus(
         | ({"channels_requested": requested} if requested != channels else {}),
         stats=stats,
     )
-    finish_corpus(out, manifest, work, keep_work_files)
+    finish_corpus(out, manifest, work, keep_work_files, figures)
     return manifest
 
 
-def _chunk_rows(chunk_paths: list[Path]) -> Iterator[tuple[dict[str, Any], ImageFn | None]]:
-    """Every record of the stored chunks in plan order, with its image (``None`` for a skip)."""
+def _write_and_draw(
+    out: Path, chunk_paths: list[Path], table: ImageTable, decision: Decision, workers: int, **write: Any
+) -> tuple[dict[str, Any], list[ShardInfo], Figures | None]:
+    """Write the shards and count the report's statistics; with spare workers, draw its plots too.
+
+    The stage is serial, and it grows with the corpus (the shards, the counts) or is a fixed
+    second of matplotlib (the plots): it is what kept 2 workers under 1.7x one (issue 15). With
+    one worker, ``write_images`` writes and counts in one pass here and ``finish_corpus`` draws
+    later. With more, the decode pool is gone by now, so one process counts and draws
+    (``_count_and_draw``, from the chunks' records alone) while this one writes the shards. The
+    corpus is the same either way: one walk (``_walk``) counts in both cases, and the same code
+    draws the same statistics. The drawing process writes nothing (a killed build leaves what it
+    always left) and dies with the build (``worker_pool``).
+
+    Returns:
+        The statistics, the shards, and the drawn plots (``None``: not drawn yet).
+    """
+    if workers <= 1:
+        stats, shards = write_images(out, _chunk_rows(chunk_paths), table, decision, **write)
+        return stats, shards, None
+    with worker_pool(1) as pool:
+        counted = pool.submit(_count_and_draw, out, chunk_paths, table, decision)
+        shards = write_shards(out, _chunk_rows(chunk_paths), table, decision, **write)
+        stats, figures = counted.result()
+    return stats, shards, figures
+
+
+def _count_and_draw(
+    out: Path, chunk_paths: list[Path], table: ImageTable, decision: Decision
+) -> tuple[dict[str, Any], Figures]:
+    """The report's statistics (``count_images`` over the chunks' records) and its plots."""
+    stats = count_images(out, _chunk_rows(chunk_paths, with_images=False), table, decision)
+    return stats, draw_figures(stats)
+
+
+def _chunk_rows(chunk_paths: list[Path], with_images: bool = True) -> Iterator[tuple[dict[str, Any], ImageFn | None]]:
+    """Every record of the stored chunks in plan order, with its image (``None`` for a skip, and
+    for every record without ``with_images``)."""
     for path in chunk_paths:
-        ch = load_chunk(path)
+        ch = load_chunk(path, with_images)
+        if not with_images:
+            yield from ((r, None) for r in ch["records"])
+            continue
         j = 0
         for r in ch["records"]:
             if "skip" in r:

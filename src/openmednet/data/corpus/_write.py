@@ -2,9 +2,11 @@
 
 ``write_images`` walks every image in the order of the decision table, writes the kept ones into
 shards of ``shard_size`` (``openmednet.data.shards.write_shard``: a temporary directory, then a
-rename), skips shards a previous run completed, and counts what the report shows.
-``finish_corpus`` then writes the manifest (last: a corpus is complete iff it has one), the
-report, and removes the work files.
+rename), skips shards a previous run completed, and counts what the report shows. Its two
+halves also run alone over the same walk (``_walk``): ``write_shards`` (the pixels) and
+``count_images`` (the records only), so that a build with spare workers counts and draws the
+report in another process while it writes. ``finish_corpus`` then writes the manifest (last: a
+corpus is complete iff it has one), the report, and removes the work files.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +24,9 @@ from openmednet.data.corpus._plan import BUILD_DIR, ProgressFn
 from openmednet.data.corpus._stats import Stats, describe_conflicts, image_name
 from openmednet.data.curation import Decision, ImageTable, stable_u64
 from openmednet.data.shards import SPLITS, CorpusManifest, ShardInfo, write_shard
+
+if TYPE_CHECKING:
+    from openmednet.data.report import Figures
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +46,8 @@ def write_images(
     done: set[int],
     progress: ProgressFn | None,
 ) -> tuple[dict[str, Any], list[ShardInfo]]:
-    """Write the images ``decision`` keeps into the shards of ``out``.
+    """Write the images ``decision`` keeps into the shards of ``out`` and count them for the
+    report, in one pass over ``rows`` (``write_shards`` and ``count_images`` at once).
 
     Args:
         out: the corpus directory.
@@ -55,20 +61,69 @@ def write_images(
         progress: optional ``progress("write", done, total)`` callback.
 
     Returns:
-        The statistics (``Stats.to_dict()``, then the decision's counts, then ``label_conflicts``
-        with the images named) and the shard list.
+        The statistics (see ``count_images``) and the shard list.
 
     Raises:
         RuntimeError: a record that is not the table's image at its position (stale work files).
     """
+    counter = _Counter(decision)
     writer = _ShardWriter(out, shard_size, channels, image_size, done, progress, int(decision.keep.sum()))
-    stats = Stats()
-    in_conflict = {i for c in decision.stats.get("label_conflicts", []) for i in c["members"]}
-    names: dict[int, str] = {}
+    _walk(out, rows, table, decision, counter, writer)
+    return counter.result(), writer.shards
+
+
+def write_shards(
+    out: Path,
+    rows: Iterable[tuple[dict[str, Any], ImageFn | None]],
+    table: ImageTable,
+    decision: Decision,
+    *,
+    channels: int,
+    image_size: int,
+    shard_size: int,
+    done: set[int],
+    progress: ProgressFn | None,
+) -> list[ShardInfo]:
+    """The shards of ``write_images`` without its counts (arguments and errors as there)."""
+    writer = _ShardWriter(out, shard_size, channels, image_size, done, progress, int(decision.keep.sum()))
+    _walk(out, rows, table, decision, None, writer)
+    return writer.shards
+
+
+def count_images(
+    out: Path, rows: Iterable[tuple[dict[str, Any], ImageFn | None]], table: ImageTable, decision: Decision
+) -> dict[str, Any]:
+    """The counts of ``write_images`` without writing: ``rows`` need only the records (their
+    loaders are never called), so another process can count while the shards are written.
+
+    Returns:
+        ``Stats.to_dict()``, then the decision's counts, then ``label_conflicts`` with the images
+        named.
+
+    Raises:
+        RuntimeError: a record that is not the table's image at its position (stale work files).
+    """
+    counter = _Counter(decision)
+    _walk(out, rows, table, decision, counter, None)
+    return counter.result()
+
+
+def _walk(
+    out: Path,
+    rows: Iterable[tuple[dict[str, Any], ImageFn | None]],
+    table: ImageTable,
+    decision: Decision,
+    counter: _Counter | None,
+    writer: _ShardWriter | None,
+) -> None:
+    """The one loop over the decided images: each row, in table order, goes to the counter and
+    to the writer (either may be ``None``), so that counting alone, writing alone and both at once
+    see the same images in the same order."""
     i = 0
     for r, load_image in rows:
         if "skip" in r:
-            stats.skip(r)
+            if counter is not None:
+                counter.stats.skip(r)
             continue
         if table.key[i] != stable_u64(f"{r['source']}/{r['path']}#{r.get('frame')}"):
             raise RuntimeError(
@@ -76,25 +131,45 @@ def write_images(
             )
         if decision.keep[i]:
             rec = _final_record(r, table, decision, i)
-            stats.kept(rec)
-            writer.add(load_image, _meta_of(table, decision, i), rec)
-        else:
-            stats.dropped(r["source"], decision.reason[i])
-        if i in in_conflict:
-            names[i] = image_name(r)
+            if counter is not None:
+                counter.stats.kept(rec)
+            if writer is not None:
+                writer.add(load_image, _meta_of(table, decision, i), rec)
+        elif counter is not None:
+            counter.stats.dropped(r["source"], decision.reason[i])
+        if counter is not None and i in counter.in_conflict:
+            counter.names[i] = image_name(r)
         i += 1
-    writer.flush()
-    out_stats = stats.to_dict() | {k: v for k, v in decision.stats.items() if k != "label_conflicts"}
-    out_stats["label_conflicts"] = describe_conflicts(decision.stats.get("label_conflicts", []), names.__getitem__)
-    return out_stats, writer.shards
+    if writer is not None:
+        writer.flush()
 
 
-def finish_corpus(out: Path, manifest: CorpusManifest, work: Path, keep_work_files: bool) -> None:
-    """Manifest last (a corpus is complete iff it has one), then the report, then clean up."""
+class _Counter:
+    """The report's counts of one walk: ``Stats``, and the names of the label-conflicting images."""
+
+    def __init__(self, decision: Decision):
+        self.decision = decision
+        self.stats = Stats()
+        self.in_conflict = {i for c in decision.stats.get("label_conflicts", []) for i in c["members"]}
+        self.names: dict[int, str] = {}
+
+    def result(self) -> dict[str, Any]:
+        """``Stats.to_dict()``, then the decision's counts, then ``label_conflicts`` named."""
+        conflicts = self.decision.stats.get("label_conflicts", [])
+        out = self.stats.to_dict() | {k: v for k, v in self.decision.stats.items() if k != "label_conflicts"}
+        out["label_conflicts"] = describe_conflicts(conflicts, self.names.__getitem__)
+        return out
+
+
+def finish_corpus(
+    out: Path, manifest: CorpusManifest, work: Path, keep_work_files: bool, figures: Figures | None = None
+) -> None:
+    """Manifest last (a corpus is complete iff it has one), then the report (with ``figures``,
+    its plots, when drawn already: ``openmednet.data.report.draw_figures``), then clean up."""
     from openmednet.data.report import write_report
 
     manifest.save(out)
-    write_report(manifest, out)
+    write_report(manifest, out, figures)
     if not keep_work_files:
         shutil.rmtree(work, ignore_errors=True)
     logger.info("corpus %s: %d images in %d shards", out, manifest.num_images, len(manifest.shards))
