@@ -187,3 +187,40 @@ def test_phashes_exact_on_extreme_aspect_ratios(shape):
     bound are hardest (rows of 300 pixels, 9x down-sampling on one axis, up-sampling on the other)."""
     img = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
     _check([img])
+
+
+# Hashes of real files as the shipped corpora's fingerprints hold them (computed with the code of
+# commit 0684c59, before the banded products): every path, and any later change (of this module,
+# Pillow or imagehash), must reproduce them bit for bit.
+PINNED = [
+    ("gray/pretrain/knee_oa/ClaheDataset224/test/0/9003175L.jpg", "c0d9bc3172b3cba2",
+     "c500db75be9e3197726cb372dbd0e3d073d88728cf72618a86581e612993d78a"),
+    ("gray/pretrain/head_ct_hemorrhage/head_ct/106.jpg", "d3d1541e0aab4fc5",
+     "d3cad14250411aff0affabd50fd4c5547f02156a7f40dbaa680f94a5342f1ea5"),
+    ("gray/targets/busi/Dataset_BUSI_with_GT/benign/benign (1).jpg", "d4e80bc73485eea3",
+     "d44be8000bb1c7f7349f8517e6faa368c4e1d887ad928d58266c226ef96d7e81"),
+    ("gray/targets/brain_mri_yes_no/no/10 no.jpg", "c3433eb87a87701b",
+     "c13343303eeab0d37a14877c70ca1bce8f3fd0e3790c1f3848fb79843d3460f3"),
+    ("color/pretrain/pbc_blood_cells/PBC_dataset_normal_DIB/basophil/BA_102750.jpg", "e7c9c8b126369e83",
+     "e78ccd59c832b98126ca36919e748b4799c3e9382628fe678c9591660c9dff39"),
+    ("color/pretrain/chula_rbc12/Dataset/377.jpg", "85eda42299d8ade6",
+     "8142edcca46b22059937d8cfad9ce6bd25a71076ac7e356a4e214db0a79239f6"),
+    ("gray/pretrain/brain_tumor_mri/AugTraining/glioma/Tr-glTr_0002.jpg", "873c7b2924e63a93",
+     "87e93c987b47696a249ee6993a69938667381a49ccdeccb11865b1da61943cdb"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("probe_after", "min_banded"), [(1, 0), (1, 10**12), (10**9, 0)], ids=["banded", "dense", "pillow"]
+)
+def test_phashes_reproduce_pinned_values_of_real_images(shared_data, monkeypatch, probe_after, min_banded):
+    """Each path: the products in bands (``_bands``, a large batch), one dense product, Pillow."""
+    monkeypatch.setattr(phash, "_PROBE_AFTER", probe_after)
+    monkeypatch.setattr(phash, "_MIN_BANDED", min_banded)
+    images = []
+    for rel, _, _ in PINNED:
+        with Image.open(shared_data / rel) as im:
+            images.append(np.asarray(im))  # as stored: L (128 px, 128x89, 256 px) or RGB
+    coarse, fine = phash.phashes(images)
+    got = [(rel, f"{int(c):016x}", "".join(f"{int(v):016x}" for v in f)) for (rel, _, _), c, f in zip(PINNED, coarse, fine)]
+    assert got == PINNED

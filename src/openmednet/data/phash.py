@@ -19,11 +19,13 @@ This module computes the same bits faster, and is the one implementation every c
   separable: per axis, fixed-point coefficients with 22 fractional bits (``precompute_coeffs``,
   ``normalize_coeffs_8bpc``), output ``clip8((2**21 + sum(p * k)) >> 22)``, the first pass
   rounded to uint8 before the second. The coefficient matrices are rebuilt here with Pillow's
-  double-precision formulas and applied to a batch of same-shape images as one float32 BLAS
-  product per pass. float32 is not exact for these sums, so every output whose float32 value
-  lies within a rigorous error bound of a rounding boundary (about 0.2% of them) is recomputed
-  exactly in float64 from integers (all partial sums < 2**53). The result is Pillow's, bit
-  for bit.
+  double-precision formulas and applied to a batch of same-shape images as float32 BLAS
+  products: one per pass, or for a large batch one per band of 16 output columns over only the
+  input pixels that band reads (``_bands``: a Lanczos column is zero outside ``2 * 3 * scale``
+  pixels, so a dense product spends most of its multiplications on zeros). float32 is not exact
+  for these sums, so every output whose float32 value lies within a rigorous error bound of a
+  rounding boundary (about 0.2% of them) is recomputed exactly in float64 from integers (all
+  partial sums < 2**53). The result is Pillow's, bit for bit.
 - **Pass order and coefficients are checked against the installed Pillow, not assumed.**
   Pillow 13 runs the vertical pass first when the height shrinks much more than the width
   (python-pillow/Pillow#9549; it changed hashes of tall images, e.g. bigcat88/pillow_heif#489),
@@ -140,6 +142,53 @@ def _coeffs(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, float,
     return np.ascontiguousarray(k.T, dtype=np.float64), (k / (1 << _BITS)).astype(np.float32), l1, taps
 
 
+#: Output columns of one banded product (``_bands``): narrower products run far below the BLAS
+#: peak, wider ones read more input pixels that are zero for most of their columns.
+_BAND_COLUMNS = 16
+#: Smallest pass (rows x input pixels, about 8 images of 128 px) computed in bands: below it one
+#: dense product is faster, the products being too small for their zeros to matter.
+_MIN_BANDED = 1024 * 128
+
+
+@lru_cache(maxsize=512)
+def _bands(in_size: int, out_sizes: tuple[int, ...]) -> tuple[tuple[int, int, int, int, np.ndarray], ...]:
+    """The coefficients of ``_kernels`` cut into bands of ``_BAND_COLUMNS`` output columns, each
+    with only the input pixels its columns read: ``(c0, c1, lo, hi, k)`` with ``k`` the float32
+    coefficients of columns ``c0:c1`` and input pixels ``lo:hi``.
+
+    A Lanczos output column has non-zero coefficients on only ``2 * 3 * scale`` input pixels (about
+    25 of 128 for 128 -> 32 px), so one dense product spends most of its multiplications on exact
+    zeros; the bands skip most of them (they multiply 0.40 of the dense product's terms for the
+    first pass of a 128 px image, 0.58 and 0.31 for the second passes to 32 and 64 px). The
+    skipped terms are zeros, so every sum keeps its non-zero terms and ``_pass``'s error bound
+    holds unchanged.
+    """
+    k64t, k32 = _kernels(in_size, out_sizes)[:2]
+    nz = k64t != 0
+    first = np.argmax(nz, axis=1)
+    last = in_size - 1 - np.argmax(nz[:, ::-1], axis=1)
+    bands, c0 = [], 0
+    for size in out_sizes:  # a band never mixes two output sizes: their supports differ
+        for c in range(c0, c0 + size, _BAND_COLUMNS):
+            c1 = min(c + _BAND_COLUMNS, c0 + size)
+            lo, hi = int(first[c:c1].min()), int(last[c:c1].max()) + 1
+            bands.append((c, c1, lo, hi, np.ascontiguousarray(k32[lo:hi, c:c1])))
+        c0 += size
+    return tuple(bands)
+
+
+def _product(x: np.ndarray, in_size: int, out_sizes: tuple[int, ...]) -> np.ndarray:
+    """``x @ k32`` of ``_kernels``: one dense product for a small ``x``, else one product per band
+    (``_bands``), each written straight into its columns of the result."""
+    k32 = _kernels(in_size, out_sizes)[1]
+    if x.size < _MIN_BANDED:
+        return x @ k32
+    t = np.empty((len(x), k32.shape[1]), np.float32)
+    for c0, c1, lo, hi, k in _bands(in_size, out_sizes):
+        np.matmul(x[:, lo:hi], k, out=t[:, c0:c1])
+    return t
+
+
 @lru_cache(maxsize=512)
 def _kernels(in_size: int, out_sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, float, int, np.ndarray, int]:
     """``_coeffs`` of several output sizes side by side (one product serves both hash sizes),
@@ -167,14 +216,14 @@ def _pass(x: np.ndarray, in_size: int, out_sizes: tuple[int, ...]) -> np.ndarray
         ``(rows, sum(out_sizes))`` float32 holding Pillow's uint8 results, one block of columns
         per output size.
     """
-    k64t, k32, l1, taps, band, width = _kernels(in_size, out_sizes)
+    k64t, _, l1, taps, band, width = _kernels(in_size, out_sizes)
     # Error of a float32 dot product in any summation order (blocked BLAS, FMA or not):
     # |fl(sum) - sum| <= gamma_m * sum|p k|, gamma_m = m u / (1 - m u), u = 2**-24, where m counts
     # the non-zero products (adding an exact zero rounds nothing) and sum|p k| <= 255 * l1; the
     # additions below round once more at a magnitude <= 255 * l1 + 1. Factor 2 of margin.
     u = 2.0**-24
     bound = np.float32(2 * (taps + 1) * u / (1 - (taps + 1) * u) * (255.0 * l1 + 1.0))
-    t = x @ k32
+    t = _product(x, in_size, out_sizes)
     # Pillow: floor(v + 0.5). Shifting by the bound too, floor(v + 0.5 + bound) is Pillow's value
     # wherever the fraction of v + 0.5 + bound is at least 2 * bound; the others (the float32 sum
     # may sit on the wrong side of a boundary) are recomputed exactly.
