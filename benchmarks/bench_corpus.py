@@ -159,12 +159,14 @@ def bench_rate(families: list[str], n: int, size: int, workers: int) -> None:
                 ])  # fmt: skip
             if workers > 1:
                 # Amdahl: with the 1-worker run's decode share p, w free cores give at most 1 / (1 - p + p / w)
+                # while the rest is serial; the report now overlaps the shard writing, so this is a reference
                 p = rates[1][2]
                 scaling.append(
                     f"{family}: build rate {workers} workers / 1 worker = {rates[workers][0] / rates[1][0]:.2f}x, "
                     f"decode stage {rates[workers][1] / rates[1][1]:.2f}x (target >= 1.7x on an idle machine); "
                     f"decode stage = {p:.0%} of the 1-worker build, so at most {1 / (1 - p + p / workers):.2f}x "
-                    f"with {workers} free cores; 1 worker: {split}"
+                    f"with {workers} free cores if the rest stayed serial (with 2+ workers the report is drawn "
+                    f"while the shards are written); 1 worker: {split}"
                 )
     print(
         markdown_table(
