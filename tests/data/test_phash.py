@@ -224,3 +224,52 @@ def test_phashes_reproduce_pinned_values_of_real_images(shared_data, monkeypatch
     coarse, fine = phash.phashes(images)
     got = [(rel, f"{int(c):016x}", "".join(f"{int(v):016x}" for v in f)) for (rel, _, _), c, f in zip(PINNED, coarse, fine)]
     assert got == PINNED
+
+
+def _distinct_shapes(folder: Path, keep, count: int) -> list[np.ndarray]:
+    """The first ``count`` images of ``folder`` (L) whose shape passes ``keep``, of distinct shapes."""
+    out, shapes = [], set()
+    for p in sorted(folder.rglob("*.jpg")):
+        with Image.open(p) as im:
+            a = np.asarray(im.convert("L"))
+        if keep(a.shape) and a.shape not in shapes:
+            shapes.add(a.shape)
+            out.append(a)
+            if len(out) == count:
+                break
+    assert len(out) == count, folder
+    return out
+
+
+def test_shapes_of_one_width_share_the_first_pass(shared_data):
+    """``_resize_stacks``: chest X-rays 128 px wide of 6 heights (``"hv"``: one width pass for
+    all) and head CTs 128 px high and 88-95 px wide (to 64 px resized vertical pass first by
+    Pillow 13: one height pass for all), each block with two images of a shape, give Pillow's
+    thumbnails pixel for pixel, and ``phashes`` of them all ``imagehash``'s bits."""
+    chest = _distinct_shapes(shared_data / "gray/pretrain/chest_xray_pneumonia", lambda s: s[1] == 128, 6)
+    head = _distinct_shapes(shared_data / "gray/pretrain/head_ct_hemorrhage", lambda s: s[0] == 128 and s[1] < 96, 5)
+    used = set()
+    for images in (chest, head):
+        for side in phash._SIDES:
+            shared: dict[tuple[str, int], list[np.ndarray]] = {}  # by order and first pass's length
+            for a in images:
+                order = phash._order(*a.shape, side)
+                shared.setdefault((order, a.shape[1] if order == "hv" else a.shape[0]), []).append(a)
+            for (order, _), group in shared.items():
+                blocks = [[a, a[:, ::-1].copy()] for a in group]  # two images of each shape
+                with phash._one_blas_thread():
+                    results = phash._resize_stacks(blocks, (side,), order)
+                for block, (thumbs,) in zip(blocks, results):
+                    for a, t in zip(block, thumbs):
+                        np.testing.assert_array_equal(t, phash._pillow(a, side), err_msg=f"{a.shape} -> {side}, {order}")
+                used.add((order, len(group) > 1))
+    assert ("hv", True) in used
+    if int(PIL.__version__.split(".")[0]) >= 13:  # python-pillow/Pillow#9549
+        assert ("vh", True) in used
+    _check(chest + head + [a[::-1].copy() for a in chest])
+
+
+def test_blocks_are_packed_in_order_up_to_the_batch_pixels(monkeypatch):
+    monkeypatch.setattr(phash, "_BATCH_PIXELS", 100)
+    blocks = [([0], 60), ([1, 2], 40), ([3], 30), ([4], 250), ([5], 10)]
+    assert phash._packed(blocks) == [[[0], [1, 2]], [[3]], [[4]], [[5]]]

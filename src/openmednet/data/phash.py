@@ -33,6 +33,13 @@ This module computes the same bits faster, and is the one implementation every c
   image is resized by Pillow and by both orders here; the order that reproduces Pillow is used
   (cached), and when neither does (a future Pillow change) that shape falls back to Pillow's own
   resize, so the hash stays ``imagehash``'s whatever the Pillow version.
+- **Small blocks, shared first passes.** Same-shape images are resized in blocks of at most
+  ``_BATCH_PIXELS`` (16 images of 128 px), so every array stays near 1 MB: with the builder's
+  whole chunk of 64 at once, the freed 2-4 MB arrays went back to the kernel after every chunk
+  and were faulted in again (a third of the hashing CPU time). Blocks whose shapes differ only
+  along the second pass's axis (most rare shapes of a pool: 128 px wide, of many heights) go
+  through one first pass together (``_resize_stacks``; that pass's coefficients depend only on
+  its own axis), so a rare shape no longer pays a whole set of products and their fixed costs.
 - **Batched DCT and median**: ``scipy.fftpack.dct`` and ``numpy.median`` over a stack of
   thumbnails give per-image results identical to the per-image calls (pocketfft applies the
   same 1-D transform to every line; the median of an even count is the mean of the two middle
@@ -78,9 +85,14 @@ SIZES = (8, 16)
 _SIDES = tuple(s * _HIGHFREQ for s in SIZES)
 #: Largest image (pixels) resized by matrix products; bigger ones use Pillow's resize.
 MAX_MATMUL_PIXELS = 1024 * 1024
-#: Pixels of one chunk of same-shape images, converted to ``L`` and stacked as float32 together
-#: (bounds memory when callers pass many images).
-_BATCH_PIXELS = 1 << 22
+#: Pixels of one block of same-shape images, converted to ``L`` and resized together: 16 images of
+#: 128 px, so that every array of the two passes stays near 1 MB. Larger blocks cost more than they
+#: save: with 64 images of 128 px (4 MB float32 stacks, the builder's whole chunk) glibc returned
+#: the freed arrays to the kernel after every chunk, and each new one was faulted in afresh (about
+#: 32 page faults per image, a third of the hashing CPU time; measured on 3,000 images of each
+#: pretraining family of ../shared/data, fresh process, one thread). Also bounds memory when
+#: callers pass many images.
+_BATCH_PIXELS = 1 << 18
 #: Thumbnails transformed at once by ``_bits`` (bounds its float64 DCT arrays to a few MB).
 _DCT_CHUNK = 256
 #: A shape gets the fast path once this many images of it were hashed in this process; before,
@@ -244,12 +256,37 @@ def _resize_stack(stack: np.ndarray, sides: tuple[int, ...], order: str) -> list
     """Exact Pillow Lanczos thumbnails of ``(n, H, W)`` images, one ``(n, side, side)`` float32
     stack per side, passes in ``order`` (``"hv"``: along the width first, Pillow's usual
     order; ``"vh"``: along the height first). Both sides share each product."""
-    n, h, w = stack.shape
+    return _resize_stacks([list(stack)], sides, order)[0]
+
+
+def _resize_stacks(blocks: Sequence[Sequence[np.ndarray]], sides: tuple[int, ...], order: str) -> list[list[np.ndarray]]:
+    """``_resize_stack`` of several blocks of same-shape ``L`` images, the shapes differing only
+    along the second pass's axis (for ``"hv"`` all of one width, for ``"vh"`` of one height):
+    the rows of all of them go through one first pass together.
+
+    The first pass's coefficients depend only on the length of its axis, and each row is
+    resampled on its own, so the shared product gives every row the pixels it would get alone.
+    A pool's rare shapes (gray pools: about 20% of the images, 1-6 of a shape per chunk of 64,
+    all 128 px wide) thus share one product and its fixed per-call costs instead of paying them
+    once per shape; only the second pass, whose coefficients depend on the other axis, runs per
+    shape. The rows are gathered straight into one float32 array (no per-block stack copies).
+    """
     if order == "vh":
-        stack = stack.transpose(0, 2, 1)
-        h, w = w, h
-    mid = _pass(np.ascontiguousarray(stack, dtype=np.float32).reshape(n * h, w), w, sides)
-    mid = mid.reshape(n, h, -1)
+        blocks = [[image.T for image in block] for block in blocks]
+    length = blocks[0][0].shape[1]
+    mid = _pass(np.concatenate([image for block in blocks for image in block], dtype=np.float32), length, sides)
+    out, start = [], 0
+    for block in blocks:
+        n, h = len(block), block[0].shape[0]
+        out.append(_second_passes(mid[start : start + n * h].reshape(n, h, -1), sides, order))
+        start += n * h
+    return out
+
+
+def _second_passes(mid: np.ndarray, sides: tuple[int, ...], order: str) -> list[np.ndarray]:
+    """The second pass of ``_resize_stack`` from the first pass's ``(n, h, sum(sides))`` result:
+    one ``(n, side, side)`` float32 stack per side, indexed ``(y, x)``."""
+    n, h, _ = mid.shape
     outs, col = [], 0
     for side in sides:
         part = np.ascontiguousarray(mid[:, :, col : col + side].transpose(0, 2, 1)).reshape(n * side, h)
@@ -341,6 +378,20 @@ def _bits(thumbs: np.ndarray, hash_size: int) -> np.ndarray:
     return out
 
 
+def _packed(blocks: list[tuple[list[int], int]]) -> list[list[list[int]]]:
+    """Blocks of image indices ``(indices, pixels)``, in order, gathered into batches of at most
+    ``_BATCH_PIXELS`` pixels (a larger block alone), each resized by one ``_resize_stacks``."""
+    batches: list[list[list[int]]] = []
+    total = 0
+    for part, pixels in blocks:
+        if not batches or total + pixels > _BATCH_PIXELS:
+            batches.append([])
+            total = 0
+        batches[-1].append(part)
+        total += pixels
+    return batches
+
+
 def phashes(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """64- and 256-bit perceptual hashes of many images (``imagehash.phash``, bit for bit).
 
@@ -357,11 +408,15 @@ def phashes(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     if n == 0:
         return np.zeros(0, np.uint64), np.zeros((0, 4), np.uint64)
     thumbs = {side: np.zeros((n, side, side), np.uint8) for side in _SIDES}
-    # Grouped by the shape of the L image (that of the array's first two axes); each chunk is
-    # converted to L when it is hashed, so at most one chunk's L copies exist at a time.
+    # Grouped by the shape of the L image (that of the array's first two axes), in blocks of at
+    # most _BATCH_PIXELS; each block is converted to L when it is resized, so at most one batch's
+    # L copies exist at a time.
     groups: dict[tuple[int, int], list[int]] = {}
     for i, a in enumerate(images):
         groups.setdefault(np.shape(a)[:2], []).append(i)
+    # Fast-path blocks by what their first pass can share (_resize_stacks): pass order, length of
+    # the first pass's axis, sides; each block with its pixel count.
+    shared: dict[tuple[str, int, tuple[int, ...]], list[tuple[list[int], int]]] = {}
     with _one_blas_thread():
         for (h, w), members in groups.items():
             _seen_shapes[(h, w)] += len(members)
@@ -369,21 +424,24 @@ def phashes(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
                 orders = dict.fromkeys(_SIDES, "pillow")
             else:
                 orders = {side: _order(h, w, side) for side in _SIDES}
-            fast = sorted({o for o in orders.values() if o != "pillow"})
+            pillow_sides = [side for side, order in orders.items() if order == "pillow"]
             step = max(1, _BATCH_PIXELS // (h * w))  # bounds the L and float32 copies
             for start in range(0, len(members), step):
                 part = members[start : start + step]
-                grays = [_to_gray(np.asarray(images[i])) for i in part]
-                for side, order in orders.items():
-                    if order == "pillow":
+                if pillow_sides:
+                    grays = [_to_gray(np.asarray(images[i])) for i in part]
+                    for side in pillow_sides:
                         for i, g in zip(part, grays):
                             thumbs[side][i] = _pillow(g, side)
-                if not fast:
-                    continue
-                stack = np.stack(grays)
-                for order in fast:
-                    sides = tuple(s for s, o in orders.items() if o == order)
-                    for side, res in zip(sides, _resize_stack(stack, sides, order)):
+                for order in sorted(set(orders.values()) - {"pillow"}):
+                    sides = tuple(side for side, o in orders.items() if o == order)
+                    key = (order, w if order == "hv" else h, sides)
+                    shared.setdefault(key, []).append((part, len(part) * h * w))
+        for (order, _, sides), blocks in shared.items():
+            for batch in _packed(blocks):
+                grays = [[_to_gray(np.asarray(images[i])) for i in part] for part in batch]
+                for part, results in zip(batch, _resize_stacks(grays, sides, order)):
+                    for side, res in zip(sides, results):
                         thumbs[side][part] = res
     h64 = np.frombuffer(_bits(thumbs[8 * _HIGHFREQ], 8).tobytes(), dtype=">u8").astype(np.uint64)
     h256 = np.frombuffer(_bits(thumbs[16 * _HIGHFREQ], 16).tobytes(), dtype=">u8").astype(np.uint64).reshape(n, 4)
