@@ -93,3 +93,12 @@ def test_runs_made_before_freematch_fields_existed_are_the_same_runs(tmp_path: P
     free = {**now, "semi": "freematch"}
     assert semi_neutral(free)["sat_momentum"] == 0.9  # FreeMatch's own runs compare on them
     assert result_config({**free, "lambda_f": 0.0}, precision) != result_config(free, precision)
+
+
+@pytest.mark.parametrize(("field", "value"), [("lambda_f", math.nan), ("lambda_f", math.inf), ("lambda_u", math.nan),
+                                              ("lambda_u", math.inf), ("lambda_f", -1.0), ("sat_momentum", 1.0)])
+def test_loss_weights_must_be_finite(tmp_path: Path, field: str, value: float) -> None:
+    # Regression (hostile-user probe): --set lambda_f=nan (or inf, or lambda_u=nan) passed the ">= 0"
+    # check and the run stopped at its first step with a NonFiniteLossError traceback.
+    with pytest.raises(ValueError, match=rf"need .*{field}"):
+        FinetuneConfig(data=tmp_path, out=tmp_path, semi="freematch", unlabelled=("rest_of_train",), **{field: value})

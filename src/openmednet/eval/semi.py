@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -113,10 +114,13 @@ def check_semi_config(cfg: Any) -> None:
                          f"{cfg.semi_threshold}, {cfg.pseudo_fraction}, {cfg.student_dropout}")
     if cfg.max_unlabelled is not None and cfg.max_unlabelled < 1:
         raise ValueError(f"max_unlabelled must be >= 1 (or None for all), got {cfg.max_unlabelled}")
-    if not 0 <= cfg.sat_momentum < 1 or cfg.lambda_f < 0:
-        raise ValueError(f"need 0 <= sat_momentum < 1 and lambda_f >= 0, got {cfg.sat_momentum}, {cfg.lambda_f}")
-    if cfg.lambda_u < 0 or not 0 <= cfg.strong_magnitude <= 30:
-        raise ValueError(f"need lambda_u >= 0 and 0 <= strong_magnitude <= 30, got {cfg.lambda_u}, {cfg.strong_magnitude}")
+    # Chained comparisons reject NaN and infinity too: a loss weight of nan or inf passed "< 0" and
+    # stopped the run at its first step with a NonFiniteLossError traceback.
+    if not 0 <= cfg.sat_momentum < 1 or not 0 <= cfg.lambda_f < math.inf:
+        raise ValueError(f"need 0 <= sat_momentum < 1 and a finite lambda_f >= 0, got {cfg.sat_momentum}, {cfg.lambda_f}")
+    if not 0 <= cfg.lambda_u < math.inf or not 0 <= cfg.strong_magnitude <= 30:
+        raise ValueError(f"need a finite lambda_u >= 0 and 0 <= strong_magnitude <= 30, got {cfg.lambda_u}, "
+                         f"{cfg.strong_magnitude}")
 
 
 def semi_neutral(config: Mapping[str, Any]) -> dict[str, Any]:
