@@ -64,3 +64,27 @@ def test_the_cli_gets_a_value_error_not_a_traceback(tmp_path: Path, args: list[s
     args = [a.format(bad=tmp_path / "bad.yaml", empty=tmp_path / "empty.yaml") for a in args]
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, ValueError), result.exception  # app.main prints it as one line, exit 2
+
+
+@pytest.mark.parametrize("override, says", [("semi=freematch", "config key 'semi': expected a list, got 'freematch': write \\[freematch\\]"),
+                                            ("seeds=0", "config key 'seeds': expected a list, got 0: write \\[0\\]"),
+                                            ("inits=auto", "config key 'inits': expected a list, got 'auto'")])
+def test_a_scalar_for_a_list_is_refused_not_iterated(tmp_path: Path, override: str, says: str) -> None:
+    # Regression (hostile-user probe): "semi: freematch" was iterated letter by letter ("semi repeats
+    # ['e']"), "seeds: 0" was a TypeError traceback, and "unlabelled: DIR" read the folders D, I, R
+    # (a leading "/" listed the whole disk).
+    study = _write(tmp_path, _STUDY.format(out=tmp_path / "o", data=tmp_path))
+    with pytest.raises(ValueError, match=says):
+        load_config(StudyConfig, study, [override])
+    with pytest.raises(ValueError, match="config key 'unlabelled': expected a list, got 'u': write \\[u\\]"):
+        load_config(FinetuneConfig, None, ["data=d", "out=o", "semi=fixmatch", "unlabelled=u"])
+    with pytest.raises(ValueError, match="config key 'targets.classes': expected a list"):  # an optional tuple too
+        StudyConfig(out=tmp_path, targets=({"name": "a", "data": str(tmp_path), "classes": "no"},)).target_specs()
+    assert load_config(FinetuneConfig, None, ["data=d", "out=o", "semi=fixmatch", "unlabelled=[u]"]).unlabelled == ("u",)
+    # The Python API, which skips from_dict, refuses them too.
+    with pytest.raises(ValueError, match="unlabelled must be a sequence of sources, got 'u'"):
+        FinetuneConfig(data=Path("d"), out=Path("o"), semi="fixmatch", unlabelled="u")
+    from openmednet.eval.study import _check_grid
+
+    with pytest.raises(ValueError, match="semi must be a list, got 'freematch'"):
+        _check_grid(StudyConfig(out=tmp_path, targets=(), semi="freematch", unlabelled=("rest_of_train",)))

@@ -64,9 +64,20 @@ def _as_int(value: Any) -> int:
     return value
 
 
+def _is_tuple_hint(hint: Any) -> bool:
+    """Whether ``hint`` is ``tuple[...]`` or an optional one (``tuple[str, ...] | None``)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_tuple_hint(h) for h in typing.get_args(hint))
+    return hint is tuple or typing.get_origin(hint) is tuple
+
+
 def _coerce(value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if _is_tuple_hint(hint) and value is not None and not isinstance(value, (list, tuple)):
+        # A string was iterated: "semi: freematch" became the methods f, r, e, e... ("semi repeats
+        # ['e']") and "--set unlabelled=DIR" the folders D, I, R ("/" read the whole disk).
+        raise ValueError(f"expected a list, got {value!r}: write [{value}]")
     if hint is int or (origin in (typing.Union, types.UnionType) and set(args) == {int, type(None)} and value is not None):
         return _as_int(value)
     if origin is tuple and isinstance(value, list):
