@@ -224,6 +224,33 @@ def test_study_checks_its_unlabelled_folders_once_before_any_arm(tiny: tuple[Pat
     assert len(decoded) == 1 and decoded[0].path.parent == extra
 
 
+def test_a_study_refuses_semi_settings_its_arms_would_refuse_before_any_arm(tiny: tuple[Path, Path], tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    # Regression (hostile-user probe): unlabelled [rest_of_train, DIR] with semi [none, fixmatch]
+    # trained the 'none' arm, then stopped when the first fixmatch arm was planned; a segmentation
+    # study's semi arms failed one by one after training the others.
+    from openmednet.eval import study
+
+    data, extra = tiny
+    monkeypatch.setattr(study, "run_finetune", lambda run, target=None: pytest.fail(f"arm {run.out} ran"))
+    grid = dict(out=tmp_path / "out", targets=({"name": "brain", "data": str(data), "given_splits": False},),
+                inits=("scratch:mednet_test",), semi=("none", "fixmatch"), per_class=(3,))
+    with pytest.raises(ValueError, match="'rest_of_train' cannot be combined with folders"):
+        study.run_study(study.StudyConfig(**grid, unlabelled=("rest_of_train", str(extra))))
+    with pytest.raises(ValueError, match="segmentation has no semi-supervised mode yet.*semi: \\[none\\]"):
+        study.run_study(study.StudyConfig(**grid, unlabelled=(str(extra),), task="segmentation"))
+    with pytest.raises(ValueError, match="finite lambda_f"):
+        study.run_study(study.StudyConfig(**{**grid, "semi": ("none", "freematch")}, unlabelled=(str(extra),),
+                                          finetune={"lambda_f": float("nan")}))
+    assert not (tmp_path / "out").exists()
+    # A semi arm skipped by design (rest_of_train at the full label budget) is said, not silent.
+    cfg = study.StudyConfig(**{**grid, "semi": ("fixmatch",), "per_class": ()}, unlabelled=("rest_of_train",))
+    with caplog.at_level("WARNING"):
+        assert list(study._plan(cfg, [], [])) == []
+    assert "skipped: scratch:mednet_test full+fixmatch frac1 on brain: rest_of_train is empty" in caplog.text
+
+
 def test_max_unlabelled_draws_a_seeded_subset_after_the_leakage_drop(tiny: tuple[Path, Path]) -> None:
     data, extra = tiny
     cfg = _cfg(data, Path("unused"), semi="fixmatch", unlabelled=(str(extra),), max_unlabelled=4)

@@ -12,7 +12,7 @@ from typing import Any
 from openmednet._errors import look_up_option
 from openmednet.config import from_dict
 from openmednet.eval.finetune import FinetuneConfig
-from openmednet.eval.semi import study_strategies
+from openmednet.eval.semi import split_study_strategy, study_strategies
 from openmednet.eval.strategies import STRATEGIES
 
 __all__ = ["FinetuneOverlay", "StudyConfig", "TargetSpec"]
@@ -169,8 +169,15 @@ def _check_grid(cfg: StudyConfig) -> None:
     for strategy in cfg.strategies:
         look_up_option(strategy, STRATEGIES, "strategy")
     study_strategies(cfg.strategies, cfg.semi)  # unknown semi methods fail here
-    if set(cfg.semi) - {"none"} and not cfg.unlabelled:
+    semi = [m for m in cfg.semi if m != "none"]
+    if semi and not cfg.unlabelled:
         raise ValueError(f"semi {list(cfg.semi)} needs unlabelled images: add unlabelled: [rest_of_train] or folders")
+    if semi and cfg.task == "segmentation":
+        raise ValueError(f"task segmentation has no semi-supervised mode yet, got semi {list(cfg.semi)}: use semi: [none]")
+    # A semi arm's own checks (rest_of_train with folders...): they failed when the first semi arm
+    # was planned, after the arms before it had trained.
+    for method in semi:
+        FinetuneConfig(data=Path(), out=Path(), **_fields(cfg.finetune), **split_study_strategy(f"full+{method}", cfg.unlabelled))
     for init in cfg.inits:
         spec = InitSpec.parse(init)  # a missing weights path fails here
         if spec.kind == "scratch":

@@ -201,7 +201,10 @@ def _plan(cfg: StudyConfig, refused: list[dict[str, Any]], checks: list[dict[str
                 continue
             for strategy in study_strategies(cfg.strategies, cfg.semi):
                 for budget_name, budget in budgets:
+                    # Skipped by design, but said: a grid of only such arms ran nothing without a word.
                     if not has_unlabelled(strategy, cfg.unlabelled, budget):
+                        logger.warning("skipped: %s %s %s on %s: rest_of_train is empty when every label is used",
+                                       init, strategy, budget_name, spec.name)
                         continue
                     # One infeasible budget (a class smaller than per_class) refuses its arms, not the study.
                     reason = _budget_refusal(cleaned.labels, np.flatnonzero(splits == "train"), budget)
