@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,6 +142,15 @@ def test_a_pair_listed_twice_is_used_once(seg_subset, tmp_path):
         twice = load_segmentation(data)
     assert twice.ids == once.ids and twice.skipped == {"duplicate_row": 2} and once.skipped == {}
     assert len(twice) == len(rows) and twice.hashes.tolist() == once.hashes.tolist()
+    # The same files by another path: absolute, through "..", a mask by its absolute path (the row's
+    # text differs, the files do not; these were kept and trained on twice).
+    first = Path(rows[0]["path"])
+    again = [{**rows[0], "path": str((data / first).resolve())},
+             {**rows[1], "path": f"{first.parts[0]}/../{rows[1]['path']}"},
+             {**rows[-1], "mask": str((data / rows[-1]["mask"]).resolve())}]
+    _rewrite(data, rows + again)
+    with pytest.warns(UserWarning, match=r"skipped 3 images \{'duplicate_row': 3\}"):
+        assert load_segmentation(data).ids == once.ids
 
 
 def test_undecodable_odd_or_bomb_masks_are_one_clear_error(seg_subset, tmp_path):

@@ -228,6 +228,16 @@ def test_a_row_listed_twice_is_used_once_and_two_labels_are_both_dropped(shared_
         twice = load_target(_write_labels(tmp_path / "twice", rows + [rows[0], rows[-1]], shared_data / OPENI), max_side=64)
     assert twice.ids == once.ids and twice.hashes.tolist() == once.hashes.tolist()
     assert (twice.skipped, once.skipped) == ({"duplicate_row": 2}, {})
+    # The same file by another path (absolute, through "..", "./"): the row's text differs, the file
+    # does not; these were kept, so one image was trained on twice (or sat in train and test).
+    data = _write_labels(tmp_path / "paths", rows, shared_data / OPENI)
+    first, second, third = (Path(r["path"]) for r in list(csv.DictReader((data / "labels.csv").open()))[:3])
+    with open(data / "labels.csv", "a", newline="") as f:
+        csv.writer(f).writerows([[str((data / first).resolve()), rows[0]["label"], "", ""],
+                                 [f"{second.parts[0]}/../{second}", rows[1]["label"], "", ""],
+                                 [f"./{third}", rows[2]["label"], "", ""]])
+    with pytest.warns(UserWarning, match=r"skipped 3 images \{'duplicate_row': 3\}"):
+        assert load_target(data, max_side=64).hashes.tolist() == once.hashes.tolist()
     # The same path with another label is one image with two labels (busi's trap): no label is
     # picked, both rows stay for prepare_splits, which leaves the image out.
     data = _write_labels(tmp_path / "both", rows + [{**rows[0], "label": "abdomen"}], shared_data / OPENI)

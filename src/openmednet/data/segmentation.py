@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -290,9 +291,9 @@ def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> Segmen
     rows = _rows(root)
     class_names = read_classes(root / CLASSES_TXT)
     skipped: Counter[str] = Counter()
-    # A pair listed twice is used once, as a labels.csv row is; Path() equates "a.jpg" and "./a.jpg".
-    rows = drop_repeated_rows(rows, lambda r: (Path(r["path"]), Path(r["mask"]), r.get("split") or None,
-                                               r.get("group") or None), skipped)
+    # A pair listed twice is used once, as a labels.csv row is (the files compared, not the text).
+    rows = drop_repeated_rows(rows, lambda r: (os.path.realpath(root / r["path"]), os.path.realpath(root / r["mask"]),
+                                               r.get("split") or None, r.get("group") or None), skipped)
     images, masks, groups, splits, ids = [], [], [], [], []
     for row in rows:
         try:

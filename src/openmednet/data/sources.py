@@ -222,7 +222,9 @@ def drop_repeated_rows(rows: Iterable[_Row], key: Callable[[_Row], Hashable], sk
     For the manifests of labelled targets (``labels.csv``, another CSV, ``masks.csv``): a row listed
     twice would be trained on twice, and counted twice, in every run. ``key`` holds every column
     the reader uses, so only exact repeats go: the same image listed with another label (one image
-    with two labels, BUSI's upstream error) stays, for the label-conflict check to drop both.
+    with two labels, BUSI's upstream error) stays, for the label-conflict check to drop both. Paths
+    go into ``key`` resolved (``os.path.realpath``): ``a.jpg``, ``./a.jpg``, ``sub/../a.jpg``, the
+    absolute path and a link to it are one file, which the text of the row alone did not tell.
     """
     seen: set[Hashable] = set()
     kept = []

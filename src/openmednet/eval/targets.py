@@ -19,7 +19,9 @@ Unlabelled rows (e.g. ISIC 2017's test part) are left out, with a log line.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -186,7 +188,8 @@ def load_target(
     if len(labelled) < len(items):
         logger.info("%s: %d of %d items have no label and are left out", root, len(items) - len(labelled), len(items))
     skipped: Counter[str] = Counter()
-    labelled = drop_repeated_rows(labelled, lambda it: (it.path, it.frame, it.label, it.split, it.group), skipped)
+    real = functools.cache(os.path.realpath)  # cached: the rows of an .npz all name one file
+    labelled = drop_repeated_rows(labelled, lambda it: (real(it.path), it.frame, it.label, it.split, it.group), skipped)
     if not labelled:
         raise ValueError(
             f"no labelled images in {root}: give labels in labels.csv (path,label,split,group), one "
