@@ -82,7 +82,8 @@ def table(reports: list[dict], metric: str, columns: str, ci: bool, mean_row: bo
     ``columns="study"``, rows target x init and one column per report.
 
     Raises:
-        ValueError: two summaries fall in one cell (a setting the table does not show differs).
+        ValueError: two summaries fall in one cell (a setting the table does not show differs), or
+            a summary without ``metric``.
     """
     rows: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     n_test: dict[str, int] = {}
@@ -93,6 +94,9 @@ def table(reports: list[dict], metric: str, columns: str, ci: bool, mean_row: bo
         for arm in report["arms"]:
             n_test[arm["target"]] = arm["n_test"]
         for s in report["summary"]:
+            if metric not in s:  # a segmentation study (Dice/IoU), or an older report: a KeyError traceback
+                has = [k for k in s if isinstance(s[k], dict) and "mean" in s[k]]
+                raise ValueError(f"the study {report['config']['out']} has no {metric} (its metrics: {', '.join(has)})")
             if columns == "study":  # one column per study (e.g. one per learning rate), rows target x init
                 key, row = Path(report["config"]["out"]).name, (s["target"], init_role(s["init"]))
             else:
@@ -134,6 +138,41 @@ def table(reports: list[dict], metric: str, columns: str, ci: bool, mean_row: bo
     return "\n".join(lines)
 
 
+def load_report(path: Path) -> dict:
+    """A study's ``report.json``.
+
+    Raises:
+        ValueError: the file is missing, not JSON, or not a study report (no ``arms``, ``summary``
+            or ``config``), named with the file; they were tracebacks.
+    """
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it as a report.json ({e})") from None
+    missing = [k for k in ("arms", "summary", "config") if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise ValueError(f"{path}: not a report.json of openmednet study (no {', '.join(missing)})")
+    return report
+
+
+def check_study_labels(reports: list[dict], columns: str) -> None:
+    """``--study-label`` must name the folder of a given report, and columns must be strategies:
+    otherwise it was ignored without a word (a typo left the control's arms in the plain columns,
+    or refused as two results for one cell).
+
+    Raises:
+        ValueError: naming the labels that match nothing and the reports' folders.
+    """
+    if STUDY_LABELS and columns != "strategy":
+        raise ValueError(f"--study-label gives a study's strategies their own columns: add --columns strategy "
+                         f"(got --columns {columns})")
+    names = {Path(r["config"]["out"]).name for r in reports}
+    unknown = sorted(set(STUDY_LABELS) - names)
+    if unknown:
+        raise ValueError(f"--study-label {', '.join(unknown)} names no given report's study folder (theirs: "
+                         f"{', '.join(sorted(names))})")
+
+
 def _label(text: str) -> tuple[str, str]:
     init, sep, name = text.partition("=")
     if not sep or not init or not name:
@@ -156,8 +195,12 @@ def main() -> None:
     args = parser.parse_args()
     LABELS.update(args.label)
     STUDY_LABELS.update(args.study_label)
-    reports = [json.loads(p.read_text()) for p in args.reports]
-    print(table(reports, args.metric, args.columns, args.ci, args.mean_row))
+    try:
+        reports = [load_report(p) for p in args.reports]
+        check_study_labels(reports, args.columns)
+        print(table(reports, args.metric, args.columns, args.ci, args.mean_row))
+    except ValueError as e:  # one line and exit 2, as the openmednet command does
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

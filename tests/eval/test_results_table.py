@@ -73,3 +73,33 @@ def test_a_labelled_control_study_gets_its_own_column(results_table, monkeypatch
     lines = results_table.table([base, control], "auroc_macro", "strategy", ci=False).splitlines()
     assert lines[0] == "| target (test images) | training images | full | full+fixmatch | full+fixmatch (lambda_u 0) |"
     assert lines[2] == "| busi (258) | 10 per class (30) | 0.800 ± 0.010 | **0.900 ± 0.010** | 0.850 ± 0.010 |"
+
+
+def test_a_study_label_naming_no_report_or_without_strategy_columns_is_refused(results_table, monkeypatch):
+    # Regression (hostile-user probe): --study-label with a typo in the folder name, or without
+    # --columns strategy, was ignored without a word.
+    reports = [_report(_summary("auto", "full", 0.8), out="runs/semi"),
+               _report(_summary("auto", "full+fixmatch", 0.85), out="runs/semi_samesteps")]
+    monkeypatch.setitem(results_table.STUDY_LABELS, "semi_samestep", "lambda_u 0")
+    with pytest.raises(ValueError, match="--study-label semi_samestep names no given report's study folder "
+                                         r"\(theirs: semi, semi_samesteps\)"):
+        results_table.check_study_labels(reports, "strategy")
+    monkeypatch.setattr(results_table, "STUDY_LABELS", {"semi_samesteps": "lambda_u 0"})
+    results_table.check_study_labels(reports, "strategy")
+    with pytest.raises(ValueError, match="add --columns strategy"):
+        results_table.check_study_labels(reports, "init")
+
+
+def test_unreadable_foreign_or_metricless_reports_are_one_line_errors(results_table, tmp_path):
+    # Regression (hostile-user probe): a missing or broken file, a JSON that is no study report and
+    # a report without the metric (a segmentation study) were tracebacks.
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "list.json").write_text("[1]")
+    for name, says in (("missing.json", "cannot read it as a report.json"), ("bad.json", "cannot read it"),
+                       ("list.json", "not a report.json of openmednet study")):
+        with pytest.raises(ValueError, match=f"{name}: {says}"):
+            results_table.load_report(tmp_path / name)
+    seg = _report({**{k: v for k, v in _summary("auto", "full", 0.8).items() if k != "auroc_macro"},
+                   "dice_mean": {"mean": 0.5, "sd": 0.1, "ci_low": 0.4, "ci_high": 0.6}}, out="runs/seg")
+    with pytest.raises(ValueError, match="the study runs/seg has no auroc_macro \\(its metrics: dice_mean\\)"):
+        results_table.table([seg], "auroc_macro", "init", ci=False)
