@@ -167,3 +167,22 @@ def test_a_rerun_does_not_predict_its_own_cam_overlays(model_dir, scans, tmp_pat
         assert result.exit_code == 0, result.output
         assert "2 predictions written" in result.output
     assert sorted(p.name for p in (scans / "cams").iterdir()) == ["ct_cam.png", "xray_cam.png"]
+
+
+def test_out_never_replaces_a_file_that_is_not_an_earlier_predictions_csv(model_dir, scans, tmp_path):
+    # Regression (hostile-user probe): 'predict MODEL scans --out MODEL/model.safetensors' replaced
+    # the model's weights with the CSV, and --out naming an input image (or a labels.csv, a
+    # metrics.json) replaced that file, at the end of the run.
+    weights = (model_dir / "model.safetensors").read_bytes()
+    image = (scans / "xray.jpeg").read_bytes()
+    for out in (model_dir / "model.safetensors", scans / "xray.jpeg"):
+        result = runner.invoke(app, ["predict", str(model_dir), str(scans), "--out", str(out)])
+        assert isinstance(result.exception, ValueError), result.output
+        assert f"--out {out} exists and is not a predictions CSV of an earlier run" in str(result.exception)
+    assert (model_dir / "model.safetensors").read_bytes() == weights and (scans / "xray.jpeg").read_bytes() == image
+    result = runner.invoke(app, ["predict", str(model_dir), str(scans), "--out", str(tmp_path)])
+    assert isinstance(result.exception, ValueError) and "is a folder: give a file path" in str(result.exception)
+    for _ in range(2):  # a re-run replaces its own CSV, as before
+        result = runner.invoke(app, ["predict", str(model_dir), str(scans), "--out", str(tmp_path / "p.csv")])
+        assert result.exit_code == 0, result.output
+    assert len(_read_csv(tmp_path / "p.csv")) == 2

@@ -81,6 +81,8 @@ def register(app: typer.Typer) -> None:
         if predictor.task == "segmentation":
             _segment(predictor, inputs, out, cam, batch_size)
             return
+        if out is not None:
+            _check_csv_out(out)
         shown: list[Prediction] = []  # the first TABLE_ROWS predictions, for the printed table
         with _collect_warnings() as skipped:
             # A --cam folder inside an input folder: a re-run must not predict its overlays.
@@ -101,6 +103,26 @@ def register(app: typer.Typer) -> None:
         if out is not None:
             typer.echo(f"{count} predictions written to {out}" + (f", overlays in {cam}" if cam else ""))
         _exit_if_skipped(skipped)
+
+
+#: How a classifier's predictions CSV starts (``serve.predictor.predictions_csv``).
+_CSV_START = b"source,frame,label,"
+
+
+def _check_csv_out(out: Path) -> None:
+    """Refuse a classifier ``--out`` that is a folder, or a file other than an earlier predictions
+    CSV (or an empty one), before predicting: ``predict runs/x scans/ --out
+    runs/x/model/model.safetensors`` replaced the model's weights with the CSV, and ``--out scan.png``
+    (or a labels.csv, a metrics.json) that file, at the end of the run; a folder failed only then.
+    Replacing the CSV of an earlier run, the usual re-run, stays allowed."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give a file path for the predictions CSV, e.g. "
+                         f"{out / 'predictions.csv'}")
+    if out.is_file() and out.stat().st_size:
+        with out.open("rb") as f:
+            if f.read(len(_CSV_START)) != _CSV_START:
+                raise ValueError(f"--out {out} exists and is not a predictions CSV of an earlier run; it would be "
+                                 f"replaced: give a new file path (or delete the file first)")
 
 
 def _segment(segmenter: Segmenter, inputs: list[Path], out: Path | None, cam: Path | None, batch_size: int) -> None:
