@@ -186,3 +186,14 @@ def test_out_never_replaces_a_file_that_is_not_an_earlier_predictions_csv(model_
         result = runner.invoke(app, ["predict", str(model_dir), str(scans), "--out", str(tmp_path / "p.csv")])
         assert result.exit_code == 0, result.output
     assert len(_read_csv(tmp_path / "p.csv")) == 2
+
+
+def test_export_onnx_never_replaces_a_file_that_is_not_onnx(model_dir, tmp_path):
+    # Regression (hostile-user probe): 'export MODEL --onnx MODEL/model.safetensors' replaced the
+    # weights it exported with the ONNX file; an --onnx folder failed only after the export.
+    weights = (model_dir / "model.safetensors").read_bytes()
+    result = runner.invoke(app, ["export", str(model_dir), "--onnx", str(model_dir / "model.safetensors"), "--no-check"])
+    assert isinstance(result.exception, ValueError) and "exists and is not an .onnx file" in str(result.exception)
+    assert (model_dir / "model.safetensors").read_bytes() == weights
+    result = runner.invoke(app, ["export", str(model_dir), "--onnx", str(tmp_path), "--no-check"])
+    assert isinstance(result.exception, ValueError) and "is a folder: give a file path" in str(result.exception)

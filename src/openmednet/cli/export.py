@@ -38,6 +38,8 @@ def register(app: typer.Typer) -> None:
 
         if onnx is None and safetensors is None:
             raise ValueError("nothing to export: pass --onnx FILE and/or --safetensors DIR")
+        if onnx is not None:
+            _check_onnx_out(onnx)
         net = load_model(model)  # a classifier, a backbone (registered weights) or a segmentation U-Net
         segment = getattr(net, "task", None) == "segmentation"
         if onnx is not None:
@@ -50,6 +52,18 @@ def register(app: typer.Typer) -> None:
         if safetensors is not None:
             weights, card = _export_weights(net, safetensors, segment)
             typer.echo(f"safetensors: {weights} + {card}")
+
+
+def _check_onnx_out(path: Path) -> None:
+    """Refuse an ``--onnx`` path that is a folder, or an existing file that is not ``.onnx``, before
+    exporting: ``export runs/x --onnx runs/x/model/model.safetensors`` replaced the weights it
+    exported with the ONNX file (a folder failed only after the export). Replacing an earlier
+    ``.onnx`` stays allowed."""
+    if path.is_dir():
+        raise ValueError(f"--onnx {path} is a folder: give a file path, e.g. {path / 'model.onnx'}")
+    if path.exists() and path.suffix.lower() != ".onnx":
+        raise ValueError(f"--onnx {path} exists and is not an .onnx file; it would be replaced: give a new path "
+                         f"ending in .onnx (or delete the file first)")
 
 
 def _check_inputs(net: Any, segment: bool, paths: list[Path]) -> Any:
