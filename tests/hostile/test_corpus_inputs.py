@@ -344,3 +344,14 @@ def test_a_source_without_a_path_or_a_name_is_refused(gray_dir: Path, tmp_path: 
     code, out = _build(".", "--out", tmp_path / "c2")
     assert code == 0, out
     assert [s["name"] for s in json.loads((tmp_path / "c2" / "manifest.json").read_text())["sources"]] == ["gray"]
+
+
+def test_an_out_folder_inside_a_source_is_refused_before_anything_is_written(gray_dir: Path):
+    # Regression (hostile-user probe): 'corpus build SRC --out SRC/corpus' (or --out SRC) put the
+    # corpus's report figures among SRC's images: a later build of SRC read them (3 colour PNGs,
+    # kept as pre-training images with --channels 3).
+    before = sorted(p.name for p in gray_dir.iterdir())
+    for out in (gray_dir / "corpus", gray_dir):
+        with pytest.raises(ValueError, match=r"is (inside )?the source folder 'g' .*choose an --out outside every source"):
+            build_corpus([SourceSpec("g", gray_dir)], out, channels=1, image_size=16)
+    assert sorted(p.name for p in gray_dir.iterdir()) == before

@@ -19,7 +19,7 @@ import numpy as np
 
 from openmednet.data import dedupe
 from openmednet.data.corpus._census import plan_channels
-from openmednet.data.corpus._checks import check_build_args, check_sources
+from openmednet.data.corpus._checks import check_build_args, check_out_dir, check_sources
 from openmednet.data.corpus._decode import (
     GRAY_TOLERANCE,
     DecodeOptions,
@@ -123,13 +123,15 @@ def build_corpus(
             other channel family (see ``check_sources``).
 
     Raises:
-        ValueError: bad arguments, a source that is an exclusion target, explicit channels that
-            would skip most images, or an unfinished build in ``out_dir`` with other parameters.
+        ValueError: bad arguments, a source that is an exclusion target, ``out_dir`` inside a
+            source folder, explicit channels that would skip most images, or an unfinished build
+            in ``out_dir`` with other parameters.
         FileNotFoundError: a source or target root does not exist.
     """
     check_build_args(channels, image_size, resize_mode, shard_size, chunk_items, num_parts, part, sources)
     check_sources(sources, exclude)
     out = Path(out_dir)
+    check_out_dir(out, sources)
     work = out / BUILD_DIR
     fresh = not (work / "params.json").is_file()
     work.mkdir(parents=True, exist_ok=True)

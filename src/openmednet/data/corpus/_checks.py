@@ -47,6 +47,24 @@ def check_sources(sources: Sequence[SourceSpec], exclude: Sequence[SourceSpec]) 
                      "if it is a target too, exclude it (--exclude A,B,C; '--exclude A B C' makes B and C sources)")
 
 
+def check_out_dir(out: Path, sources: Sequence[SourceSpec]) -> None:
+    """Refuse an output folder that is a source folder or lies inside one.
+
+    The corpus's report figures (``report/*.png``) would then be images of that source: a later build
+    of it read them (and, with ``--channels 3``, kept them as pre-training images).
+
+    Raises:
+        ValueError: naming the source and the fix.
+    """
+    dst = Path(out).resolve()
+    for s in sources:
+        src = Path(s.root).resolve()
+        if src.is_dir() and (dst == src or src in dst.parents):
+            raise ValueError(f"--out {out} is {'inside ' if dst != src else ''}the source folder '{s.name}' ({s.root}): "
+                             "a later build of that source would read the corpus's report figures as images; "
+                             "choose an --out outside every source folder")
+
+
 def check_build_args(
     channels: int | str,
     image_size: int,
