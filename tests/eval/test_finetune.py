@@ -356,3 +356,18 @@ def test_a_bad_init_fails_before_the_data_is_read(init, error, tmp_path: Path, m
     with pytest.raises(error):
         ft.run_finetune(FinetuneConfig(data=tmp_path, out=tmp_path / "run", init=init))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_or_study_folder_inside_the_target_folder_is_refused(tmp_path: Path) -> None:
+    # Regression (hostile-user probe): 'finetune --data D --out D/run' on a class-folder target put
+    # the run's plots in D/run, so the next run on D had a third class 'run' made of PNG plots.
+    from openmednet.eval.study import StudyConfig, _check_grid
+
+    data = tmp_path / "d"
+    (data / "a").mkdir(parents=True)
+    for out in (data / "run", data):
+        with pytest.raises(ValueError, match="is (inside )?the target folder .*give a folder outside it"):
+            run_finetune(FinetuneConfig(data=data, out=out, init="scratch:mednet_test"))
+    assert sorted(p.name for p in data.iterdir()) == ["a"]
+    with pytest.raises(ValueError, match="study out .* is inside the target folder"):
+        _check_grid(StudyConfig(out=data / "study", targets=({"name": "d", "data": str(data)},), inits=("auto",)))

@@ -173,8 +173,8 @@ def test_study_semi_axis_maps_arms_and_keeps_earlier_runs_reusable(tmp_path: Pat
     from openmednet.eval import study
     from openmednet.eval.semi import SEMI_FIELDS, has_unlabelled, study_strategies
 
-    cfg = study.StudyConfig(out=tmp_path, targets=({"name": "t", "data": str(tmp_path)},), inits=("auto",),
-                            semi=("none", "fixmatch"), unlabelled=("rest_of_train",), per_class=(10,))
+    cfg = study.StudyConfig(out=tmp_path / "out", targets=({"name": "t", "data": str(tmp_path / "t")},),
+                            inits=("auto",), semi=("none", "fixmatch"), unlabelled=("rest_of_train",), per_class=(10,))
     study._check_grid(cfg)
     assert study_strategies(cfg.strategies, cfg.semi) == ["full", "full+fixmatch"]
     spec = cfg.target_specs()[0]

@@ -21,7 +21,7 @@ from openmednet.eval.finetune._resume import finished_metrics
 from openmednet.eval.targets import TargetSet
 from openmednet.utils import atomic_write_text, csv_text, seed_everything
 
-__all__ = ["finish_run", "run_metrics", "start_run", "write_history"]
+__all__ = ["check_out_outside_data", "finish_run", "run_metrics", "start_run", "write_history"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,10 @@ def start_run(cfg: Any) -> Path:
     (warned), so the folder reads as unfinished until this run finishes.
 
     Raises:
-        ValueError: ``cfg.out`` holds a finished run of another configuration (the fields named).
+        ValueError: ``cfg.out`` holds a finished run of another configuration (the fields named),
+            or lies inside the ``cfg.data`` folder (``check_out_outside_data``).
     """
+    check_out_outside_data(cfg.out, cfg.data)
     if finished_metrics(cfg, ignore=("rounds",), fix="nothing was overwritten. Give a new --out, or delete that "
                                                      "folder to replace it") is not None:
         logger.warning("%s holds a finished run of this configuration: it is redone (its metrics.json is "
@@ -47,6 +49,20 @@ def start_run(cfg: Any) -> Path:
     cfg.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.out / "config.yaml")
     return cfg.out
+
+
+def check_out_outside_data(out: Path, data: Path, what: str = "--out") -> None:
+    """Refuse a run (or study) folder that is the target folder or lies inside it: its PNGs (plots,
+    masks, overlays) became images of the target, so the next run on a class-folder target had a
+    class named after the run folder (found by the hostile-user probe).
+
+    Raises:
+        ValueError: naming both folders and the fix.
+    """
+    dst, root = Path(out).resolve(), Path(data).resolve()
+    if root.is_dir() and (dst == root or root in dst.parents):
+        raise ValueError(f"{what} {out} is {'inside ' if dst != root else ''}the target folder {data}: the run's "
+                         f"images (plots, masks) would become images of the target; give a folder outside it")
 
 
 def write_history(out: Path, history: list[dict[str, Any]]) -> None:

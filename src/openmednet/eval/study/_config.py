@@ -178,6 +178,11 @@ def _check_grid(cfg: StudyConfig) -> None:
     # was planned, after the arms before it had trained.
     for method in semi:
         FinetuneConfig(data=Path(), out=Path(), **_fields(cfg.finetune), **split_study_strategy(f"full+{method}", cfg.unlabelled))
+    from openmednet.eval.finetune._outputs import check_out_outside_data
+
+    for target in cfg.targets:  # every arm would refuse it (start_run), one by one
+        if isinstance(target, Mapping) and target.get("data") is not None:
+            check_out_outside_data(cfg.out, target["data"], what="study out")
     for init in cfg.inits:
         spec = InitSpec.parse(init)  # a missing weights path fails here
         if spec.kind == "scratch":
