@@ -371,3 +371,14 @@ def test_a_run_or_study_folder_inside_the_target_folder_is_refused(tmp_path: Pat
     assert sorted(p.name for p in data.iterdir()) == ["a"]
     with pytest.raises(ValueError, match="study out .* is inside the target folder"):
         _check_grid(StudyConfig(out=data / "study", targets=({"name": "d", "data": str(data)},), inits=("auto",)))
+
+
+def test_labels_that_differ_only_in_case_are_warned(shared_data: Path, tmp_path: Path) -> None:
+    # Regression (hostile-user probe): 'yes' and 'Yes' in a hand-typed labels.csv made a 3-class
+    # target without a word. Still separate classes (a source may mean them apart), but said.
+    rows = [{**r, "split": ""} for r in _rows(shared_data, OPENI) if r["split"] == "train"]
+    rows = [r for r in rows if r["label"] == "chest"][:6] + [r for r in rows if r["label"] == "abdomen"][:6]
+    rows = [{**r, "label": "Chest"} if i < 2 else r for i, r in enumerate(rows)]
+    with pytest.warns(UserWarning, match=r"differ only in case are separate classes: 'Chest' \(2\) / 'chest' \(4\)"):
+        target = load_target(_write_labels(tmp_path / "t", rows, shared_data / OPENI), max_side=64)
+    assert target.label_names == ("Chest", "abdomen", "chest")

@@ -129,7 +129,23 @@ def _check_classes(labels: list[str], classes: Sequence[str] | None) -> tuple[st
         )
     if len(counts) < 2:
         raise ValueError(f"a classification target needs at least 2 classes, found {sorted(counts)}")
+    if classes is None:
+        _warn_near_duplicate_labels(counts)
     return tuple(sorted(classes if classes is not None else counts))
+
+
+def _warn_near_duplicate_labels(counts: Counter[str]) -> None:
+    """Warn about labels that differ only in case ("yes" and "Yes"): they are distinct classes, which
+    is rarely meant (found by the hostile-user probe: a labels.csv typed by hand trained a 3-class
+    model without a word). Not an error: a source may mean them apart."""
+    groups: dict[str, list[str]] = {}
+    for label in sorted(counts):
+        groups.setdefault(label.casefold(), []).append(label)
+    alike = [g for g in groups.values() if len(g) > 1]
+    if alike:
+        shown = "; ".join(" / ".join(f"'{c}' ({counts[c]})" for c in g) for g in alike)
+        warnings.warn(f"labels that differ only in case are separate classes: {shown}; if they are one class, "
+                      f"fix labels.csv or map them with label_map", stacklevel=4)
 
 
 def _item_id(item: SourceItem, frame: int, n_frames: int, root: Path) -> str:
