@@ -100,7 +100,7 @@ def check_semi_config(cfg: Any) -> None:
     look_up_option(cfg.semi, SEMI_METHODS, "semi method")
     look_up_option(cfg.pseudo_selection, PSEUDO_SELECTIONS, "pseudo_selection")
     if isinstance(cfg.unlabelled, (str, Path)):  # iterated, "DIR" would be the folders D, I, R
-        raise ValueError(f"unlabelled must be a sequence of sources, got {str(cfg.unlabelled)!r}: write "
+        raise ValueError(f"unlabelled must be a sequence of sources, got {str(cfg.unlabelled)!r}: write "  # noqa: TRY004
                          f"unlabelled=({str(cfg.unlabelled)!r},)")
     if cfg.semi != "none" and not cfg.unlabelled:
         raise ValueError(f"semi={cfg.semi!r} needs unlabelled images: give --unlabelled DIR (several allowed) or "

@@ -19,7 +19,11 @@ import numpy as np
 
 from openmednet.data import dedupe
 from openmednet.data.corpus._census import plan_channels
-from openmednet.data.corpus._checks import check_build_args, check_out_dir, check_sources
+from openmednet.data.corpus._checks import (
+    check_build_args,
+    check_out_dir,
+    check_sources,
+)
 from openmednet.data.corpus._decode import (
     GRAY_TOLERANCE,
     DecodeOptions,

@@ -159,8 +159,9 @@ def _check_grid(cfg: StudyConfig) -> None:
     from openmednet.models._registry import model_entrypoint
 
     for name in ("inits", "strategies", "label_fractions", "per_class", "seeds", "semi", "unlabelled"):
-        if not isinstance(getattr(cfg, name), (list, tuple)):  # a string would be iterated letter by letter
-            raise ValueError(f"{name} must be a list, got {getattr(cfg, name)!r}: write [{getattr(cfg, name)}]")
+        value = getattr(cfg, name)
+        if not isinstance(value, (list, tuple)):  # a string would be iterated letter by letter
+            raise ValueError(f"{name} must be a list, got {value!r}: write [{value}]")  # noqa: TRY004
     for name in ("inits", "strategies", "label_fractions", "per_class", "seeds", "semi"):
         values = list(getattr(cfg, name))
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
