@@ -36,7 +36,8 @@ def test_an_out_path_under_a_file_is_one_line_with_exit_2(tmp_path, monkeypatch,
     from openmednet.cli.app import main
 
     (tmp_path / "taken").write_text("an earlier file\n")
-    argv = ["openmednet", "finetune", "--data", str(tmp_path), "--init", "scratch:mednet_test", "--out", str(tmp_path / out)]
+    (tmp_path / "data").mkdir()  # beside the --out path: an --out inside --data is refused for another reason
+    argv = ["openmednet", "finetune", "--data", str(tmp_path / "data"), "--init", "scratch:mednet_test", "--out", str(tmp_path / out)]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.delenv("OPENMEDNET_DEBUG", raising=False)
     with pytest.raises(SystemExit) as info:
