@@ -382,3 +382,16 @@ def test_labels_that_differ_only_in_case_are_warned(shared_data: Path, tmp_path:
     with pytest.warns(UserWarning, match=r"differ only in case are separate classes: 'Chest' \(2\) / 'chest' \(4\)"):
         target = load_target(_write_labels(tmp_path / "t", rows, shared_data / OPENI), max_side=64)
     assert target.label_names == ("Chest", "abdomen", "chest")
+
+
+def test_a_run_folder_inside_a_manifest_target_is_allowed(tmp_path: Path) -> None:
+    # labels.csv lists the files a run reads, so its plots in data/runs/... never become images
+    from openmednet.eval.finetune._outputs import check_out_outside_data
+
+    data = tmp_path / "project"
+    data.mkdir()
+    (data / "labels.csv").write_text("path,label,split,group\n")
+    check_out_outside_data(data / "runs" / "x", data)  # no error
+    (data / "labels.csv").unlink()
+    with pytest.raises(ValueError, match="inside the target folder"):
+        check_out_outside_data(data / "runs" / "x", data)

@@ -53,6 +53,9 @@ MANIFEST_COLUMNS = ("path", "label", "split", "group")
 #: File endings enumerated in folders (``.npz`` is its own format, not a folder image).
 IMAGE_SUFFIXES = PILReader.suffixes + DicomReader.suffixes + NiftiReader.suffixes
 
+#: The manifest of a labelled folder (``path,label,split,group``); with it, only the listed files are read.
+LABELS_CSV = "labels.csv"
+
 #: The skip reason of a manifest row that repeats an earlier row exactly (``drop_repeated_rows``).
 DUPLICATE_ROW = "duplicate_row"
 
@@ -155,7 +158,7 @@ def detect_format(root: Path) -> str:
         if root.name.lower().endswith(".npz"):
             return "npz"
         raise ValueError(f"source root {root} is a file; expected a folder or a .npz (for a CSV use format='csv')")
-    if (root / "labels.csv").is_file():
+    if (root / LABELS_CSV).is_file():
         return "labels_csv"
     top = [p for p in root.iterdir() if not p.name.startswith(".")]
     if any(p.is_file() and p.name.lower().endswith(".npz") for p in top):
@@ -362,7 +365,7 @@ def _open_csv(spec: SourceSpec, csv_path: Path) -> Iterator[Iterator[str]]:
 
 
 def _iter_labels_csv(spec: SourceSpec) -> Iterator[SourceItem]:
-    csv_path = spec.root / "labels.csv"
+    csv_path = spec.root / LABELS_CSV
     with _open_csv(spec, csv_path) as f:
         header = next(csv.reader(f), [])
     if "path" not in header:

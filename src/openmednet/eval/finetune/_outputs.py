@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from openmednet.config import save_config, to_dict
+from openmednet.data.segmentation import MASKS_CSV
+from openmednet.data.sources import LABELS_CSV
 from openmednet.eval import report
 from openmednet.eval.finetune._config import FinetuneResult
 from openmednet.eval.finetune._resume import finished_metrics
@@ -52,14 +54,18 @@ def start_run(cfg: Any) -> Path:
 
 
 def check_out_outside_data(out: Path, data: Path, what: str = "--out") -> None:
-    """Refuse a run (or study) folder that is the target folder or lies inside it: its PNGs (plots,
-    masks, overlays) became images of the target, so the next run on a class-folder target had a
-    class named after the run folder (found by the hostile-user probe).
+    """Refuse a run (or study) folder that is the target folder or lies inside it, where the target
+    is read by listing its folder: the run's PNGs (plots, masks, overlays) became images of the
+    target, so the next run on a class-folder target had a class named after the run folder (found
+    by the hostile-user probe). A target with a manifest (``labels.csv``, ``masks.csv``) reads only
+    the files it lists, so runs kept inside it (``project/runs/...``) are allowed.
 
     Raises:
         ValueError: naming both folders and the fix.
     """
     dst, root = Path(out).resolve(), Path(data).resolve()
+    if any((root / manifest).is_file() for manifest in (LABELS_CSV, MASKS_CSV)):
+        return
     if root.is_dir() and (dst == root or root in dst.parents):
         raise ValueError(f"{what} {out} is {'inside ' if dst != root else ''}the target folder {data}: the run's "
                          f"images (plots, masks) would become images of the target; give a folder outside it")
