@@ -73,18 +73,11 @@ def write_images(
 
 
 def write_shards(
-    out: Path,
-    rows: Iterable[tuple[dict[str, Any], ImageFn | None]],
-    table: ImageTable,
-    decision: Decision,
-    *,
-    channels: int,
-    image_size: int,
-    shard_size: int,
-    done: set[int],
-    progress: ProgressFn | None,
+    out: Path, rows: Iterable[tuple[dict[str, Any], ImageFn | None]], table: ImageTable, decision: Decision,
+    *, channels: int, image_size: int, shard_size: int, done: set[int], progress: ProgressFn | None,
 ) -> list[ShardInfo]:
-    """The shards of ``write_images`` without its counts (arguments and errors as there)."""
+    """The shards of ``write_images`` without its counts, so the counting can run in another
+    process meanwhile (arguments and errors as there)."""
     writer = _ShardWriter(out, shard_size, channels, image_size, done, progress, int(decision.keep.sum()))
     _walk(out, rows, table, decision, None, writer)
     return writer.shards
