@@ -15,7 +15,8 @@ Modes:
 Variants (MedNet only): ``+fused`` is ``MedNet.fuse_for_inference()`` (BatchNorm folded; inference
 rows), ``+compile`` is ``torch.compile`` (``--compile``; compile time is reported separately), and
 ``--ablate`` times the training step with each block's four branch convs separate (as shipped) and
-merged into one zero-padded 7x7 conv in the ``--merge-stages`` (``MedNet.set_branch_merge``), next
+merged in the ``--merge-stages`` (``MedNet.set_branch_merge``) in each ``--merge-groups`` grouping
+(``all``: one zero-padded 7x7 conv; ``paired``: the 1x1 in a 3x3 conv, the 5x5 in a 7x7 conv), next
 to ResNet-18, in interleaved rounds. Its default mode is the one pre-training runs in here
 (``bf16cl`` where bf16 is native, else ``fp32cl``: the pre-training default is channels_last);
 the merged arm's fraction counts the separate
@@ -51,7 +52,11 @@ from torch import nn
 
 import openmednet
 from openmednet.engine.precision import cpu_capability
+from openmednet.models.mednet import ALL_BRANCHES, PAIRED_BRANCHES
 from openmednet.utils import atomic_write_text
+
+#: ``--merge-groups`` names: the branch kernels each merged conv computes (``MedNet.set_branch_merge``).
+MERGE_GROUPS = {"all": ALL_BRANCHES, "paired": PAIRED_BRANCHES}
 
 MODES = {"fp32": (False, False), "bf16cl": (True, True), "fp32cl": (False, True)}  # (bf16, channels_last)
 NUM_CLASSES = 1000
@@ -225,18 +230,18 @@ def run_ablation(args: argparse.Namespace, ref: MatmulReference, log: Callable[[
     the number of rounds it won.
     """
     base = next((m for m in args.models if m.startswith("mednet")), "mednet_color")
-    merged = f"stage {','.join(map(str, args.merge_stages))} merged"
+    stages = ",".join(map(str, args.merge_stages))
     out = []
     for size in args.sizes:
         for mode in args.ablate_modes:
             batch = args.train_batch[size]
             gflops = {m: flops_per_image(build(m), size, "train") for m in (base, "resnet18")}
             separate = build(base)
-            arms = {
-                f"{base} separate": (copy.deepcopy(separate), base),
-                f"{base} {merged}": (copy.deepcopy(separate).set_branch_merge(args.merge_stages), base),
-                "resnet18": (build("resnet18"), "resnet18"),
-            }
+            arms = {f"{base} separate": (copy.deepcopy(separate), base)}
+            for name in args.merge_groups:
+                arms[f"{base} stage {stages} {name}"] = (
+                    copy.deepcopy(separate).set_branch_merge(args.merge_stages, MERGE_GROUPS[name]), base)
+            arms["resnet18"] = (build("resnet18"), "resnet18")
             steps = {label: make_step(model, "train", mode, batch, size) for label, (model, _) in arms.items()}
             samples: dict[str, list[tuple[float, float]]] = {label: [] for label in steps}
             for rnd in range(args.ablate_rounds):
@@ -272,9 +277,10 @@ def report(rows: list[Row], compile_s: dict, ablation: list, ref: MatmulReferenc
     if rows:
         parts += _grid_tables(rows, args, _dtype_name(ref))
     if ablation:
-        parts += ["", (f"Ablation, training step: MedNet's four branch convs separate (as shipped) vs merged into "
-                       f"one zero-padded 7x7 conv in stage(s) {','.join(map(str, args.merge_stages))} "
-                       f"(`MedNet.set_branch_merge`), and ResNet-18; {args.ablate_rounds} interleaved rounds of "
+        parts += ["", (f"Ablation, training step: MedNet's four branch convs separate (as shipped) vs merged in "
+                       f"stage(s) {','.join(map(str, args.merge_stages))} (`MedNet.set_branch_merge`; "
+                       + ", ".join(f"{name}: {MERGE_GROUPS[name]}" for name in args.merge_groups)
+                       + f", kernel sizes per conv), and ResNet-18; {args.ablate_rounds} interleaved rounds of "
                        f"{args.iters} timed steps, medians. Fractions count the separate model's FLOPs; speed-up > 1x "
                        f"means merging is faster, in brackets the rounds where it was:"), "",
                   markdown_table(["arm", "px", "mode", "batch", "img/s", f"fraction of {_dtype_name(ref)} matmul",
@@ -360,7 +366,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ablate-only", action="store_true", help="run only the ablation, not the grid")
     p.add_argument("--ablate-rounds", type=int, default=5, help="interleaved rounds of the ablation")
     p.add_argument("--merge-stages", default="1", type=lambda s: tuple(int(v) for v in s.split(",")),
-                   help="MedNet stages merged in the ablation's merged arm (MedNet.set_branch_merge)")
+                   help="MedNet stages merged in the ablation's merged arms (MedNet.set_branch_merge)")
+    p.add_argument("--merge-groups", default="all,paired", type=lambda s: s.split(","),
+                   help=f"one merged arm per grouping of the branch kernels: {', '.join(MERGE_GROUPS)}")
     p.add_argument("--out", type=Path, help="also write the markdown report here")
     args = p.parse_args(argv)
     # The ablation answers "in the precision training uses here" unless modes are asked for.

@@ -20,6 +20,7 @@ from torch import nn
 
 import openmednet
 from openmednet.models._features import to_features
+from openmednet.models.mednet import ALL_BRANCHES, PAIRED_BRANCHES
 
 # The embedded demo sample (PneumoniaMNIST, CC BY 4.0), read directly: no quickstart import needed.
 DEMO = importlib.resources.files("openmednet") / "assets" / "demo" / "pneumoniamnist_demo.npz"
@@ -39,11 +40,12 @@ def images() -> torch.Tensor:
     return (x - 0.5) / 0.25
 
 
-def _pair(name: str, kwargs: dict, stages=ALL_STAGES, dtype=torch.float64) -> tuple[nn.Module, nn.Module]:
+def _pair(name: str, kwargs: dict, stages=ALL_STAGES, dtype=torch.float64,
+          groups=ALL_BRANCHES) -> tuple[nn.Module, nn.Module]:
     """The same weights twice: branches separate, and merged in ``stages`` (dropout off for exact steps)."""
     torch.manual_seed(0)
     separate = openmednet.create_model(name, num_classes=3, drop_rate=0.0, **kwargs).to(dtype)
-    return separate, copy.deepcopy(separate).set_branch_merge(stages)
+    return separate, copy.deepcopy(separate).set_branch_merge(stages, groups)
 
 
 def _branch_bns(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -69,9 +71,11 @@ def _train_steps(models, x: torch.Tensor, steps: int = 2, tol=F64) -> None:
             opt.step()
 
 
+@pytest.mark.parametrize("groups", [ALL_BRANCHES, PAIRED_BRANCHES, ((1,), (3, 5), (7,))], ids=["all", "paired", "middle"])
 @pytest.mark.parametrize("name,kwargs", MODELS)
-def test_merged_train_steps_match_separate(images, name, kwargs):
-    separate, merged = _pair(name, kwargs)
+def test_merged_train_steps_match_separate(images, name, kwargs, groups):
+    """Every stage merged (strides 1 and 2): outputs, gradients and BN statistics over two steps."""
+    separate, merged = _pair(name, kwargs, groups=groups)
     _train_steps((separate, merged), images.double())
     for (key, a), b in zip(separate.state_dict().items(), merged.state_dict().values()):
         if key.endswith("num_batches_tracked"):
@@ -140,12 +144,34 @@ def test_stage_selection_and_errors():
         model.set_branch_merge(1)
 
 
+def test_groups_selection_and_errors():
+    """Groups are kept per block; groups that would reorder or drop channels are refused."""
+    model = openmednet.create_model("mednet_test").set_branch_merge((2,), [[1, 3], [5, 7]])
+    assert [b.merge_groups for b in model.blocks] == [()] * 2 + [PAIRED_BRANCHES] * 2 + [()] * 4
+    assert model.branch_merge_stages == (2,)
+    for bad in ([[1, 5], [3, 7]], [[1, 3], [5]], [[1, 3, 5, 7, 9]], [[1, 3], [], [5, 7]], [], [1, 3, 5, 7]):
+        with pytest.raises(ValueError, match="branch groups"):
+            model.set_branch_merge((1,), bad)
+    assert [b.merge_groups for b in model.blocks][2] == PAIRED_BRANCHES  # a refused call changes nothing
+    block = model.blocks[0]
+    block.merge_branches = True
+    assert block.merge_groups == ALL_BRANCHES
+    block.merge_branches = False
+    assert block.merge_groups == ()
+
+
 def test_pretrain_config_turns_it_on():
     """``model.branch_merge`` in the pre-training config reaches the backbone (an execution option only)."""
+    from openmednet.config import load_config
     from openmednet.engine.pretrain import ModelSection, PretrainConfig, build_backbone
 
     backbone = build_backbone(PretrainConfig(model=ModelSection(name="mednet_test", branch_merge=(1,))), channels=1)
     assert backbone.branch_merge_stages == (1,)
+    assert backbone.blocks[0].merge_groups == ALL_BRANCHES
+    cfg = load_config(PretrainConfig, overrides=["model.name=mednet_test", "model.branch_merge=[1,2]",
+                                                 "model.branch_merge_groups=[[1,3],[5,7]]"])
+    backbone = build_backbone(cfg, channels=1)
+    assert backbone.branch_merge_stages == (1, 2) and backbone.blocks[3].merge_groups == PAIRED_BRANCHES
     assert build_backbone(PretrainConfig(model=ModelSection(name="mednet_test")), channels=1).branch_merge_stages == ()
 
 

@@ -81,14 +81,17 @@ class ModelSection:
     start this run, e.g. the 64 px stage of a progressive 64 -> 128 px schedule; the objective's
     heads start fresh. Its architecture and width must match ``name`` and ``width_mult``.
 
-    ``branch_merge``: MedNet stages whose four branch convs run as one conv
-    (``MedNet.set_branch_merge``): the same network and checkpoints, computed faster where
-    ``benchmarks/bench_model.py --ablate-only`` shows it; ``()`` (default) runs them separately."""
+    ``branch_merge``: MedNet stages whose branch convs run merged (``MedNet.set_branch_merge``):
+    the same network and checkpoints, computed faster where ``benchmarks/bench_model.py
+    --ablate-only`` shows it; ``()`` (default) runs them separately. ``branch_merge_groups``: the
+    kernel sizes each merged conv computes, ``[[1, 3, 5, 7]]`` (one 7x7 conv, default) or
+    ``[[1, 3], [5, 7]]`` (a 3x3 and a 7x7 conv: the faster one in bf16, docs/benchmarks.md)."""
 
     name: str = "mednet_gray"
     width_mult: float | None = None
     init: str | None = None
     branch_merge: tuple[int, ...] = ()
+    branch_merge_groups: tuple[tuple[int, ...], ...] = ((1, 3, 5, 7),)
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,7 @@ def build_backbone(cfg: PretrainConfig, channels: int) -> nn.Module:
         if not hasattr(backbone, "set_branch_merge"):
             raise ValueError(f"model.branch_merge merges MedNet's branch convs; '{cfg.model.name}' has none: "
                              f"remove model.branch_merge")
-        backbone.set_branch_merge(cfg.model.branch_merge)
+        backbone.set_branch_merge(cfg.model.branch_merge, cfg.model.branch_merge_groups)
     in_chans = getattr(backbone, "in_chans", channels)
     if in_chans != channels:
         raise ValueError(

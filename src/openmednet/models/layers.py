@@ -62,9 +62,10 @@ class MultiBranchBlock(nn.Module):
     result is batch-normalised (as in the authors' predecessor model). A down-sampling block uses
     ``stride=2`` in all four branches.
 
-    ``merge_branches`` (default ``False``; set it through ``MedNet.set_branch_merge``) runs the
-    four branch convolutions as one: the same network computed another way, see
-    ``merged_branches``. It is a plain attribute, so the ``state_dict`` does not change.
+    ``merge_groups`` (default ``()``: every branch separate; set it through
+    ``MedNet.set_branch_merge``) runs each group of branches, named by kernel size, as one conv,
+    e.g. ``((1, 3), (5, 7))``: the same network computed another way, see ``merged_branches``.
+    It is a plain attribute, so the ``state_dict`` does not change.
 
     Args:
         in_chs: channels of the main input.
@@ -90,38 +91,91 @@ class MultiBranchBlock(nn.Module):
         self.connection_chs = tuple(connection_chs)
         self.out_chs = width + sum(self.connection_chs)
         self.bn = nn.BatchNorm2d(self.out_chs)
-        self.merge_branches = False
+        self.merge_groups: tuple[tuple[int, ...], ...] = ()
 
-    def merged_branches(self, x: Tensor) -> Tensor:
-        """The four branches' concatenated outputs, computed with one convolution.
+    @property
+    def merge_branches(self) -> bool:
+        """Whether any branches run merged; setting ``True`` merges all four, ``False`` none."""
+        return bool(self.merge_groups)
 
-        The conv weight is built from the branch weights at every call (each kernel zero-padded
-        to 7x7, centred), so gradients reach the branch parameters and nothing new is stored. One
-        ``batch_norm`` call then normalises all branch channels with the branch BNs' parameters
-        and statistics (``branch_batch_norm``), and the ReLU follows. Wider convs run closer to
-        the kernels' peak on narrow branches (8 channels each in stage 1 at width 1), at 2.33x the
-        branch FLOPs (``4 * 49 / (1 + 9 + 25 + 49)``); ``docs/benchmarks.md`` says where it pays.
+    @merge_branches.setter
+    def merge_branches(self, value: bool) -> None:
+        self.merge_groups = (self.kernel_sizes,) if value else ()
 
-        ``(B, in_chs, H, W) -> (B, width, ceil(H/stride), ceil(W/stride))``, equal to
-        ``torch.cat([branch(x) for branch in self.branches], 1)`` up to float rounding.
+    def merged_branches(self, x: Tensor, groups: Sequence[Sequence[int]] | None = None) -> Tensor:
+        """The four branches' concatenated outputs, each group of branches computed with one conv.
+
+        A group's conv weight is built from its branch weights at every call (each kernel
+        zero-padded, centred, to the group's largest), so gradients reach the branch parameters
+        and nothing new is stored. One ``batch_norm`` call per group then normalises its channels
+        with the branch BNs' parameters and statistics (``branch_batch_norm``), and the ReLU
+        follows. A one-branch group runs that branch as it is. Wider convs run closer to the
+        kernels' peak on narrow branches (8 channels each in stage 1 at width 1), at the cost of
+        the padded FLOPs: 2.33x the branch FLOPs for ``((1, 3, 5, 7),)``
+        (``4 * 49 / (1 + 9 + 25 + 49)``), 1.38x for ``((1, 3), (5, 7))``; ``docs/benchmarks.md``
+        says where each pays.
+
+        Args:
+            x: ``(B, in_chs, H, W)``.
+            groups: kernel sizes per group, covering ``(1, 3, 5, 7)`` in order (default: this
+                block's ``merge_groups``, or all four in one group when that is empty).
+
+        Returns:
+            ``(B, width, ceil(H/stride), ceil(W/stride))``, equal to
+            ``torch.cat([branch(x) for branch in self.branches], 1)`` up to float rounding.
 
         Raises:
-            ValueError: a branch BatchNorm was folded (``fuse_for_inference`` copies run the
-                branches separately) or the branch BNs' settings differ.
+            ValueError: the groups do not split ``(1, 3, 5, 7)`` in order, a branch BatchNorm was
+                folded (``fuse_for_inference`` copies run the branches separately) or the branch
+                BNs' settings differ.
         """
-        convs = [branch.conv for branch in self.branches]
-        bns = [branch.bn for branch in self.branches]
-        if not all(isinstance(bn, nn.BatchNorm2d) for bn in bns):
-            raise ValueError("merged branches need the branch BatchNorms: this block's were folded "
-                             "(fuse_for_inference); set merge_branches = False on the folded copy")
-        y = F.conv2d(x, merged_branch_weight(convs), None, convs[0].stride, max(self.kernel_sizes) // 2)
-        return F.relu(branch_batch_norm(y, bns), inplace=True)
+        return torch.cat(self._group_outputs(x, groups or self.merge_groups or (self.kernel_sizes,)), 1)
+
+    def _group_outputs(self, x: Tensor, groups: Sequence[Sequence[int]]) -> list[Tensor]:
+        """Each group's ``(B, group channels, H', W')`` output, in branch order (``merged_branches``)."""
+        groups = check_branch_groups(groups, self.kernel_sizes)
+        outputs, first = [], 0
+        for group in groups:
+            branches = self.branches[first:first + len(group)]
+            first += len(group)
+            if len(branches) == 1:
+                outputs.append(branches[0](x))
+                continue
+            convs = [branch.conv for branch in branches]
+            bns = [branch.bn for branch in branches]
+            if not all(isinstance(bn, nn.BatchNorm2d) for bn in bns):
+                raise ValueError("merged branches need the branch BatchNorms: this block's were folded "
+                                 "(fuse_for_inference); set merge_branches = False on the folded copy")
+            y = F.conv2d(x, merged_branch_weight(convs), None, convs[0].stride, max(group) // 2)
+            outputs.append(F.relu(branch_batch_norm(y, bns), inplace=True))
+        return outputs
 
     def forward(self, x: Tensor, connections: list[Tensor] | tuple[Tensor, ...] = ()) -> Tensor:
         """Run the branches on ``x`` and join them with ``connections`` (see class docstring)."""
-        branches = [self.merged_branches(x)] if self.merge_branches else [branch(x) for branch in self.branches]
-        out = torch.cat(branches + list(connections), dim=1)
-        return self.bn(out)
+        if self.merge_groups:
+            branches = self._group_outputs(x, self.merge_groups)
+        else:
+            branches = [branch(x) for branch in self.branches]
+        return self.bn(torch.cat(branches + list(connections), dim=1))
+
+
+def check_branch_groups(groups: Sequence[Sequence[int]], kernel_sizes: Sequence[int] = (1, 3, 5, 7)) -> tuple[tuple[int, ...], ...]:
+    """``groups`` as a tuple of tuples, checked to split ``kernel_sizes`` into runs in order.
+
+    The order matters: the block concatenates the groups' outputs, and the channels must come
+    out as the separate branches' do (``1x1, 3x3, 5x5, 7x7``).
+
+    Raises:
+        ValueError: e.g. ``((1, 5), (3, 7))`` or a missing kernel size.
+    """
+    try:
+        groups = tuple(tuple(int(k) for k in group) for group in groups)
+    except TypeError:
+        raise ValueError(f"branch groups are sequences of kernel sizes, e.g. ((1, 3), (5, 7)); got {groups!r}") from None
+    if not groups or any(not group for group in groups) or sum(groups, ()) != tuple(kernel_sizes):
+        raise ValueError(f"branch groups must split the kernel sizes {tuple(kernel_sizes)} into runs in order, "
+                         f"e.g. ((1, 3), (5, 7)) or ({tuple(kernel_sizes)},); got {groups}")
+    return groups
 
 
 def merged_branch_weight(convs: Sequence[nn.Conv2d]) -> Tensor:

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from openmednet.models._pretrained import PretrainedCfg
 from openmednet.models._registry import register_model, register_pretrained_cfgs
-from openmednet.models.layers import ClassifierHead, ConvBnAct, MultiBranchBlock, SkipConnector
+from openmednet.models.layers import ClassifierHead, ConvBnAct, MultiBranchBlock, SkipConnector, check_branch_groups
 
 __all__ = ["MedNet", "Connection", "CONNECTIONS", "mednet_gray", "mednet_color", "mednet_test"]
 
@@ -84,6 +84,10 @@ CONNECTIONS: tuple[Connection, ...] = (
 STAGE_WIDTHS = (32, 64, 128, 256)
 STEM_WIDTHS = (16, 32)
 BLOCKS_PER_STAGE = 2
+#: Branch groupings for ``MedNet.set_branch_merge``: all four branches in one 7x7 conv, or the
+#: 1x1 with the 3x3 (one 3x3 conv) and the 5x5 with the 7x7 (one 7x7 conv).
+ALL_BRANCHES: tuple[tuple[int, ...], ...] = ((1, 3, 5, 7),)
+PAIRED_BRANCHES: tuple[tuple[int, ...], ...] = ((1, 3), (5, 7))
 MIN_INPUT_SIZE = 17  # ceil(17 / 16) = 2: the smallest input with a 2x2 last map
 
 
@@ -284,29 +288,32 @@ class MedNet(nn.Module):
         self.head.reset(num_classes)
 
     # ----------------------------------------------------------------------------- execution options
-    def set_branch_merge(self, stages: Sequence[int] = (1,)) -> MedNet:
-        """Run the four branch convs of the blocks in ``stages`` as one conv (``()``: none); returns self.
+    def set_branch_merge(self, stages: Sequence[int] = (1,), groups: Sequence[Sequence[int]] = ALL_BRANCHES) -> MedNet:
+        """Run each group of branch convs of the blocks in ``stages`` as one conv (``()``: none); returns self.
 
-        The same network computed another way (``MultiBranchBlock.merged_branches``): one
-        zero-padded 7x7 conv whose weight is rebuilt from the branch weights at every call, and
+        The same network computed another way (``MultiBranchBlock.merged_branches``): per group,
+        one zero-padded conv whose weight is rebuilt from the branch weights at every call, and
         one ``batch_norm`` that uses and updates each branch BN's statistics exactly as the
         separate BNs do. Parameters, ``state_dict``, ``model_args`` and checkpoints are unchanged,
         and so is the setting's absence from them: a loaded model runs its branches separately
         until this is called again. Outputs and gradients match the separate branches to float
         rounding (``tests/models/test_branch_merge.py``).
 
-        When it pays: merging costs 2.33x the branch FLOPs and buys wider convs. It helped only on
-        stage 1 (blocks 1-2, whose branches have ``8 * width_mult`` channels on the largest maps),
-        in training at 224 px and in bf16 at 64 px (1.17-1.23x); it was even at 64 px fp32 and
-        slower in the later stages (``docs/benchmarks.md``, "stage 1"). Measure with
-        ``benchmarks/bench_model.py --ablate-only`` on your hardware before turning it on. Off by
-        default; ``fuse_for_inference`` copies run the branches separately.
+        When it pays: merging buys wider convs at the cost of the zero-padded FLOPs (2.33x the
+        branch FLOPs for all four branches in one 7x7 conv, 1.38x for ``PAIRED_BRANCHES``, a 3x3
+        and a 7x7 conv). It helps where the branches are narrowest (stage 1: ``8 * width_mult``
+        channels each on the largest maps) and loses in the later stages; which grouping wins
+        depends on the CPU and precision (``docs/benchmarks.md``, "stage 1" and "Training step in
+        bf16"). Measure with ``benchmarks/bench_model.py --ablate-only`` on your hardware before
+        turning it on. Off by default; ``fuse_for_inference`` copies run the branches separately.
 
         Args:
             stages: 1-based stage numbers (1-4; each stage is two blocks).
+            groups: kernel sizes per conv, splitting ``(1, 3, 5, 7)`` in order: ``ALL_BRANCHES``
+                (one 7x7 conv, the default) or ``PAIRED_BRANCHES`` (``((1, 3), (5, 7))``), etc.
 
         Raises:
-            ValueError: a stage outside 1-4.
+            ValueError: a stage outside 1-4, or groups that do not split ``(1, 3, 5, 7)`` in order.
             TypeError: an int instead of a sequence.
         """
         num_stages = len(self.blocks) // BLOCKS_PER_STAGE
@@ -315,8 +322,9 @@ class MedNet(nn.Module):
         stages = tuple(sorted(set(stages)))
         if any(not isinstance(s, int) or not 1 <= s <= num_stages for s in stages):
             raise ValueError(f"branch-merge stages are 1..{num_stages} (two blocks each), got {stages}")
+        groups = check_branch_groups(groups, MultiBranchBlock.kernel_sizes)
         for b, block in enumerate(self.blocks):
-            block.merge_branches = b // BLOCKS_PER_STAGE + 1 in stages
+            block.merge_groups = groups if b // BLOCKS_PER_STAGE + 1 in stages else ()
         return self
 
     @property
