@@ -111,6 +111,38 @@ def test_unlabelled_near_copies_of_test_images_are_dropped_and_counted(tiny: tup
     assert json.loads((tmp_path / "run/metrics.json").read_text())["semi"]["unlabelled"] == unl
 
 
+def test_unlabelled_folder_holding_the_validation_images_is_cleaned_of_them(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """A folder given as unlabelled may be the target itself: its validation images would be trained on
+    (without labels) and then used for model choice. They are dropped as near-copies of validation
+    images and counted apart from the test ones; rest_of_train is held to the test rule only."""
+    data, extra = tiny
+    folder = tmp_path / "with_val"
+    folder.mkdir()
+    for p in extra.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    cfg = _cfg(data, tmp_path / "run", semi="fixmatch", unlabelled=(str(folder),), semi_threshold=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target, splits, _ = prepare_splits(load_target(data, max_side=64), cfg)
+    val, test = np.flatnonzero(splits == "val")[:2], np.flatnonzero(splits == "test")[:1]
+    for i in (*val, *test):  # the held-out images themselves, as a copy of the target folder holds them
+        Image.fromarray(target.images[i]).save(folder / f"held_out_{i}.png")
+    train = np.flatnonzero(splits == "train")
+
+    with pytest.warns(UserWarning, match="near-copies of validation images") as caught:
+        unl, info = gather_unlabelled(cfg, target, splits, train)
+    assert sorted(info["dropped"]["near_copies_of_val"]) == sorted(f"with_val/held_out_{i}.png" for i in val)
+    assert info["dropped"]["near_copies_of_test"] == [f"with_val/held_out_{test[0]}.png"]
+    assert info["n_found"] == 13 and len(unl) == 10 and not any("held_out" in i for i in unl.ids)
+    assert any("model choice" in str(w.message) for w in caught)
+    with pytest.raises(ValueError, match="2 unlabelled images are near-copies of validation images"):
+        gather_unlabelled(FinetuneConfig(**{**cfg.__dict__, "leakage": "error"}), target, splits, train)
+
+    rest = FinetuneConfig(**{**cfg.__dict__, "unlabelled": ("rest_of_train",), "per_class": 3})
+    _, info = gather_unlabelled(rest, target, splits, train[:6])
+    assert list(info["dropped"]) == ["near_copies_of_test"]
+
+
 # ------------------------------------------------------------------------------------ rounds
 def test_multi_round_run_resumes_and_extends_with_the_same_result(tiny: tuple[Path, Path], tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,7 +68,7 @@ from openmednet.data.transforms import MultiViewTransform
 from openmednet.engine.callbacks import better_score
 from openmednet.engine.trainer import LossOutput, set_loader_epoch
 from openmednet.eval.freematch import SelfAdaptiveThreshold, fairness_loss
-from openmednet.eval.unlabelled import REST_OF_TRAIN, UnlabelledSet, drop_test_near_copies, load_unlabelled, rest_of_train
+from openmednet.eval.unlabelled import REST_OF_TRAIN, UnlabelledSet, drop_held_out_near_copies, load_unlabelled, rest_of_train
 from openmednet.utils import atomic_write, atomic_write_text, csv_text, seed_everything
 
 __all__ = ["FREEMATCH_FIELDS", "PSEUDO_SELECTIONS", "SEMI_FIELDS", "SEMI_METHODS", "FixMatchLoss", "PairedLoader", "check_semi_config",
@@ -215,7 +215,11 @@ def select_pseudo_labels(probs: np.ndarray, *, threshold: float, selection: str 
 
 # ------------------------------------------------------------------------------------ data
 def gather_unlabelled(cfg: Any, target: Any, splits: np.ndarray, used: np.ndarray) -> tuple[UnlabelledSet, dict[str, Any]]:
-    """The run's unlabelled images (``rest_of_train`` or folders) without near-copies of test images.
+    """The run's unlabelled images (``rest_of_train`` or folders) without near-copies of held-out images.
+
+    ``rest_of_train`` images are checked against the test split (they are training images, held
+    to the training images' rule); images from folders against the validation and test splits,
+    since a folder may hold the target's own validation images (``drop_held_out_near_copies``).
 
     With ``cfg.max_unlabelled``, at most that many of the remaining images, drawn uniformly with
     ``cfg.seed`` (the size of the unlabelled pool is a standard axis of semi-supervised benchmarks;
@@ -224,20 +228,23 @@ def gather_unlabelled(cfg: Any, target: Any, splits: np.ndarray, used: np.ndarra
     Returns:
         The images, and what ``metrics.json`` records about them (sources, counts, dropped ids).
     """
-    if tuple(cfg.unlabelled) == (REST_OF_TRAIN,):
+    from_train = tuple(cfg.unlabelled) == (REST_OF_TRAIN,)
+    if from_train:
         unl = rest_of_train(target, splits, used)
     else:
         unl = load_unlabelled(cfg.unlabelled, channels=target.channels, max_side=cfg.max_side)
     found = len(unl)
-    unl, dropped = drop_test_near_copies(unl, target, splits, near_threshold=cfg.near_threshold, leakage=cfg.leakage)
+    unl, dropped = drop_held_out_near_copies(unl, target, splits, near_threshold=cfg.near_threshold, leakage=cfg.leakage,
+                                         held_out=("test",) if from_train else ("val", "test"))
     n_clean = len(unl)
     if cfg.max_unlabelled is not None and n_clean > cfg.max_unlabelled:
         keep = np.random.default_rng([cfg.seed, 7919]).choice(n_clean, size=cfg.max_unlabelled, replace=False)
         unl = unl.subset(np.sort(keep))
     info = {"sources": list(unl.sources), "n_found": found, "n_clean": n_clean, "n_used": len(unl),
             "labels_hidden": unl.labels_hidden,
-            "skipped": unl.skipped, "dropped": {"near_copies_of_test": dropped}}
-    logger.info("unlabelled images: %d used of %d found (%d near-copies of test images dropped)", len(unl), found, len(dropped))
+            "skipped": unl.skipped, "dropped": dropped}
+    logger.info("unlabelled images: %d used of %d found (%s dropped)", len(unl), found,
+                ", ".join(f"{len(ids)} {key.replace('_', ' ')} images" for key, ids in dropped.items()))
     return unl, info
 
 

@@ -14,6 +14,9 @@ training images (``find_near_duplicates`` on the 64-bit pHash within ``near_thre
 confirmed by the 256-bit pHash; ``leakage="error"`` refuses instead), and listed in
 ``metrics.json`` (``semi.unlabelled.dropped.near_copies_of_test``). A test image seen without its
 label still shapes the model (pseudo labels, consistency), so the test score would be inflated.
+Images from folders are checked against the validation split too (``near_copies_of_val``): a
+folder may be the target itself, and validation images trained on without labels would bias the
+model choice made on them.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from openmednet.data.sources import SourceItem, SourceSpec, iter_source, read_it
 from openmednet.eval.splits import find_near_duplicates
 from openmednet.eval.targets import TargetSet
 
-__all__ = ["REST_OF_TRAIN", "UnlabelledSet", "check_unlabelled", "drop_test_near_copies", "load_unlabelled", "rest_of_train"]
+__all__ = ["REST_OF_TRAIN", "UnlabelledSet", "check_unlabelled", "drop_held_out_near_copies", "load_unlabelled", "rest_of_train"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,28 +209,46 @@ def rest_of_train(target: TargetSet, splits: np.ndarray, used: np.ndarray) -> Un
                          labels_hidden=int(rest.size))
 
 
-def drop_test_near_copies(unlabelled: UnlabelledSet, target: TargetSet, splits: np.ndarray, *,
-                          near_threshold: int, leakage: str) -> tuple[UnlabelledSet, list[str]]:
-    """Drop unlabelled images that are near-copies of test images (the training images' rule).
+def drop_held_out_near_copies(unlabelled: UnlabelledSet, target: TargetSet, splits: np.ndarray, *,
+                          near_threshold: int, leakage: str, held_out: Sequence[str] = ("test",)
+                          ) -> tuple[UnlabelledSet, dict[str, list[str]]]:
+    """Drop unlabelled images that are near-copies of held-out images (the training images' rule).
+
+    ``held_out`` names the splits checked: ``("test",)`` for ``rest_of_train`` (training images,
+    already cleaned by ``prepare_splits`` as every training image is), ``("val", "test")`` for
+    folders, which may hold the target's own validation images: a model that trained on them,
+    even without their labels, scores them too well, and model choice on that score is biased.
 
     Returns:
-        The kept images and the ids of the dropped ones.
+        The kept images, and per held-out split (``near_copies_of_test``, ``near_copies_of_val``)
+        the ids of the dropped ones.
 
     Raises:
-        ValueError: near-copies found and ``leakage == "error"``.
+        ValueError: near-copies found and ``leakage == "error"``, or none left.
     """
-    test = np.flatnonzero(splits == "test")
-    pairs = find_near_duplicates(target.hashes[test], unlabelled.hashes, near_threshold,
-                                 query_fine=target.fine_hashes[test], reference_fine=unlabelled.fine_hashes)
-    if not pairs:
-        return unlabelled, []
-    copies = sorted({j for _, j, _ in pairs})
-    examples = [f"{target.ids[test[i]]} ~ {unlabelled.ids[j]} ({d} bits)" for i, j, d in pairs[:3]]
-    if leakage == "error":
-        raise ValueError(f"{len(copies)} unlabelled images are near-copies of test images (e.g. {examples}): the test "
-                         f"score would be inflated. Remove them from the unlabelled folders, or set leakage='drop'")
-    warnings.warn(f"left out {len(copies)} unlabelled images that are near-copies of test images (within "
-                  f"{near_threshold} of 64 pHash bits, confirmed by the 256-bit hash), e.g. {examples}", stacklevel=2)
-    if len(copies) == len(unlabelled):
-        raise ValueError(f"no unlabelled images left: all {len(copies)} are near-copies of test images")
-    return unlabelled.subset(np.setdiff1d(np.arange(len(unlabelled)), copies)), [unlabelled.ids[j] for j in copies]
+    dropped: dict[str, list[str]] = {}
+    copies: set[int] = set()
+    for split in held_out:
+        rows = np.flatnonzero(splits == split)
+        pairs = find_near_duplicates(target.hashes[rows], unlabelled.hashes, near_threshold,
+                                     query_fine=target.fine_hashes[rows], reference_fine=unlabelled.fine_hashes)
+        found = sorted({j for _, j, _ in pairs} - copies)
+        dropped[f"near_copies_of_{split}"] = [unlabelled.ids[j] for j in found]
+        if not found:
+            continue
+        copies.update(found)
+        name = "test" if split == "test" else "validation"
+        examples = [f"{target.ids[rows[i]]} ~ {unlabelled.ids[j]} ({d} bits)" for i, j, d in pairs[:3]]
+        harm = "the test score would be inflated" if split == "test" else "model choice on the validation score would be biased"
+        if leakage == "error":
+            raise ValueError(f"{len(found)} unlabelled images are near-copies of {name} images (e.g. {examples}): "
+                             f"{harm}. Remove them from the unlabelled folders, or set leakage='drop'")
+        warnings.warn(f"left out {len(found)} unlabelled images that are near-copies of {name} images (within "
+                      f"{near_threshold} of 64 pHash bits, confirmed by the 256-bit hash; {harm}), e.g. {examples}",
+                      stacklevel=2)
+    if copies and len(copies) == len(unlabelled):
+        raise ValueError(f"no unlabelled images left: all {len(copies)} are near-copies of "
+                         f"{' or '.join('validation' if s == 'val' else s for s in held_out)} images")
+    if not copies:
+        return unlabelled, dropped
+    return unlabelled.subset(np.setdiff1d(np.arange(len(unlabelled)), sorted(copies))), dropped
