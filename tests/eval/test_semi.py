@@ -199,6 +199,33 @@ def test_cli_errors_name_the_unlabelled_problem(tiny: tuple[Path, Path], tmp_pat
     assert "permission denied" in str(result.exception)
 
 
+def test_settings_the_chosen_method_ignores_are_named(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """Regression (hostile-user probe): ``--semi fixmatch --set sat_momentum=0.5`` ran without a word,
+    as if FreeMatch's setting applied. Single runs and studies now name what their methods ignore."""
+    import dataclasses
+
+    from openmednet.eval import study
+    from openmednet.eval.semi import unread_semi_settings
+
+    data, _ = tiny
+    empty = tmp_path / "empty"
+    empty.mkdir()  # the run stops at its unlabelled folder, after the settings were checked
+    result = _cli(data, tmp_path / "run", "--unlabelled", str(empty), "--set", "sat_momentum=0.5", "--set", "rounds=3")
+    assert "warning: ignored settings: semi=fixmatch does not read rounds (pseudo_label); sat_momentum (freematch)" \
+        in result.output
+    result = _cli(data, tmp_path / "run", "--unlabelled", str(empty), "--set", "semi_threshold=0.9")
+    assert "ignored settings" not in result.output  # fixmatch reads its threshold
+
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.default is not dataclasses.MISSING}
+    assert unread_semi_settings({"lambda_f": 0.1, "mu": 3}, defaults, ["freematch"]) == []
+    assert unread_semi_settings({"lambda_f": 0.1, "mu": 3}, defaults, ["none"]) == ["mu", "lambda_f"]
+    assert unread_semi_settings({"lambda_f": defaults["lambda_f"]}, defaults, ["none"]) == []  # unchanged: not a choice
+    cfg = study.StudyConfig(out=tmp_path / "s", targets=(), inits=("auto",), semi=("none", "fixmatch"),
+                            unlabelled=("rest_of_train",), finetune={"rounds": 2, "mu": 3})
+    with pytest.warns(UserWarning, match=r"semi=none/fixmatch does not read rounds \(pseudo_label\)"):
+        study._warn_unread_semi_settings(cfg)
+
+
 # ------------------------------------------------------------------------------------ study
 def test_study_semi_axis_maps_arms_and_keeps_earlier_runs_reusable(tmp_path: Path) -> None:
     from openmednet.config import to_dict

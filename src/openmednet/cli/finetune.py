@@ -59,6 +59,7 @@ def register(app: typer.Typer) -> None:
             if not str(e).startswith("missing required"):  # a missing field (data, out) has flags to name
                 raise
             raise ValueError(f"{e}: give --data and --out (or set them in --config)") from None
+        _warn_unread_semi_settings(cfg)
         result = run_finetune(cfg)
         test = result.metrics["test"]
         typer.echo(f"test set: {test['n']} images, best epoch {result.metrics['best_epoch']}")
@@ -68,3 +69,19 @@ def register(app: typer.Typer) -> None:
             headline = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "ece")
         typer.echo(metrics_table_md(test, headline), nl=False)
         typer.echo(f"outputs: {result.out}")
+
+
+def _warn_unread_semi_settings(cfg) -> None:
+    """Say which semi-supervised settings this run's ``--semi`` ignores (e.g. ``sat_momentum`` with
+    fixmatch): a single run names one method, so a changed setting it does not read is a mistake
+    (a study's shared settings serve several methods; ``run_study`` checks them against its grid)."""
+    import dataclasses
+
+    from openmednet.eval.semi import unread_semi_message, unread_semi_settings
+
+    fields = dataclasses.fields(cfg)
+    values = {f.name: getattr(cfg, f.name) for f in fields}
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    unread = unread_semi_settings(values, defaults, [cfg.semi])
+    if unread:
+        typer.secho(f"warning: {unread_semi_message(unread, [cfg.semi])}", fg=typer.colors.YELLOW, err=True)

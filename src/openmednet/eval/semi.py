@@ -49,7 +49,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +71,9 @@ from openmednet.eval.freematch import SelfAdaptiveThreshold, fairness_loss
 from openmednet.eval.unlabelled import REST_OF_TRAIN, UnlabelledSet, drop_held_out_near_copies, load_unlabelled, rest_of_train
 from openmednet.utils import atomic_write, atomic_write_text, csv_text, seed_everything
 
-__all__ = ["FREEMATCH_FIELDS", "PSEUDO_SELECTIONS", "SEMI_FIELDS", "SEMI_METHODS", "FixMatchLoss", "PairedLoader", "check_semi_config",
-           "gather_unlabelled", "has_unlabelled", "run_semi", "select_pseudo_labels", "semi_neutral",
-           "split_study_strategy", "study_strategies"]
+__all__ = ["FREEMATCH_FIELDS", "METHOD_FIELDS", "PSEUDO_SELECTIONS", "SEMI_FIELDS", "SEMI_METHODS", "FixMatchLoss",
+           "PairedLoader", "check_semi_config", "gather_unlabelled", "has_unlabelled", "run_semi", "select_pseudo_labels",
+           "semi_neutral", "split_study_strategy", "study_strategies", "unread_semi_message", "unread_semi_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,14 @@ SEMI_FIELDS = ("unlabelled", "rounds", "semi_threshold", "pseudo_selection", "ps
                "mu", "lambda_u", "strong_magnitude", "max_unlabelled", "sat_momentum", "lambda_f")
 #: Fields only ``freematch`` reads: left out of other runs' comparisons, so runs made before they existed stay valid.
 FREEMATCH_FIELDS = ("sat_momentum", "lambda_f")
+#: The semi-supervised settings each method reads (``run_semi``); the rest of SEMI_FIELDS it ignores.
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "pseudo_label": ("unlabelled", "max_unlabelled", "rounds", "semi_threshold", "pseudo_selection", "pseudo_fraction",
+                     "student_dropout", "strong_magnitude"),
+    "fixmatch": ("unlabelled", "max_unlabelled", "semi_threshold", "mu", "lambda_u", "strong_magnitude"),
+    "freematch": ("unlabelled", "max_unlabelled", "mu", "lambda_u", "strong_magnitude", "sat_momentum", "lambda_f"),
+}
 #: Fields a finished round does not depend on (``rounds``: a longer run reuses the earlier rounds).
 _ROUND_NEUTRAL = ("out", "device", "num_workers", "rounds", "n_boot")
 
@@ -124,6 +132,25 @@ def check_semi_config(cfg: Any) -> None:
     if not 0 <= cfg.lambda_u < math.inf or not 0 <= cfg.strong_magnitude <= 30:
         raise ValueError(f"need a finite lambda_u >= 0 and 0 <= strong_magnitude <= 30, got {cfg.lambda_u}, "
                          f"{cfg.strong_magnitude}")
+
+
+def unread_semi_settings(values: Mapping[str, Any], defaults: Mapping[str, Any], methods: Sequence[str]) -> list[str]:
+    """The semi-supervised settings in ``values`` changed from ``defaults`` that none of ``methods`` reads.
+
+    E.g. ``sat_momentum`` with ``--semi fixmatch``, or ``rounds`` in a study whose grid has no
+    ``pseudo_label`` arm: accepted silently, such a setting looks applied and is not.
+    """
+    read = {f for method in methods for f in METHOD_FIELDS.get(method, ())}
+    return [f for f in SEMI_FIELDS if f in values and f not in read and f != "unlabelled"
+            and values[f] != defaults.get(f)]
+
+
+def unread_semi_message(fields: Sequence[str], methods: Sequence[str]) -> str:
+    """What to tell the user about ``unread_semi_settings``' answer (which method reads each)."""
+    readers = {f: [m for m, read in METHOD_FIELDS.items() if f in read] for f in fields}
+    named = "; ".join(f"{f} ({', '.join(readers[f])})" for f in fields)
+    return (f"ignored settings: semi={'/'.join(methods)} does not read {named}; remove them or choose the method "
+            f"in brackets")
 
 
 def semi_neutral(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -61,6 +61,7 @@ Example ``study.yaml``::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Iterator, Mapping
@@ -71,6 +72,7 @@ from openmednet.config import save_config, to_dict
 from openmednet.engine.jobs import run_jobs
 from openmednet.engine.trainer import NonFiniteLossError
 from openmednet.eval.finetune import run_finetune
+from openmednet.eval.semi import unread_semi_message, unread_semi_settings
 from openmednet.eval.leakage import (
     check_pretraining_leakage,
     shipped_corpus_fingerprint,
@@ -116,6 +118,17 @@ def _check_parts(jobs: int, num_parts: int, part: int, report_only: bool) -> Non
         raise ValueError("--report-only merges the arms of every part: drop --num-parts/--part")
 
 
+def _warn_unread_semi_settings(cfg: StudyConfig) -> None:
+    """Warn about shared ``finetune`` settings that no semi method of the grid reads (e.g.
+    ``rounds`` without a ``pseudo_label`` arm): they look applied and are not."""
+    fields = dataclasses.fields(cfg.finetune)
+    values = {f.name: getattr(cfg.finetune, f.name) for f in fields}
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    unread = unread_semi_settings(values, defaults, cfg.semi)
+    if unread:
+        warnings.warn(f"study finetune: {unread_semi_message(unread, cfg.semi)}", stacklevel=3)
+
+
 def run_study(cfg: StudyConfig, *, jobs: int = 1, num_parts: int = 1, part: int = 0,
               report_only: bool = False) -> dict[str, Any]:
     """Run (or resume) every arm, then write ``report.json``, ``report.md`` and plots.
@@ -143,6 +156,7 @@ def run_study(cfg: StudyConfig, *, jobs: int = 1, num_parts: int = 1, part: int 
         _check_unlabelled(cfg)
     if len(cfg.seeds) < MIN_SEEDS:
         warnings.warn(f"{len(cfg.seeds)} seed(s): a study needs at least {MIN_SEEDS} for seed spread", stacklevel=2)
+    _warn_unread_semi_settings(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "study.yaml")
