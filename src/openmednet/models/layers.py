@@ -129,7 +129,8 @@ class MultiBranchBlock(nn.Module):
                 folded (``fuse_for_inference`` copies run the branches separately) or the branch
                 BNs' settings differ.
         """
-        return torch.cat(self._group_outputs(x, groups or self.merge_groups or (self.kernel_sizes,)), 1)
+        outputs = self._group_outputs(x, groups or self.merge_groups or (self.kernel_sizes,))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
 
     def _group_outputs(self, x: Tensor, groups: Sequence[Sequence[int]]) -> list[Tensor]:
         """Each group's ``(B, group channels, H', W')`` output, in branch order (``merged_branches``)."""
