@@ -85,6 +85,35 @@ def test_shared_splits_keep_patients_apart_and_drop_near_copies(lgg, lgg_dir, tm
     assert dropped["near_copies_of_test"] == [test_row["path"]] and len(cleaned) == len(target) - 1
 
 
+def test_an_image_with_two_different_masks_is_left_out_whatever_their_strata(lgg, lgg_dir, tmp_path):
+    """Regression (hostile-user probe): an image listed twice, with its mask and that mask mirrored, was
+    trained on with both: conflicts were looked for among the size strata, and the two masks share
+    one. Masks are compared now; the same mask under another file name is no conflict."""
+    from PIL import Image
+
+    rows = list(csv.DictReader((lgg_dir / "masks.csv").open()))
+    sizes = [int(np.asarray(Image.open(lgg_dir / r["mask"])).sum()) for r in rows]
+    twice, same = rows[int(np.argmax(sizes))], rows[int(np.argsort(sizes)[-2])]
+    data = tmp_path / "two_masks"
+    shutil.copytree(lgg_dir, data)
+    mask = np.asarray(Image.open(lgg_dir / twice["mask"]))
+    Image.fromarray(mask[:, ::-1].copy()).save(data / "masks" / "mirrored.png")  # same size, so same stratum
+    shutil.copy(lgg_dir / same["mask"], data / "masks" / "same_again.png")
+    with (data / "masks.csv").open("a", newline="") as f:
+        csv.writer(f).writerows([[twice["path"], "masks/mirrored.png", twice.get("split", ""), twice["group"]],
+                                 [same["path"], "masks/same_again.png", same.get("split", ""), same["group"]]])
+    target = load_segmentation(data)
+    assert len(target) == len(lgg) + 2
+    conflicting = [i for i, name in enumerate(target.ids) if name == twice["path"]]
+    assert len(set(target.labels[conflicting])) == 1  # one stratum: the old check saw no conflict
+    cfg = FinetuneConfig(data=data, out=tmp_path / "x", task="segmentation", given_splits=False,
+                         val_fraction=0.2, test_fraction=0.2)
+    with pytest.warns(UserWarning, match="2 identical images carry different masks"):
+        cleaned, _, dropped = prepare_splits(target, cfg)
+    assert dropped["label_conflicts"] == [twice["path"]] * 2
+    assert twice["path"] not in cleaned.ids and cleaned.ids.count(same["path"]) == 2
+
+
 def test_encoder_starts_from_the_shipped_weights_exactly():
     from openmednet.models import create_model
 

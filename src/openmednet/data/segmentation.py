@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -66,6 +67,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MASKS_CSV = "masks.csv"
+#: Largest share of differing pixels at which two masks of one image count as the same annotation
+#: (``SegmentationSet.same_annotation``); above it the image carries two labels and is dropped.
+MASK_AGREEMENT = 0.01
 CLASSES_TXT = "classes.txt"
 EMPTY = "empty"
 
@@ -112,7 +116,6 @@ def read_mask(path: str | Path, num_classes: int, shape: tuple[int, int] | None 
             pixel limit), a colour mask, a size other than ``shape``, or values outside
             ``[0, num_classes)`` (negative ones included: a 32-bit mask's -1 "ignore" label).
     """
-    from PIL import Image
 
     try:
         with Image.open(path) as im:
@@ -229,6 +232,19 @@ class SegmentationSet(DecodedItems):
     def label_names(self) -> tuple[str, ...]:
         """Sorted strata present (the ``TargetSet.label_names`` the split checks compare with)."""
         return tuple(sorted(set(self.labels.tolist())))
+
+    def same_annotation(self, i: int, j: int) -> bool:
+        """Whether pairs ``i`` and ``j`` (of identical images) carry the same mask.
+
+        The masks agree when at most ``MASK_AGREEMENT`` of their pixels differ, ``j``'s mask
+        resized to ``i``'s size (nearest) if the copies differ in size: copies of one image saved
+        at two sizes disagree on a few boundary pixels. ``prepare_splits`` drops images whose
+        masks disagree, as it drops identical images with two class labels.
+        """
+        a, b = self.masks[i], self.masks[j]
+        if a.shape != b.shape:
+            b = np.asarray(Image.fromarray(b).resize(a.shape[::-1], Image.Resampling.NEAREST))
+        return float(np.mean(a != b)) <= MASK_AGREEMENT
 
     # ``y`` (stratum indices), ``len`` and ``subset`` (each item's stratum kept) come from ``DecodedItems``.
     PER_ITEM_LISTS = ("images", "masks", "groups", "given_splits", "ids")

@@ -21,7 +21,7 @@ import logging
 import math
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -285,6 +285,7 @@ def find_label_conflicts(
     *,
     fine: np.ndarray | None = None,
     confirm_threshold: int = DEFAULT_CONFIRM_THRESHOLD,
+    agree: Callable[[int, int], bool] | None = None,
 ) -> list[list[int]]:
     """Clusters of (near-)identical images carrying different labels (e.g. BUSI's
     ``malignant (145)`` = ``benign (433)``): each cluster is a sorted list of indices.
@@ -292,8 +293,14 @@ def find_label_conflicts(
     Clusters are connected components of the pairs within ``max_distance`` bits of the 64-bit
     hash (0: the same hash), confirmed by the 256-bit hashes ``fine`` (``(N, 4)``) when given.
     Their true label is unknown, so callers drop every member (with a warning).
+
+    ``agree(i, j)`` compares two annotations where equal labels are not the test, e.g. masks
+    (``SegmentationSet.same_annotation``: a segmentation set's ``labels`` are size strata, and
+    two different masks of one image often share a stratum); a cluster conflicts when a member
+    disagrees with its first one. Default: the labels are equal.
     """
     y = np.asarray([str(v) for v in labels], dtype=object)
+    agree = agree or (lambda i, j: y[i] == y[j])
     pairs = near_pairs(np.asarray(hashes, np.uint64), max_distance)
     if fine is not None:
         pairs = confirm_pairs(pairs, np.asarray(fine), confirm_threshold)
@@ -301,6 +308,6 @@ def find_label_conflicts(
     clusters = []
     for c in np.unique(comp):
         members = np.flatnonzero(comp == c)
-        if members.size > 1 and len(set(y[members])) > 1:
+        if members.size > 1 and not all(agree(int(members[0]), int(j)) for j in members[1:]):
             clusters.append(members.tolist())
     return clusters

@@ -40,8 +40,9 @@ __all__ = ["check_init_corpus", "prepare_splits", "split_loader"]
 def prepare_splits(target: TargetSet, cfg: FinetuneConfig) -> tuple[TargetSet, np.ndarray, dict[str, list[str]]]:
     """Clean the target and split it: returns ``(target, splits, dropped)``.
 
-    1. Images that are (perceptually) identical but carry different labels are dropped: their
-       true label is unknown (BUSI's ``malignant (145)`` = ``benign (433)``).
+    1. Images that are (perceptually) identical but carry different labels (masks, for a
+       segmentation set) are dropped: their true label is unknown (BUSI's ``malignant (145)`` =
+       ``benign (433)``).
     2. Splits: given, else drawn by group and class with ``cfg.split_seed``; no group in two splits.
     3. Train/val images that are near-copies of a test image are dropped (or refused), so the test
        split measures images the model has never seen in any form.
@@ -51,11 +52,15 @@ def prepare_splits(target: TargetSet, cfg: FinetuneConfig) -> tuple[TargetSet, n
         "near_copies_of_test": ids}`` of the dropped items.
     """
     dropped: dict[str, list[str]] = {"label_conflicts": [], "near_copies_of_test": []}
-    conflicts = [i for cluster in find_label_conflicts(target.hashes, target.labels, fine=target.fine_hashes) for i in cluster]
+    # A segmentation set compares masks (its labels are size strata); a classification set, labels.
+    agree = getattr(target, "same_annotation", None)
+    conflicts = [i for cluster in find_label_conflicts(target.hashes, target.labels, fine=target.fine_hashes,
+                                                       agree=agree) for i in cluster]
     if conflicts:
         dropped["label_conflicts"] = [target.ids[i] for i in conflicts]
+        what = "masks" if agree else "labels"
         warnings.warn(
-            f"{len(conflicts)} identical images carry different labels and are left out: "
+            f"{len(conflicts)} identical images carry different {what} and are left out: "
             f"{dropped['label_conflicts'][:4]}", stacklevel=2,
         )
         target = target.subset(np.setdiff1d(np.arange(len(target)), conflicts))
