@@ -143,6 +143,24 @@ def test_unlabelled_folder_holding_the_validation_images_is_cleaned_of_them(tiny
     assert list(info["dropped"]) == ["near_copies_of_test"]
 
 
+def test_a_segmentation_folder_gives_its_images_not_its_masks(seg_subset, tmp_path: Path) -> None:
+    """Regression (hostile-user probe): ``--unlabelled`` on a segmentation folder read ``images/`` and
+    ``masks/`` as two class folders, so the 0/1 masks became unlabelled "images"."""
+    import csv
+
+    from openmednet.eval.unlabelled import check_unlabelled, load_unlabelled
+
+    folder = seg_subset(tmp_path / "lgg", patients=2)
+    rows = list(csv.DictReader((folder / "masks.csv").open()))
+    check_unlabelled([folder])
+    unl = load_unlabelled([folder], channels=1)
+    assert sorted(unl.ids) == sorted(f"lgg/{r['path']}" for r in rows)
+    assert unl.labels_hidden == 0 and not any("mask" in i for i in unl.ids)
+    first = np.asarray(Image.open(folder / rows[0]["path"]).convert("L"))
+    i = unl.ids.index(f"lgg/{rows[0]['path']}")
+    np.testing.assert_array_equal(unl.images[i], first)  # the image itself, decoded as any image is
+
+
 # ------------------------------------------------------------------------------------ rounds
 def test_multi_round_run_resumes_and_extends_with_the_same_result(tiny: tuple[Path, Path], tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:

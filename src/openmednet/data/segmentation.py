@@ -251,7 +251,14 @@ class SegmentationSet(DecodedItems):
     PER_ITEM_ARRAYS = ("hashes", "fine_hashes", "labels")
 
 
-def _rows(root: Path) -> list[dict[str, str]]:
+def read_masks_csv(root: Path) -> list[dict[str, str]]:
+    """The rows of ``root/masks.csv``, checked: the columns ``path`` and ``mask``, at least one row,
+    every listed file present (rows are not yet checked to stay inside ``root``: ``load_segmentation``).
+
+    Raises:
+        FileNotFoundError: no ``masks.csv``, or a listed file missing.
+        ValueError: not UTF-8, a column missing, or no row.
+    """
     manifest = root / MASKS_CSV
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} not found: a segmentation folder needs masks.csv "
@@ -304,7 +311,7 @@ def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> Segmen
     root = Path(data)
     if not root.is_dir():
         raise FileNotFoundError(f"segmentation data not found: {root} (expected a folder with masks.csv)")
-    rows = _rows(root)
+    rows = read_masks_csv(root)
     class_names = read_classes(root / CLASSES_TXT)
     skipped: Counter[str] = Counter()
     # A pair listed twice is used once, as a labels.csv row is (the files compared, not the text).

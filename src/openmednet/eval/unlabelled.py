@@ -4,7 +4,7 @@ Where they come from (``FinetuneConfig.unlabelled``):
 
 - folders or files any reader accepts (flat folders, class folders, ``labels.csv``, ``.npz``,
   DICOM and NIfTI trees; see ``openmednet.data.sources``), several allowed. Labels they may carry are
-  ignored (hidden) and counted;
+  ignored (hidden) and counted; a segmentation folder (``masks.csv``) gives its images, not its masks;
 - ``rest_of_train``: the target's training images outside the label budget (``per_class`` or
   ``label_fraction``), labels hidden: the standard protocol of semi-supervised benchmarks
   (FixMatch, Sohn et al. 2020, sec. 4.1), and already cleaned by ``prepare_splits``.
@@ -33,6 +33,7 @@ import numpy as np
 
 from openmednet.data.dedupe import phashes
 from openmednet.data.images import shrink, to_channels
+from openmednet.data.segmentation import MASKS_CSV, read_masks_csv
 from openmednet.data.sources import SourceItem, SourceSpec, iter_source, read_item
 from openmednet.eval.splits import find_near_duplicates
 from openmednet.eval.targets import TargetSet
@@ -85,8 +86,17 @@ def _check_readable(root: Path) -> None:
 
 
 def _list_items(root: Path) -> list[SourceItem]:
-    """The items of one source, nothing decoded; a missing, unreadable or empty source is a clear error."""
+    """The items of one source, nothing decoded; a missing, unreadable or empty source is a clear error.
+
+    A segmentation folder (``masks.csv``) gives its images, each once: read as a plain folder, its
+    ``images/`` and ``masks/`` sub-folders looked like two classes, and the masks were used as
+    unlabelled images.
+    """
     _check_readable(root)
+    if root.is_dir() and (root / MASKS_CSV).is_file():
+        paths = dict.fromkeys(row["path"] for row in read_masks_csv(root))  # an image with two masks: once
+        # root=root: read_item skips a row leading out of the folder, as load_segmentation does.
+        return [SourceItem(path=root / p, source=root.stem, root=root) for p in paths]
     try:
         return list(iter_source(SourceSpec(name=root.stem, root=root)))
     except PermissionError as e:
