@@ -106,6 +106,25 @@ def _rewrite(folder, rows):
         w.writerows(rows)
 
 
+def test_background_only_masks_and_classes_no_mask_holds_are_refused(seg_subset, tmp_path):
+    """Regression (hostile-user probe): a set of empty masks trained to Dice 0.000 [0.000, 0.000] with
+    only a warning about validation AUROC; a class of classes.txt in no mask was trained and scored
+    (Dice 0), pulling dice_mean down. Both are refused now, as classification refuses a class
+    without images."""
+    data = seg_subset(tmp_path / "lgg", patients=2, per_patient=3)
+    load_segmentation(data)
+    (data / "classes.txt").write_text("0 background\n1 flair_abnormality\n2 necrosis\n")
+    with pytest.raises(ValueError, match=r"classes.txt lists \['2 necrosis'\], which no mask contains"):
+        load_segmentation(data)
+    (data / "classes.txt").write_text("0 background\n1 flair_abnormality\n")
+    rows = list(csv.DictReader((data / "masks.csv").open()))
+    empty = np.zeros_like(np.asarray(Image.open(data / rows[0]["mask"])))
+    Image.fromarray(empty).save(data / "empty.png")
+    _rewrite(data, [{**r, "mask": "empty.png"} for r in rows])
+    with pytest.raises(ValueError, match="no mask of .* has a foreground pixel"):
+        load_segmentation(data)
+
+
 def test_rows_outside_the_folder_are_skipped_as_for_labels_csv(seg_subset, shared_data, tmp_path):
     # Regression: masks.csv rows with absolute paths or ../ were read from anywhere (and trained on,
     # their paths written to per_image.csv); labels.csv rows outside their folder are skipped as

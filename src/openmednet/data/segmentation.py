@@ -166,6 +166,29 @@ def _upright_mask(path: Path, num_classes: int, shape: tuple[int, int], orientat
     return np.asarray(ImageOps.exif_transpose(mask))
 
 
+def check_classes_present(masks: Sequence[np.ndarray], class_names: Sequence[str], root: Path) -> None:
+    """Refuse a set where some foreground class of ``classes.txt`` has no pixel in any mask.
+
+    Such a class cannot be learned or measured, yet it took a head channel and its Dice (0 once
+    the model predicts a pixel of it) pulled the headline mean down; classification refuses a class
+    without training images likewise. A set whose masks are all background has nothing to learn.
+
+    Raises:
+        ValueError: no foreground pixel at all, or a class absent from every mask.
+    """
+    counts = np.zeros(len(class_names), dtype=np.int64)
+    for m in masks:
+        counts += np.bincount(m.ravel(), minlength=len(class_names))[:len(class_names)]
+    if not counts[1:].any():
+        raise ValueError(f"no mask of {root} has a foreground pixel (all {len(masks)} are background, value 0): there "
+                         f"is nothing to learn; check that mask values are the class indices of classes.txt")
+    absent = [f"{k} {class_names[k]}" for k in range(1, len(class_names)) if not counts[k]]
+    if absent:
+        raise ValueError(f"{root}: classes.txt lists {absent}, which no mask contains: such a class can be neither "
+                         f"learned nor measured. Remove it from classes.txt (masks keep their values, so renumber "
+                         f"them if it is not the last), or add masks that contain it")
+
+
 def mask_strata(masks: Sequence[np.ndarray], class_names: Sequence[str]) -> np.ndarray:
     """One stratum per mask: ``"empty"``, or ``"<class>:small"`` / ``"<class>:large"``.
 
@@ -343,6 +366,7 @@ def load_segmentation(data: str | Path, *, max_side: int | None = 256) -> Segmen
         warnings.warn(f"{root}: skipped {sum(skipped.values())} images {dict(skipped)}", stacklevel=2)
     if not images:
         raise ValueError(f"no image of {root} could be decoded ({dict(skipped)})")
+    check_classes_present(masks, class_names, root)
     channels, _ = majority_channels(images, GRAY_TOLERANCE)  # the minority is converted below
     pairs = [_shrink_pair(to_channels(a, channels)[0], m, max_side) for a, m in zip(images, masks)]
     images = [np.require(a, requirements=["C", "W"]) for a, _ in pairs]

@@ -64,6 +64,7 @@ def prepare_splits(target: TargetSet, cfg: FinetuneConfig) -> tuple[TargetSet, n
             f"{dropped['label_conflicts'][:4]}", stacklevel=2,
         )
         target = target.subset(np.setdiff1d(np.arange(len(target)), conflicts))
+    given = cfg.given_splits and target.given_splits is not None and any(s is not None for s in target.given_splits)
     splits = make_splits(
         target.labels, target.groups, target.given_splits if cfg.given_splits else None,
         val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
@@ -97,9 +98,13 @@ def prepare_splits(target: TargetSet, cfg: FinetuneConfig) -> tuple[TargetSet, n
     present = set(target.labels[splits == "val"].tolist())
     missing = sorted(set(target.label_names) - present)
     if len(present) < 2:
-        warnings.warn(f"the validation split holds only {sorted(present)}: validation AUROC is undefined, so "
-                      f"epochs are chosen on validation loss alone; draw splits (given_splits=false) or add images",
-                      stacklevel=2)
+        fix = "draw splits (given_splits=false) or add images" if given else "add images"
+        if hasattr(target, "masks"):  # strata of a segmentation set; model choice is on validation Dice
+            warnings.warn(f"the validation split holds only masks of stratum {sorted(present)}: validation Dice "
+                          f"scores few kinds of images, so model choice is weakly grounded; {fix}", stacklevel=2)
+        else:
+            warnings.warn(f"the validation split holds only {sorted(present)}: validation AUROC is undefined, so "
+                          f"epochs are chosen on validation loss alone; {fix}", stacklevel=2)
     elif missing:
         # Validation AUROC then averages over the classes present; rare classes of tiny targets
         # (BCCD basophils) may simply not reach the validation split.
