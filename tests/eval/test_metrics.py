@@ -148,3 +148,25 @@ def test_patients_with_many_images_widen_the_interval() -> None:
     assert width(patients) > 1.5 * width(images)
     assert patients["_meta"]["method"] == "stratified cluster percentile (groups)"
     assert images["_meta"]["method"] == "stratified percentile"
+
+
+def test_strata_of_one_patient_are_pooled_so_the_interval_is_not_zero_width():
+    """Regression (hostile-user probe): with one patient per stratum every cluster resample was the
+    test set itself (``dice_mean 0.034 [0.034, 0.034]``). Strata of one group are drawn together; a
+    lone one joins the largest stratum; whole patients are still drawn, in the same total count."""
+    from openmednet.eval.metrics import bootstrap_resamples
+
+    y = np.array([0, 0, 0, 1, 1])  # patient a: stratum 0; patient b: stratum 1
+    groups = ["a", "a", "a", "b", "b"]
+    _, resamples = bootstrap_resamples(y, 200, seed=0, groups=groups)
+    drawn = {tuple(sorted(r.tolist())) for r in resamples}
+    assert drawn == {(0, 0, 1, 1, 2, 2), (0, 1, 2, 3, 4), (3, 3, 4, 4)}  # {a, a}, {a, b}, {b, b}: not just {a, b}
+
+    y = np.array([0] * 6 + [1, 1])  # stratum 0: patients a, b, c; stratum 1: patient d alone
+    groups = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    _, resamples = bootstrap_resamples(y, 300, seed=0, groups=groups)
+    counts = [int(np.isin(r, [6, 7]).sum()) // 2 for r in resamples]  # times patient d was drawn
+    assert set(counts) >= {0, 1, 2}  # d varies now; before, it was in every resample exactly once
+    for r in bootstrap_resamples(y, 50, seed=1, groups=groups)[1]:
+        ids = [groups[i] for i in r]
+        assert all(ids.count(g) % 2 == 0 for g in set(ids)) and len(r) == 8  # whole patients, 4 drawn

@@ -291,7 +291,8 @@ def bootstrap_resamples(
 
     Each of the ``n_boot`` resamples draws, within each stratum, as many items as it holds, with
     replacement; when some group holds several items, whole groups are drawn instead (stratified
-    by each group's most frequent stratum). Segmentation (``openmednet.eval.segmentation``)
+    by each group's most frequent stratum; strata of a single group are drawn from together,
+    ``_pool_single_group_strata``). Segmentation (``openmednet.eval.segmentation``)
     recomputes its Dice/IoU from per-image pixel counts over the same resamples.
 
     Args:
@@ -337,7 +338,27 @@ def _clusters(groups: Sequence[Any] | None, y: np.ndarray) -> tuple[list[np.ndar
     members = [np.flatnonzero(inverse == g) for g in range(len(names))]
     majority = np.array([np.bincount(y[m]).argmax() for m in members])
     strata = [np.flatnonzero(majority == c) for c in np.unique(majority)]
-    return members, strata
+    return members, _pool_single_group_strata(strata)
+
+
+def _pool_single_group_strata(strata: list[np.ndarray]) -> list[np.ndarray]:
+    """Strata of one group pooled, so every stratum the resamples draw from varies.
+
+    A stratum holding one group is drawn as that group in every resample: with one patient per
+    stratum every resample was the test set itself, and the interval had zero width (a hostile-user
+    probe: ``dice_mean 0.034 [0.034, 0.034]`` over two patients whose Dice differ 4-fold). Such
+    strata are drawn from together; a pool still of one group joins the largest stratum. With a
+    single group in all, no resample differs (an interval needs two patients).
+    """
+    single = [s for s in strata if s.size < 2]
+    if not single:
+        return strata
+    rest = [s for s in strata if s.size >= 2]
+    pool = np.concatenate(single)
+    if pool.size >= 2 or not rest:
+        return [*rest, pool]
+    largest = int(np.argmax([s.size for s in rest]))
+    return [np.concatenate([s, pool]) if k == largest else s for k, s in enumerate(rest)]
 
 
 def evaluate_predictions(
