@@ -72,7 +72,7 @@ def test_given_train_val_only_val_becomes_test() -> None:
 @pytest.mark.parametrize(
     "labels, given, match",
     [
-        (["a", "a", "a", "b"], None, "a class has 1 image"),
+        (["a", "a", "a", "b"], None, r"\['b'\] \(classes, or mask strata of a segmentation set\) have 1 image each"),
         (["a", "b", "a", "b"], ["train", "", "test", "test"], "no split while others do"),
         (["a", "b", "a", "b"], ["train", "dev", "test", "test"], "unknown split names"),
     ],

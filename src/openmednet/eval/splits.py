@@ -72,11 +72,13 @@ def _group_fold(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
     """Boolean mask of a held-out part of about ``fraction`` of the items, stratified by label and
     disjoint by group (one fold of ``StratifiedGroupKFold`` with ``round(1 / fraction)`` folds)."""
     n_splits = max(2, round(1 / fraction))
-    smallest = min(Counter(labels.tolist()).values())
-    if smallest < 2:
+    counts = Counter(labels.tolist())
+    single = sorted(str(k) for k, c in counts.items() if c < 2)
+    if single:
+        # Named, since a segmentation set's labels are mask strata ("lesion:large"), not its classes.
         raise ValueError(
-            "cannot split: a class has 1 image, and it cannot be in both the training and held-out "
-            "parts; add images of that class or drop it"
+            f"cannot split: {single} (classes, or mask strata of a segmentation set) have 1 image each, which "
+            f"cannot be in both the training and held-out parts; add images of that kind or drop it"
         )
     n_splits = min(n_splits, len(set(groups.tolist())))
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
