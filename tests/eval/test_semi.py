@@ -208,10 +208,12 @@ def test_cli_errors_name_the_unlabelled_problem(tiny: tuple[Path, Path], tmp_pat
         ("--unlabelled", str(empty)): "no unlabelled images found in",
         ("--unlabelled", str(broken)): "could not be decoded",
         ("--unlabelled", "rest_of_train", "--unlabelled", str(broken)): "cannot be combined",
+        ("--unlabelled", str(broken / "a.png")): "is a file; give a folder of images",
     }
     for args, message in cases.items():
         result = _cli(data, tmp_path / "run", *args)
         assert result.exit_code != 0 and message in str(result.exception), (args, result.exception)
+        assert not (tmp_path / "run").exists(), args  # refused before the run wrote anything
     monkeypatch.setattr("openmednet.eval.unlabelled.os.access", lambda path, mode: Path(path) != empty)
     result = _cli(data, tmp_path / "run", "--unlabelled", str(empty))
     assert "permission denied" in str(result.exception)

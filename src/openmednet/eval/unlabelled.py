@@ -93,6 +93,9 @@ def _list_items(root: Path) -> list[SourceItem]:
     unlabelled images.
     """
     _check_readable(root)
+    if root.is_file() and root.suffix.lower() != ".npz":
+        raise ValueError(f"unlabelled images: {root} is a file; give a folder of images (flat, class folders or "
+                         f"labels.csv), a segmentation folder or a .npz")
     if root.is_dir() and (root / MASKS_CSV).is_file():
         paths = dict.fromkeys(row["path"] for row in read_masks_csv(root))  # an image with two masks: once
         # root=root: read_item skips a row leading out of the folder, as load_segmentation does.

@@ -110,6 +110,10 @@ def run_finetune(cfg: FinetuneConfig, target: TargetSet | None = None) -> Finetu
         from openmednet.eval.segmentation import run_segmentation
 
         return run_segmentation(cfg, target)
+    if cfg.semi != "none":  # a missing, empty or unreadable folder fails before any output or decoding
+        from openmednet.eval.unlabelled import check_unlabelled
+
+        check_unlabelled(cfg.unlabelled)
     out = start_run(cfg)
     if target is None:
         target = load_target(cfg.data, format=cfg.format, csv_file=cfg.csv_file, columns=cfg.columns,
