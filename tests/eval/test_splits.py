@@ -106,6 +106,11 @@ def test_few_shot_counts_are_exact_and_nested() -> None:
         subsample_train(labels, train, per_class=1000)
     with pytest.raises(ValueError, match="exactly one"):
         subsample_train(labels, train)
+    # Regression (hostile-user probe): a fraction rounding to 0 per class silently used 1 each, e.g.
+    # 17% of the images for label_fraction 0.01; the share actually used is now said.
+    with pytest.warns(UserWarning, match=r"rounds to 0 images for class \['benign', 'malignant', 'normal'\]"):
+        tiny = subsample_train(labels, train, fraction=0.001, seed=5)
+    assert Counter(labels[tiny]) == {"benign": 1, "malignant": 1, "normal": 1}
 
 
 def _jpeg_roundtrip(arr: np.ndarray, quality: int, size: int) -> np.ndarray:

@@ -208,7 +208,8 @@ def subsample_train(
 
     Per class, the training items are shuffled once with ``seed`` and the first ``m`` are taken,
     with ``m = max(1, round(fraction * n_class))`` or ``m = per_class``. So for one seed, smaller
-    subsets are contained in larger ones (nested).
+    subsets are contained in larger ones (nested). Where the fraction rounds to 0 images the class
+    gets 1, and a warning gives the share actually used.
 
     Args:
         labels: labels of all ``N`` items.
@@ -235,7 +236,7 @@ def subsample_train(
     y = np.asarray([str(v) for v in labels], dtype=object)
     train_idx = np.asarray(train_idx, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    chosen = []
+    chosen, raised = [], []
     for cls in sorted(set(y[train_idx].tolist())):
         members = train_idx[y[train_idx] == cls]
         members = members[rng.permutation(members.size)]
@@ -248,8 +249,15 @@ def subsample_train(
             m = per_class
         else:
             m = max(1, round(fraction * members.size))
+            if round(fraction * members.size) == 0:
+                raised.append(str(cls))
         chosen.append(members[:m])
-    return np.sort(np.concatenate(chosen))
+    out = np.sort(np.concatenate(chosen))
+    if raised:  # the budget actually used can be far above the fraction asked for: say so
+        warnings.warn(f"label fraction {fraction} rounds to 0 images for {unit} {raised}, which get 1 each: "
+                      f"{out.size} of {train_idx.size} training images are used ({out.size / train_idx.size:.0%})",
+                      stacklevel=2)
+    return out
 
 
 # ------------------------------------------------------------------------------ near duplicates
