@@ -231,3 +231,12 @@ def test_an_exif_turned_image_gets_its_mask_turned_alike(seg_subset, tmp_path):
     _rewrite(data, [{**row, "path": "turned_square.png"}] + [r for r in rows if r is not row])
     with pytest.raises(ValueError, match="EXIF orientation 6.*could be drawn either way"):
         load_segmentation(data)
+
+
+def test_classes_txt_separated_by_tabs_or_spaces(tmp_path):
+    """Regression (hostile-user probe): a tab-separated classes.txt was refused ("expected '0 <name>'")."""
+    (tmp_path / "classes.txt").write_text("0\tbackground\n1  \tpolyp tissue\n")
+    assert read_classes(tmp_path / "classes.txt") == ("background", "polyp tissue")
+    (tmp_path / "classes.txt").write_text("0 background\n1\n")
+    with pytest.raises(ValueError, match="expected '1 <name>'"):
+        read_classes(tmp_path / "classes.txt")

@@ -76,7 +76,8 @@ EMPTY = "empty"
 
 # ------------------------------------------------------------------------------------ reading
 def read_classes(path: str | Path) -> tuple[str, ...]:
-    """Class names by mask value from ``classes.txt`` (``"index name"`` per line, 0 = background).
+    """Class names by mask value from ``classes.txt`` (``"index name"`` per line, 0 = background;
+    index and name separated by spaces or a tab).
 
     Raises:
         FileNotFoundError: no such file.
@@ -89,7 +90,7 @@ def read_classes(path: str | Path) -> tuple[str, ...]:
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        index, _, name = line.strip().partition(" ")
+        index, name = (line.split(None, 1) + [""])[:2]  # any whitespace: a tab-separated file is common
         if not index.isdigit() or int(index) != len(names) or not name.strip():
             raise ValueError(f"{path}:{n}: expected '{len(names)} <name>', got {line!r}")
         names.append(name.strip())
