@@ -153,9 +153,13 @@ def test_a_rerun_with_other_settings_is_refused_and_overwrites_nothing(tmp_path:
 
     out = tmp_path / "run"
     _finished(out, FinetuneConfig(data="d", out=out, precision="fp32", device="cpu"))
-    with pytest.raises(ValueError, match=r"a different configuration \(differs in: per_class\); nothing was overwritten"):
+    with pytest.raises(ValueError, match=r"a different configuration \(per_class: None -> 50\); nothing was overwritten"):
         start_run(FinetuneConfig(data="d", out=out, per_class=50, precision="fp32", device="cpu"))
     assert (out / "metrics.json").is_file() and (out / "config.yaml").read_text() == "the finished run's config\n"
+    # Another semi method: the method is the difference, not the settings only one of them reads
+    # (the hostile-user probe saw 9 fields listed, 7 of them defaults never set).
+    with pytest.raises(ValueError, match=r"configuration \(semi: 'none' -> 'fixmatch'\); "):
+        start_run(FinetuneConfig(data="d", out=out, semi="fixmatch", unlabelled=("u",), precision="fp32", device="cpu"))
 
 
 def test_the_same_run_is_redone_and_more_rounds_continue(tmp_path: Path, caplog) -> None:

@@ -67,10 +67,27 @@ def config_changes(metrics: Mapping[str, Any], run: Any, ignore: tuple[str, ...]
         Sorted field names (``precision``/``channels_last`` for what training resolved to); empty
         when it is the same run.
     """
-    will_run = resolve_precision(run.precision, training_device(run), run.channels_last)
-    before = result_config(metrics.get("config") or {}, ran_with(metrics))
-    now = result_config(to_dict(run), will_run)
+    before, now = _compared(metrics, run)
     return sorted(k for k in before.keys() | now.keys() if k not in ignore and before.get(k) != now.get(k))
+
+
+def _compared(metrics: Mapping[str, Any], run: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The finished run's and ``run``'s configurations as ``config_changes`` compares them."""
+    will_run = resolve_precision(run.precision, training_device(run), run.channels_last)
+    return result_config(metrics.get("config") or {}, ran_with(metrics)), result_config(to_dict(run), will_run)
+
+
+def describe_changes(metrics: Mapping[str, Any], run: Any, changed: list[str]) -> str:
+    """``changed`` as ``field: before -> now``. When ``semi`` changed, the settings only one of the two
+    methods reads are left out (the method change is the difference; listing them named settings the
+    user never touched)."""
+    before, now = _compared(metrics, run)
+    if "semi" in changed:
+        changed = [k for k in changed if k in before and k in now or k == "semi"]
+    # semi_neutral leaves "semi" out of a run without one: it is "none" there.
+    unset = lambda k: "none" if k == "semi" else "not set"  # noqa: E731
+    short = lambda v: (s if len(s := repr(v)) <= 60 else s[:57] + "...")  # noqa: E731
+    return ", ".join(f"{k}: {short(before.get(k, unset(k)))} -> {short(now.get(k, unset(k)))}" for k in changed)
 
 
 def finished_metrics(run: Any, *, ignore: tuple[str, ...] = (),
@@ -91,6 +108,6 @@ def finished_metrics(run: Any, *, ignore: tuple[str, ...] = (),
     metrics = json.loads(path.read_text())
     changed = config_changes(metrics, run, ignore)
     if changed:
-        raise ValueError(f"{run.out} holds a finished run with a different configuration (differs in: "
-                         f"{', '.join(changed)}); {fix}")
+        raise ValueError(f"{run.out} holds a finished run with a different configuration ("
+                         f"{describe_changes(metrics, run, changed)}); {fix}")
     return metrics
