@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -174,6 +175,19 @@ def test_cli_parts_merge_equal_a_single_build(reference, tmp_path):
         # the CLI's entry point turns the ValueError into one line and exit 2 (tests/cli/test_cli_app.py)
         assert isinstance(res.exception, ValueError) and "give each part once" in str(res.exception)
         assert not (tmp_path / "m2" / "manifest.json").exists()
+
+    # Regression (hostile-user probe): a merge into a finished corpus, or into one of its own parts,
+    # wrote its manifest over it and reused the old shards: a corpus whose manifest and shards
+    # disagree, and a part destroyed. A merge of some parts of a split build passed silently.
+    before = {p: (p / "manifest.json").read_bytes() for p in (tmp_path / "merged", tmp_path / "p0")}
+    for parts, out, message in ((["p0", "p1"], "merged", "already holds a finished corpus"),
+                                (["p0", "p1"], "p0", "overlaps the part"),
+                                (["p0", "p1"], "p0/inner", "overlaps the part"),
+                                (["p0"], "m3", r"parts \[1\] of 2 of a split build are missing")):
+        res = runner.invoke(app, ["corpus", "merge", *(str(tmp_path / p) for p in parts), "--out", str(tmp_path / out)])
+        assert isinstance(res.exception, ValueError) and re.search(message, str(res.exception)), (out, res.exception)
+    assert {p: (p / "manifest.json").read_bytes() for p in before} == before
+    assert not (tmp_path / "m3").exists() and not (tmp_path / "p0" / "inner").exists()
 
 
 def test_cli_reports_bad_arguments(tmp_path):

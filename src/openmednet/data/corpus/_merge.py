@@ -46,6 +46,35 @@ def _check_distinct(arrays: Sequence[CorpusArrays]) -> None:
             seen[key] = Path(a.root)
 
 
+def _check_complete(arrays: Sequence[CorpusArrays]) -> None:
+    """Refuse parts of a split build (``--num-parts K``) without all K of them: the merge made a
+    corpus of some parts, said nothing, and looked finished. Each part's manifest names its build."""
+    builds: dict[tuple, set[int]] = {}
+    for a in arrays:
+        build = a.manifest.build
+        if build.get("num_parts", 1) > 1:
+            key = (build["num_parts"], build.get("seed"), repr(a.manifest.sources))
+            builds.setdefault(key, set()).add(int(build.get("part", 0)))
+    for (num_parts, _, _), given in builds.items():
+        missing = sorted(set(range(num_parts)) - given)
+        if missing:
+            raise ValueError(f"parts {missing} of {num_parts} of a split build are missing (given: {sorted(given)}): "
+                             f"merge all {num_parts} parts (corpus build ... --num-parts {num_parts} --part K)")
+
+
+def _check_out(out: Path, arrays: Sequence[CorpusArrays]) -> None:
+    """Refuse an ``--out`` that is (or lies inside, or holds) one of the parts, or that holds a
+    finished corpus of its own: the merge wrote its manifest over it and reused its shards as
+    "already written", leaving a corpus whose manifest and shards disagree."""
+    target = out.resolve()
+    for a in arrays:
+        root = Path(a.root).resolve()
+        if target == root or root in target.parents or target in root.parents:
+            raise ValueError(f"--out {out} overlaps the part {a.root}: merge into a new folder")
+    if (out / "manifest.json").is_file() and not (out / BUILD_DIR / "params.json").is_file():
+        raise ValueError(f"{out} already holds a finished corpus; choose a new --out or delete it")
+
+
 def merge_parts(
     parts: Sequence[str | Path],
     out_dir: str | Path,
@@ -68,13 +97,16 @@ def merge_parts(
         progress: optional ``progress(stage, done, total)`` callback.
 
     Raises:
-        ValueError: parts with different channels, image size or format version, none given, or a
-            part given twice (the same folder, or a copy of one).
+        ValueError: parts with different channels, image size or format version, none given, a
+            part given twice (the same folder, or a copy of one), parts of a split build missing,
+            or an ``out_dir`` that overlaps a part or holds a finished corpus.
     """
     if not parts:
         raise ValueError("merge needs at least one part corpus directory")
     arrays = [CorpusArrays(p) for p in parts]
     _check_distinct(arrays)
+    _check_complete(arrays)
+    _check_out(Path(out_dir), arrays)
     first = arrays[0].manifest
     for a in arrays[1:]:
         m = a.manifest
