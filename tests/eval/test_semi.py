@@ -265,9 +265,9 @@ def test_study_semi_axis_maps_arms_and_keeps_earlier_runs_reusable(tmp_path: Pat
     before_semi = {k: v for k, v in plain.items() if k not in ("semi", *SEMI_FIELDS)}  # a metrics.json of earlier runs
     assert study._result_config(before_semi, ("fp32", False)) == study._result_config(plain, ("fp32", False))
     with pytest.raises(ValueError, match="needs unlabelled images"):
-        study._check_grid(study.StudyConfig(out=tmp_path, targets=(), inits=("auto",), semi=("fixmatch",)))
+        study._check_grid(study.StudyConfig(out=tmp_path, targets=cfg.targets, inits=("auto",), semi=("fixmatch",)))
     with pytest.raises(KeyError, match="fixmatch"):
-        study._check_grid(study.StudyConfig(out=tmp_path, targets=(), inits=("auto",), semi=("fixmach",),
+        study._check_grid(study.StudyConfig(out=tmp_path, targets=cfg.targets, inits=("auto",), semi=("fixmach",),
                                             unlabelled=("rest_of_train",)))
 
 

@@ -128,3 +128,15 @@ def test_an_arm_finished_before_the_typed_overlay_is_reused(tmp_path: Path) -> N
     metrics = {"config": _WRITTEN_BEFORE, "model": {"precision": precision, "channels_last": channels_last}}
     (run.out / "metrics.json").write_text(json.dumps(metrics))
     assert _done(run) == metrics  # finished: reused, not refused as a different configuration
+
+
+@pytest.mark.parametrize("axis", ["targets", "inits", "strategies", "seeds", "semi"])
+def test_an_empty_grid_axis_is_refused(axis, tmp_path):
+    """Regression (hostile-user probe): ``seeds: []`` ended in an IndexError traceback, and an empty
+    ``targets``/``inits``/``strategies`` list ran a study of 0 arms to an empty report, exit 0."""
+    from openmednet.eval.study import _check_grid
+
+    grid = {"out": tmp_path / "s", "targets": ({"name": "t", "data": str(tmp_path / "t")},), "inits": ("auto",),
+            "per_class": (10,), axis: ()}
+    with pytest.raises(ValueError, match=f"{axis} is empty: the grid would have no arm"):
+        _check_grid(StudyConfig(**grid))

@@ -78,6 +78,7 @@ from openmednet.eval.leakage import (
     shipped_corpus_fingerprint,
 )
 from openmednet.eval.study._config import _STUDY_OWNED as _STUDY_OWNED
+from openmednet.eval.study._config import MIN_SEEDS
 from openmednet.eval.study._config import (
     FinetuneOverlay,
     StudyConfig,
@@ -103,8 +104,6 @@ __all__ = ["FinetuneOverlay", "StudyConfig", "TargetSpec", "arm_dir", "check_pre
 # The ``name as name`` imports above re-export private planning and resume rules that tests check here.
 
 logger = logging.getLogger(__name__)
-
-MIN_SEEDS = 3
 
 
 # ------------------------------------------------------------------------------------ run

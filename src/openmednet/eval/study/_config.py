@@ -152,6 +152,10 @@ class StudyConfig:
 
 
 
+#: Seeds a study needs for a spread over seeds (fewer warn).
+MIN_SEEDS = 3
+
+
 def _check_grid(cfg: StudyConfig) -> None:
     """Fail before any data is read on what would otherwise fail hours in: repeated grid values,
     unknown strategies, inits that are malformed or name no registered model or existing path."""
@@ -162,6 +166,11 @@ def _check_grid(cfg: StudyConfig) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, (list, tuple)):  # a string would be iterated letter by letter
             raise ValueError(f"{name} must be a list, got {value!r}: write [{value}]")  # noqa: TRY004
+    # An empty axis empties the grid: "0 arms ... report" and exit 0 (or an IndexError for seeds).
+    for name in ("targets", "inits", "strategies", "seeds", "semi"):
+        if not list(getattr(cfg, name)):
+            raise ValueError(f"{name} is empty: the grid would have no arm; give at least one"
+                             + (f" (at least {MIN_SEEDS} for seed spread)" if name == "seeds" else ""))
     for name in ("inits", "strategies", "label_fractions", "per_class", "seeds", "semi"):
         values = list(getattr(cfg, name))
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
