@@ -70,6 +70,18 @@ def test_load_errors(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
 
 
+def test_truncated_empty_or_garbage_checkpoints_are_one_clear_error(tmp_path):
+    """Regression (hostile-user probe): a truncated checkpoint gave torch's traceback, a text file an
+    unpickling traceback, and an empty file a bare "Aborted." (EOFError, read by click as an abort)."""
+    model = openmednet.create_model("mednet_test", num_classes=2)
+    good = save_checkpoint(tmp_path / "good.pt", model=model, optimizer=None, epoch=0, step=0)
+    data = good.read_bytes()
+    for name, content in (("truncated", data[: len(data) // 3]), ("empty", b""), ("garbage", b"garbage\n")):
+        (tmp_path / f"{name}.pt").write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name}.pt is unreadable, truncated or corrupt .*: delete it"):
+            load_checkpoint(tmp_path / f"{name}.pt")
+
+
 def test_rng_state_restores_exactly_after_a_cpu_mapped_load():
     # The resume path: states saved in a checkpoint, read back with map_location="cpu".
     import io

@@ -24,8 +24,10 @@ checkpoint intact, never a truncated one.
 from __future__ import annotations
 
 import logging
+import pickle
 import platform
 import random
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -158,12 +160,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a checkpoint of a format this version reads.
+        ValueError: the file is unreadable (truncated, empty, corrupt) or not a checkpoint of a
+            format this version reads.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: start without --resume, or point to the run directory")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        # A truncated, empty or foreign file (a copy cut short, a full disk before atomic writes):
+        # torch's own messages were tracebacks, and an empty file's EOFError reached the command
+        # line as a bare "Aborted." (click reads EOFError as a user abort).
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is unreadable, truncated or corrupt ({first}): delete it to start the run again, "
+                         f"or restore a good copy") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(
