@@ -172,6 +172,14 @@ def test_pretrain_config_turns_it_on():
                                                  "model.branch_merge_groups=[[1,3],[5,7]]"])
     backbone = build_backbone(cfg, channels=1)
     assert backbone.branch_merge_stages == (1, 2) and backbone.blocks[3].merge_groups == PAIRED_BRANCHES
+    # Regression (hostile-user probe): groups without stages were accepted and ignored; a shipped
+    # config's width_mult on a timm model ended in a TypeError traceback.
+    cfg = load_config(PretrainConfig, overrides=["model.name=mednet_test", "model.branch_merge_groups=[[1,5],[3,7]]"])
+    with pytest.raises(ValueError, match="has no effect without model.branch_merge"):
+        build_backbone(cfg, channels=1)
+    cfg = load_config(PretrainConfig, overrides=["model.name=efficientnet_lite0", "model.width_mult=1.0"])
+    with pytest.raises(ValueError, match="'efficientnet_lite0' has no such setting: set model.width_mult to null"):
+        build_backbone(cfg, channels=3)
     assert build_backbone(PretrainConfig(model=ModelSection(name="mednet_test")), channels=1).branch_merge_stages == ()
 
 

@@ -241,7 +241,13 @@ def build_backbone(cfg: PretrainConfig, channels: int) -> nn.Module:
     """The backbone with pooled-feature output, checked against the corpus' channel count."""
     from openmednet.models import create_model, load_pretrained
 
-    backbone = create_model(cfg.model.name, num_classes=0, width_mult=cfg.model.width_mult)
+    try:
+        backbone = create_model(cfg.model.name, num_classes=0, width_mult=cfg.model.width_mult)
+    except TypeError as e:  # the model's constructor has no width_mult (every timm baseline)
+        if "width_mult" not in str(e):
+            raise
+        raise ValueError(f"model.width_mult={cfg.model.width_mult} scales MedNet's widths; '{cfg.model.name}' has no "
+                         f"such setting: set model.width_mult to null (--set model.width_mult=null)") from None
     if cfg.model.init:
         start = load_pretrained(cfg.model.init, num_classes=0)
         if start.model_args() != backbone.model_args():
@@ -250,6 +256,9 @@ def build_backbone(cfg: PretrainConfig, channels: int) -> nn.Module:
                 f"'{cfg.model.name}' with {backbone.model_args()}: set model.name/width_mult to match"
             )
         backbone.load_state_dict(start.state_dict())
+    if not cfg.model.branch_merge and tuple(map(tuple, cfg.model.branch_merge_groups)) != ModelSection.branch_merge_groups:
+        raise ValueError(f"model.branch_merge_groups {cfg.model.branch_merge_groups} has no effect without "
+                         f"model.branch_merge (the stages to merge, e.g. [1, 2])")
     if cfg.model.branch_merge:
         if not hasattr(backbone, "set_branch_merge"):
             raise ValueError(f"model.branch_merge merges MedNet's branch convs; '{cfg.model.name}' has none: "
