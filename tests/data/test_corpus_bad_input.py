@@ -171,3 +171,23 @@ def test_a_hashing_failure_is_raised_not_recorded_as_the_current_files_read_erro
     opts = _decode.DecodeOptions(1, 1, 32, "pad", 2)
     with pytest.raises(RuntimeError, match="hash batch failed"):
         _decode.process_chunk(items, {"files": {}}, {"files": None}, opts)
+
+
+def test_a_source_without_a_readable_image_is_named_and_an_empty_corpus_refused(shared_data, tmp_path):
+    """Regression (hostile-user probe): a source of unreadable files vanished from the build without a
+    word, and a build of such sources only wrote a corpus of 0 images, which pre-training failed on."""
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_text("not an image\n")
+    (junk / "b.png").write_bytes(b"")
+    good = tmp_path / "good"
+    good.mkdir()
+    for p in sorted((shared_data / "gray/pretrain/covid_cxr_figure1/images").glob("*.jpg"))[:3]:
+        (good / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(ValueError, match=r"no image of the sources \['junk'\] could be decoded"):
+        build_corpus([SourceSpec("junk", junk, format="flat")], tmp_path / "none", channels=1, image_size=32, workers=1)
+    assert not (tmp_path / "none" / "manifest.json").exists()
+    with pytest.warns(UserWarning, match=r"sources \['junk'\] gave no decodable image"):
+        manifest = build_corpus([SourceSpec("junk", junk, format="flat"), SourceSpec("good", good, format="flat")],
+                                tmp_path / "mixed", channels=1, image_size=32, workers=1)
+    assert sum(s.count for s in manifest.shards) == 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from functools import partial
@@ -171,6 +172,7 @@ def build_corpus(
         ch = load_chunk(path, with_images=False)
         builder.add([r for r in ch["records"] if "skip" not in r], ch["phash"])
     table = builder.build()
+    _check_decoded(table, num_parts)
     matched, exclusion_counts, targets_found = match_targets(table, targets, near_threshold, confirm_threshold)
     decision = decide(
         table, near_threshold=near_threshold, confirm_threshold=confirm_threshold, seed=seed, excluded=matched
@@ -208,6 +210,26 @@ def build_corpus(
     )
     finish_corpus(out, manifest, work, keep_work_files, figures)
     return manifest
+
+
+def _check_decoded(table: ImageTable, num_parts: int) -> None:
+    """Refuse a corpus without an image, and name each source that gave none.
+
+    A source of unreadable files vanished from the build's table without a word, and a corpus of
+    none was written and failed only in pre-training. A part of a split build may hold none of a
+    small source's images, so there it is a warning.
+
+    Raises:
+        ValueError: no image at all (a whole build).
+    """
+    names = list(table.source_names)
+    empty = [n for i, n in enumerate(names) if not np.any(table.source == i)]
+    where = " in this part" if num_parts > 1 else ""
+    if len(table) == 0 and num_parts == 1:
+        raise ValueError(f"no image of the sources {names} could be decoded: check their paths and formats "
+                         f"(openmednet corpus build --help lists what is read)")
+    if empty:
+        warnings.warn(f"sources {empty} gave no decodable image{where}: check their paths and formats", stacklevel=3)
 
 
 def _write_and_draw(
