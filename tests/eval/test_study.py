@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from openmednet import create_model
-from openmednet.config import load_config
+from openmednet.config import load_config, save_config
 from openmednet.data.corpus import build_corpus
 from openmednet.data.sources import SourceSpec
 from openmednet.eval.study import StudyConfig, run_study
@@ -94,8 +94,20 @@ def test_study_resumes_without_rerunning(study: tuple[Path, StudyConfig, dict]) 
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["summary"] == result["summary"]
     changed = StudyConfig(**{**cfg.__dict__, "finetune": dataclasses.replace(cfg.finetune, lr=0.5)})
+    recorded = (tmp / "out/study.yaml").read_text()
     with pytest.raises(ValueError, match="different configuration"):
         run_study(changed)
+    # Regression (hostile-user probe): the refused study had already rewritten study.yaml (lr 0.5),
+    # while report.json and the arms were of lr 1e-3.
+    assert (tmp / "out/study.yaml").read_text() == recorded
+    # A part of another config is refused before it trains (it trained its whole share before).
+    from openmednet.eval.study import _check_same_study
+
+    (tmp / "parts_out").mkdir()
+    save_config(cfg, tmp / "parts_out" / "study.yaml")
+    _check_same_study(cfg, tmp / "parts_out")
+    with pytest.raises(ValueError, match=r"holds parts of a study with another configuration \(differs in: finetune;"):
+        _check_same_study(changed, tmp / "parts_out")
 
 
 def test_infeasible_per_class_budget_refuses_its_arms_not_the_study(shared_data: Path, tmp_path: Path) -> None:

@@ -158,7 +158,9 @@ def run_study(cfg: StudyConfig, *, jobs: int = 1, num_parts: int = 1, part: int 
     _warn_unread_semi_settings(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "study.yaml")
+    if num_parts > 1:  # the parts' shared record, and their check that they share one config
+        _check_same_study(cfg, out)
+        save_config(cfg, out / "study.yaml")
     refused, checks, planned = [], [], []  # planned: (arm, metrics or None), in grid order
 
     def to_train() -> Iterator[_Arm]:  # drawn lazily: the next target is decoded while arms train
@@ -194,8 +196,29 @@ def run_study(cfg: StudyConfig, *, jobs: int = 1, num_parts: int = 1, part: int 
     if num_parts > 1:
         result["part"] = {"part": part, "num_parts": num_parts}
         out = out / "parts" / f"part{part}-of-{num_parts}"
+    else:  # written with the report: a study refused midway (another run's arm in out) leaves the old one
+        save_config(cfg, out / "study.yaml")
     write_report(out, result)
     return result
+
+
+def _check_same_study(cfg: StudyConfig, out: Path) -> None:
+    """Refuse a part whose config differs from the one the other parts in ``out`` recorded.
+
+    Each arm has its own folder, so a part of another config (``--set finetune.epochs=2`` on one
+    machine) trained all its arms and the mismatch surfaced only when ``--report-only`` joined
+    them, hours later.
+    """
+    from openmednet.config import load_config
+
+    saved = out / "study.yaml"
+    if not saved.is_file():
+        return
+    before, now = to_dict(load_config(StudyConfig, saved)), to_dict(cfg)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        raise ValueError(f"{out} holds parts of a study with another configuration (differs in: {', '.join(changed)}; "
+                         f"see {saved}): every part must run the same config into the same out")
 
 
 def _train_arm(arm: _Arm) -> dict[str, Any]:
