@@ -24,7 +24,10 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-METRICS = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "ece")
+from openmednet.eval.segmentation import SEGMENTATION_HEADLINE
+
+#: Classification's headline metrics, then segmentation's (a segmentation study: --metric dice_mean).
+METRICS = ("auroc_macro", "balanced_accuracy", "accuracy", "f1_macro", "ece", *SEGMENTATION_HEADLINE)
 
 
 #: ``--label INIT=NAME`` column names, which win over ``init_role``'s defaults.
@@ -85,6 +88,10 @@ def table(reports: list[dict], metric: str, columns: str, ci: bool, mean_row: bo
         ValueError: two summaries fall in one cell (a setting the table does not show differs), or
             a summary without ``metric``.
     """
+    if not any(report["summary"] for report in reports):  # the table was a header over nothing
+        missing = sum(len(report.get("missing", [])) for report in reports)
+        raise ValueError("no finished arm in these reports" + (f" ({missing} missing: run the studies, or "
+                                                                 f"--report-only once their parts finish)" if missing else ""))
     rows: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     n_test: dict[str, int] = {}
     headers: list[str] = []
@@ -96,7 +103,8 @@ def table(reports: list[dict], metric: str, columns: str, ci: bool, mean_row: bo
         for s in report["summary"]:
             if metric not in s:  # a segmentation study (Dice/IoU), or an older report: a KeyError traceback
                 has = [k for k in s if isinstance(s[k], dict) and "mean" in s[k]]
-                raise ValueError(f"the study {report['config']['out']} has no {metric} (its metrics: {', '.join(has)})")
+                raise ValueError(f"the study {report['config']['out']} has no {metric} (its metrics: {', '.join(has)}): "
+                                 f"give --metric {has[0] if has else 'auroc_macro'}")
             if columns == "study":  # one column per study (e.g. one per learning rate), rows target x init
                 key, row = Path(report["config"]["out"]).name, (s["target"], init_role(s["init"]))
             else:

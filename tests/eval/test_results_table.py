@@ -103,3 +103,18 @@ def test_unreadable_foreign_or_metricless_reports_are_one_line_errors(results_ta
                    "dice_mean": {"mean": 0.5, "sd": 0.1, "ci_low": 0.4, "ci_high": 0.6}}, out="runs/seg")
     with pytest.raises(ValueError, match="the study runs/seg has no auroc_macro \\(its metrics: dice_mean\\)"):
         results_table.table([seg], "auroc_macro", "init", ci=False)
+
+
+def test_segmentation_studies_are_tabled_by_dice_and_empty_reports_refused(results_table):
+    """Regression (hostile-user probe): a segmentation study could not be tabled (--metric refused
+    dice_mean), and a report of 0 finished arms printed a header over nothing, exit 0."""
+    seg = _report({**{k: v for k, v in _summary("auto", "full", 0.8).items() if k != "auroc_macro"},
+                   "dice_mean": {"mean": 0.5, "sd": 0.1, "ci_low": 0.4, "ci_high": 0.6}}, out="runs/seg")
+    assert "dice_mean" in results_table.METRICS
+    table = results_table.table([seg], "dice_mean", "init", ci=True)
+    assert "0.500 ± 0.100 [0.400, 0.600]" in table
+    with pytest.raises(ValueError, match="give --metric dice_mean"):
+        results_table.table([seg], "auroc_macro", "init", ci=False)
+    empty = {"arms": [], "summary": [], "config": {"out": "runs/e"}, "missing": [{"target": "busi"}] * 3}
+    with pytest.raises(ValueError, match=r"no finished arm in these reports \(3 missing"):
+        results_table.table([empty], "auroc_macro", "init", ci=False)
