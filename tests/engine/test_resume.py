@@ -139,3 +139,23 @@ def test_resume_without_a_checkpoint_warns_from_the_api(tiny_corpus: Path, tmp_p
         warnings.simplefilter("always")
         run_pretraining(load_config(PretrainConfig, None, short))
     assert not [w for w in caught if "starts from scratch" in str(w.message)]
+
+
+def test_resume_refuses_another_network_or_corpus_and_records_other_changes(tiny_corpus: Path, tmp_path: Path):
+    """Regression (hostile-user probe): ``--resume`` with another width or objective ended in a
+    size-mismatch traceback, and with another learning rate or epoch count it rewrote config.yaml
+    without a trace of the settings the earlier epochs had used."""
+    out = tmp_path / "run"
+    short = [*_overrides(tiny_corpus, out), "objective.kind=supervised", "train.epochs=1",
+             "train.max_steps_per_epoch=1", "monitor.enabled=false"]
+    run_pretraining(load_config(PretrainConfig, None, short))
+    first = (out / "config.yaml").read_text()
+    for change, named in (("model.width_mult=0.5", "model.width_mult: None -> 0.5"),
+                          ("objective.kind=simclr", "objective.kind: 'supervised' -> 'simclr'"),
+                          ("data.image_size=48", "data.image_size: 32 -> 48")):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            run_pretraining(load_config(PretrainConfig, None, [*short, "resume=true", change]))
+        assert (out / "config.yaml").read_text() == first
+    with pytest.warns(UserWarning, match=r"changed settings \(optim.lr: 0.003 -> 0.001, train.epochs: 1 -> 2\)"):
+        run_pretraining(load_config(PretrainConfig, None, [*short, "resume=true", "train.epochs=2", "optim.lr=0.001"]))
+    assert (out / "config.before-resume-1.yaml").read_text() == first

@@ -35,13 +35,16 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor, nn
 
 from openmednet._errors import look_up_option
@@ -237,6 +240,54 @@ def _warn_if_starting_afresh(cfg: PretrainConfig, out: Path) -> None:
         warnings.warn(f"resume: {out} holds no {CHECKPOINT_LAST}, so this run starts from scratch", stacklevel=3)
 
 
+#: Settings a resumed run cannot change: its checkpoint is of this network, objective and corpus.
+RESUME_FIXED = ("corpus", "model", "objective", "data.image_size")
+
+
+def _check_resume_settings(cfg: PretrainConfig, out: Path) -> None:
+    """Compare a resumed run's settings with those its ``config.yaml`` recorded.
+
+    A resume with another model, objective, corpus or image size loaded a checkpoint of another
+    network (a size-mismatch traceback) or trained on other data as if nothing had changed;
+    other changes (``train.epochs`` to extend a run, the learning rate) went unrecorded, as
+    ``config.yaml`` was rewritten. Now the first kind is refused and the second warned about, the
+    settings they replace kept as ``config.before-resume-<k>.yaml``.
+
+    Raises:
+        ValueError: a change in ``RESUME_FIXED``.
+    """
+    saved = out / "config.yaml"
+    if not (cfg.resume and (out / CHECKPOINT_LAST).is_file() and saved.is_file()):
+        return
+    before, now = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(to_dict(cfg))
+    for key in ("corpus", "out"):  # the same folder, however it is written
+        for flat in (before, now):
+            flat[key] = str(Path(flat.get(key) or "").resolve())
+    changed = sorted(k for k in before.keys() | now.keys() if k not in ("resume", "out") and before.get(k) != now.get(k))
+    fixed = [k for k in changed if any(k == f or k.startswith(f + ".") for f in RESUME_FIXED)]
+    describe = lambda keys: ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys)  # noqa: E731
+    if fixed:
+        raise ValueError(f"--resume continues the run in {out}, which has other settings ({describe(fixed)}): resume "
+                         f"with its settings ({saved}), or start a new --out (model.init={out}/backbone starts from "
+                         f"its weights once it has finished)")
+    if changed:
+        k = 1 + len(list(out.glob("config.before-resume-*.yaml")))
+        shutil.copyfile(saved, out / f"config.before-resume-{k}.yaml")
+        warnings.warn(f"resuming {out} with changed settings ({describe(changed)}); the earlier ones are kept in "
+                      f"config.before-resume-{k}.yaml", stacklevel=3)
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists compared as they are."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def build_backbone(cfg: PretrainConfig, channels: int) -> nn.Module:
     """The backbone with pooled-feature output, checked against the corpus' channel count."""
     from openmednet.models import create_model, load_pretrained
@@ -411,6 +462,7 @@ def run_pretraining(cfg: PretrainConfig, *, callbacks: tuple = ()) -> list[dict[
     dist = DistEnv.from_env(device=t.device)
     if dist.is_main:
         _warn_if_starting_afresh(cfg, out)
+        _check_resume_settings(cfg, out)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     # Deterministic cuBLAS needs a fixed workspace, configured before its first matmul (torch raises
     # there otherwise; unused on CPU). A value already in the environment wins.
