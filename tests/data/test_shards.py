@@ -99,6 +99,13 @@ def test_manifest_errors_say_what_to_do(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"version": FORMAT_VERSION + 1}))
     with pytest.raises(ValueError, match="rebuild the corpus"):
         CorpusManifest.load(tmp_path)
+    # Regression (hostile-user probe): a manifest without its fields said only "error: shards", and a
+    # damaged one gave the JSON parser's message without the file.
+    for text, says in ((json.dumps({"version": FORMAT_VERSION}), "not a complete corpus manifest .*'shards'"),
+                       ("{bad", "manifest.json is not valid JSON"), ("[1]", "holds list, not a corpus manifest")):
+        (tmp_path / "manifest.json").write_text(text)
+        with pytest.raises(ValueError, match=f"{says}.*rebuild the corpus"):
+            CorpusManifest.load(tmp_path)
     m = CorpusManifest(FORMAT_VERSION, 3, 64, [ShardInfo("shard-00000", 5)], [], [])
     m.save(tmp_path)
     assert CorpusManifest.load(tmp_path).num_images == 5

@@ -95,21 +95,31 @@ class CorpusManifest:
 
     @classmethod
     def load(cls, root: str | Path) -> CorpusManifest:
-        """Read ``root/manifest.json``; clear errors for a missing file or an unknown version."""
+        """Read ``root/manifest.json``; clear errors for a missing, damaged or incomplete file or an
+        unknown version."""
         path = Path(root) / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(
                 f"no corpus manifest at {path}: build one with `openmednet corpus build SOURCE... --out {root}`"
             )
-        d = json.loads(path.read_text())
+        try:
+            d = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}): the corpus manifest is damaged; rebuild the corpus") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} holds {type(d).__name__}, not a corpus manifest: rebuild the corpus")
         if d.get("version") != FORMAT_VERSION:
             raise ValueError(
                 f"corpus {root} has format version {d.get('version')}, this OpenMedNet reads {FORMAT_VERSION}: "
                 "rebuild the corpus with this version"
             )
         d.pop("num_images", None)
-        d["shards"] = [ShardInfo(**s) for s in d["shards"]]
-        return cls(**d)
+        try:
+            d["shards"] = [ShardInfo(**s) for s in d["shards"]]
+            return cls(**d)
+        except (KeyError, TypeError) as e:  # a field missing or unknown: was "error: shards"
+            raise ValueError(f"{path} is not a complete corpus manifest ({type(e).__name__}: {e}): rebuild the "
+                             f"corpus") from None
 
     def save(self, root: str | Path) -> None:
         """Write ``root/manifest.json`` atomically."""
