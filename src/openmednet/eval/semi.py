@@ -262,7 +262,7 @@ def gather_unlabelled(cfg: Any, target: Any, splits: np.ndarray, used: np.ndarra
         unl = load_unlabelled(cfg.unlabelled, channels=target.channels, max_side=cfg.max_side)
     found = len(unl)
     unl, dropped = drop_held_out_near_copies(unl, target, splits, near_threshold=cfg.near_threshold, leakage=cfg.leakage,
-                                         held_out=("test",) if from_train else ("val", "test"))
+                                             held_out=("test",) if from_train else ("val", "test"))
     n_clean = len(unl)
     if cfg.max_unlabelled is not None and n_clean > cfg.max_unlabelled:
         keep = np.random.default_rng([cfg.seed, 7919]).choice(n_clean, size=cfg.max_unlabelled, replace=False)

@@ -223,8 +223,8 @@ def rest_of_train(target: TargetSet, splits: np.ndarray, used: np.ndarray) -> Un
 
 
 def drop_held_out_near_copies(unlabelled: UnlabelledSet, target: TargetSet, splits: np.ndarray, *,
-                          near_threshold: int, leakage: str, held_out: Sequence[str] = ("test",)
-                          ) -> tuple[UnlabelledSet, dict[str, list[str]]]:
+                              near_threshold: int, leakage: str, held_out: Sequence[str] = ("test",)
+                              ) -> tuple[UnlabelledSet, dict[str, list[str]]]:
     """Drop unlabelled images that are near-copies of held-out images (the training images' rule).
 
     ``held_out`` names the splits checked: ``("test",)`` for ``rest_of_train`` (training images,
