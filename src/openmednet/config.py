@@ -138,6 +138,25 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
+def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A ``to_dict`` tree with its sections flattened: ``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_fields(before: Mapping[str, Any], now: Mapping[str, Any], ignore: Sequence[str] = ()) -> list[str]:
+    """The sorted (dotted) keys whose values differ between two ``to_dict`` trees, a key missing on
+    one side included: the one comparison behind every refusal of a run or study folder that holds
+    the work of another configuration (fine-tuning runs, study parts, resumed pre-training)."""
+    a, b = dotted(before), dotted(now)
+    return sorted(k for k in a.keys() | b.keys() if k not in ignore and a.get(k) != b.get(k))
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Resolve a config: dataclass defaults < YAML file at ``path`` < ``key.sub=value`` overrides.
 

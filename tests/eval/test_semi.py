@@ -85,9 +85,11 @@ def test_strong_augment_is_seeded_and_keeps_gray_gray() -> None:
 
 
 # ------------------------------------------------------------------------------------ leakage
-def test_unlabelled_near_copies_of_test_images_are_dropped_and_counted(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+def _unlabelled_folder(tiny: tuple[Path, Path], tmp_path: Path, name: str):
+    """A folder of the 10 extra images as a FixMatch run's unlabelled source, that run's config, and
+    its cleaned target and splits (for the tests to add copies of held-out images to the folder)."""
     data, extra = tiny
-    folder = tmp_path / "with_copies"
+    folder = tmp_path / name
     folder.mkdir()
     for p in extra.iterdir():
         (folder / p.name).write_bytes(p.read_bytes())
@@ -95,6 +97,11 @@ def test_unlabelled_near_copies_of_test_images_are_dropped_and_counted(tiny: tup
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         target, splits, _ = prepare_splits(load_target(data, max_side=64), cfg)
+    return folder, cfg, target, splits
+
+
+def test_unlabelled_near_copies_of_test_images_are_dropped_and_counted(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    folder, cfg, target, splits = _unlabelled_folder(tiny, tmp_path, "with_copies")
     test = np.flatnonzero(splits == "test")[:2]
     for i in test:  # near-copies: resized and re-encoded as JPEG
         img = Image.fromarray(target.images[i])
@@ -115,15 +122,7 @@ def test_unlabelled_folder_holding_the_validation_images_is_cleaned_of_them(tiny
     """A folder given as unlabelled may be the target itself: its validation images would be trained on
     (without labels) and then used for model choice. They are dropped as near-copies of validation
     images and counted apart from the test ones; rest_of_train is held to the test rule only."""
-    data, extra = tiny
-    folder = tmp_path / "with_val"
-    folder.mkdir()
-    for p in extra.iterdir():
-        (folder / p.name).write_bytes(p.read_bytes())
-    cfg = _cfg(data, tmp_path / "run", semi="fixmatch", unlabelled=(str(folder),), semi_threshold=0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        target, splits, _ = prepare_splits(load_target(data, max_side=64), cfg)
+    folder, cfg, target, splits = _unlabelled_folder(tiny, tmp_path, "with_val")
     val, test = np.flatnonzero(splits == "val")[:2], np.flatnonzero(splits == "test")[:1]
     for i in (*val, *test):  # the held-out images themselves, as a copy of the target folder holds them
         Image.fromarray(target.images[i]).save(folder / f"held_out_{i}.png")
@@ -222,8 +221,6 @@ def test_cli_errors_name_the_unlabelled_problem(tiny: tuple[Path, Path], tmp_pat
 def test_settings_the_chosen_method_ignores_are_named(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     """Regression (hostile-user probe): ``--semi fixmatch --set sat_momentum=0.5`` ran without a word,
     as if FreeMatch's setting applied. Single runs and studies now name what their methods ignore."""
-    import dataclasses
-
     from openmednet.eval import study
     from openmednet.eval.semi import unread_semi_settings
 
@@ -236,10 +233,10 @@ def test_settings_the_chosen_method_ignores_are_named(tiny: tuple[Path, Path], t
     result = _cli(data, tmp_path / "run", "--unlabelled", str(empty), "--set", "semi_threshold=0.9")
     assert "ignored settings" not in result.output  # fixmatch reads its threshold
 
-    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.default is not dataclasses.MISSING}
-    assert unread_semi_settings({"lambda_f": 0.1, "mu": 3}, defaults, ["freematch"]) == []
-    assert unread_semi_settings({"lambda_f": 0.1, "mu": 3}, defaults, ["none"]) == ["mu", "lambda_f"]
-    assert unread_semi_settings({"lambda_f": defaults["lambda_f"]}, defaults, ["none"]) == []  # unchanged: not a choice
+    changed = FinetuneConfig(data=data, out=tmp_path / "x", lambda_f=0.1, mu=3)
+    assert unread_semi_settings(changed, ["freematch"]) == []
+    assert unread_semi_settings(changed, ["none"]) == ["mu", "lambda_f"]
+    assert unread_semi_settings(FinetuneConfig(data=data, out=tmp_path / "x"), ["none"]) == []  # defaults: not a choice
     cfg = study.StudyConfig(out=tmp_path / "s", targets=(), inits=("auto",), semi=("none", "fixmatch"),
                             unlabelled=("rest_of_train",), finetune={"rounds": 2, "mu": 3})
     with pytest.warns(UserWarning, match=r"semi=none/fixmatch does not read rounds \(pseudo_label\)"):

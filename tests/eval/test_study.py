@@ -106,7 +106,7 @@ def test_study_resumes_without_rerunning(study: tuple[Path, StudyConfig, dict]) 
     (tmp / "parts_out").mkdir()
     save_config(cfg, tmp / "parts_out" / "study.yaml")
     _check_same_study(cfg, tmp / "parts_out")
-    with pytest.raises(ValueError, match=r"holds parts of a study with another configuration \(differs in: finetune;"):
+    with pytest.raises(ValueError, match=r"holds parts of a study with another configuration \(differs in: finetune.lr;"):
         _check_same_study(changed, tmp / "parts_out")
 
 

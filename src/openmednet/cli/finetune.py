@@ -75,13 +75,8 @@ def _warn_unread_semi_settings(cfg) -> None:
     """Say which semi-supervised settings this run's ``--semi`` ignores (e.g. ``sat_momentum`` with
     fixmatch): a single run names one method, so a changed setting it does not read is a mistake
     (a study's shared settings serve several methods; ``run_study`` checks them against its grid)."""
-    import dataclasses
-
     from openmednet.eval.semi import unread_semi_message, unread_semi_settings
 
-    fields = dataclasses.fields(cfg)
-    values = {f.name: getattr(cfg, f.name) for f in fields}
-    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
-    unread = unread_semi_settings(values, defaults, [cfg.semi])
+    unread = unread_semi_settings(cfg, [cfg.semi])
     if unread:
         typer.secho(f"warning: {unread_semi_message(unread, [cfg.semi])}", fg=typer.colors.YELLOW, err=True)

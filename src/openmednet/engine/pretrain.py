@@ -37,7 +37,6 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ import yaml
 from torch import Tensor, nn
 
 from openmednet._errors import look_up_option
-from openmednet.config import save_config, to_dict
+from openmednet.config import changed_fields, dotted, save_config, to_dict
 from openmednet.engine.callbacks import CHECKPOINT_LAST
 from openmednet.engine.distributed import DistEnv, unwrap_model
 from openmednet.engine.loop import fit
@@ -259,11 +258,10 @@ def _check_resume_settings(cfg: PretrainConfig, out: Path) -> None:
     saved = out / "config.yaml"
     if not (cfg.resume and (out / CHECKPOINT_LAST).is_file() and saved.is_file()):
         return
-    before, now = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(to_dict(cfg))
-    for key in ("corpus", "out"):  # the same folder, however it is written
-        for flat in (before, now):
-            flat[key] = str(Path(flat.get(key) or "").resolve())
-    changed = sorted(k for k in before.keys() | now.keys() if k not in ("resume", "out") and before.get(k) != now.get(k))
+    before, now = dotted(yaml.safe_load(saved.read_text()) or {}), dotted(to_dict(cfg))
+    for flat in (before, now):  # the same corpus folder, however it is written
+        flat["corpus"] = str(Path(flat.get("corpus") or "").resolve())
+    changed = changed_fields(before, now, ignore=("resume", "out"))
     fixed = [k for k in changed if any(k == f or k.startswith(f + ".") for f in RESUME_FIXED)]
     describe = lambda keys: ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys)  # noqa: E731
     if fixed:
@@ -275,17 +273,6 @@ def _check_resume_settings(cfg: PretrainConfig, out: Path) -> None:
         shutil.copyfile(saved, out / f"config.before-resume-{k}.yaml")
         warnings.warn(f"resuming {out} with changed settings ({describe(changed)}); the earlier ones are kept in "
                       f"config.before-resume-{k}.yaml", stacklevel=3)
-
-
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists compared as they are."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return out
 
 
 def build_backbone(cfg: PretrainConfig, channels: int) -> nn.Module:

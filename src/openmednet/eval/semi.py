@@ -45,6 +45,7 @@ from ``(seed, round)``. A different configuration in that folder is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -134,15 +135,17 @@ def check_semi_config(cfg: Any) -> None:
                          f"{cfg.strong_magnitude}")
 
 
-def unread_semi_settings(values: Mapping[str, Any], defaults: Mapping[str, Any], methods: Sequence[str]) -> list[str]:
-    """The semi-supervised settings in ``values`` changed from ``defaults`` that none of ``methods`` reads.
+def unread_semi_settings(settings: Any, methods: Sequence[str]) -> list[str]:
+    """The semi-supervised settings of ``settings`` (a ``FinetuneConfig``, or a study's shared
+    ``finetune`` section) changed from their defaults that none of ``methods`` reads.
 
     E.g. ``sat_momentum`` with ``--semi fixmatch``, or ``rounds`` in a study whose grid has no
     ``pseudo_label`` arm: accepted silently, such a setting looks applied and is not.
     """
     read = {f for method in methods for f in METHOD_FIELDS.get(method, ())}
-    return [f for f in SEMI_FIELDS if f in values and f not in read and f != "unlabelled"
-            and values[f] != defaults.get(f)]
+    defaults = {f.name: f.default for f in dataclasses.fields(settings)}
+    return [f for f in SEMI_FIELDS if f in defaults and f not in read and f != "unlabelled"
+            and getattr(settings, f) != defaults[f]]
 
 
 def unread_semi_message(fields: Sequence[str], methods: Sequence[str]) -> str:

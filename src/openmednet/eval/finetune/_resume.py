@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from openmednet.config import to_dict
+from openmednet.config import changed_fields, dotted, to_dict
 from openmednet.engine.precision import resolve_precision
 from openmednet.eval.finetune._model import training_device
 from openmednet.eval.semi import semi_neutral
@@ -67,8 +67,7 @@ def config_changes(metrics: Mapping[str, Any], run: Any, ignore: tuple[str, ...]
         Sorted field names (``precision``/``channels_last`` for what training resolved to); empty
         when it is the same run.
     """
-    before, now = _compared(metrics, run)
-    return sorted(k for k in before.keys() | now.keys() if k not in ignore and before.get(k) != now.get(k))
+    return changed_fields(*_compared(metrics, run), ignore=ignore)
 
 
 def _compared(metrics: Mapping[str, Any], run: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -81,7 +80,7 @@ def describe_changes(metrics: Mapping[str, Any], run: Any, changed: list[str]) -
     """``changed`` as ``field: before -> now``. When ``semi`` changed, the settings only one of the two
     methods reads are left out (the method change is the difference; listing them named settings the
     user never touched)."""
-    before, now = _compared(metrics, run)
+    before, now = (dotted(c) for c in _compared(metrics, run))
     if "semi" in changed:
         changed = [k for k in changed if k in before and k in now or k == "semi"]
     # semi_neutral leaves "semi" out of a run without one: it is "none" there.

@@ -61,14 +61,13 @@ Example ``study.yaml``::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from openmednet.config import save_config, to_dict
+from openmednet.config import changed_fields, save_config, to_dict
 from openmednet.engine.jobs import run_jobs
 from openmednet.engine.trainer import NonFiniteLossError
 from openmednet.eval.finetune import run_finetune
@@ -120,10 +119,7 @@ def _check_parts(jobs: int, num_parts: int, part: int, report_only: bool) -> Non
 def _warn_unread_semi_settings(cfg: StudyConfig) -> None:
     """Warn about shared ``finetune`` settings that no semi method of the grid reads (e.g.
     ``rounds`` without a ``pseudo_label`` arm): they look applied and are not."""
-    fields = dataclasses.fields(cfg.finetune)
-    values = {f.name: getattr(cfg.finetune, f.name) for f in fields}
-    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
-    unread = unread_semi_settings(values, defaults, cfg.semi)
+    unread = unread_semi_settings(cfg.finetune, cfg.semi)
     if unread:
         warnings.warn(f"study finetune: {unread_semi_message(unread, cfg.semi)}", stacklevel=3)
 
@@ -214,8 +210,7 @@ def _check_same_study(cfg: StudyConfig, out: Path) -> None:
     saved = out / "study.yaml"
     if not saved.is_file():
         return
-    before, now = to_dict(load_config(StudyConfig, saved)), to_dict(cfg)
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    changed = changed_fields(to_dict(load_config(StudyConfig, saved)), to_dict(cfg))
     if changed:
         raise ValueError(f"{out} holds parts of a study with another configuration (differs in: {', '.join(changed)}; "
                          f"see {saved}): every part must run the same config into the same out")
